@@ -1,0 +1,93 @@
+"""Softmax attention with a forward-mode (JVP) rule.
+
+The fast fused kernels behind ``F.scaled_dot_product_attention`` (flash, memory-efficient, cuDNN, CPU flash) have
+no forward-mode AD: ``torch.func.jvp`` through them raises. pMF's objective needs du/dt by a JVP through the whole
+network, so attention must carry tangents. Three backends:
+
+- ``"math"``: explicit ``softmax(q k^T / sqrt(d)) v`` with a float32 softmax. Plain autograd, forward and reverse
+  mode; the reference.
+- ``"sdpa"``: the fused kernel. Fast, but raises under a JVP.
+- ``"jvp_sdpa"`` (the default): a ``torch.autograd.Function`` whose primal runs on the fused kernel and whose
+  ``jvp`` uses the closed-form tangent of softmax attention. With S = q k^T / sqrt(d), P = softmax(S), O = P v:
+
+      dS = (dq k^T + q dk^T) / sqrt(d)
+      dO = P dv + (P * dS) v - rowsum(P * dS) * O
+
+  ``P dv`` runs on the fused kernel; the two ``P * dS`` terms need P itself and are computed once, in float32, only
+  when a tangent is asked for. The backward recomputes the fused forward under autograd and differentiates it, so the
+  reverse pass also uses the fused kernel's backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("jvp_sdpa", "math", "sdpa")
+
+
+def _softmax_dtype(x: torch.Tensor) -> torch.dtype:
+    """At least float32 (the official softmax precision); float64 stays float64 so tests can be exact."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Reference attention. q, k, v: (B, H, L, d) -> (B, H, L, d); softmax in float32 (official convention)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = torch.einsum("bhqd,bhkd->bhqk", q * scale, k)  # (B, H, L, L)
+    probs = torch.softmax(scores.to(_softmax_dtype(scores)), dim=-1).to(v.dtype)
+    return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+
+
+class _JvpSDPA(torch.autograd.Function):
+    """Fused-kernel attention with an explicit forward-mode rule (closed form above)."""
+
+    @staticmethod
+    def forward(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.save_for_forward(q, k, v, output)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv):
+        q, k, v, out = ctx.saved_tensors
+        scale = 1.0 / math.sqrt(q.shape[-1])
+        f = _softmax_dtype(q)
+        # P in float32 (or float64), recomputed here so the primal forward never materialises it.
+        probs = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, k.to(f)), dim=-1)
+        dS = torch.zeros_like(probs)
+        if dq is not None:
+            dS = dS + torch.einsum("bhqd,bhkd->bhqk", dq.to(f) * scale, k.to(f))
+        if dk is not None:
+            dS = dS + torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, dk.to(f))
+        p_ds = probs * dS  # (B, H, L, L)
+        d_out = torch.einsum("bhqk,bhkd->bhqd", p_ds, v.to(f)) - p_ds.sum(-1, keepdim=True) * out.to(f)
+        d_out = d_out.to(out.dtype)
+        if dv is not None:
+            d_out = d_out + F.scaled_dot_product_attention(q, k, dv)  # P dv on the fused kernel
+        return d_out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            qd, kd, vd = (x.detach().requires_grad_(True) for x in (q, k, v))
+            out = F.scaled_dot_product_attention(qd, kd, vd)
+            return torch.autograd.grad(out, (qd, kd, vd), grad_out)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "jvp_sdpa") -> torch.Tensor:
+    """Multi-head softmax attention, no mask, no dropout. q, k, v: (B, H, L, d) -> (B, H, L, d)."""
+    if backend == "jvp_sdpa":
+        return _JvpSDPA.apply(q, k, v)
+    if backend == "math":
+        return math_attention(q, k, v)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")

@@ -1,0 +1,479 @@
+"""pmfDiT: the pixel MeanFlow network (pMF paper section 6 and Table 8; official ``models/pmfDiT.py``).
+
+A DiT variant with in-context conditioning. The network sees the noisy image z_t and the conditions
+(h = t - r, omega, t_min, t_max, y) and outputs an *image* from each head; t itself is never embedded: it enters
+only through the x -> u conversion ``u = (z - x) / max(t, 0.05)`` [pMF Eq. 11], done in one place,
+:func:`velocity_from_output`.
+
+Token sequence (recipe section 8.2.1), 20 prefix tokens then N patch tokens:
+
+    [class(8) | omega(4) | t_min(2) | t_max(2) | time(4) | patches(N)]
+
+Shared trunk of ``depth - aux_head_depth`` blocks, then a u-head and (training only) a v-head of
+``aux_head_depth`` blocks each, each with its own final layer. Parameter names follow the official PyTorch
+checkpoint minus its ``_flax_linear`` / ``_flax_embedding`` wrappers, so :mod:`pmf.convert` is a short, explicit map.
+
+This module needs only torch (and :mod:`pmf.attention`), so it can be lifted out alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pmf.attention import attention
+
+T_CLIP = 0.05  # x -> u divides by max(t, 0.05): JiT's clip of the noise-side time [J section 4.3]
+PREDICTIONS = ("x", "u", "linear", "edm", "scm")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one place where the network's output becomes a velocity.
+
+
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against ``like``."""
+    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def precondition(t: torch.Tensor, prediction: str, noise_scale: float = 1.0, sigma_data: float = 0.5):
+    """Coefficients (c_in, c_skip, c_out) of x_theta = c_skip * z + c_out * net(c_in * z)  [pMF Table 3a].
+
+    Path z_t = (1 - t) x + t * s * n with s = noise_scale, n ~ N(0, I), data std sigma_data (EDM's 0.5).
+    - "x": the paper's plain x-prediction: c_skip = 0, c_out = 1, c_in = 1.
+    - "linear": c_skip = 1 - t, c_out = t (pMF Table 3a's "linear" row), c_in = 1.
+    - "edm": EDM's rule (Karras et al. 2022, Eq. 7 / Table 1) re-derived for this path: c_skip is the
+      least-squares coefficient Cov(x, z) / Var(z) and c_out the std of the residual target, so the net's target has
+      unit variance; c_in = 1 / std(z):
+          var_z = (1 - t)^2 sigma_d^2 + (t s)^2
+          c_skip = (1 - t) sigma_d^2 / var_z,  c_out = t s sigma_d / sqrt(var_z),  c_in = 1 / sqrt(var_z).
+    - "scm": sCM's TrigFlow form (Lu & Song 2024, Eq. 6): z_t / alpha = cos(a) x + sin(a) sigma_d n with
+      alpha = sqrt((1 - t)^2 + (t s / sigma_d)^2) and a = atan2(t s / sigma_d, 1 - t); x_theta =
+      cos(a) (z / alpha) - sin(a) sigma_d F(z / (alpha sigma_d)). So c_skip = cos(a) / alpha, c_out = -sigma_d sin(a),
+      c_in = 1 / (alpha sigma_d). On this path c_skip, |c_out| and c_in coincide with "edm" algebraically (checked
+      in tests); only the sign of c_out differs, which a learned output layer absorbs. Both rows are kept so Table
+      3a's ablation runs by name; the paper's gap between them (14.43 vs 13.81) must come from details it does not
+      state (e.g. time conditioning), which we do not guess.
+    Returns tensors of t's shape.
+    """
+    one = torch.ones_like(t)
+    if prediction == "x":
+        return one, torch.zeros_like(t), one
+    if prediction == "linear":
+        return one, 1 - t, t
+    sd, ts = sigma_data, t * noise_scale
+    var_z = (1 - t) ** 2 * sd**2 + ts**2
+    if prediction == "edm":
+        return var_z.rsqrt(), (1 - t) * sd**2 / var_z, ts * sd * var_z.rsqrt()
+    if prediction == "scm":
+        alpha = var_z.sqrt() / sd
+        angle = torch.atan2(ts / sd, 1 - t)
+        return 1 / (alpha * sd), torch.cos(angle) / alpha, -sd * torch.sin(angle)
+    raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+
+
+def velocity_from_output(z: torch.Tensor, t: torch.Tensor, out: torch.Tensor, c_skip, c_out, prediction: str):
+    """Network output -> average velocity u (or v for the v-head)  [pMF Eq. 11].
+
+    For every image-space prediction: x_theta = c_skip z + c_out out, then u = (z - x_theta) / max(t, 0.05).
+    The clamp has zero derivative for t < 0.05, which the JVP inherits (official behaviour).
+    For "u" (direct u-prediction, the Table 2 ablation) the output already is the velocity.
+    """
+    if prediction == "u":
+        return out
+    x_theta = _bcast(c_skip, z) * z + _bcast(c_out, z) * out
+    return (z - x_theta) / _bcast(t.clamp(min=T_CLIP), z)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim; no bias (recipe 8.2.5)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar -> sinusoidal 256-d [cos, sin] (no x1000, max period 1e4) -> Linear -> SiLU -> Linear (recipe 8.2.3)."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, D)
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=torch.float32) / half)
+        args = s.float()[:, None] * freqs[None]  # (B, 128)
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)  # cos first
+        return self.mlp(emb)
+
+
+class LabelEmbedder(nn.Module):
+    """Class label -> (B, D); row ``num_classes`` is the null (unconditional) class."""
+
+    def __init__(self, num_classes: int, hidden_size: int):
+        super().__init__()
+        self.embedding_table = nn.Embedding(num_classes + 1, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+class PatchEmbed(nn.Module):
+    """Image -> tokens. Bottleneck (JiT): Conv p x p stride p -> d' channels, then 1x1 conv -> D; both with bias, no
+    nonlinearity between. ``bottleneck_dim=0`` gives the plain linear patch embedding (pMF Table 2's ablation)."""
+
+    def __init__(self, in_channels: int, patch_size: int, hidden_size: int, bottleneck_dim: int):
+        super().__init__()
+        if bottleneck_dim > 0:
+            self.proj1 = nn.Conv2d(in_channels, bottleneck_dim, patch_size, stride=patch_size)
+            self.proj2 = nn.Conv2d(bottleneck_dim, hidden_size, 1)
+        else:
+            self.proj = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D), row-major over the grid
+        x = self.proj2(self.proj1(x)) if hasattr(self, "proj1") else self.proj(x)
+        return x.flatten(2).transpose(1, 2)
+
+
+def rope_2d_angles(grid: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
+    """Angles (N, head_dim/2) of the 2-D axial RoPE (recipe 8.2.7).
+
+    d = head_dim // 2; freqs = 1 / theta^(arange(0, d, 2) / d) (head_dim/4 of them). Patch (row i, col j) gets
+    concat(i * freqs, j * freqs): the first head_dim/4 channel pairs rotate with the row, the rest with the column.
+    """
+    d = head_dim // 2
+    freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)  # (hd/4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    ang = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=-1)  # (N, hd/2)
+    return ang.float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x[2k], x[2k+1]) by angle k: the complex product (x0 + i x1) e^{i a}.
+    x: (B, H, N, hd); cos, sin: (N, hd/2). Real-valued and out-of-place, so forward AD and compile are safe."""
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Bias-free MHSA; QK-RMSNorm over head_dim (one scale shared by heads) *before* RoPE; RoPE on the last N
+    (patch) tokens only; float32 softmax (recipe 8.2.6)."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "jvp_sdpa"):
+        super().__init__()
+        self.num_heads, self.head_dim, self.backend = num_heads, dim // num_heads, backend
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        n_img = cos.shape[0]
+
+        def heads(t):  # (B, L, D) -> (B, H, L, hd)
+            return t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        q, k = self.q_norm(q), self.k_norm(k)
+        q = torch.cat([q[:, :, : L - n_img], apply_rope(q[:, :, L - n_img :], cos, sin)], dim=2)
+        k = torch.cat([k[:, :, : L - n_img], apply_rope(k[:, :, L - n_img :], cos, sin)], dim=2)
+        o = attention(q, k, v, self.backend)  # (B, H, L, hd)
+        return self.out_proj(o.transpose(1, 2).reshape(B, L, D))
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), bias-free."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    """x += attn(norm1 x) * attn_scale; x += mlp(norm2 x) * mlp_scale. Gates are zero-init (D,) vectors, so every
+    block starts as the identity."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, backend: str):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads, backend)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_hidden)
+        self.attn_scale = nn.Parameter(torch.zeros(dim))
+        self.mlp_scale = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x, cos, sin):  # (B, L, D) -> (B, L, D)
+        x = x + self.attn(self.norm1(x), cos, sin) * self.attn_scale
+        return x + self.mlp(self.norm2(x)) * self.mlp_scale
+
+
+class FinalLayer(nn.Module):
+    """RMSNorm -> Linear(D, p*p*C) with bias; weight and bias zero-init, so x_theta = 0 at init."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm = RMSNorm(dim)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+
+    def forward(self, x):
+        return self.linear(self.norm(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The network
+
+
+class PMFDiT(nn.Module):
+    """pmfDiT. ``net(z, t, h, omega, t_min, t_max, y) -> (u, v)``.
+
+    Args use the official hyperparameter names; extra ones:
+      bottleneck_dim: patch-embed bottleneck width d' (None: 128 if hidden_size <= 1024 else 256; 0: no bottleneck).
+      v_head: build the training-only auxiliary v-head (the last ``aux_head_depth`` blocks, duplicated).
+      prediction: "x" (the paper), "u" (direct u-prediction), or a pre-conditioned x form "linear" | "edm" | "scm".
+      noise_scale, sigma_data: used only by the pre-conditioned forms.
+      attn_backend: see :mod:`pmf.attention`.
+      omega_max: the largest guidance scale seen in training (1 + cfg_max); the sampler warns beyond it.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 256,
+        patch_size: int = 16,
+        in_channels: int = 3,
+        hidden_size: int = 768,
+        depth: int = 16,
+        num_heads: int = 12,
+        mlp_ratio: float = 8 / 3,
+        num_classes: int = 1000,
+        aux_head_depth: int = 8,
+        num_class_tokens: int = 8,
+        num_time_tokens: int = 4,
+        num_cfg_tokens: int = 4,
+        num_interval_tokens: int = 4,
+        bottleneck_dim: int | None = None,
+        v_head: bool = True,
+        prediction: str = "x",
+        noise_scale: float = 1.0,
+        sigma_data: float = 0.5,
+        attn_backend: str = "jvp_sdpa",
+        omega_max: float = 8.0,
+    ):
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
+        if hidden_size % num_heads or (hidden_size // num_heads) % 4:
+            raise ValueError(f"head_dim = hidden_size/num_heads must be an integer multiple of 4 (2-D RoPE)")
+        if not 0 <= aux_head_depth <= depth:
+            raise ValueError(f"aux_head_depth {aux_head_depth} must lie in [0, depth={depth}]")
+        if num_interval_tokens % 2:
+            raise ValueError("num_interval_tokens must be even (half for t_min, half for t_max)")
+        if bottleneck_dim is None:
+            bottleneck_dim = 128 if hidden_size <= 1024 else 256
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        if hidden_size > 1024:  # the official torch/hsdp code rounds up to a multiple of 8 for H only
+            mlp_hidden = (mlp_hidden + 7) // 8 * 8
+
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.num_classes, self.prediction = hidden_size, num_classes, prediction
+        self.noise_scale, self.sigma_data, self.omega_max = noise_scale, sigma_data, omega_max
+        self.grid = input_size // patch_size
+        self.num_patches = self.grid**2
+        self.num_prefix = num_class_tokens + num_cfg_tokens + num_interval_tokens + num_time_tokens
+        D = hidden_size
+
+        # Learned token blocks, one per condition group; the group's embedding is broadcast-added.
+        self.class_tokens = nn.Parameter(torch.empty(1, num_class_tokens, D))
+        self.omega_tokens = nn.Parameter(torch.empty(1, num_cfg_tokens, D))
+        self.t_min_tokens = nn.Parameter(torch.empty(1, num_interval_tokens // 2, D))
+        self.t_max_tokens = nn.Parameter(torch.empty(1, num_interval_tokens // 2, D))
+        self.time_tokens = nn.Parameter(torch.empty(1, num_time_tokens, D))
+        self.pos_embed = nn.Parameter(torch.empty(1, self.num_prefix + self.num_patches, D))  # over ALL tokens
+
+        self.x_embedder = PatchEmbed(in_channels, patch_size, D, bottleneck_dim)
+        self.h_embedder = TimestepEmbedder(D)  # h = t - r
+        self.omega_embedder = TimestepEmbedder(D)  # 1 - 1/omega
+        self.cfg_t_start_embedder = TimestepEmbedder(D)  # t_min
+        self.cfg_t_end_embedder = TimestepEmbedder(D)  # t_max
+        self.y_embedder = LabelEmbedder(num_classes, D)
+
+        def blocks(n):
+            return nn.ModuleList(Block(D, num_heads, mlp_hidden, attn_backend) for _ in range(n))
+
+        self.shared_blocks = blocks(depth - aux_head_depth)
+        self.u_heads = blocks(aux_head_depth)
+        self.u_final_layer = FinalLayer(D, patch_size, in_channels)
+        self.has_v_head = v_head
+        if v_head:
+            self.v_heads = blocks(aux_head_depth)
+            self.v_final_layer = FinalLayer(D, patch_size, in_channels)
+
+        ang = rope_2d_angles(self.grid, D // num_heads)
+        self.register_buffer("rope_cos", ang.cos(), persistent=False)  # derived, never in the state dict
+        self.register_buffer("rope_sin", ang.sin(), persistent=False)
+        self.reset_parameters()
+
+    # -- init -------------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Official init: Linear N(0, (0.32)^2 / fan_in) (paper: 0.1 / fan_in), zero bias; condition-embedder MLPs
+        N(0, 1/fan_in); tokens N(0, 1/D); pos-embed N(0, 0.02^2); patch convs xavier-uniform; gates and final
+        layers zero."""
+        D = self.hidden_size
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.32 / math.sqrt(m.in_features))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+                nn.init.zeros_(m.bias)
+        for emb in (self.h_embedder, self.omega_embedder, self.cfg_t_start_embedder, self.cfg_t_end_embedder):
+            for lin in (emb.mlp[0], emb.mlp[2]):
+                nn.init.normal_(lin.weight, std=1 / math.sqrt(lin.in_features))
+        for tok in (self.class_tokens, self.omega_tokens, self.t_min_tokens, self.t_max_tokens, self.time_tokens):
+            nn.init.normal_(tok, std=1 / math.sqrt(D))
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=1 / math.sqrt(D))
+        nn.init.normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, Block):
+                nn.init.zeros_(m.attn_scale)
+                nn.init.zeros_(m.mlp_scale)
+            elif isinstance(m, FinalLayer):
+                nn.init.zeros_(m.linear.weight)
+                nn.init.zeros_(m.linear.bias)
+
+    # -- pieces, so a training step can run only what it needs -----------------------------------------------------
+    def embed(self, z_in, h, omega, t_min, t_max, y) -> torch.Tensor:
+        """Build the token sequence (B, 20 + N, D) from the (pre-scaled) image and the conditions."""
+        B = z_in.shape[0]
+
+        def group(tokens, emb):  # (1, n, D) + (B, 1, D) -> (B, n, D)
+            return tokens + emb[:, None, :]
+
+        seq = torch.cat(
+            [
+                group(self.class_tokens, self.y_embedder(y)),
+                group(self.omega_tokens, self.omega_embedder(1 - 1 / omega)),  # omega enters as 1 - 1/omega
+                group(self.t_min_tokens, self.cfg_t_start_embedder(t_min)),
+                group(self.t_max_tokens, self.cfg_t_end_embedder(t_max)),
+                group(self.time_tokens, self.h_embedder(h)),  # only h = t - r; t is not embedded
+                self.x_embedder(z_in),  # (B, N, D)
+            ],
+            dim=1,
+        )
+        return seq.expand(B, -1, -1) + self.pos_embed
+
+    def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        for blk in blocks:
+            x = blk(x, self.rope_cos, self.rope_sin)
+        return x
+
+    def trunk(self, z, t, h, omega, t_min, t_max, y) -> torch.Tensor:
+        """Shared trunk output (B, 20 + N, D)."""
+        c_in, _, _ = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
+        return self.run_blocks(self.shared_blocks, self.embed(_bcast(c_in, z) * z, h, omega, t_min, t_max, y))
+
+    def head(self, trunk_out: torch.Tensor, which: str = "u") -> torch.Tensor:
+        """Run the u- or v-head on the trunk output and return its raw image output (B, C, H, W)."""
+        blocks, final = (self.u_heads, self.u_final_layer) if which == "u" else (self.v_heads, self.v_final_layer)
+        x = final(self.run_blocks(blocks, trunk_out)[:, self.num_prefix :])  # drop the prefix tokens
+        return self.unpatchify(x)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p*p*C), each token ordered (p_row, p_col, c) -> (B, C, H, W)  (recipe 8.2.9)."""
+        B, p, g, C = x.shape[0], self.patch_size, self.grid, self.in_channels
+        x = x.reshape(B, g, g, p, p, C)
+        return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, g * p, g * p)
+
+    def to_velocity(self, z: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Raw head output -> velocity (see :func:`velocity_from_output`)."""
+        _, c_skip, c_out = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
+        return velocity_from_output(z, t, out, c_skip, c_out, self.prediction)
+
+    def forward(self, z, t, h, omega, t_min, t_max, y, heads: str = "uv"):
+        """z: (B, C, H, W) noisy image z_t; t, h = t - r, omega, t_min, t_max: (B,); y: (B,) int64 (num_classes =
+        null). Returns (u, v), velocities of shape (B, C, H, W); v is None without a v-head or if 'v' not in heads."""
+        s = self.trunk(z, t, h, omega, t_min, t_max, y)
+        u = self.to_velocity(z, t, self.head(s, "u")) if "u" in heads else None
+        v = self.to_velocity(z, t, self.head(s, "v")) if ("v" in heads and self.has_v_head) else None
+        return u, v
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named size: constructor kwargs plus the official noise scale and recommended 1-NFE sampling settings
+    (recipe section 3.4; eval omega, CFG interval, EMA half-life in kimg)."""
+
+    kwargs: dict
+    noise_scale: float = 1.0
+    omega: float = 1.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    ema_halflife_kimg: float | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _paper(size: str, res: int, patch: int, **kw) -> dict:
+    width, depth, heads = {"B": (768, 16, 12), "L": (1024, 32, 16), "H": (1280, 48, 16)}[size]
+    return dict(input_size=res, patch_size=patch, in_channels=3, hidden_size=width, depth=depth, num_heads=heads,
+                num_classes=1000, aux_head_depth=8, **kw)
+
+
+MODELS: dict[str, ModelSpec] = {
+    # Official sizes; omega / interval / EMA are the released eval settings (B/16's 8.5 lies outside [1, 8]).
+    "pMF-B/16": ModelSpec(_paper("B", 256, 16), 1.0, 8.5, 0.1, 0.7, 2000),
+    "pMF-L/16": ModelSpec(_paper("L", 256, 16), 1.0, 7.0, 0.2, 0.7, 1000),
+    "pMF-H/16": ModelSpec(_paper("H", 256, 16), 2.0, 7.0, 0.2, 0.6, 1000),
+    "pMF-B/32": ModelSpec(_paper("B", 512, 32), 2.0, 6.5, 0.1, 0.7, 2000),
+    "pMF-L/32": ModelSpec(_paper("L", 512, 32), 4.0, 7.5, 0.2, 0.6, 2000),
+    "pMF-H/32": ModelSpec(_paper("H", 512, 32), 4.0, 5.5, 0.1, 0.6, 500),
+    # Small CPU sizes. 28x28 grayscale (Fashion-MNIST) and 32x32 RGB.
+    "pMF-T/7-28": ModelSpec(dict(input_size=28, patch_size=7, in_channels=1, hidden_size=128, depth=6, num_heads=4,
+                                 num_classes=10, aux_head_depth=2, bottleneck_dim=32), 1.0, 3.0, 0.0, 1.0),
+    "pMF-T/4-28": ModelSpec(dict(input_size=28, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
+                                 num_classes=10, aux_head_depth=2, bottleneck_dim=16), 1.0, 3.0, 0.0, 1.0),
+    "pMF-S/4-32": ModelSpec(dict(input_size=32, patch_size=4, in_channels=3, hidden_size=256, depth=8, num_heads=4,
+                                 num_classes=10, aux_head_depth=2, bottleneck_dim=32), 1.0, 3.0, 0.0, 1.0),
+    # Unit-test size: seconds on a CPU.
+    "pMF-tiny": ModelSpec(dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2,
+                               num_classes=3, aux_head_depth=1, bottleneck_dim=8), 1.0, 2.0, 0.0, 1.0),
+}
+
+
+def build_model(name: str, **overrides) -> PMFDiT:
+    """Instantiate a registered size; ``overrides`` replace constructor kwargs (e.g. v_head=False)."""
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; registered: {', '.join(MODELS)}")
+    spec = MODELS[name]
+    kw = {"noise_scale": spec.noise_scale, **spec.kwargs, **overrides}
+    return PMFDiT(**kw)
