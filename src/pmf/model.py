@@ -61,7 +61,7 @@ def precondition(t: torch.Tensor, prediction: str, noise_scale: float = 1.0, sig
     Returns tensors of t's shape.
     """
     one = torch.ones_like(t)
-    if prediction == "x":
+    if prediction in ("x", "u"):  # "u": identity input scaling; c_skip / c_out unused (the output is u itself)
         return one, torch.zeros_like(t), one
     if prediction == "linear":
         return one, 1 - t, t
@@ -115,8 +115,9 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, D)
         half = self.freq_dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=torch.float32) / half)
-        args = s.float()[:, None] * freqs[None]  # (B, 128)
+        f = torch.promote_types(self.mlp[0].weight.dtype, torch.float32)  # float32 (official); float64 stays float64
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=f) / half)
+        args = s.to(f)[:, None] * freqs[None]  # (B, 128)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)  # cos first
         return self.mlp(emb)
 

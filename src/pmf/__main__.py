@@ -1,0 +1,5 @@
+import sys
+
+from pmf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,207 @@
+"""Run configuration: typed dataclasses, named presets (YAML in ``pmf/configs``), ``key=value`` overrides, JSON dump.
+
+Each concept owns its section's dataclass (``ObjectiveConfig`` in :mod:`pmf.objective`, ``OptimConfig`` in
+:mod:`pmf.optim`); this module composes them into :class:`RunConfig` and is the only place that parses text.
+Nothing downstream receives an argparse Namespace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pmf.objective import ObjectiveConfig
+from pmf.optim import OptimConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "pMF-T/7-28"  # a key of pmf.model.MODELS
+    overrides: dict = field(default_factory=dict)  # PMFDiT kwargs replacing the registry's (e.g. {"depth": 4})
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "fashion_mnist"  # "fashion_mnist" | "imagefolder"
+    path: str = ""  # imagefolder root (or a Fashion-MNIST folder; empty = search the usual places)
+    resolution: int = 28  # imagefolder: ADM center crop to this size
+    num_workers: int = 0  # imagefolder DataLoader workers
+    class_conditional: bool = True  # False: all labels are the null class (unconditional training)
+
+
+@dataclass
+class TrainConfig:
+    total_kimg: float = 1000.0  # length of the run in thousands of training images
+    batch_size: int = 128  # global batch (all processes together)
+    accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide by world_size * accum_steps)
+    seed: int = 0  # all randomness derives from (seed, images seen, sample index)
+    ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.optim.EMASpec)
+    ema_ramp: float = 0.05  # EDM ramp-up of the half-life: min(half-life, ramp * images seen)
+    grad_clip: float = 0.0  # max global grad norm; 0 = off (official: off)
+    max_nonfinite: int = 10  # stop (with a checkpoint) after this many non-finite steps in a row
+    log_every_kimg: float = 2.0  # JSONL / TensorBoard log interval
+    sample_every_kimg: float = 50.0  # 1-NFE sample grid interval (PNG); 0 = only at the end
+    ckpt_every_kimg: float = 50.0  # training-state checkpoint interval
+    ckpt_every_minutes: float = 5.0  # ... and at least this often in wall-clock time
+    check_every_kimg: float = 100.0  # cross-rank parameter-consistency check interval (multi-process only)
+    device: str = "auto"  # "auto" | "cpu" | "cuda"
+    compile: bool = False  # torch.compile the network (eager fallback on failure)
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    consistency_check: bool = True  # check parameters agree across ranks at start and periodically
+
+
+@dataclass
+class SampleConfig:
+    """Guidance used for the training-time grids and the evaluation (1-NFE unless ``steps`` says otherwise)."""
+
+    omega: float = 3.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    steps: int = 1
+    ema: str = "ema_hl500"  # which EMA copy samples and exports use ("" = raw weights)
+    grid_seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = 10000  # Fashion-MNIST metric sample count
+    steps: list = field(default_factory=lambda: [1, 2])
+    batch_size: int = 500
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _coerce(value, tp):
+    """Convert a YAML / command-line value to the field's declared type (bool, int, float, str, tuple, list, dict)."""
+    origin = typing.get_origin(tp)
+    if tp is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected a boolean, got {value!r}")
+        return bool(value)
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        v = tp(value)
+        if tp is int and isinstance(value, float) and not float(value).is_integer():
+            raise ValueError(f"expected an integer, got {value!r}")
+        return v
+    if tp is str:
+        return str(value)
+    if origin is typing.Union or str(origin) == "types.UnionType":
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, args[0])
+    if origin is tuple or tp is tuple:
+        value = yaml.safe_load(value) if isinstance(value, str) else value
+        return tuple(value)
+    if origin is list or tp is list:
+        value = yaml.safe_load(value) if isinstance(value, str) else value
+        return list(value) if isinstance(value, (list, tuple)) else [value]
+    if origin is dict or tp is dict:
+        value = yaml.safe_load(value) if isinstance(value, str) else value
+        if value is None:
+            return None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a mapping, got {value!r}")
+        return value
+    return value
+
+
+def _field_types(dc) -> dict:
+    hints = typing.get_type_hints(type(dc))
+    return {f.name: hints[f.name] for f in dataclasses.fields(dc)}
+
+
+def set_value(cfg: RunConfig, dotted: str, value) -> None:
+    """Set ``section.field`` (e.g. ``objective.P_mean``) with type conversion; unknown keys raise, naming the valid
+    ones."""
+    parts = dotted.split(".")
+    node = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise KeyError(f"{'.'.join(parts[:i])} is not a section; cannot set {dotted}")
+        types = _field_types(node)
+        if part not in types:
+            raise KeyError(f"unknown config key {'.'.join(parts[:i + 1])!r}; valid here: {', '.join(types)}")
+        if i == len(parts) - 1:
+            setattr(node, part, _coerce(value, types[part]))
+        else:
+            node = getattr(node, part)
+    if dataclasses.is_dataclass(node) and hasattr(node, "__post_init__"):
+        node.__post_init__()  # re-validate the section
+
+
+def apply_mapping(cfg: RunConfig, mapping: dict, prefix: str = "") -> None:
+    for key, value in mapping.items():
+        full = f"{prefix}{key}"
+        target = cfg
+        for part in full.split("."):
+            target = getattr(target, part, None)
+        if isinstance(value, dict) and dataclasses.is_dataclass(target):
+            apply_mapping(cfg, value, full + ".")
+        else:
+            set_value(cfg, full, value)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Defaults <- preset YAML (``pmf/configs/NAME.yaml``) or a YAML file <- ``key=value`` overrides."""
+    cfg = RunConfig()
+    if preset and config_file:
+        raise ValueError("give --preset or --config, not both")
+    path = None
+    if preset:
+        path = PRESET_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise FileNotFoundError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+    elif config_file:
+        path = Path(config_file)
+    if path is not None:
+        apply_mapping(cfg, yaml.safe_load(path.read_text()) or {})
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        key, value = item.split("=", 1)
+        set_value(cfg, key.strip(), yaml.safe_load(value) if value.strip() else value)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_json(cfg) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
+
+
+def from_dict(d: dict) -> RunConfig:
+    cfg = RunConfig()
+    apply_mapping(cfg, d)
+    return cfg

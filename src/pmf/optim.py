@@ -1,0 +1,467 @@
+"""Optimizer (Muon for matrices, Nesterov Adam for the rest), learning-rate schedule, and EMA.
+
+The official recipe (pmf-recipe.md sections 3.2 and 3.3) calls ``optax.contrib.muon(lr, adam_b2=0.95)``:
+
+* every 2-D array gets Muon: Nesterov momentum 0.95, 5 quintic Newton-Schulz steps, update scaled by
+  sqrt(max(1, fan_out / fan_in)), no weight decay, times lr;
+* everything else gets optax Adam with ``nesterov=True``, (b1, b2) = (0.9, 0.95), eps 1e-8, no weight decay, same lr;
+* lr is constant 1e-3 (warmup 0);
+* three EDM-style EMAs with half-lives of 500, 1000 and 2000 kimg.
+
+Schedules and EMA decay are keyed to images seen, never to steps, and there is no hidden batch-size constant.
+This module imports only torch and the standard library.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "OptimConfig",
+    "param_groups",
+    "NesterovAdam",
+    "MuonWithAdam",
+    "build_optimizer",
+    "lr_at",
+    "set_lr",
+    "EMASpec",
+    "ema_beta",
+    "EMA",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Config
+
+
+@dataclass
+class OptimConfig:
+    name: str = "muon"  # "muon": Muon on matrices + Adam on the rest (official); "adam": Adam on all (Fig. 3a)
+    lr: float = 1e-3  # peak learning rate, shared by the Muon and the Adam parts (official: constant 1e-3)
+    betas: tuple[float, float] = (0.9, 0.95)  # Adam (b1, b2); the official run sets b2 = 0.95
+    eps: float = 1e-8  # Adam denominator eps; also Muon's Frobenius-normalisation eps, as in optax
+    weight_decay: float = 0.0  # decoupled (AdamW-style, times lr) for both parts; official 0
+    nesterov_adam: bool = True  # optax adam(nesterov=True): bias-corrected Nesterov first moment
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum beta
+    muon_ns_steps: int = 5  # Newton-Schulz iterations (coefficients 3.4445, -4.7750, 2.0315)
+    warmup_kimg: float = 0.0  # linear warmup from 0 to lr over this many thousand images (official 0)
+    schedule: str = "constant"  # "constant" | "cosine" (after warmup)
+    total_kimg: float = 0.0  # cosine: lr reaches min_lr_ratio * lr at this many thousand images
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Which parameter goes to which optimizer
+
+
+def _embedding_tables(model: nn.Module) -> set[int]:
+    return {id(m.weight) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))}
+
+
+def param_groups(model: nn.Module) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, nn.Parameter]]]:
+    """Split ``model``'s parameters into ``(muon_params, adam_params)``, each a list of ``(name, param)``.
+
+    The optax rule is "every 2-D array gets Muon, everything else Adam", applied to Flax shapes. Translated to
+    PyTorch shapes this is "2-D and not an embedding table":
+
+    * Muon: every ``nn.Linear`` weight (q/k/v/o, SwiGLU w1/w2/w3, the condition-embedder MLPs, both final layers).
+    * Adam: the label-embedding table. It is 2-D here (``nn.Embedding``, (num_classes + 1, D)) but the Flax code
+      stores it as a 3-D (1, 1001, D) array, so optax gives it Adam; a lookup table is also not an operator whose
+      update should be orthogonalised (each row only sees the gradient of its own class).
+    * Adam: the learned token blocks and pos-embed (3-D, (1, n, D)), the patch-embed conv kernels (4-D), and all
+      1-D parameters (biases, RMSNorm scales, the zero-init gates).
+
+    Every parameter (shared ones once) lands in exactly one list, in ``named_parameters`` order.
+    """
+    tables = _embedding_tables(model)
+    muon, adam = [], []
+    for name, p in model.named_parameters():
+        (muon if p.ndim == 2 and id(p) not in tables else adam).append((name, p))
+    return muon, adam
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strict state-dict checks shared by the optimizers below
+
+
+def _check_optimizer_state(opt: torch.optim.Optimizer, sd: dict) -> None:
+    """Raise ValueError unless ``sd`` was saved by an optimizer with the same groups, hyperparameter names,
+    parameter names (when recorded) and parameter shapes as ``opt``. torch's own load only checks group sizes."""
+    if set(sd) != {"state", "param_groups"}:
+        raise ValueError(f"optimizer state dict must have keys 'state' and 'param_groups', got {sorted(sd)}")
+    groups, saved = opt.param_groups, sd["param_groups"]
+    if len(groups) != len(saved):
+        raise ValueError(f"optimizer state dict has {len(saved)} parameter groups, expected {len(groups)}")
+    index_to_param = {}
+    for i, (g, s) in enumerate(zip(groups, saved)):
+        if len(g["params"]) != len(s["params"]):
+            raise ValueError(f"group {i}: {len(s['params'])} saved parameters, expected {len(g['params'])}")
+        if set(g) != set(s):
+            raise ValueError(f"group {i}: hyperparameters {sorted(set(s) ^ set(g))} differ (wrong optimizer kind?)")
+        if "param_names" in g and list(g["param_names"]) != list(s["param_names"]):
+            raise ValueError(f"group {i}: parameter names differ from the saved ones")
+        index_to_param.update(zip(s["params"], g["params"]))
+    for idx, st in sd["state"].items():
+        if idx not in index_to_param:
+            raise ValueError(f"optimizer state for unknown parameter index {idx!r}")
+        p = index_to_param[idx]
+        for key, v in st.items():
+            if isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape != p.shape:
+                raise ValueError(f"state {key!r} of parameter {idx} has shape {tuple(v.shape)}, expected {tuple(p.shape)}")
+
+
+def _own_state_tensors(opt: torch.optim.Optimizer) -> None:
+    """torch's load keeps the caller's tensors when no cast is needed; clone so later in-place steps never write
+    into the dict that was loaded (e.g. a checkpoint still held in memory)."""
+    for st in opt.state.values():
+        for k, v in list(st.items()):
+            if isinstance(v, torch.Tensor):
+                st[k] = v.clone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Adam with optax's Nesterov momentum
+
+
+class NesterovAdam(torch.optim.Optimizer):
+    """optax ``adamw(lr, b1, b2, eps, eps_root=0, weight_decay, nesterov)`` as a torch optimizer.
+
+    With t the 1-based step count, g_t the gradient:
+
+        m_t = b1 m_{t-1} + (1 - b1) g_t,            v_t = b2 v_{t-1} + (1 - b2) g_t^2
+        m_hat = b1 m_t / (1 - b1^(t+1)) + (1 - b1) g_t / (1 - b1^t)     (nesterov; else m_t / (1 - b1^t))
+        v_hat = v_t / (1 - b2^t)
+        theta <- theta - lr (m_hat / (sqrt(v_hat) + eps) + wd theta)
+
+    Why not ``torch.optim.NAdam``: it scales momentum by a schedule mu_t = b1 (1 - 0.5 * 0.96^(t psi)), so even with
+    momentum_decay psi = 0 it uses mu = b1 / 2, and with the default psi = 0.004 mu grows slowly from 0.45 to 0.9;
+    it equals the formula above only in the limit psi -> inf. ``torch.optim.Adam`` has no Nesterov option.
+    State per parameter: ``step`` (CPU int64 scalar), ``exp_avg`` (m), ``exp_avg_sq`` (v), in the param's dtype.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        nesterov: bool = True,
+    ):
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid Adam hyperparameters lr={lr} betas={betas} eps={eps} wd={weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            # Bucket by (device, dtype, step) so each bucket is updated with a few foreach kernels.
+            buckets: dict[tuple, list[tuple[torch.Tensor, torch.Tensor, dict]]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("NesterovAdam does not support sparse gradients")
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.int64)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["step"] += 1
+                buckets[(p.device, p.dtype, int(st["step"]))].append((p, p.grad, st))
+            for (_, _, t), items in buckets.items():
+                ps = [p for p, _, _ in items]
+                gs = [g for _, g, _ in items]
+                ms = [st["exp_avg"] for _, _, st in items]
+                vs = [st["exp_avg_sq"] for _, _, st in items]
+                torch._foreach_lerp_(ms, gs, 1 - b1)  # m = b1 m + (1 - b1) g
+                torch._foreach_mul_(vs, b2)
+                torch._foreach_addcmul_(vs, gs, gs, value=1 - b2)  # v = b2 v + (1 - b2) g^2
+                denom = torch._foreach_div(vs, 1 - b2**t)
+                torch._foreach_sqrt_(denom)
+                torch._foreach_add_(denom, eps)  # sqrt(v_hat) + eps
+                if group["nesterov"]:
+                    num = torch._foreach_mul(ms, b1 / (1 - b1 ** (t + 1)))
+                    torch._foreach_add_(num, gs, alpha=(1 - b1) / (1 - b1**t))
+                else:
+                    num = torch._foreach_div(ms, 1 - b1**t)
+                if wd != 0:
+                    torch._foreach_mul_(ps, 1 - lr * wd)  # decoupled: theta - lr wd theta
+                torch._foreach_addcdiv_(ps, num, denom, value=-lr)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Strict: the saved groups, hyperparameter names, parameter names and shapes must match."""
+        _check_optimizer_state(self, state_dict)
+        super().load_state_dict(state_dict)
+        _own_state_tensors(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Muon + Adam as one optimizer
+
+
+class MuonWithAdam(torch.optim.Optimizer):
+    """One optimizer object for ``torch.optim.Muon`` (2-D weights) and :class:`NesterovAdam` (everything else).
+
+    ``param_groups`` is the Muon groups followed by the Adam groups; they are the very dicts the two inner
+    optimizers read, so setting ``group["lr"]`` (or any LR scheduler) drives both. The inner optimizers share this
+    object's ``state``, so the inherited ``state_dict`` / ``zero_grad`` cover everything and a checkpoint is a
+    normal torch optimizer state dict.
+    """
+
+    def __init__(self, muon: torch.optim.Optimizer, adam: torch.optim.Optimizer):
+        self.muon, self.adam = muon, adam
+        self._n_muon = len(muon.param_groups)
+        super().__init__([*muon.param_groups, *adam.param_groups], {})  # shares the group dicts (not copies)
+        self._link()
+
+    def _link(self) -> None:
+        self.muon.param_groups = self.param_groups[: self._n_muon]
+        self.adam.param_groups = self.param_groups[self._n_muon :]
+        self.muon.state = self.state  # parameters are disjoint, so one dict keyed by parameter serves both
+        self.adam.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.muon.step()
+        self.adam.step()
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Strict: the saved groups, hyperparameter names, parameter names and shapes must match."""
+        _check_optimizer_state(self, state_dict)
+        super().load_state_dict(state_dict)  # replaces self.param_groups and self.state with new objects
+        _own_state_tensors(self)
+        self._link()
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """The official optimizer ("muon") or the all-Adam ablation ("adam", Fig. 3a) over ``model``'s parameters."""
+    adam_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                   nesterov=cfg.nesterov_adam)
+    if cfg.name == "adam":
+        return NesterovAdam(list(model.named_parameters()), **adam_kw)
+    if cfg.name != "muon":
+        raise ValueError(f"optimizer name must be 'muon' or 'adam', got {cfg.name!r}")
+    if not hasattr(torch.optim, "Muon"):
+        raise RuntimeError(f"torch.optim.Muon needs torch >= 2.9 (found {torch.__version__}); use name='adam'")
+    muon_params, adam_params = param_groups(model)
+    if not muon_params:
+        return NesterovAdam(adam_params, **adam_kw)
+    muon = torch.optim.Muon(
+        muon_params,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,  # torch's default is 0.1; the recipe uses 0
+        momentum=cfg.muon_momentum,
+        nesterov=True,
+        ns_coefficients=(3.4445, -4.7750, 2.0315),
+        eps=cfg.eps,  # optax normalises by ||X||_F + eps with the same eps as Adam (torch default 1e-7)
+        ns_steps=cfg.muon_ns_steps,
+        # sqrt(max(1, rows / cols)) of a torch (out, in) weight = optax's sqrt(max(1, fan_out / fan_in)).
+        adjust_lr_fn="original",
+    )
+    if not adam_params:
+        return muon
+    return MuonWithAdam(muon, NesterovAdam(adam_params, **adam_kw))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule (keyed to images seen)
+
+
+def lr_at(cfg: OptimConfig, kimg_seen: float) -> float:
+    """Learning rate after ``kimg_seen`` thousand images (pass the count *before* the step it is used for).
+
+    warmup:  lr * kimg / warmup_kimg                         for kimg < warmup_kimg (0 at the first step)
+    constant: lr
+    cosine:  lr_min + (lr - lr_min) (1 + cos(pi p)) / 2,     p = clip((kimg - warmup) / (total - warmup), 0, 1),
+             lr_min = min_lr_ratio * lr
+    """
+    if cfg.schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {cfg.schedule!r}")
+    if cfg.warmup_kimg > 0 and kimg_seen < cfg.warmup_kimg:
+        return cfg.lr * max(kimg_seen, 0.0) / cfg.warmup_kimg
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.total_kimg <= cfg.warmup_kimg:
+        raise ValueError(f"cosine schedule needs total_kimg ({cfg.total_kimg}) > warmup_kimg ({cfg.warmup_kimg})")
+    p = min(max((kimg_seen - cfg.warmup_kimg) / (cfg.total_kimg - cfg.warmup_kimg), 0.0), 1.0)
+    lr_min = cfg.min_lr_ratio * cfg.lr
+    return lr_min + (cfg.lr - lr_min) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr (Muon scales its own per-shape factor on top of this)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EMA
+
+
+def _fmt(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(float(x))
+
+
+@dataclass(frozen=True)
+class EMASpec:
+    """One EMA copy: EDM-style ``halflife_kimg`` (half-life in thousand images) or a constant per-step ``decay``."""
+
+    halflife_kimg: float | None = None
+    decay: float | None = None
+
+    def __post_init__(self):
+        if (self.halflife_kimg is None) == (self.decay is None):
+            raise ValueError("EMASpec needs exactly one of halflife_kimg and decay")
+        if self.halflife_kimg is not None and self.halflife_kimg < 0:
+            raise ValueError(f"halflife_kimg must be >= 0, got {self.halflife_kimg}")
+        if self.decay is not None and not 0.0 <= self.decay <= 1.0:
+            raise ValueError(f"decay must lie in [0, 1], got {self.decay}")
+
+    @property
+    def name(self) -> str:
+        """"ema_hl500" (half-life 500 kimg) or "ema_0.9999" (constant decay)."""
+        return f"ema_hl{_fmt(self.halflife_kimg)}" if self.halflife_kimg is not None else f"ema_{_fmt(self.decay)}"
+
+    @classmethod
+    def parse(cls, spec: "str | float | EMASpec") -> "EMASpec":
+        """"hl500" / "ema_hl500" -> half-life 500 kimg; "0.9999" / "ema_0.9999" / 0.9999 -> constant decay."""
+        if isinstance(spec, EMASpec):
+            return spec
+        if isinstance(spec, (int, float)):
+            return cls(decay=float(spec))
+        s = spec.strip()
+        s = s[4:] if s.startswith("ema_") else s
+        try:
+            return cls(halflife_kimg=float(s[2:])) if s.startswith("hl") else cls(decay=float(s))
+        except ValueError as e:
+            raise ValueError(f"bad EMA spec {spec!r}: use 'hl<kimg>' or a decay like '0.9999'") from e
+
+
+def ema_beta(spec: EMASpec, batch_size: int, nimg_seen: int, ramp: float | None = 0.05) -> float:
+    """Per-step EMA decay.
+
+    EDM style: halflife_nimg = hl_kimg * 1000, ramped as min(halflife_nimg, nimg_seen * ramp) when ``ramp`` is set,
+    beta = 0.5 ** (batch_size / halflife_nimg). The decay per *image* is fixed, so k steps of batch B decay exactly
+    like k B / B' steps of batch B'. The official code ramps with ``step * 1024 * ramp`` (batch 1024 hard-coded);
+    here the true ``nimg_seen`` is used. Constant: beta = decay every step, whatever the batch.
+    """
+    if spec.decay is not None:
+        return spec.decay
+    halflife_nimg = spec.halflife_kimg * 1000.0
+    if ramp is not None:
+        halflife_nimg = min(halflife_nimg, nimg_seen * ramp)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+
+class EMA:
+    """Several EMA copies of a model's weights, kept in float32 on the model's device.
+
+    ``update(model, batch_size, nimg_seen)`` after each optimizer step, with the *global* batch size and the images
+    seen including this batch. Parameters are averaged, ema <- beta ema + (1 - beta) theta; persistent buffers are
+    copied. Keys are those of ``model.state_dict()``, so pass the bare module (not a DDP / compiled wrapper).
+    """
+
+    def __init__(self, model: nn.Module, specs: Sequence["str | float | EMASpec"] = ("hl500", "hl1000", "hl2000"),
+                 ramp: float | None = 0.05):
+        self.specs = [EMASpec.parse(s) for s in specs]
+        self.names = [s.name for s in self.specs]
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"duplicate EMA specs: {self.names}")
+        self.ramp = ramp
+        self._template = model  # for model(); a reference, not a copy
+        sd = model.state_dict(keep_vars=True)
+        self._averaged = {k for k, v in sd.items() if isinstance(v, nn.Parameter)}  # the rest are buffers: copied
+        self.shadow: dict[str, dict[str, torch.Tensor]] = {
+            name: {k: self._init_copy(k, v) for k, v in sd.items()} for name in self.names
+        }
+
+    def _init_copy(self, key: str, v: torch.Tensor) -> torch.Tensor:
+        v = v.detach()
+        return v.float().clone() if key in self._averaged and v.is_floating_point() else v.clone()
+
+    def _index(self, which: "int | str") -> str:
+        if isinstance(which, int):
+            return self.names[which]
+        name = which if which.startswith("ema_") else f"ema_{which}"
+        if name not in self.shadow:
+            raise KeyError(f"unknown EMA {which!r}; have {self.names}")
+        return name
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, batch_size: int, nimg_seen: int) -> None:
+        sd = model.state_dict(keep_vars=True)
+        if set(sd) != set(next(iter(self.shadow.values()))):
+            raise ValueError("model's state-dict keys differ from the EMA's (wrapped module? different model?)")
+        avg_keys = [k for k in sd if k in self._averaged]
+        src = [sd[k].detach() for k in avg_keys]
+        for spec, name in zip(self.specs, self.names):
+            beta = ema_beta(spec, batch_size, nimg_seen, self.ramp)
+            dst = [self.shadow[name][k] for k in avg_keys]
+            s = [x if x.dtype == d.dtype else x.to(d.dtype) for x, d in zip(src, dst)]
+            if dst:
+                torch._foreach_lerp_(dst, s, 1.0 - beta)  # ema + (1 - beta)(theta - ema)
+            for k, v in sd.items():
+                if k not in self._averaged:
+                    self.shadow[name][k].copy_(v)
+
+    def weights(self, which: "int | str") -> dict[str, torch.Tensor]:
+        """The EMA state dict (model keys, float32 parameters) of one copy; shared tensors, do not modify."""
+        return self.shadow[self._index(which)]
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module, which: "int | str") -> nn.Module:
+        """Load EMA copy ``which`` (index, "ema_hl500" or "hl500") into ``model`` (strict; cast to its dtypes)."""
+        model.load_state_dict(self.weights(which), strict=True)
+        return model
+
+    def model(self, which: "int | str", like: nn.Module | None = None) -> nn.Module:
+        """A deep copy of ``like`` (default: the model given at construction) holding EMA copy ``which``, in eval
+        mode with gradients off."""
+        net = copy.deepcopy(like if like is not None else self._template)
+        for p in net.parameters():
+            p.grad = None
+            p.requires_grad_(False)
+        return self.copy_to(net, which).eval()
+
+    def state_dict(self) -> dict:
+        """{"names", "ramp", "shadow": {name: {key: tensor}}}; tensors are shared (serialise before stepping)."""
+        return {"names": list(self.names), "ramp": self.ramp, "shadow": self.shadow}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict) -> None:
+        """Strict: same EMA names (in order), ramp, keys and shapes; values are copied into the existing tensors."""
+        if set(sd) != {"names", "ramp", "shadow"}:
+            raise ValueError(f"EMA state dict must have keys names/ramp/shadow, got {sorted(sd)}")
+        if list(sd["names"]) != self.names or list(sd["shadow"]) != self.names:
+            raise ValueError(f"EMA names {list(sd['names'])} differ from {self.names}")
+        if sd["ramp"] != self.ramp:
+            raise ValueError(f"EMA ramp {sd['ramp']} differs from {self.ramp}")
+        for name in self.names:
+            mine, theirs = self.shadow[name], sd["shadow"][name]
+            if set(mine) != set(theirs):
+                raise ValueError(f"{name}: keys differ: {sorted(set(mine) ^ set(theirs))[:5]}")
+            for k, v in theirs.items():
+                if v.shape != mine[k].shape:
+                    raise ValueError(f"{name}.{k}: shape {tuple(v.shape)}, expected {tuple(mine[k].shape)}")
+        for name in self.names:
+            for k, v in sd["shadow"][name].items():
+                self.shadow[name][k].copy_(v)

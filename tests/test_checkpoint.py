@@ -1,0 +1,161 @@
+"""Persistence (pmf.checkpoint): atomic writes survive interruption, resume finds the newest readable state, and
+exports round-trip a network exactly."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from pmf.checkpoint import (
+    atomic_save,
+    atomic_write_text,
+    export_model,
+    load_exported,
+    load_latest,
+    save_training_state,
+)
+from pmf.model import MODELS, build_model
+
+TINY = "pMF-tiny"
+
+
+def tiny_net(v_head: bool = True, seed: int = 0):
+    """pMF-tiny with every parameter perturbed (the zero-init gates / final layers would make outputs trivial)."""
+    torch.manual_seed(seed)
+    net = build_model(TINY, v_head=v_head)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return net.eval()
+
+
+def tiny_kwargs(v_head: bool = True) -> dict:
+    spec = MODELS[TINY]
+    return {"noise_scale": spec.noise_scale, **spec.kwargs, "v_head": v_head}
+
+
+def outputs(net):
+    g = torch.Generator().manual_seed(1)
+    t = torch.rand(3, generator=g)
+    with torch.no_grad():
+        return net(torch.randn(3, 1, 8, 8, generator=g), t, 0.5 * t, torch.full((3,), 2.0), torch.zeros(3),
+                   torch.ones(3), torch.tensor([0, 1, 3]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Atomic writes
+
+
+def test_atomic_save_round_trip_leaves_no_temp_files(tmp_path):
+    path = tmp_path / "sub" / "x.pt"  # the directory is created
+    atomic_save({"a": torch.arange(3)}, path)
+    atomic_save({"a": torch.arange(4)}, path)  # overwrite
+    assert torch.equal(torch.load(path)["a"], torch.arange(4))
+    assert os.listdir(path.parent) == ["x.pt"]
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = tmp_path / "x.pt"
+    atomic_save({"v": 1}, path)
+
+    def dying_save(obj, f, *a, **k):  # write half a file, then "crash"
+        with open(f, "wb") as fh:
+            fh.write(b"PK\x03\x04 partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save({"v": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path) == {"v": 1}
+    assert os.listdir(tmp_path) == ["x.pt"]
+
+
+def test_atomic_write_text(tmp_path):
+    path = tmp_path / "a.json"
+    atomic_write_text(path, "one")
+    atomic_write_text(path, "two ✓")
+    assert path.read_text(encoding="utf-8") == "two ✓"
+    assert os.listdir(tmp_path) == ["a.json"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training state
+
+
+def _names(run_dir):
+    return sorted(os.listdir(run_dir / "checkpoints"))
+
+
+def test_save_prunes_to_keep_and_load_latest_returns_newest(tmp_path):
+    assert load_latest(tmp_path) is None  # nothing yet
+    for step in (10, 20, 30, 40):
+        save_training_state(tmp_path, {"w": torch.full((2,), float(step))}, step, keep=2)
+    assert _names(tmp_path) == ["state-000000030.pt", "state-000000040.pt"]
+    state = load_latest(tmp_path)
+    assert state["step"] == 40 and torch.equal(state["w"], torch.full((2,), 40.0))
+
+
+def test_save_removes_stale_temp_files(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".state-000000005.pt.123.abcd.tmp").write_bytes(b"junk")
+    save_training_state(tmp_path, {}, 7)
+    assert _names(tmp_path) == ["state-000000007.pt"]
+
+
+def test_step_must_agree(tmp_path):
+    with pytest.raises(ValueError, match="disagrees"):
+        save_training_state(tmp_path, {"step": 3}, 4)
+
+
+def test_load_latest_falls_back_past_a_corrupt_newest(tmp_path):
+    save_training_state(tmp_path, {"x": torch.tensor(1.0)}, 1)
+    newest = save_training_state(tmp_path, {"x": torch.tensor(2.0)}, 2)
+    newest.write_bytes(newest.read_bytes()[:50])  # truncated after the fact (disk fault, copy cut short)
+    with pytest.warns(UserWarning, match="state-000000002.pt"):
+        state = load_latest(tmp_path)
+    assert state["step"] == 1 and state["x"].item() == 1.0
+
+
+def test_load_latest_raises_when_nothing_is_readable(tmp_path):
+    path = save_training_state(tmp_path, {}, 1)
+    path.write_bytes(b"not a checkpoint")
+    with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable training state"):
+        load_latest(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Exports
+
+
+@pytest.mark.parametrize("v_head", [True, False])
+def test_export_load_round_trip_reproduces_outputs(tmp_path, v_head):
+    net = tiny_net(v_head)
+    meta = {"noise_scale": 1.0, "omega": 2.0, "t_min": 0.0, "t_max": 1.0}
+    path = export_model(net, tmp_path, tiny_kwargs(v_head), meta)
+    assert sorted(os.listdir(tmp_path)) == ["model.json", "model.safetensors"]
+    assert json.loads((tmp_path / "model.json").read_text())["meta"] == meta
+    for where in (tmp_path, path, tmp_path / "model.json"):
+        loaded, got_meta = load_exported(where)
+        assert got_meta == meta and not loaded.training
+        (u0, v0), (u1, v1) = outputs(net), outputs(loaded)
+        assert u0.abs().max() > 0 and torch.equal(u0, u1)
+        assert (v1 is None) == (not v_head) and (v0 is None or torch.equal(v0, v1))
+
+
+def test_load_exported_overrides_and_header_fallback(tmp_path):
+    net = tiny_net()
+    export_model(net, tmp_path, tiny_kwargs(), name="ema")
+    (tmp_path / "ema.json").unlink()  # the safetensors header carries the same config
+    loaded, meta = load_exported(tmp_path, name="ema", attn_backend="math")
+    assert meta == {} and loaded.shared_blocks[0].attn.backend == "math"
+    assert torch.allclose(outputs(net)[0], outputs(loaded)[0], atol=1e-5)
+
+
+def test_export_rejects_kwargs_that_do_not_describe_the_net(tmp_path):
+    with pytest.raises(ValueError, match="v_final_layer"):
+        export_model(tiny_net(v_head=True), tmp_path, tiny_kwargs(v_head=False))
+    with pytest.raises(TypeError, match="JSON"):
+        export_model(tiny_net(), tmp_path, {**tiny_kwargs(), "noise_scale": torch.tensor(1.0)})
+    assert not tmp_path.exists() or os.listdir(tmp_path) == []
