@@ -19,6 +19,7 @@ from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 
 @dataclass
@@ -40,6 +41,7 @@ class ObjectiveConfig:
     # --- the JVP and the heads ---
     tangent: str = "predicted"  # "predicted": v_c from the model (iMF/pMF); "target": the target v_g (original MF)
     use_v_head: bool = True  # False: v from the u-head at r = t (Alg. 1); no loss_v
+    impl: str = "lean"  # "lean": batched guidance, JVP through trunk + u-head only; "reference": the plain step
     # --- loss [recipe 1.4] ---
     norm_p: float = 1.0  # adaptive weight: l / sg((l + eps)^p)
     norm_eps: float = 0.01
@@ -51,6 +53,8 @@ class ObjectiveConfig:
             raise ValueError(f"time_region must be full | r_eq_t | r_eq_0 | boundaries, got {self.time_region!r}")
         if self.tangent not in ("predicted", "target"):
             raise ValueError(f"tangent must be 'predicted' or 'target', got {self.tangent!r}")
+        if self.impl not in ("lean", "reference"):
+            raise ValueError(f"impl must be 'lean' or 'reference', got {self.impl!r}")
         if not 0.0 <= self.data_proportion <= 1.0:
             raise ValueError(f"data_proportion must lie in [0, 1], got {self.data_proportion}")
 
@@ -223,6 +227,27 @@ def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: 
     return torch.where(_b(d.fm_mask, z_t), v_g_fm, v_g), v_c
 
 
+@torch.no_grad()
+def guided_target_lean(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int):
+    """:func:`guided_target` in one no-grad call through the trunk and the v-head. The rows are
+    [z | y, omega], [z | null, 1] and, only for the samples whose omega the interval mask changed, [z | y, 1].
+    Where the mask changed nothing, omega' = omega and v_c' = v_c, so one formula covers every sample:
+    v_g = v_t + (1 - 1/omega')(v_c' - v_u)."""
+    if not cfg.guidance:
+        return guided_target(net, z_t, v_t, y, d, cfg, null_label)
+    B = z_t.shape[0]
+    inside = (d.t >= d.t_min) & (d.t <= d.t_max)
+    omega_m = torch.where(inside, d.omega, torch.ones_like(d.omega))
+    idx = (omega_m != d.omega).nonzero().squeeze(1)  # samples whose v_c must be recomputed with omega' = 1
+    ones = torch.ones_like(d.omega)
+    out = boundary_velocity(net, torch.cat([z_t, z_t, z_t[idx]]), torch.cat([d.t, d.t, d.t[idx]]),
+                            torch.cat([d.omega, ones, ones[idx]]),
+                            torch.cat([y, torch.full_like(y, null_label), y[idx]]), cfg.use_v_head)
+    v_c, v_u = out[:B].clone(), out[B : 2 * B]
+    v_c[idx] = out[2 * B :]
+    return v_t + (1 - 1 / _b(omega_m, z_t)) * (v_c - v_u), v_c
+
+
 def drop_labels(y, v_t, v_g, d: Draws, null_label: int):
     """Class dropout: dropped samples get the null label and the unguided target v_g = v_t."""
     return torch.where(d.drop_mask, null_label, y), torch.where(_b(d.drop_mask, v_t), v_t, v_g)
@@ -235,10 +260,23 @@ def u_and_dudt(net, z_t, d: Draws, y, tangent_v, with_v: bool):
 
     def u_fn(z, t, r):
         u, v = net(z, t, t - r, d.omega, d.t_min, d.t_max, y, heads="uv" if with_v else "u")
-        return u, v
+        return u, (() if v is None else (v,))  # torch.func.jvp's aux must hold tensors only, never None
 
-    u, dudt, v = torch.func.jvp(u_fn, (z_t, d.t, d.r), (tangent_v, torch.ones_like(d.t), torch.zeros_like(d.r)),
-                                has_aux=True)
+    u, dudt, aux = torch.func.jvp(u_fn, (z_t, d.t, d.r), (tangent_v, torch.ones_like(d.t), torch.zeros_like(d.r)),
+                                  has_aux=True)
+    return u, dudt, (aux[0] if aux else None)
+
+
+def u_and_dudt_lean(net, z_t, d: Draws, y, tangent_v, with_v: bool):
+    """:func:`u_and_dudt` with forward-mode AD only where a tangent is needed: dual numbers through the trunk and
+    the u-head; the v-head runs afterwards on the trunk's primal output (it needs gradients, not tangents)."""
+    ones, zeros = torch.ones_like(d.t), torch.zeros_like(d.r)
+    with fwAD.dual_level():
+        z, t, r = fwAD.make_dual(z_t, tangent_v), fwAD.make_dual(d.t, ones), fwAD.make_dual(d.r, zeros)
+        trunk_out = net.trunk(z, t, t - r, d.omega, d.t_min, d.t_max, y)
+        u, dudt = fwAD.unpack_dual(net.to_velocity(z, t, net.head(trunk_out, "u")))
+        trunk_primal = fwAD.unpack_dual(trunk_out).primal
+    v = net.to_velocity(z_t, d.t, net.head(trunk_primal, "v")) if with_v else None
     return u, dudt, v
 
 
@@ -284,13 +322,14 @@ def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | Non
     d = draws if draws is not None else sample_draws(x, y, cfg, generator)
     use_v = cfg.use_v_head and getattr(net, "has_v_head", True)
 
+    lean = cfg.impl == "lean" and hasattr(net, "trunk")  # the lean path needs the trunk / head split
     z_t = noisy_image(x, d.t, d.e)
     v_t = conditional_velocity(z_t, x, d.t)
-    v_g, v_c = guided_target(net, z_t, v_t, y, d, cfg, null_label)
+    v_g, v_c = (guided_target_lean if lean else guided_target)(net, z_t, v_t, y, d, cfg, null_label)
     y_in, v_g = drop_labels(y, v_t, v_g, d, null_label)
     v_g = v_g.detach()
     tangent_v = v_c if cfg.tangent == "predicted" else v_g
-    u, dudt, v = u_and_dudt(net, z_t, d, y_in, tangent_v.detach(), use_v)
+    u, dudt, v = (u_and_dudt_lean if lean else u_and_dudt)(net, z_t, d, y_in, tangent_v.detach(), use_v)
     V = compound_velocity(u, dudt, d.t, d.r)
 
     loss_u = adaptive_weight(per_sample_sq_error(V, v_g), cfg)

@@ -9,24 +9,47 @@ held-out data. The expected finding: both work at D = 2; as D grows u-prediction
 256-wide MLP cannot carry the D-dimensional noise that u contains), while x-prediction keeps working (x lies in a
 2-D subspace).
 
+What the quick preset gets (seed 0; runs/toy/metrics.json): x-prediction is within 1.8-3.4x of the sliced-W2 floor
+at every D; u-prediction is a blob with the prior's own score (~5.9x) from D = 8 on, with the D-dim noise left off
+the data plane (off_manifold 21.8 at D = 512). At D = 2 u-prediction's 1-NFE samples are a recognisable but fuzzy
+roll (5.5x): at this budget its u(z, 0, 1) is the weak spot (the same model sampled in 2 / 4 steps: 3.6x / 2.7x),
+whereas x-prediction extrapolates to h = 1 well. The paper's D = 2 u-prediction panel presumably trained longer.
+
 Choices the paper does not report (recipe 4.1: "Not reported: steps, optimizer, time sampler and noise"), made here
-and tuned for a CPU (see :data:`PRESETS`):
+and tuned on a 2-core CPU for the "quick" preset (:data:`PRESETS`; the whole 2 x 4 grid takes ~5 min there):
 
 * "7-layer" = 7 linear layers on the u path: input -> 256, five 256 -> 256, 256 -> D, ReLU between them. The
-  training-only v-head is one more 256 -> D output layer on the same trunk (so the default objective, with its
-  auxiliary v-head, runs unchanged).
-* Conditioning: the MLP sees z concatenated with Fourier features of t, h = t - r, 1 - 1/omega, t_min, t_max and a
-  learned label embedding (null label for unconditional). Unlike the image model we also embed t: the image model
-  can read the noise level from thousands of pixels, the toy MLP at D = 2 can not (``embed_t=False`` drops it).
-* Metric: ``distance`` = sliced Wasserstein-2 distance in 2-D, with 256 fixed random directions (seed 1234): for each
-  direction both point sets (of equal size N) are projected and sorted, W2^2 is the mean squared difference of the
-  sorted projections; ``distance = sqrt(mean over directions of W2^2)``. ``floor`` = the same distance between two
-  independent true samples of size N: what a perfect sampler would score.
+  training-only v-head is one more 256 -> D output layer on the same trunk, so the default objective (auxiliary
+  v-head, predicted JVP tangent, adaptive weighting) runs unchanged; guidance is off and labels are the null label.
+* Conditioning: z concatenated with features [s, sin(pi 2^k s), cos(pi 2^k s)], k < 3, of h = t - r, 1 - 1/omega,
+  t_min and t_max, plus a label embedding. t itself is NOT embedded by default, like the image model. We tried
+  embedding it (Fourier features or the raw scalar): it made x-prediction clearly worse (Swiss roll, 2500 steps,
+  D = 2: sliced W2 0.44-0.52 with Fourier-t vs 0.10-0.20 without; D = 512: 0.13 vs 0.05) and did not fix
+  u-prediction at D = 2 (0.2-0.4 with or without it). For D >= 8 the MLP can read t off |z| anyway; at D = 2 x-prediction
+  still gets t through the x -> u conversion u = (z - x) / t, and the 1-NFE query (h = 1) implies t = 1.
+* Time sampler logit-normal(-0.7, 0.5) (t mostly in [0.2, 0.5], i.e. toward data), Adam lr 3e-3 with 100 warmup
+  steps and cosine decay to 5 %, batch 128, 2500 steps, noise scale 1, data scaled to unit std. Sampling more t near
+  noise (the paper's logit-normal(0.8, 0.8), wider P_std, 10-25 % uniform (t, r)) made every cell worse at this
+  budget: the 1-NFE map collapsed toward the posterior mean. Fewer steps than ~2000 leave x-prediction's outer arm
+  smeared.
+
+Metrics (2-D, N = num_samples points each):
+
+* ``distance``: sliced Wasserstein-2 with 256 fixed random directions (seed 1234): both point sets are projected on
+  each direction and sorted; W2^2 is the mean squared difference of the sorted projections; ``distance = sqrt(mean
+  over directions of W2^2)``. ``floor``: the same between two independent true samples (a perfect sampler).
+  ``noise_distance``: the same for the projected prior itself, N(0, I_2): what a model that learned nothing scores.
+  Sliced W2 only sees 1-D marginals, so a unit Gaussian blob scores only ~6x the floor on the unit-std Swiss roll.
+* ``nn_distance``: mean distance from each sample to its nearest held-out point (``nn_floor`` for true data):
+  structure-sensitive, it separates samples on the roll from a blob.
+* ``off_manifold``: mean norm of the component of the D-dim samples orthogonal to the data plane.
+* ``final_loss``: raw per-coordinate MSE of V against the target (``loss_u``), mean over the last 10 % of steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -43,7 +66,7 @@ from pmf.sampler import sample
 
 __all__ = [
     "DATASETS", "ToyDataset", "get_dataset", "embedding_matrix", "embed", "project", "off_manifold",
-    "sliced_w2", "ToyMLP", "ToyConfig", "PRESETS", "train_toy", "sample_toy", "true_samples", "run_toy", "toy_main",
+    "sliced_w2", "nn_distance", "ToyMLP", "ToyConfig", "PRESETS", "build_toy_model", "train_toy", "sample_toy", "true_samples", "run_toy", "toy_main",
 ]
 
 
@@ -150,6 +173,13 @@ def sliced_w2(a, b, num_directions: int = NUM_DIRECTIONS, seed: int = _DIRECTION
     return float((pa - pb).pow(2).mean(0).mean().sqrt())
 
 
+def nn_distance(samples, reference, chunk: int = 1024) -> float:
+    """Mean Euclidean distance from each sample to its nearest reference point (a precision-like number: it is
+    large for samples off the data, e.g. a Gaussian blob, even when the sliced W2 of the blob is moderate)."""
+    a, b = torch.as_tensor(np.asarray(samples), dtype=torch.float64), torch.as_tensor(np.asarray(reference), dtype=torch.float64)
+    return float(torch.cat([torch.cdist(a[i:i + chunk], b).min(1).values for i in range(0, len(a), chunk)]).mean())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The network
 
@@ -171,7 +201,7 @@ class ToyMLP(nn.Module):
     """
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 7, num_classes: int = 0, prediction: str = "x",
-                 v_head: bool = True, embed_t: bool = True, num_freqs: int = 6, label_dim: int = 16,
+                 v_head: bool = True, embed_t: bool | str = False, num_freqs: int = 3, label_dim: int = 16,
                  omega_max: float = 1.0, noise_scale: float = 1.0, sigma_data: float = 0.5):
         super().__init__()
         if depth < 2:
@@ -181,29 +211,42 @@ class ToyMLP(nn.Module):
         self.num_classes, self.prediction, self.has_v_head, self.embed_t = num_classes, prediction, v_head, embed_t
         self.num_freqs, self.omega_max, self.noise_scale, self.sigma_data = num_freqs, omega_max, noise_scale, sigma_data
         self.y_embedder = nn.Embedding(num_classes + 1, label_dim)
-        n_scalars = 5 if embed_t else 4  # (t,) h, 1 - 1/omega, t_min, t_max
-        in_dim = dim + n_scalars * (1 + 2 * num_freqs) + label_dim
+        if embed_t not in (True, False, "raw"):
+            raise ValueError(f"embed_t must be True (Fourier features), 'raw' (t as one scalar) or False")
+        t_dim = {True: 1 + 2 * num_freqs, "raw": 1, False: 0}[embed_t]
+        in_dim = dim + t_dim + 4 * (1 + 2 * num_freqs) + label_dim  # z, (t), h, 1 - 1/omega, t_min, t_max, y
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU()]
         for _ in range(depth - 2):
             layers += [nn.Linear(hidden, hidden), nn.ReLU()]
-        self.trunk = nn.Sequential(*layers)
+        self.layers = nn.Sequential(*layers)
         self.u_out = nn.Linear(hidden, dim)
         self.v_out = nn.Linear(hidden, dim) if v_head else None
 
-    def features(self, z, t, h, omega, t_min, t_max, y) -> torch.Tensor:
+    # The same pieces as PMFDiT (trunk / head / to_velocity), so the objective's lean path runs on the MLP too.
+    def trunk(self, z, t, h, omega, t_min, t_max, y) -> torch.Tensor:
+        """Shared features (B, hidden) of [c_in z | Fourier((t,) h, 1 - 1/omega, t_min, t_max) | label embedding]."""
         c_in, _, _ = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
-        scalars = ([t] if self.embed_t else []) + [h, 1 - 1 / omega, t_min, t_max]
-        cond = [fourier_features(s, self.num_freqs) for s in scalars] + [self.y_embedder(y)]
-        return self.trunk(torch.cat([c_in[:, None] * z] + cond, dim=1))
+        cond = [fourier_features(s, self.num_freqs) for s in (h, 1 - 1 / omega, t_min, t_max)]
+        if self.embed_t == "raw":
+            cond.append(t.float()[:, None])
+        elif self.embed_t:
+            cond.append(fourier_features(t, self.num_freqs))
+        cond.append(self.y_embedder(y))
+        return self.layers(torch.cat([c_in[:, None] * z] + cond, dim=1))
+
+    def head(self, trunk_out: torch.Tensor, which: str = "u") -> torch.Tensor:
+        """Raw output (B, D) of the u- or v-head's last linear layer."""
+        return (self.u_out if which == "u" else self.v_out)(trunk_out)
 
     def to_velocity(self, z, t, out):
+        """Raw head output -> velocity, through the one x -> u place (:func:`pmf.model.velocity_from_output`)."""
         _, c_skip, c_out = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
         return velocity_from_output(z, t, out, c_skip, c_out, self.prediction)
 
     def forward(self, z, t, h, omega, t_min, t_max, y, heads: str = "uv"):
-        f = self.features(z, t, h, omega, t_min, t_max, y)
-        u = self.to_velocity(z, t, self.u_out(f)) if "u" in heads else None
-        v = self.to_velocity(z, t, self.v_out(f)) if ("v" in heads and self.has_v_head) else None
+        s = self.trunk(z, t, h, omega, t_min, t_max, y)
+        u = self.to_velocity(z, t, self.head(s, "u")) if "u" in heads else None
+        v = self.to_velocity(z, t, self.head(s, "v")) if ("v" in heads and self.has_v_head) else None
         return u, v
 
 
@@ -215,32 +258,42 @@ class ToyMLP(nn.Module):
 class ToyConfig:
     """Everything a toy run depends on besides (dim, prediction, dataset, seed)."""
 
-    steps: int = 4000
-    batch_size: int = 256
-    lr: float = 1e-3
+    steps: int = 2500
+    batch_size: int = 128
+    lr: float = 3e-3
+    adam_b2: float = 0.999
     lr_min_frac: float = 0.05  # cosine decay from lr to lr * lr_min_frac
     warmup: int = 100
+    ema: float = 0.0  # EMA decay of the weights used for sampling (0: sample with the trained weights)
+    grad_clip: float = 0.0  # max global grad norm (0: off)
     hidden: int = 256
     depth: int = 7
-    embed_t: bool = True
+    embed_t: bool | str = False  # True: Fourier features of t; "raw": t as one scalar; False: t not embedded
+    num_freqs: int = 3
     conditional: bool = False  # class-conditional variant (labels = arm / mode / square)
     num_samples: int = 2000  # 1-NFE samples and held-out data points (each)
     # objective (pmf.objective.ObjectiveConfig fields); guidance off and no class dropout for the unconditional toy
-    P_mean: float = 0.0
-    P_std: float = 1.0
+    P_mean: float = -0.7  # logit-normal(-0.7, 0.5): t mostly in [0.2, 0.5], see the module docstring
+    P_std: float = 0.5
     data_proportion: float = 0.5
+    time_region: str = "full"
+    tr_uniform: float = 0.0
     noise_scale: float = 1.0
     use_v_head: bool = True
+    tangent: str = "predicted"
+    norm_p: float = 1.0
 
     def objective(self) -> ObjectiveConfig:
         return ObjectiveConfig(P_mean=self.P_mean, P_std=self.P_std, data_proportion=self.data_proportion,
+                               time_region=self.time_region, tr_uniform=self.tr_uniform,
+                               tangent=self.tangent, norm_p=self.norm_p,
                                noise_scale=self.noise_scale, guidance=False,
                                class_drop=0.1 if self.conditional else 0.0, use_v_head=self.use_v_head)
 
 
 PRESETS = {
     "quick": ToyConfig(),
-    "paper": ToyConfig(steps=20000, batch_size=512, num_samples=5000),
+    "paper": ToyConfig(steps=10000, batch_size=256, lr=2e-3, num_samples=5000),  # ~8x the compute of "quick"
 }
 
 
@@ -254,7 +307,7 @@ def _lr_factor(step: int, cfg: ToyConfig) -> float:
 def build_toy_model(dim: int, prediction: str, cfg: ToyConfig, num_classes: int = 0, seed: int = 0) -> ToyMLP:
     torch.manual_seed(seed)
     return ToyMLP(dim, cfg.hidden, cfg.depth, num_classes=num_classes, prediction=prediction,
-                  v_head=cfg.use_v_head, embed_t=cfg.embed_t, noise_scale=cfg.noise_scale)
+                  v_head=cfg.use_v_head, embed_t=cfg.embed_t, num_freqs=cfg.num_freqs, noise_scale=cfg.noise_scale)
 
 
 def train_toy(dim: int, prediction: str, cfg: ToyConfig, dataset: str = "swiss_roll", seed: int = 0,
@@ -267,8 +320,9 @@ def train_toy(dim: int, prediction: str, cfg: ToyConfig, dataset: str = "swiss_r
     P = embedding_matrix(dim, seed)
     net = build_toy_model(dim, prediction, cfg, num_classes, seed)
     obj = cfg.objective()
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, cfg.adam_b2))
     g = torch.Generator().manual_seed(seed)
+    ema = copy.deepcopy(net).requires_grad_(False) if cfg.ema > 0 else None
     history = []
     for step in range(cfg.steps):
         for group in opt.param_groups:
@@ -277,12 +331,18 @@ def train_toy(dim: int, prediction: str, cfg: ToyConfig, dataset: str = "swiss_r
         loss, m = pmf_loss(net, embed(x2, P), labels if cfg.conditional else None, obj, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
+        if ema is not None:
+            with torch.no_grad():
+                for pe, pn in zip(ema.parameters(), net.parameters()):
+                    pe.lerp_(pn, 1 - cfg.ema)
         history.append({k: float(v) for k, v in m.items()})
         if log_every and (step % log_every == 0 or step == cfg.steps - 1):
             print(f"  [{prediction}-pred D={dim}] step {step:5d} " +
                   " ".join(f"{k}={v:.4f}" for k, v in history[-1].items()), flush=True)
-    return net, P, history
+    return (ema if ema is not None else net), P, history
 
 
 @torch.no_grad()
@@ -330,7 +390,10 @@ def _plot(records, samples, truth, dims, predictions, path: Path, dataset: str):
             ax.set_yticks([])
             ax.set_title(f"{pred}-pred, D={D}\nSW2 {rec['distance']:.3f} ({rec['distance'] / rec['floor']:.1f}x floor)",
                          fontsize=9)
-    fig.suptitle(f"pMF toy ({dataset}): 1-NFE samples projected to 2-D (grey: held-out data)", fontsize=10)
+    noise = records[0]["noise_distance"]
+    fig.suptitle(f"pMF toy ({dataset}): 1-NFE samples projected to 2-D (grey: held-out data). Sliced W2 floor "
+                 f"{records[0]['floor']:.3f}; the prior itself scores {noise:.3f} ({noise / records[0]['floor']:.1f}x)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -348,6 +411,9 @@ def run_toy(out_dir, preset: str = "quick", dims=(2, 8, 16, 512), predictions=("
     out.mkdir(parents=True, exist_ok=True)
     truth, truth_labels, truth2 = true_samples(dataset, cfg.num_samples, seed)
     floor = sliced_w2(truth, truth2)
+    nn_floor = nn_distance(truth2, truth)
+    prior = cfg.noise_scale * torch.randn(cfg.num_samples, 2, generator=torch.Generator().manual_seed(50_000 + seed))
+    noise_distance = sliced_w2(prior, truth)  # the 2-D projection of the prior itself: "learned nothing"
     np.save(out / "true_heldout.npy", truth.numpy())
     records, samples = [], {}
     for pred in predictions:
@@ -361,7 +427,8 @@ def run_toy(out_dir, preset: str = "quick", dims=(2, 8, 16, 512), predictions=("
             tail = hist[-max(1, len(hist) // 10):]  # final_*: averaged over the last 10 % of steps
             rec = {
                 "dim": D, "prediction": pred, "dataset": dataset, "seed": seed,
-                "distance": sliced_w2(x2, truth), "floor": floor,
+                "distance": sliced_w2(x2, truth), "floor": floor, "noise_distance": noise_distance,
+                "nn_distance": nn_distance(x2, truth), "nn_floor": nn_floor,
                 "off_manifold": off_manifold(xD, P),
                 "final_loss": float(np.mean([h["loss_u"] for h in tail])),
                 "final_loss_v": float(np.mean([h.get("loss_v", float("nan")) for h in tail])),
@@ -375,7 +442,8 @@ def run_toy(out_dir, preset: str = "quick", dims=(2, 8, 16, 512), predictions=("
             np.save(out / f"samples_{pred}_{D}.npy", x2.numpy())
             if verbose:
                 print(f"{pred}-pred D={D:4d}: SW2 {rec['distance']:.4f} (floor {floor:.4f}, {rec['ratio']:.2f}x) "
-                      f"off-manifold {rec['off_manifold']:.4f} loss_u {rec['final_loss']:.4f} "
+                      f"nn {rec['nn_distance']:.4f} (floor {nn_floor:.4f}) off-manifold {rec['off_manifold']:.4f} "
+                      f"loss_u {rec['final_loss']:.4f} "
                       f"{rec['seconds']:.1f}s", flush=True)
     meta = {"preset": preset, "config": asdict(cfg), "objective": asdict(cfg.objective()), "dataset": dataset,
             "seed": seed, "metric": f"sliced W2 in 2-D, {NUM_DIRECTIONS} random directions (seed {_DIRECTION_SEED})",
@@ -389,10 +457,12 @@ def toy_cli(out, preset: str = "quick", dims=(2, 8, 16, 512), dataset: str = "sw
             steps: int | None = None) -> list[dict]:
     """Run the study and print the table."""
     records = run_toy(out, preset, tuple(int(d) for d in dims), dataset=dataset, seed=seed, steps=steps)
-    print(f"{'dim':>5} {'pred':>4} {'distance':>9} {'floor':>7} {'ratio':>6} {'off_manifold':>12}")
+    print(f"{'dim':>5} {'pred':>4} {'distance':>9} {'floor':>7} {'ratio':>6} {'nn_dist':>8} {'off_manifold':>12} "
+          f"{'final_loss':>10}")
     for r in records:
         print(f"{r['dim']:5d} {r['prediction']:>4} {r['distance']:9.4f} {r['floor']:7.4f} {r['ratio']:6.2f} "
-              f"{r['off_manifold']:12.4f}")
+              f"{r['nn_distance']:8.4f} {r['off_manifold']:12.4f} {r['final_loss']:10.4f}")
+    print(f"prior noise projected to 2-D: distance {records[0]['noise_distance']:.4f}; nn floor {records[0]['nn_floor']:.4f}")
     print(f"wrote {Path(out) / 'toy.png'} and {Path(out) / 'metrics.json'}")
     return records
 

@@ -102,18 +102,21 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device) -
     params = [p for p in net.parameters() if p.grad is not None]
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in sums.values())
-    if finite:
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    # Metrics are averaged over ranks for logging only (the decision above uses all-reduced gradients).
+    # Metrics averaged over ranks (a non-finite value on any rank makes the mean non-finite).
     keys = sorted(sums)
     vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
     if dist.world_size() > 1:
         vals = vals.to(device)
         torch.distributed.all_reduce(vals)
         vals = vals.cpu() / world
-    return StepResult(dict(zip(keys, vals.tolist())), finite, grad_norm)
+    metrics = dict(zip(keys, vals.tolist()))
+    # Decided on all-reduced values only, so every rank skips or steps together (rank-local metrics would let one
+    # replica skip a step the others take).
+    finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())
+    if finite:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return StepResult(metrics, finite, grad_norm)
 
 
 @torch.no_grad()
@@ -269,6 +272,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
                                           "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total}, step)
         dist.barrier()
 
+    def skipped_files() -> int:
+        # Unreadable ImageFolder files this process met (each warned about once); rank 0's count on N processes.
+        return data.num_skipped if isinstance(data, ImageFolderDataset) else 0
+
     def grid(tag):
         if dist.is_main():
             which = cfg.sample.ema
@@ -288,10 +295,13 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
 
         pbar = tqdm(total=total_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True, smoothing=0.05)
     stop_reason = "done"
+    res = None  # stays None when a finished run is rerun (the loop body never runs)
     t_loop, nimg_loop, window = time.time(), nimg, []
     it = iter(loader)
     while nimg < total_nimg:
-        if minutes is not None and time.time() - t_start > minutes * 60:
+        # Wall clocks differ across ranks: decide together, or one rank stops while the others wait in a collective.
+        time_up = minutes is not None and time.time() - t_start > minutes * 60
+        if dist.all_reduce_scalar(float(time_up), "max") > 0:
             stop_reason = "time budget"
             break
         images_u8, labels = next(it)
@@ -319,7 +329,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
             rec = {"kimg": nimg / 1000, "step": step, **res.metrics, "loss_avg": sum(window) / len(window),
                    "grad_norm": res.grad_norm, "lr": opt.param_groups[0]["lr"],
                    "img_per_s": (nimg - nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": nonfinite_total,
-                   "time_s": time.time() - t_start}
+                   "skipped_files": skipped_files(), "time_s": time.time() - t_start}
             logger.log(rec)
             window, next_log = [], next_log + cfg.train.log_every_kimg * 1000
         if world > 1 and cfg.train.consistency_check and nimg >= next_check:
@@ -328,7 +338,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         if nimg >= next_grid:
             grid(f"{nimg // 1000:06d}kimg")
             next_grid += cfg.train.sample_every_kimg * 1000
-        if nimg >= next_ckpt or time.time() - last_ckpt_time > cfg.train.ckpt_every_minutes * 60:
+        ckpt_due = nimg >= next_ckpt or time.time() - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
+        if dist.all_reduce_scalar(float(ckpt_due), "max") > 0:  # checkpoint() ends in a barrier: all ranks or none
             checkpoint()
             last_ckpt_time = time.time()
             next_ckpt = nimg + cfg.train.ckpt_every_kimg * 1000
@@ -340,7 +351,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         export_all(net, ema, run_dir, kwargs, cfg, nimg)
     logger.close()
     summary.update({"kimg": nimg / 1000, "step": step, "stop_reason": stop_reason, "nonfinite_total": nonfinite_total,
-                    "seconds": time.time() - t_start, "last_metrics": res.metrics if step else {}})
+                    "skipped_files": skipped_files(),
+                    "seconds": time.time() - t_start, "last_metrics": res.metrics if res is not None else {}})
     if dist.is_main():
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.print0(f"stopped ({stop_reason}) at {nimg / 1000:.1f} kimg, step {step}; grid {run_dir / 'samples-latest.png'}")

@@ -1,0 +1,293 @@
+"""Evaluation: Frechet distance math, streamed moments, class-balanced labels, seed-stable generation, and the
+Fashion-MNIST classifier metric (fast smoke tests; the real classifier training is marked slow).
+
+Covariances use ddof = 1 throughout (FeatureStats, np.cov default)."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+
+from pmf import classifier as clf
+from pmf.evaluate import (FeatureStats, batches, class_balanced_labels, compute_stats, frechet_distance, generate,
+                          to_uint8)
+from pmf.model import PMFDiT, build_model
+from pmf.sampler import noise_from_seeds
+
+
+@pytest.fixture(autouse=True)
+def one_thread(request):
+    """Tiny tensors: one intra-op thread is faster and immune to OpenMP spin-waits on a shared 2-core machine.
+    The slow test keeps the default (its timing is the one users see)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def random_spd(rng, d, cond=10.0):
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    return (q * np.geomspace(1.0, cond, d)) @ q.T
+
+
+def fd_scipy(mu1, s1, mu2, s2):
+    covmean = scipy.linalg.sqrtm(s1 @ s2)
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean.real))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Frechet distance
+
+
+def test_fd_of_a_set_with_itself_is_zero():
+    feats = torch.randn(3000, 32, dtype=torch.float64) @ torch.randn(32, 32, dtype=torch.float64) + 3.0
+    mu, sigma = FeatureStats(32).update(feats).mean_cov()
+    assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-8 * np.trace(sigma)
+
+
+def test_fd_closed_form_commuting_covariances():
+    # S1 = Q diag(a) Q^T and S2 = Q diag(b) Q^T commute: tr(S1 + S2 - 2 (S1^1/2 S2 S1^1/2)^1/2) = sum (a^.5 - b^.5)^2
+    rng = np.random.default_rng(0)
+    d = 16
+    a, b = rng.uniform(0.1, 4.0, d), rng.uniform(0.1, 4.0, d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    assert frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-12)
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    s1, s2 = (q * a) @ q.T, (q * b) @ q.T
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+
+
+@pytest.mark.parametrize("d", [2, 10, 64])
+def test_fd_agrees_with_scipy_sqrtm_on_random_spd(d):
+    rng = np.random.default_rng(d)
+    mu1, mu2 = rng.standard_normal(d), rng.standard_normal(d)
+    s1, s2 = random_spd(rng, d), random_spd(rng, d, cond=100.0)
+    ours = frechet_distance(mu1, s1, mu2, s2)
+    assert ours == pytest.approx(fd_scipy(mu1, s1, mu2, s2), rel=1e-9, abs=1e-9)
+    assert ours == pytest.approx(frechet_distance(mu2, s2, mu1, s1), rel=1e-9)  # symmetric
+    assert ours > 0
+
+
+def test_fd_handles_singular_covariances():
+    # rank-deficient covariances (dead ReLU units, n < dim) stay finite and real; a PSD-consistent answer
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((20, 50))  # 20 samples in 50-d: rank 19
+    y = rng.standard_normal((20, 50)) + 0.5
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    fd = frechet_distance(x.mean(0), s1, y.mean(0), s2)
+    assert np.isfinite(fd) and fd > 0
+    assert abs(frechet_distance(x.mean(0), s1, x.mean(0), s1)) < 1e-8 * np.trace(s1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Streaming statistics
+
+
+def test_streamed_stats_equal_one_shot_numpy():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((1000, 12)) * rng.uniform(0.5, 5, 12) + rng.uniform(-10, 10, 12)
+    stats = FeatureStats(12)
+    for chunk in np.array_split(x, [7, 300, 301, 650]):  # uneven batches, one of size 1
+        stats.update(torch.from_numpy(chunk).float())
+    mu, sigma = stats.mean_cov()
+    xf = torch.from_numpy(x).float().double().numpy()  # the same float32-rounded features
+    np.testing.assert_allclose(mu, xf.mean(0), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sigma, np.cov(xf, rowvar=False, ddof=1), rtol=1e-10, atol=1e-10)
+    assert stats.count == 1000 and mu.dtype == sigma.dtype == np.float64
+
+
+def test_merge_state_dict_and_all_reduce_noop():
+    x = torch.randn(100, 5)
+    whole = FeatureStats(5).update(x)
+    a, b = FeatureStats(5).update(x[:40]), FeatureStats(5).update(x[40:])
+    torch.testing.assert_close(a.merge(b).buffer, whole.buffer)
+    c = FeatureStats(5)
+    c.load_state_dict(whole.state_dict())
+    before = c.buffer.clone()
+    assert not torch.distributed.is_initialized()
+    c.all_reduce_()  # one process: nothing happens
+    torch.testing.assert_close(c.buffer, before, rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        FeatureStats(5).update(torch.randn(3, 4))
+
+
+def test_all_reduce_in_a_one_process_gloo_group(tmp_path):
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        s = FeatureStats(3).update(torch.randn(10, 3))
+        before = s.buffer.clone()
+        s.all_reduce_()
+        torch.testing.assert_close(s.buffer, before)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_compute_stats_counts_class_accuracy():
+    labels = torch.arange(20) % 4
+    images = torch.zeros(20, 1, 2, 2, dtype=torch.uint8)
+
+    def extractor(imgs, _state={"i": 0}):  # predicts the right class for the first 15 images, class 0 afterwards
+        i0 = _state["i"]
+        _state["i"] += imgs.shape[0]
+        idx = torch.arange(i0, i0 + imgs.shape[0])
+        pred = torch.where(idx < 15, idx % 4, torch.zeros_like(idx))
+        return torch.randn(imgs.shape[0], 3), torch.nn.functional.one_hot(pred, 4).float()
+
+    stats = compute_stats(batches(images, labels, batch_size=6), extractor)
+    wrong = int(((torch.arange(15, 20) % 4) != 0).sum())
+    assert stats.count == 20 and stats.class_accuracy() == pytest.approx((20 - wrong) / 20)
+    assert compute_stats(batches(images, None, 6), lambda x: torch.randn(x.shape[0], 3)).class_accuracy() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels and generation
+
+
+def test_class_balanced_labels():
+    y = class_balanced_labels(50_000, 1000)
+    assert y.dtype == torch.int64 and y.shape == (50_000,)
+    assert torch.equal(torch.bincount(y), torch.full((1000,), 50))
+    assert class_balanced_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_to_uint8():
+    x = torch.tensor([-2.0, -1.0, -0.999, 0.0, 1.0, 3.0])
+    assert to_uint8(x).tolist() == [0, 0, 0, 128, 255, 255]  # 127.5 rounds half to even -> 128
+
+
+def randomised(net, seed=0, scale=0.3):
+    """Perturb every parameter: the zero-init gates and final layer would otherwise make x_theta = 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+    return net.eval()
+
+
+def test_generate_noise_is_bitwise_independent_of_batch_size():
+    # what generate feeds the sampler for sample i: noise from seed * 10**7 + i, whatever the batching
+    seeds = [3 * 10**7 + i for i in range(6)]
+    whole = noise_from_seeds(seeds, (1, 8, 8), 2.0)
+    parts = torch.cat([noise_from_seeds(seeds[:1], (1, 8, 8), 2.0), noise_from_seeds(seeds[1:], (1, 8, 8), 2.0)])
+    assert torch.equal(whole, parts)
+
+
+def test_generate_is_independent_of_batch_size_and_ranks():
+    net = randomised(build_model("pMF-tiny", v_head=False))
+    kw = dict(net=net, n=11, num_classes=3, shape=(1, 8, 8), noise_scale=1.0, num_steps=2, omega=1.5,
+              t_min=0.0, t_max=1.0, seed=3)
+
+    def run(**extra):
+        out = list(generate(**kw, **extra))
+        return torch.cat([x for x, _ in out]), torch.cat([y for _, y in out])
+
+    x_ref, y_ref = run(batch_size=11)
+    assert x_ref.dtype == torch.uint8 and x_ref.shape == (11, 1, 8, 8)
+    assert y_ref.tolist() == [i % 3 for i in range(11)]
+    assert x_ref.float().std() > 5  # non-trivial images
+
+    def same(a, b):
+        # The noise is bitwise the same (per-sample generators); the network's float output may differ in the last
+        # bits between batch sizes (BLAS kernels and memory alignment vary), which can flip a pixel's uint8 rounding.
+        d = (a.int() - b.int()).abs()
+        return d.max() <= 1 and (d > 0).float().mean() < 0.01
+
+    for bs in (1, 4):
+        x, y = run(batch_size=bs)
+        assert same(x, x_ref) and torch.equal(y, y_ref)
+    # two ranks: rank r gets indices r, r + 2, ...; together they are the 1-process set
+    x0, y0 = run(batch_size=3, rank=0, world_size=2)
+    x1, y1 = run(batch_size=3, rank=1, world_size=2)
+    assert same(x0, x_ref[0::2]) and same(x1, x_ref[1::2])
+    assert torch.equal(y0, y_ref[0::2]) and torch.equal(y1, y_ref[1::2])
+    kw["seed"] = 4
+    assert not torch.equal(run(batch_size=11)[0], x_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST classifier (synthetic data in the fast tests)
+
+
+def synthetic(n, seed=0):
+    """Class-dependent blobs so that a couple of steps of training see a signal; uint8 (n, 1, 28, 28), labels."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    base = torch.rand(10, 1, 28, 28, generator=g) * 255
+    x = (base[y] + 40 * torch.randn(n, 1, 28, 28, generator=g)).clamp(0, 255).to(torch.uint8)
+    return x, y
+
+
+def test_classifier_shapes_and_cache_round_trip(tmp_path):
+    data = (*synthetic(512), *synthetic(128, seed=1))
+    model, info = clf.get_fmnist_classifier(tmp_path, data=data, epochs=1, max_steps=3, batch_size=64)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"{clf.CACHE_NAME}.json", f"{clf.CACHE_NAME}.pt"]  # no temp files left behind
+    assert 0.0 <= info["test_accuracy"] <= 1.0 and info["steps"] == 3
+    assert json.loads((tmp_path / f"{clf.CACHE_NAME}.json").read_text())["test_accuracy"] == info["test_accuracy"]
+    feats, logits = model.features_and_logits(data[2][:5])
+    assert feats.shape == (5, 256) and logits.shape == (5, 10) and (feats >= 0).all()
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    loaded, info2 = clf.get_fmnist_classifier(tmp_path, train_if_missing=False)
+    assert info2 == info
+    f2, l2 = loaded.features_and_logits(data[2][:5])
+    torch.testing.assert_close(f2, feats, rtol=0, atol=0)
+    torch.testing.assert_close(l2, logits, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError):
+        clf.get_fmnist_classifier(tmp_path / "empty", train_if_missing=False)
+    with pytest.raises(TypeError):
+        model.features_and_logits(data[2][:5].float())
+
+
+def test_blur_and_noise_transforms():
+    x = torch.arange(16, dtype=torch.uint8).view(1, 1, 4, 4) * 10
+    b = clf.blur2x(x)
+    assert b.dtype == torch.uint8 and b.shape == x.shape
+    assert b[0, 0, :2, :2].unique().tolist() == [round((0 + 10 + 40 + 50) / 4)]  # 2x2 mean, nearest upsample
+    n = clf.add_noise(torch.full((1, 1, 28, 28), 128, dtype=torch.uint8), 0.1)
+    assert abs((n.float() / 127.5 - 1).std().item() - 0.1) < 0.02 and torch.equal(n, clf.add_noise(
+        torch.full((1, 1, 28, 28), 128, dtype=torch.uint8), 0.1))
+
+
+def test_fmnist_metrics_smoke(monkeypatch):
+    # random-weight CNN, random-weight 28x28 pMF, synthetic "Fashion-MNIST": checks keys, plumbing and caching
+    fake = {"train": synthetic(64), "test": synthetic(64, seed=1)}
+    monkeypatch.setattr(clf, "_load_fmnist", lambda split: fake[split])
+    torch.manual_seed(0)
+    cnn = clf.FashionCNN().eval()
+    net = randomised(PMFDiT(input_size=28, patch_size=7, in_channels=1, hidden_size=32, depth=2, num_heads=2,
+                            num_classes=10, aux_head_depth=1, bottleneck_dim=8, v_head=False), scale=0.05)
+    m = clf.fmnist_metrics(net, n=30, steps=(1, 2), omega=1.0, batch_size=16, classifier=(cnn, {"test_accuracy": 0.1}))
+    for k in ("fd_1step", "fd_2step", "class_acc_1step", "class_acc_2step", "fd_floor", "fd_blur2x", "fd_noise0.1"):
+        assert np.isfinite(m[k]), k
+    assert m["classifier_test_accuracy"] == 0.1 and m["n"] == 30
+    assert m["fd_1step"] > m["fd_floor"] >= 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The real classifier (about a minute on 2 CPU cores)
+
+
+@pytest.mark.slow
+def test_real_classifier_accuracy_and_reference_points(tmp_path):
+    try:
+        clf._load_fmnist("test")
+    except Exception as e:  # no local copy and no network
+        pytest.skip(f"Fashion-MNIST unavailable: {e}")
+    t0 = time.perf_counter()
+    model, info = clf.get_fmnist_classifier(tmp_path)
+    print(f"\nclassifier: test accuracy {info['test_accuracy']:.4f}, training {info['train_seconds']:.1f} s "
+          f"(total with evaluation {time.perf_counter() - t0:.1f} s)")
+    assert info["test_accuracy"] >= 0.90
+    t0 = time.perf_counter()
+    ref = clf.reference_points(model.features_and_logits, n=10_000)
+    print(f"reference points (n=10k vs test 10k): {ref}  ({time.perf_counter() - t0:.1f} s)")
+    assert 0 <= ref["floor"] < ref["noise0.1"] and ref["floor"] < ref["blur2x"]
+    assert ref["floor"] < 0.05 * ref["blur2x"]

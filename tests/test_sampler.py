@@ -1,0 +1,144 @@
+"""pmf.sampler: z_r = z_t - (t - r) u(z_t, r, t) (recipe 1.7): identity at t = r, the 1-NFE output is the u-head's
+image output, N steps are N calls of `step` on linspace(1, 0, N + 1), the equivalent interpolation form, per-sample
+seeds independent of the batch, and the guidance-range warning."""
+
+import warnings
+
+import pytest
+import torch
+
+from pmf.model import Block, FinalLayer, build_model
+from pmf.sampler import noise_from_seeds, sample, step
+
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def net():
+    """pMF-tiny in float64, zero-initialised gates / final layers perturbed so x_theta is a non-trivial function."""
+    torch.manual_seed(0)
+    m = build_model("pMF-tiny").double().eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, Block):
+                for p in (mod.attn_scale, mod.mlp_scale):
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=F64))
+            elif isinstance(mod, FinalLayer):
+                for p in (mod.linear.weight, mod.linear.bias):
+                    p.copy_(0.5 * torch.randn(p.shape, generator=g, dtype=F64))
+    return m
+
+
+def _noise(seed=0, B=3):
+    return torch.randn(B, 1, 8, 8, generator=torch.Generator().manual_seed(seed), dtype=F64)
+
+
+def _x_theta(net, z, t, r, y, omega=2.0, t_min=0.0, t_max=1.0):
+    """The u-head's raw image output x_theta(z_t, r, t) = head_u(trunk(z, t, h = t - r, ...)), conditions rounded to
+    float32 as the sampler passes them."""
+    B = z.shape[0]
+
+    def full(v):
+        return torch.full((B,), float(v), dtype=torch.float32).double()
+
+    s = net.trunk(z, full(t), (full(t).float() - full(r).float()).double(), full(omega), full(t_min), full(t_max), y)
+    return net.head(s, "u")
+
+
+Y = torch.tensor([0, 2, 3])  # 3 = num_classes: the null class
+
+
+def test_step_with_t_equal_r_is_identity(net):
+    """z_r = z_t - (t - r) u = z_t exactly when r = t (for any t, including t < 0.05)."""
+    z = _noise()
+    for t in (1.0, 0.5, 0.02):
+        assert torch.equal(step(net, z, t, t, Y, omega=2.0), z)
+
+
+def test_one_step_returns_x_head_output(net):
+    """1-NFE (t = 1, r = 0): z_0 = z_1 - u(z_1, 0, 1) = z_1 - (z_1 - x_theta) / 1 = x_theta(z_1), the u-head's image
+    output at t = 1, h = 1; `sample` with one step gives the same."""
+    z1 = _noise(1)
+    x = _x_theta(net, z1, 1.0, 0.0, Y, omega=2.0, t_min=0.1, t_max=0.7)
+    assert x.abs().max() > 0.1  # non-trivial network
+    out = step(net, z1, 1.0, 0.0, Y, omega=2.0, t_min=0.1, t_max=0.7)
+    torch.testing.assert_close(out, x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sample(net, z1, Y, 1, omega=2.0, t_min=0.1, t_max=0.7), x, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("num_steps", [2, 3])
+def test_n_steps_equal_n_calls_of_step(net, num_steps):
+    """sample(N) == step applied N times on the grid linspace(1, 0, N + 1) (bit-identical); the network is called N
+    times, u-head only, with t = t_k = 1 - k/N and h = 1/N (to float32 rounding)."""
+    z = _noise(2)
+    calls = []
+    hook = net.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append((args[1].clone(), args[2].clone(), kwargs.get("heads"))),
+        with_kwargs=True)
+    try:
+        got = sample(net, z, Y, num_steps, omega=2.0)
+    finally:
+        hook.remove()
+    grid = torch.linspace(1, 0, num_steps + 1)
+    manual = z
+    for k in range(num_steps):
+        manual = step(net, manual, grid[k], grid[k + 1], Y, omega=2.0)
+    assert torch.equal(got, manual)
+    ts = [1 - k / num_steps for k in range(num_steps + 1)]
+    assert len(calls) == num_steps
+    for k, (t, h, heads) in enumerate(calls):
+        torch.testing.assert_close(t.double(), torch.full((3,), ts[k], dtype=F64), rtol=0, atol=1e-6)
+        torch.testing.assert_close(h.double(), torch.full((3,), 1 / num_steps, dtype=F64), rtol=0, atol=1e-6)
+        assert heads == "u"
+
+
+@pytest.mark.parametrize("t,r", [(1.0, 0.5), (0.8, 0.3), (0.5, 0.1), (0.3, 0.29), (0.05, 0.0)])
+def test_step_interpolation_form(net, t, r):
+    """For t >= 0.05, u = (z_t - x_theta)/t, so z_r = z_t - (t - r) u = (r/t) z_t + (1 - r/t) x_theta(z_t, r, t)."""
+    z = _noise(3)
+    x = _x_theta(net, z, t, r, Y)
+    expected = (r / t) * z + (1 - r / t) * x
+    torch.testing.assert_close(step(net, z, t, r, Y, omega=2.0), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_per_sample_seeds_independent_of_batch(net):
+    """noise_from_seeds draws sample i from torch.Generator().manual_seed(seed_i): the noise (and the sampled image)
+    for a seed does not depend on batch size, position, or the other seeds; noise_scale multiplies it."""
+    shape = (1, 8, 8)
+    ref = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (3, 7, 11)}
+    batches = [[3, 7, 11], [11, 3], [7], [3, 3, 7, 11]]
+    labels = {3: 0, 7: 1, 11: 3}
+    images = {}
+    for seeds in batches:
+        noise = noise_from_seeds(seeds, shape, noise_scale=2.0)
+        assert noise.shape == (len(seeds), *shape)
+        for i, s in enumerate(seeds):
+            assert torch.equal(noise[i], 2.0 * ref[s])
+        y = torch.tensor([labels[s] for s in seeds])
+        out = sample(net, noise.double(), y, num_steps=2, omega=2.0)
+        for i, s in enumerate(seeds):
+            images.setdefault(s, []).append(out[i])
+    assert not torch.allclose(images[3][0], images[7][0])
+    for s, imgs in images.items():
+        for img in imgs[1:]:
+            torch.testing.assert_close(img, imgs[0], rtol=1e-10, atol=1e-10)
+
+
+def test_guidance_range_warning(net):
+    """omega > net.omega_max (and omega < 1) warns that the model extrapolates; omega in [1, omega_max] does not."""
+    z = _noise(4, B=1)
+    y = Y[:1]
+    with pytest.warns(UserWarning, match="omega"):
+        sample(net, z, y, 1, omega=net.omega_max + 0.5)
+    with pytest.warns(UserWarning, match="omega"):
+        sample(net, z, y, 1, omega=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for w in (1.0, 2.0, net.omega_max):
+            sample(net, z, y, 1, omega=w)
+
+
+def test_num_steps_zero_raises(net):
+    with pytest.raises(ValueError):
+        sample(net, _noise(), Y, num_steps=0)
