@@ -1,4 +1,5 @@
-"""Evaluation: Frechet distance math, streamed moments, class-balanced labels, seed-stable generation, and the
+"""Evaluation: Frechet distance math, streamed moments, the streamed Inception Score, reference statistics files,
+class-balanced labels, seed-stable generation, the shared evaluation path and the ``pmf eval`` command, and the
 Fashion-MNIST classifier metric (fast smoke tests; the real classifier training is marked slow).
 
 Covariances use ddof = 1 throughout (FeatureStats, np.cov default)."""
@@ -11,9 +12,13 @@ import pytest
 import scipy.linalg
 import torch
 
+from PIL import Image
+
 from pmf import classifier as clf
-from pmf.evaluate import (FeatureStats, batches, class_balanced_labels, compute_stats, frechet_distance, generate,
-                          to_uint8)
+from pmf import evaluate as ev
+from pmf.data import center_crop_adm
+from pmf.evaluate import (FeatureStats, InceptionScoreStats, Metric, batches, class_balanced_labels, compute_stats,
+                          evaluate_generator, frechet_distance, generate, load_ref_stats, save_ref_stats, to_uint8)
 from pmf.model import PMFDiT, build_model
 from pmf.sampler import noise_from_seeds
 
@@ -126,6 +131,10 @@ def test_all_reduce_in_a_one_process_gloo_group(tmp_path):
         before = s.buffer.clone()
         s.all_reduce_()
         torch.testing.assert_close(s.buffer, before)
+        acc = InceptionScoreStats(10, 4).update(torch.randn(10, 4), torch.arange(10))
+        before = acc.buffer.clone()
+        acc.all_reduce_()
+        torch.testing.assert_close(acc.buffer, before)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -145,6 +154,130 @@ def test_compute_stats_counts_class_accuracy():
     wrong = int(((torch.arange(15, 20) % 4) != 0).sum())
     assert stats.count == 20 and stats.class_accuracy() == pytest.approx((20 - wrong) / 20)
     assert compute_stats(batches(images, None, 6), lambda x: torch.randn(x.shape[0], 3)).class_accuracy() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inception Score
+
+
+def is_numpy(logits: np.ndarray, splits: int = 10, seed: int = 2020) -> tuple[float, float]:
+    """The direct computation (as torch-fidelity / the official pipeline): permute with RandomState(seed), softmax,
+    split positions [s N // splits, (s + 1) N // splits), exp(mean KL(p_i || mean p)) per split; mean and std."""
+    n = logits.shape[0]
+    logits = logits[np.random.RandomState(seed).permutation(n)]
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    scores = []
+    for s in range(splits):
+        part = p[s * n // splits : (s + 1) * n // splits]
+        kl = part * (np.log(part) - np.log(part.mean(0, keepdims=True)))
+        scores.append(np.exp(kl.sum(1).mean()))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def test_inception_score_streamed_over_ranks_equals_numpy():
+    rng = np.random.default_rng(3)
+    n, k = 103, 7  # 103 / 10 splits: unequal split sizes
+    logits = rng.standard_normal((n, k)) * 3 + rng.standard_normal(k)
+    expected = is_numpy(logits)
+    # two "ranks" (indices i = r, r + 2, ...), uneven batches, then the all-reduce (a sum, here a merge)
+    parts = []
+    for r in range(2):
+        acc = InceptionScoreStats(n, k)
+        for chunk in torch.arange(r, n, 2).split(9):
+            acc.update(torch.from_numpy(logits[chunk.numpy()]).float(), chunk)
+        parts.append(acc)
+    merged = parts[0].merge(parts[1])
+    assert merged.count == n
+    ours = merged.inception_score()
+    # float32 logits in the stream vs float64 in numpy
+    assert ours[0] == pytest.approx(expected[0], rel=1e-6) and ours[1] == pytest.approx(expected[1], rel=1e-4)
+    with pytest.raises(ValueError):
+        parts[1].inception_score()  # incomplete: half the samples
+
+
+def test_inception_score_uniform_is_one_and_confident_is_k():
+    n, k = 100, 5
+    assert InceptionScoreStats(n, k).update(torch.zeros(n, k), torch.arange(n)).inception_score() == (
+        pytest.approx(1.0, abs=1e-12), pytest.approx(0.0, abs=1e-12))
+    # one-hot predictions, each class used equally often within every split (2 of each of 5 in a split of 10)
+    split = ev.is_split_assignment(n)
+    assert np.bincount(split).tolist() == [10] * 10
+    cls = np.zeros(n, dtype=np.int64)
+    for s in range(10):
+        members = np.flatnonzero(split == s)
+        cls[members] = np.arange(members.size) % k
+    logits = 1e4 * torch.nn.functional.one_hot(torch.from_numpy(cls), k).double()
+    mean, std = InceptionScoreStats(n, k).update(logits, torch.arange(n)).inception_score()
+    assert mean == pytest.approx(k, rel=1e-12) and std == pytest.approx(0.0, abs=1e-9)
+
+
+def test_compute_stats_feeds_the_inception_score_and_skips_accuracy():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (30, 1, 4, 4), dtype=torch.uint8, generator=g)
+    labels = torch.arange(30) % 3
+    proj = torch.randn(16, 6, generator=g)
+
+    def extractor(x):
+        f = x.float().flatten(1) / 255
+        return f, f @ proj
+
+    acc = InceptionScoreStats(30, 6)
+    stats = compute_stats(batches(images, labels, 7), extractor, accuracy=False, inception_score=acc)
+    assert stats.class_accuracy() is None  # the logits' classes are not the labels
+    logits = (images.float().flatten(1) / 255 @ proj).double().numpy()
+    assert acc.inception_score()[0] == pytest.approx(is_numpy(logits)[0], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference statistics
+
+
+def test_ref_stats_npz_round_trip_and_adm_layout(tmp_path):
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((50, 6))
+    mu, sigma = x.mean(0), np.cov(x, rowvar=False)
+    path = save_ref_stats(tmp_path / "ref.npz", mu, sigma, num=50)
+    mu2, sigma2 = load_ref_stats(path)
+    assert mu2.dtype == sigma2.dtype == np.float64
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]
+    # an ADM reference batch: images, mu, sigma, spatial stats (float32)
+    np.savez(tmp_path / "adm.npz", arr_0=np.zeros((2, 4, 4, 3), np.uint8), mu=mu.astype(np.float32),
+             sigma=sigma.astype(np.float32), mu_s=mu, sigma_s=sigma)
+    np.testing.assert_allclose(load_ref_stats(tmp_path / "adm.npz")[1], sigma, rtol=1e-6)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    with pytest.raises(KeyError):
+        load_ref_stats(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError):
+        load_ref_stats(tmp_path / "missing.npz")
+
+
+def test_reference_stats_from_folder_and_npz(tmp_path):
+    """A folder (class subfolders or flat) is ADM center-cropped; an npz is used as stored; ranks split the set."""
+    g = np.random.default_rng(5)
+    arrays = [g.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in [(20, 30), (24, 12), (16, 16), (40, 19)]]
+    for i, a in enumerate(arrays):
+        d = tmp_path / "imgs" / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(d / f"{i}.png")
+    paths = sorted((tmp_path / "imgs").rglob("*.png"))
+    cropped = np.stack([np.asarray(center_crop_adm(Image.open(p).convert("RGB"), 8)) for p in paths])
+    np.savez(tmp_path / "imgs.npz", arr_0=cropped)
+
+    def extractor(x):
+        return x.double().flatten(1)[:, :5]
+
+    want_mu = cropped.transpose(0, 3, 1, 2).reshape(4, -1)[:, :5].astype(np.float64).mean(0)
+    for source in (tmp_path / "imgs", tmp_path / "imgs.npz"):
+        stats = ev.reference_stats(source, extractor, resolution=8, batch_size=3)
+        assert stats.count == 4
+        np.testing.assert_allclose(stats.mean_cov()[0], want_mu, rtol=1e-12)
+        ranks = [compute_stats(ev.image_source_batches(source, 8, 1, rank=r, world_size=2), extractor)
+                 for r in range(2)]
+        torch.testing.assert_close(ranks[0].merge(ranks[1]).buffer, stats.buffer)
+    assert ev.reference_stats(tmp_path / "imgs.npz", extractor, num=2).count == 2
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -212,6 +345,77 @@ def test_generate_is_independent_of_batch_size_and_ranks():
     assert not torch.equal(run(batch_size=11)[0], x_ref)
 
 
+def projection_metric(seed=0, num_logits=4, fd_key="fid", reference=None):
+    """A random-weight extractor on flattened uint8 images: 6 features and ``num_logits`` logits."""
+    g = torch.Generator().manual_seed(seed)
+    wf, wl = torch.randn(64, 6, generator=g), torch.randn(64, num_logits, generator=g)
+
+    def extractor(x):
+        v = x.float().flatten(1) / 127.5 - 1
+        return v @ wf, v @ wl
+
+    rng = np.random.default_rng(seed)
+    reference = reference or (rng.standard_normal(6), random_spd(rng, 6))
+    return Metric(extractor, reference, fd_key, accuracy=False, is_classes=num_logits)
+
+
+def test_evaluate_generator_equals_one_shot_numpy():
+    net = randomised(build_model("pMF-tiny", v_head=False))
+    metric = projection_metric()
+    kw = dict(omega=1.5, t_min=0.0, t_max=1.0, batch_size=5, seed=2)
+    res = evaluate_generator(net, metric, 23, steps=(1, 2), **kw)
+    assert sorted(res) == ["fid_1step", "fid_2step", "is_1step", "is_2step", "is_std_1step", "is_std_2step"]
+    for k in (1, 2):
+        x = torch.cat([b for b, _ in generate(net, 23, 3, (1, 8, 8), 1.0, k, **kw)])  # the same images, kept whole
+        f, logits = (t.double().numpy() for t in metric.extractor(x))
+        fid = frechet_distance(f.mean(0), np.cov(f, rowvar=False), *metric.reference)
+        assert res[f"fid_{k}step"] == pytest.approx(fid, rel=1e-6)
+        mean, std = is_numpy(logits)
+        assert res[f"is_{k}step"] == pytest.approx(mean, rel=1e-6) and res[f"is_std_{k}step"] == pytest.approx(
+            std, rel=1e-4, abs=1e-9)
+    assert res["fid_1step"] != res["fid_2step"]
+
+
+def tiny_run_dir(tmp_path, ema="ema_hl500"):
+    """A run directory as training leaves it: config.json (sample.ema) and export/{ema}.safetensors."""
+    from pmf.checkpoint import export_model
+    from pmf.model import MODELS
+
+    kwargs = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
+    net = randomised(PMFDiT(**kwargs))
+    run = tmp_path / "run"
+    export_model(net, run / "export", kwargs, {"noise_scale": 1.0, "omega": 1.0, "t_min": 0.0, "t_max": 1.0}, ema)
+    (run / "config.json").write_text(json.dumps({"sample": {"ema": ema}}))
+    return run, net
+
+
+def test_cli_eval_inception_path_writes_metrics(tmp_path, monkeypatch):
+    from pmf.cli import build_parser, main
+
+    run, net = tiny_run_dir(tmp_path)
+    metric = projection_metric(seed=1)
+    seen = {}
+
+    def fake_setup(kind, inception, ref_stats, device, batch_size):
+        seen.update(kind=kind, inception=inception, ref_stats=ref_stats)
+        return metric
+
+    monkeypatch.setattr(ev, "setup_metric", fake_setup)
+    argv = ["eval", "--checkpoint", str(run), "--extractor", "inception", "--inception", "w.pth", "--ref-stats",
+            "r.npz", "--num", "20", "--steps", "1", "2", "--omega", "1.0", "--batch-size", "7", "--device", "cpu"]
+    assert main(argv) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert seen == {"kind": "inception", "inception": "w.pth", "ref_stats": "r.npz"}
+    assert m["n"] == 20 and m["steps"] == [1, 2] and m["ema"] == "ema_hl500" and m["extractor"] == "inception"
+    want = evaluate_generator(net, metric, 20, (1, 2), omega=1.0, batch_size=7)
+    for key, value in want.items():
+        assert m[key] == pytest.approx(value, rel=1e-9), key
+    # the demo's defaults: Fashion-MNIST extractor, 1, 2 and 4 steps; the old comma form still parses
+    args = build_parser().parse_args(["eval", "--checkpoint", str(run)])
+    assert args.extractor == "fmnist" and args.steps == ["1", "2", "4"] and args.num is None
+    assert build_parser().parse_args(["eval", "--checkpoint", "x", "--steps", "1,2"]).steps == ["1,2"]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Fashion-MNIST classifier (synthetic data in the fast tests)
 
@@ -269,6 +473,12 @@ def test_fmnist_metrics_smoke(monkeypatch):
         assert np.isfinite(m[k]), k
     assert m["classifier_test_accuracy"] == 0.1 and m["n"] == 30
     assert m["fd_1step"] > m["fd_floor"] >= 0
+    # the same numbers from the shared streaming path, with the extractor injected
+    ref = compute_stats(batches(*fake["test"], 16), cnn.features_and_logits)
+    direct = evaluate_generator(net, Metric(cnn.features_and_logits, ref.mean_cov(), "fd", accuracy=True), 30, (1, 2),
+                                omega=1.0, batch_size=16)
+    for key, value in direct.items():
+        assert m[key] == pytest.approx(value, rel=1e-9), key
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from pmf.data import load_fashion_mnist, to_model_range, to_uint8
-from pmf.evaluate import FeatureStats, batches, compute_stats, generate
+from pmf import dist
+from pmf.evaluate import FeatureStats, Metric, batches, compute_stats, evaluate_generator
 
 CACHE_NAME = "fmnist_cnn_v1"  # bump when the architecture or the training recipe changes
 REFERENCE_N = 10_000
@@ -256,10 +257,20 @@ def reference_points(
     return out
 
 
+def fmnist_extractor_and_reference(device="cpu", batch_size: int = 500, cache_dir=None, classifier=None):
+    """(extractor, reference :class:`FeatureStats` of the full test set, info) of the Fashion-MNIST metric.
+    ``classifier``: (model, info), default :func:`get_fmnist_classifier` (trained and cached on first use)."""
+    model, info = get_fmnist_classifier(cache_dir) if classifier is None else classifier
+    model = model.to(device).eval()
+    test_x, test_y = _load_fmnist("test")
+    reference = compute_stats(batches(test_x, test_y, batch_size), model.features_and_logits)
+    return model.features_and_logits, reference, info
+
+
 def fmnist_metrics(
     net,
     n: int = 10_000,
-    steps=(1, 2),
+    steps=(1, 2, 4),
     omega=1.0,
     t_min=0.0,
     t_max=1.0,
@@ -270,6 +281,8 @@ def fmnist_metrics(
     classifier=None,
     cache_dir=None,
     with_reference_points: bool = True,
+    rank: int | None = None,
+    world_size: int | None = None,
 ) -> dict:
     """Fashion-MNIST quality of a class-conditional 28x28 net: for each number of sampling steps k, the Frechet
     distance of n generated images (class-balanced labels, per-sample seeds; see :func:`pmf.evaluate.generate`) to
@@ -277,25 +290,25 @@ def fmnist_metrics(
     the intended labels (``class_acc_{k}step``); plus the reference points ``fd_floor``, ``fd_blur2x``,
     ``fd_noise0.1`` at the same n (cached in the classifier's JSON after the first computation) and the
     classifier's own test accuracy. ``classifier``: (model, info), default :func:`get_fmnist_classifier`.
+
+    The samples go through :func:`pmf.evaluate.evaluate_generator`, the same streaming path as the Inception FID;
+    under torchrun each rank generates its share and the statistics are all-reduced (rank / world size default to
+    the process group's). Create the classifier cache on rank 0 first (see :func:`get_fmnist_classifier`).
     """
     own = classifier is None
-    model, info = get_fmnist_classifier(cache_dir) if own else classifier
-    model = model.to(device).eval()
-    extractor = model.features_and_logits
-    test_x, test_y = _load_fmnist("test")
-    reference = compute_stats(batches(test_x, test_y, batch_size), extractor)
+    if own:
+        classifier = get_fmnist_classifier(cache_dir)
+    model, info = classifier
+    extractor, reference, _ = fmnist_extractor_and_reference(device, batch_size, classifier=classifier)
+    metric = Metric(extractor, reference.mean_cov(), "fd", accuracy=True)
     out = {"n": n, "classifier_test_accuracy": info.get("test_accuracy")}
-    for k in steps:
-        images = generate(net, n, model.num_classes, (1, 28, 28), noise_scale, k, omega, t_min, t_max, batch_size,
-                          seed=seed, device=device)
-        stats = compute_stats(images, extractor)
-        out[f"fd_{k}step"] = stats.frechet_distance(reference)
-        out[f"class_acc_{k}step"] = stats.class_accuracy()
+    out.update(evaluate_generator(net, metric, n, steps, noise_scale, omega, t_min, t_max, batch_size, seed, device,
+                                  rank, world_size))
     if with_reference_points:
         cached = info.get("reference_points", {}).get(str(n))
         if cached is None:
             cached = reference_points(extractor, n, reference=reference, batch_size=batch_size)
-            if own:  # remember them next to the classifier: they depend on nothing else
+            if own and dist.is_main():  # remember them next to the classifier: they depend on nothing else
                 info.setdefault("reference_points", {})[str(n)] = cached
                 _save_info(info, cache_dir_path(cache_dir))
         out.update({f"fd_{name}": v for name, v in cached.items()})

@@ -84,31 +84,115 @@ def cmd_sample(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from pmf.classifier import fmnist_metrics
+    """Metrics of 1-, 2-, 4-step (``--steps``) samples: the Fashion-MNIST CNN distance and class accuracy (default),
+    or Inception FID and IS against ``--ref-stats``. Runs under torchrun too (generation split over ranks)."""
+    from pmf import dist
+    from pmf.evaluate import evaluate_generator, setup_metric
 
-    net, meta = _load_net(args.checkpoint, args.ema, args.device)
-    omega = args.omega if args.omega is not None else meta.get("omega", 1.0)
-    t_min, t_max = args.interval if args.interval else (meta.get("t_min", 0.0), meta.get("t_max", 1.0))
-    steps = [int(s) for s in args.steps.split(",")]
-    res = fmnist_metrics(net, n=args.num, steps=steps, omega=omega, t_min=t_min, t_max=t_max,
-                         batch_size=args.batch_size, noise_scale=meta.get("noise_scale", 1.0), seed=args.seed)
-    text = json.dumps(res, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    elif Path(args.checkpoint).is_dir() and (Path(args.checkpoint) / "config.json").exists():
-        (Path(args.checkpoint) / "metrics.json").write_text(text + "\n")
+    started = not torch.distributed.is_initialized()
+    dist.init("cuda" if args.device.startswith("cuda") else "cpu")
+    device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
+    try:
+        net, meta = _load_net(args.checkpoint, args.ema, device)
+        omega = args.omega if args.omega is not None else meta.get("omega", 1.0)
+        t_min, t_max = args.interval if args.interval else (meta.get("t_min", 0.0), meta.get("t_max", 1.0))
+        steps = [int(s) for tok in args.steps for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"
+        noise_scale = meta.get("noise_scale", 1.0)
+        if args.extractor == "fmnist":
+            from pmf.classifier import fmnist_metrics, get_fmnist_classifier
+
+            n = args.num or 10_000
+            if dist.is_main():
+                get_fmnist_classifier()  # trains and caches it on first use, before the other ranks read it
+            dist.barrier()
+            res = fmnist_metrics(net, n=n, steps=steps, omega=omega, t_min=t_min, t_max=t_max,
+                                 batch_size=args.batch_size, noise_scale=noise_scale, seed=args.seed, device=device)
+        else:
+            n = args.num or 50_000
+            metric = setup_metric("inception", args.inception, args.ref_stats, device, args.batch_size)
+            res = {"n": n, **evaluate_generator(net, metric, n, steps, noise_scale, omega, t_min, t_max,
+                                                args.batch_size, args.seed, device), **metric.info}
+        run_dir = Path(args.checkpoint)
+        cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        ema = args.ema or cfg.get("sample", {}).get("ema") or "model"
+        res.update({"extractor": args.extractor, "steps": steps, "omega": omega, "t_min": t_min, "t_max": t_max,
+                    "ema": ema, "seed": args.seed})
+        if dist.is_main():
+            text = json.dumps(res, indent=2)
+            print(text)
+            if args.out:
+                Path(args.out).write_text(text + "\n")
+            elif cfg:
+                (run_dir / "metrics.json").write_text(text + "\n")
+    finally:
+        if started:
+            dist.shutdown()
+    return 0
+
+
+def cmd_ref_stats(args) -> int:
+    """Reference statistics (mu, sigma) of real images in the Inception pool features, as an .npz."""
+    from pmf import dist
+    from pmf.evaluate import reference_stats, save_ref_stats
+    from pmf.inception import load_inception
+
+    if not Path(args.images).exists():
+        raise FileNotFoundError(f"--images {args.images} does not exist (an image folder or an .npz of uint8 images)")
+    started = not torch.distributed.is_initialized()
+    dist.init("cuda" if args.device.startswith("cuda") else "cpu")
+    device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
+    try:
+        model = load_inception(args.inception, device=device)
+        stats = reference_stats(args.images, model.features_and_logits, args.resolution, args.batch_size, args.num,
+                                args.workers)
+        mu, sigma = stats.mean_cov()
+        if dist.is_main():
+            save_ref_stats(args.out, mu, sigma, num=stats.count)
+            print(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape} from {stats.count:.0f} images of {args.images}")
+    finally:
+        if started:
+            dist.shutdown()
+    return 0
+
+
+def cmd_guidance_search(args) -> int:
+    """Grid over EMA x interval x omega on --num-search samples, then --num-final samples at the best point."""
+    from pmf import dist
+    from pmf.evaluate import setup_metric
+    from pmf.guidance_search import guidance_search, parse_interval
+
+    started = not torch.distributed.is_initialized()
+    dist.init("cuda" if args.device.startswith("cuda") else "cpu")
+    device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
+    try:
+        intervals = [parse_interval(t) for t in args.intervals]
+        run_dir = Path(args.checkpoint)
+        cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        emas = args.emas or [cfg.get("sample", {}).get("ema") or "model"]
+        _, meta = _load_net(args.checkpoint, emas[0], "cpu")
+        if args.extractor == "fmnist":
+            from pmf.classifier import get_fmnist_classifier
+
+            if dist.is_main():
+                get_fmnist_classifier()  # trains and caches it on first use, before the other ranks read it
+            dist.barrier()
+        metric = setup_metric(args.extractor, args.inception, args.ref_stats, device, args.batch_size)
+        num_final = args.num_final or (10_000 if args.extractor == "fmnist" else 50_000)
+        guidance_search(lambda name: _load_net(args.checkpoint, name, device)[0], metric, emas, args.omegas,
+                        intervals, args.num_search, num_final, args.out, steps=args.steps,
+                        noise_scale=meta.get("noise_scale", 1.0), batch_size=args.batch_size, seed=args.seed,
+                        device=device)
+    finally:
+        if started:
+            dist.shutdown()
     return 0
 
 
 def cmd_toy(args) -> int:
-    from pmf.toy import run_toy
+    from pmf.toy import toy_cli
 
-    dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else None
-    kw = {"preset": args.preset, "dataset": args.dataset, "seed": args.seed}
-    if dims:
-        kw["dims"] = dims
-    run_toy(args.out, **kw)
+    dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else (2, 8, 16, 512)
+    toy_cli(args.out, preset=args.preset, dims=dims, dataset=args.dataset, seed=args.seed, steps=args.steps)
     return 0
 
 
@@ -151,18 +235,54 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="grid.png", help="grid.png, or FILE.npz with --num")
     s.set_defaults(fn=cmd_sample)
 
-    e = sub.add_parser("eval", help="Fashion-MNIST Frechet distance and class accuracy of 1- and 2-step samples")
+    def metric_args(q):
+        q.add_argument("--extractor", default="fmnist", choices=["fmnist", "inception"],
+                       help="fmnist: Fashion-MNIST CNN distance + class accuracy; inception: FID + IS (ImageNet)")
+        q.add_argument("--inception", help="FID Inception weights pt_inception-2015-12-05-6726825d.pth "
+                       "(default: $PMF_INCEPTION)")
+        q.add_argument("--ref-stats", help="reference statistics .npz (mu, sigma) for --extractor inception")
+
+    e = sub.add_parser("eval", help="Frechet distance (Fashion-MNIST CNN, or Inception FID + IS) of 1/2/4-step samples")
     guidance_args(e)
-    e.add_argument("--num", type=int, default=10000)
-    e.add_argument("--steps", default="1,2", help="comma-separated step counts")
+    metric_args(e)
+    e.add_argument("--num", type=int, help="number of samples (default 10000 fmnist, 50000 inception)")
+    e.add_argument("--steps", nargs="+", default=["1", "2", "4"], help="step counts, e.g. --steps 1 2 4")
     e.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/metrics.json)")
     e.set_defaults(fn=cmd_eval)
 
+    r = sub.add_parser("ref-stats", help="Inception reference statistics (mu, sigma) of real images as an .npz")
+    r.add_argument("--images", required=True, help="image folder (ADM center crop) or .npz of uint8 images")
+    r.add_argument("--out", required=True, help="output .npz")
+    r.add_argument("--inception", help="FID Inception weights pt_inception-2015-12-05-6726825d.pth "
+                   "(default: $PMF_INCEPTION)")
+    r.add_argument("--resolution", type=int, default=256, help="center-crop size for an image folder")
+    r.add_argument("--num", type=int, help="use only the first N images (sorted paths / archive order)")
+    r.add_argument("--batch-size", type=int, default=250)
+    r.add_argument("--workers", type=int, default=4, help="image decoding processes for a folder")
+    r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    r.set_defaults(fn=cmd_ref_stats)
+
+    g = sub.add_parser("guidance-search", help="grid over omega x interval x EMA, then the full count at the best")
+    g.add_argument("--checkpoint", required=True, help="run directory or export")
+    metric_args(g)
+    g.add_argument("--omegas", type=float, nargs="+", required=True, help="guidance scales, e.g. 1 2 3 4")
+    g.add_argument("--intervals", nargs="+", default=["0.0,1.0"], help="T_MIN,T_MAX pairs, e.g. 0.0,1.0 0.1,0.8")
+    g.add_argument("--emas", nargs="+", help="EMA copies, e.g. ema_hl500 model (default: the run's sample.ema)")
+    g.add_argument("--num-search", type=int, default=5000, help="samples per grid point")
+    g.add_argument("--num-final", type=int, help="samples at the best point (default 10000 fmnist, 50000 inception)")
+    g.add_argument("--steps", type=int, default=1, help="sampling steps")
+    g.add_argument("--out", required=True, help="output directory (search.json, search.csv, search.png)")
+    g.add_argument("--seed", type=int, default=0, help="search seed; the final run uses seed + 1")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--batch-size", type=int, default=256)
+    g.set_defaults(fn=cmd_guidance_search)
+
     y = sub.add_parser("toy", help="the paper's toy study: x- vs u-prediction as the dimension grows")
     y.add_argument("--out", required=True)
-    y.add_argument("--preset", default="quick", choices=["quick", "paper"])
+    y.add_argument("--preset", default="quick", choices=["quick", "paper"], help="quick: ~5 min on 2 cores")
     y.add_argument("--dims", help="comma-separated ambient dimensions (default 2,8,16,512)")
-    y.add_argument("--dataset", default="swiss_roll")
+    y.add_argument("--dataset", default="swiss_roll", help="swiss_roll | 8gaussians | checkerboard")
+    y.add_argument("--steps", type=int, help="override the preset's number of training steps")
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(fn=cmd_toy)
 

@@ -55,6 +55,15 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (eager fallback on failure)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     consistency_check: bool = True  # check parameters agree across ranks at start and periodically
+    parallel: str = "ddp"  # "ddp": bare module + explicit gradient all-reduce; "fsdp": FSDP2 shards (docs/scale-out.md)
+    fsdp_reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory,
+    # one more all-gather per block in backward); False keeps them until the backward (ZeRO-2-like)
+
+    def __post_init__(self):
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.accum_steps < 1:
+            raise ValueError(f"train.accum_steps must be >= 1, got {self.accum_steps}")
 
 
 @dataclass

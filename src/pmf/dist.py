@@ -5,6 +5,8 @@ Why no DDP wrapper: ``torch.func.jvp`` cannot run through ``DistributedDataParal
 calling the unwrapped ``ddp.module`` inside the JVP silently skips DDP's gradient all-reduce, so each rank would
 train its own replica. We therefore run the bare module and average gradients explicitly
 (:func:`all_reduce_grads`), and check that parameters agree across ranks (:func:`check_consistency`).
+With ``train.parallel=fsdp`` (:mod:`pmf.fsdp`) FSDP2 shards the parameters and reduce-scatters the gradients
+itself; :func:`check_consistency` then compares only the replicated tensors.
 """
 
 from __future__ import annotations
@@ -110,15 +112,29 @@ class ConsistencyError(RuntimeError):
     pass
 
 
+def _is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor with any non-replicated placement (an FSDP2 parameter): each element lives on one rank only."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    return isinstance(t, DTensor) and not all(isinstance(p, Replicate) for p in t.placements)
+
+
 @torch.no_grad()
 def check_consistency(module: torch.nn.Module, what: str = "parameters", atol: float = 0.0) -> None:
     """Raise :class:`ConsistencyError` when any parameter differs across ranks (a broken gradient sync, a rank
-    that skipped a step, different seeds). Compares rank 0's tensors with every rank's, in one collective per
-    parameter group; no-op in one process."""
+    that skipped a step, different seeds). Compares rank 0's tensors with every rank's, one broadcast per parameter
+    plus one all-reduce; no-op in one process.
+
+    Sharded parameters (FSDP2 DTensors) are skipped: they have no replicas to disagree. Run this check *before*
+    ``fully_shard`` (each rank keeps its chunk of its own copy, so differing copies would be mixed silently) and
+    :func:`pmf.fsdp.check_gradients_reduced` after; replicated DTensors are compared through their local tensors."""
     if not dist.is_initialized():
         return
     bad = []
     for name, p in module.named_parameters():
+        if _is_sharded(p):
+            continue
+        p = p.to_local() if hasattr(p, "to_local") else p
         ref = p.detach().clone()
         dist.broadcast(ref, 0)
         diff = (p.detach() - ref).abs().max().item() if p.numel() else 0.0

@@ -11,19 +11,37 @@ Protocol (recipe section 5): class-balanced labels ``y_i = i mod num_classes`` (
 per-sample seeds ``seed * 10**7 + i`` so an image depends on neither batch size nor rank, Frechet distance in
 float64. Multi-process: give each rank ``rank, world_size`` in :func:`generate`, then call
 ``stats.all_reduce_()`` before :meth:`FeatureStats.mean_cov`; in one process that call does nothing.
+:func:`evaluate_generator` does all of this for a list of step counts, and is the one code path behind both the
+Fashion-MNIST metric (:func:`pmf.classifier.fmnist_metrics`) and the ImageNet FID / IS (:func:`setup_metric`).
+
+Inception Score (recipe section 5): 10 splits of a fixed permutation (``np.random.RandomState(2020)``, as the official
+JAX pipeline and torch-fidelity). Rather than keeping every sample's softmax, :class:`InceptionScoreStats` maps each
+sample's *global* index to its split and keeps, per split, the count, sum_i p_i and sum_i sum_k p_ik log p_ik, which
+determine that split's score exactly; so IS streams and all-reduces like the Frechet statistics.
+
+Reference statistics: ``.npz`` files with ``mu`` and ``sigma`` (the ADM / JiT / pMF format; :func:`save_ref_stats`,
+:func:`load_ref_stats`); ``pmf ref-stats`` computes them from an image folder (ADM center crop) or an npz of uint8
+images with the same extractor and preprocessing as the samples.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
+from pmf.data import IMG_EXTENSIONS, center_crop_adm
 from pmf.data import to_uint8  # round(127.5 (x + 1)) clamped to [0, 255]; re-exported here
 from pmf.sampler import noise_from_seeds, sample
 
 SEED_STRIDE = 10**7  # per-sample seed = seed * SEED_STRIDE + index: runs with different `seed` never share noise
+IS_SPLITS = 10  # Inception Score splits (official JAX pipeline, torch-fidelity)
+IS_SEED = 2020  # seed of the fixed permutation that assigns samples to splits (ditto)
 
 Extractor = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
@@ -116,6 +134,84 @@ class FeatureStats:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Streaming Inception Score
+
+
+def is_split_assignment(n: int, splits: int = IS_SPLITS, seed: int = IS_SEED) -> np.ndarray:
+    """(n,) int64: the split of each sample index. As torch-fidelity / the official pipeline: the samples are
+    permuted by ``np.random.RandomState(seed).permutation(n)`` and position q of the permuted array falls in split s
+    when ``s n // splits <= q < (s + 1) n // splits``; sample ``perm[q]`` therefore belongs to that split."""
+    if n < splits:
+        raise ValueError(f"need at least {splits} samples for {splits} Inception Score splits, have {n}")
+    perm = np.random.RandomState(seed).permutation(n)
+    bounds = np.array([s * n // splits for s in range(splits + 1)])
+    split_of_position = np.searchsorted(bounds, np.arange(n), side="right") - 1
+    out = np.empty(n, dtype=np.int64)
+    out[perm] = split_of_position
+    return out
+
+
+class InceptionScoreStats:
+    """Streaming Inception Score over ``n`` samples with global indices 0..n-1, in float64.
+
+    IS_s = exp( mean_{i in s} KL(p_i || pbar_s) ),  pbar_s = mean_{i in s} p_i,  p_i = softmax(logits_i);
+    and since KL(p_i || pbar) = sum_k p_ik log p_ik - sum_k p_ik log pbar_k, averaging over the split gives
+        log IS_s = (1/n_s) sum_i sum_k p_ik log p_ik  -  sum_k pbar_sk log pbar_sk,
+    so per split s the state is [n_s, sum_i sum_k p_ik log p_ik, sum_i p_i (K)]: one float64 buffer (splits, K + 2)
+    that adds across batches and ranks (:meth:`all_reduce_`). The reported score is the mean over splits, with the
+    standard deviation (ddof = 0, as ``np.std``) over splits.
+    """
+
+    def __init__(self, n: int, num_classes: int, splits: int = IS_SPLITS, seed: int = IS_SEED, device="cpu"):
+        self.n, self.num_classes, self.splits = n, num_classes, splits
+        self.split_of = torch.from_numpy(is_split_assignment(n, splits, seed))  # (n,) on CPU
+        self.buffer = torch.zeros(splits, 2 + num_classes, dtype=torch.float64, device=device)
+
+    def update(self, logits: torch.Tensor, indices: torch.Tensor) -> "InceptionScoreStats":
+        """Add a batch: logits (B, K) of the samples with global indices (B,) in [0, n)."""
+        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+            raise ValueError(f"expected logits of shape (B, {self.num_classes}), got {tuple(logits.shape)}")
+        indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+        if indices.numel() != logits.shape[0] or (indices.numel() and not 0 <= int(indices.min()) <= int(
+                indices.max()) < self.n):
+            raise ValueError(f"need one index in [0, {self.n}) per logit row")
+        log_p = torch.log_softmax(logits.detach().to(self.buffer.device, torch.float64), dim=1)  # (B, K)
+        p = log_p.exp()
+        rows = torch.cat([torch.ones_like(p[:, :1]), (p * log_p).sum(1, keepdim=True), p], 1)  # (B, K + 2)
+        self.buffer.index_add_(0, self.split_of[indices].to(self.buffer.device), rows)
+        return self
+
+    def merge(self, other: "InceptionScoreStats") -> "InceptionScoreStats":
+        self.buffer.add_(other.buffer.to(self.buffer.device))
+        return self
+
+    def all_reduce_(self, group=None) -> "InceptionScoreStats":
+        """Sum the state over all processes; a no-op without torch.distributed."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group)
+        return self
+
+    @property
+    def count(self) -> float:
+        return float(self.buffer[:, 0].sum())
+
+    def split_scores(self) -> np.ndarray:
+        """(splits,) IS of each split; all n samples must have been added."""
+        if self.count != self.n:
+            raise ValueError(f"Inception Score needs all {self.n} samples, have {self.count:g}")
+        b = self.buffer.cpu().numpy()
+        n_s, sum_plogp, pbar = b[:, 0], b[:, 1], b[:, 2:] / b[:, :1]
+        neg_entropy = np.sum(np.where(pbar > 0, pbar * np.log(np.where(pbar > 0, pbar, 1.0)), 0.0), axis=1)
+        return np.exp(sum_plogp / n_s - neg_entropy)
+
+    def inception_score(self) -> tuple[float, float]:
+        """(mean, std) over splits."""
+        scores = self.split_scores()
+        return float(np.mean(scores)), float(np.std(scores))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Frechet distance
 
 
@@ -175,8 +271,10 @@ def generate(
     device="cpu",
     rank: int = 0,
     world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Yield (uint8 images (b, *shape), labels (b,)) for sample indices i = rank, rank + world_size, ... < n.
+    return_indices: bool = False,
+) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Yield (uint8 images (b, *shape), labels (b,)) for sample indices i = rank, rank + world_size, ... < n; with
+    ``return_indices`` also the global indices (b,) (what :class:`InceptionScoreStats` needs).
 
     Sample i has label ``i mod num_classes`` and noise ``noise_scale * N(0, I)`` drawn from its own generator seeded
     with ``seed * 10**7 + i``, so every image is a function of (net, seed, i) alone: the same for any batch size
@@ -196,7 +294,7 @@ def generate(
         noise = noise_from_seeds(seeds, tuple(shape), noise_scale, device=device)
         y = labels_all[chunk]
         x = sample(net, noise, y.to(device), num_steps=num_steps, omega=omega, t_min=t_min, t_max=t_max)
-        yield to_uint8(x), y
+        yield (to_uint8(x), y, chunk) if return_indices else (to_uint8(x), y)
 
 
 def batches(images: torch.Tensor, labels: torch.Tensor | None = None, batch_size: int = 500):
@@ -206,20 +304,246 @@ def batches(images: torch.Tensor, labels: torch.Tensor | None = None, batch_size
 
 
 @torch.no_grad()
-def compute_stats(image_iter: Iterable, extractor: Extractor, stats: FeatureStats | None = None) -> FeatureStats:
+def compute_stats(
+    image_iter: Iterable,
+    extractor: Extractor,
+    stats: FeatureStats | None = None,
+    *,
+    accuracy: bool = True,
+    inception_score: InceptionScoreStats | None = None,
+) -> FeatureStats:
     """Fold a stream of uint8 image batches into feature statistics.
 
-    ``image_iter`` yields either ``images`` or ``(images, labels)`` (as :func:`generate` and :func:`batches` do).
-    ``extractor(images)`` returns feats (B, F) or (feats, logits); with logits and labels the stats also count the
-    class accuracy (:meth:`FeatureStats.class_accuracy`). Pass ``stats`` to keep adding to existing statistics.
+    ``image_iter`` yields ``images``, ``(images, labels)`` or ``(images, labels, global indices)`` (as
+    :func:`generate` and :func:`batches` do). ``extractor(images)`` returns feats (B, F) or (feats, logits). With
+    logits and labels and ``accuracy``, the stats also count the class accuracy (:meth:`FeatureStats.class_accuracy`;
+    turn it off where the logits' classes are not the labels', e.g. Inception's 1008 outputs). With logits and an
+    ``inception_score`` accumulator, the logits are added to it under the items' global indices (without indices:
+    their position in this stream, which is only right in one process). Pass ``stats`` to add to existing statistics.
     """
+    position = 0
     for item in image_iter:
-        images, labels = item if isinstance(item, (tuple, list)) else (item, None)
+        if isinstance(item, (tuple, list)):
+            images, labels, indices = (*item, None)[:3]
+        else:
+            images, labels, indices = item, None, None
         out = extractor(images)
         feats, logits = out if isinstance(out, (tuple, list)) else (out, None)
         if stats is None:
             stats = FeatureStats(feats.shape[1], device=feats.device)  # on the features' device: NCCL-ready
-        stats.update(feats, logits, labels)
+        stats.update(feats, logits if accuracy else None, labels)
+        if inception_score is not None:
+            if logits is None:
+                raise ValueError("the Inception Score needs an extractor that returns (feats, logits)")
+            if indices is None:
+                indices = torch.arange(position, position + feats.shape[0])
+            inception_score.update(logits, indices)
+        position += feats.shape[0]
     if stats is None:
         raise ValueError("compute_stats got an empty image stream")
     return stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference statistics (.npz with mu, sigma: the ADM / JiT / pMF format)
+
+
+def save_ref_stats(path, mu: np.ndarray, sigma: np.ndarray, **extra) -> Path:
+    """Write ``mu`` (F,) and ``sigma`` (F, F) in float64 (plus any ``extra`` arrays, e.g. ``num``) to an .npz,
+    atomically."""
+    path = Path(path)
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise ValueError(f"expected mu (F,) and sigma (F, F), got {mu.shape} and {sigma.shape}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")  # np.savez appends .npz to names without it
+    np.savez(tmp, mu=mu, sigma=sigma, **{k: np.asarray(v) for k, v in extra.items()})
+    os.replace(tmp, path)
+    return path
+
+
+def load_ref_stats(path) -> tuple[np.ndarray, np.ndarray]:
+    """(mu (F,), sigma (F, F)) as float64 from an .npz holding ``mu`` and ``sigma`` (ADM reference batches, JiT's
+    ``jit_in256_stats.npz``, pMF's ``imagenet_256_fid_stats.npz``, or :func:`save_ref_stats`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference statistics {path} not found (compute them with `pmf ref-stats`)")
+    with np.load(path) as f:
+        if "mu" not in f or "sigma" not in f:
+            raise KeyError(f"{path} holds {sorted(f.keys())}, not the reference statistics 'mu' and 'sigma'")
+        mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != mu.shape * 2:
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+    return mu, sigma
+
+
+def as_mean_cov(reference) -> tuple[np.ndarray, np.ndarray]:
+    """A reference given as :class:`FeatureStats`, a (mu, sigma) pair or an .npz path -> (mu, sigma)."""
+    if isinstance(reference, FeatureStats):
+        return reference.mean_cov()
+    if isinstance(reference, (str, os.PathLike)):
+        return load_ref_stats(reference)
+    mu, sigma = reference
+    return np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+
+
+def npz_images(path) -> torch.Tensor:
+    """uint8 (N, C, H, W) from an .npz sample archive: key ``images`` (pmf) or ``arr_0`` (ADM), stored as
+    (N, H, W, C) with C = 1 or 3 (or (N, H, W) grey)."""
+    with np.load(path) as f:
+        key = "images" if "images" in f else "arr_0" if "arr_0" in f else None
+        if key is None:
+            raise KeyError(f"{path} holds {sorted(f.keys())}; expected uint8 images under 'images' or 'arr_0'")
+        arr = f[key]
+    if arr.dtype != np.uint8:
+        raise TypeError(f"{path}: images must be uint8, got {arr.dtype}")
+    if arr.ndim == 3:
+        arr = arr[..., None]
+    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: expected images (N, H, W, 1 or 3), got {arr.shape}")
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """Every image file under ``root`` (recursively, sorted: class folders or a flat folder), each ADM
+    center-cropped to ``resolution`` (:func:`pmf.data.center_crop_adm`): uint8 (3, R, R) RGB and its index."""
+
+    def __init__(self, root, resolution: int):
+        self.resolution = int(resolution)
+        self.paths = sorted(str(p) for p in Path(root).rglob("*")
+                            if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+        if not self.paths:
+            raise FileNotFoundError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as im:
+            arr = np.asarray(center_crop_adm(im.convert("RGB"), self.resolution), dtype=np.uint8)
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i
+
+
+def image_source_batches(source, resolution: int | None = 256, batch_size: int = 250, num: int | None = None,
+                         rank: int = 0, world_size: int = 1, num_workers: int = 0):
+    """Yield (uint8 images (b, C, H, W), None, global indices (b,)) for this rank's share (i = rank, rank + world,
+    ...) of the first ``num`` images of ``source``: an .npz of uint8 images (used as stored) or a folder of image
+    files (ADM center crop to ``resolution``, as the training data)."""
+    source = Path(source)
+    if source.is_file():
+        images = npz_images(source)
+        total = images.shape[0] if num is None else min(num, images.shape[0])
+        for chunk in torch.arange(rank, total, world_size).split(batch_size):
+            yield images[chunk], None, chunk
+        return
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source} is neither an image folder nor an .npz file")
+    if resolution is None:
+        raise ValueError("an image folder needs a resolution for the ADM center crop")
+    files = _ImageFiles(source, resolution)
+    total = len(files) if num is None else min(num, len(files))
+    shard = torch.utils.data.Subset(files, list(range(rank, total, world_size)))
+    loader = torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers, shuffle=False)
+    for images, indices in loader:
+        yield images, None, indices
+
+
+def reference_stats(source, extractor: Extractor, resolution: int | None = 256, batch_size: int = 250,
+                    num: int | None = None, num_workers: int = 0, rank: int | None = None,
+                    world_size: int | None = None) -> FeatureStats:
+    """Feature statistics of a real image set (folder or .npz; see :func:`image_source_batches`), split over
+    ranks and all-reduced (the same on every rank)."""
+    from pmf import dist
+
+    rank = dist.rank() if rank is None else rank
+    world_size = dist.world_size() if world_size is None else world_size
+    stream = image_source_batches(source, resolution, batch_size, num, rank, world_size, num_workers)
+    return compute_stats(stream, extractor).all_reduce_()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The metric: an extractor, its reference and what to report
+
+
+@dataclasses.dataclass
+class Metric:
+    """What :func:`evaluate_generator` needs besides the network: the extractor, the reference statistics, the key
+    prefix of the distance (``fd`` for the Fashion-MNIST CNN, ``fid`` for Inception), whether the logits' classes
+    are the labels (class accuracy), and the number of logits to compute the Inception Score from (None: no IS)."""
+
+    extractor: Extractor
+    reference: tuple  # (mu (F,), sigma (F, F)) float64
+    fd_key: str = "fd"
+    accuracy: bool = False
+    is_classes: int | None = None
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+def setup_metric(kind: str = "fmnist", inception=None, ref_stats=None, device="cpu", batch_size: int = 500,
+                 cache_dir=None) -> Metric:
+    """``fmnist``: the cached Fashion-MNIST CNN (:mod:`pmf.classifier`; trained on first use), reference = the test
+    set, key ``fd``, class accuracy on. ``inception``: the FID InceptionV3 from the local file ``inception``
+    (:func:`pmf.inception.load_inception`), reference = the ``ref_stats`` .npz, key ``fid``, plus IS."""
+    if kind == "fmnist":
+        from pmf.classifier import fmnist_extractor_and_reference
+
+        extractor, reference, info = fmnist_extractor_and_reference(device=device, batch_size=batch_size,
+                                                                    cache_dir=cache_dir)
+        return Metric(extractor, reference.mean_cov(), "fd", accuracy=True, info={
+            "classifier_test_accuracy": info.get("test_accuracy")})
+    if kind == "inception":
+        from pmf.inception import NUM_LOGITS, load_inception
+
+        if ref_stats is None:
+            raise ValueError("the Inception metric needs reference statistics: --ref-stats NPZ (mu, sigma; e.g. "
+                             "JiT's jit_in256_stats.npz, pMF's imagenet_256_fid_stats.npz, or `pmf ref-stats`)")
+        model = load_inception(inception, device=device)
+        return Metric(model.features_and_logits, load_ref_stats(ref_stats), "fid", accuracy=False,
+                      is_classes=NUM_LOGITS, info={"ref_stats": str(ref_stats)})
+    raise ValueError(f"unknown extractor {kind!r} (fmnist or inception)")
+
+
+@torch.no_grad()
+def evaluate_generator(
+    net,
+    metric: Metric,
+    n: int,
+    steps=(1,),
+    noise_scale: float = 1.0,
+    omega=1.0,
+    t_min=0.0,
+    t_max=1.0,
+    batch_size: int = 256,
+    seed: int = 0,
+    device="cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+    inception_score: bool = True,
+) -> dict:
+    """For each k in ``steps``: generate n class-balanced samples with k steps (:func:`generate`, this rank's
+    share), stream them through ``metric.extractor``, all-reduce, and report the Frechet distance to
+    ``metric.reference`` as ``{fd_key}_{k}step``, plus ``class_acc_{k}step`` (if ``metric.accuracy``) and
+    ``is_{k}step`` / ``is_std_{k}step`` (if ``metric.is_classes`` and ``inception_score``). The class count and
+    image shape come from ``net`` (``num_classes``, ``in_channels``, ``input_size``). Rank and world size default to
+    the process group's (:mod:`pmf.dist`); every rank returns the same numbers."""
+    from pmf import dist
+
+    rank = dist.rank() if rank is None else rank
+    world_size = dist.world_size() if world_size is None else world_size
+    mu_ref, sigma_ref = as_mean_cov(metric.reference)
+    shape = (net.in_channels, net.input_size, net.input_size)
+    out = {}
+    for k in steps:
+        k = int(k)
+        is_stats = (InceptionScoreStats(n, metric.is_classes, device=device)
+                    if metric.is_classes and inception_score else None)
+        images = generate(net, n, net.num_classes, shape, noise_scale, k, omega, t_min, t_max, batch_size, seed=seed,
+                          device=device, rank=rank, world_size=world_size, return_indices=True)
+        stats = compute_stats(images, metric.extractor, accuracy=metric.accuracy, inception_score=is_stats)
+        stats.all_reduce_()
+        out[f"{metric.fd_key}_{k}step"] = frechet_distance(*stats.mean_cov(), mu_ref, sigma_ref)
+        if metric.accuracy:
+            out[f"class_acc_{k}step"] = stats.class_accuracy()
+        if is_stats is not None:
+            out[f"is_{k}step"], out[f"is_std_{k}step"] = is_stats.all_reduce_().inception_score()
+    return out

@@ -15,11 +15,15 @@ sample's draws depend only on its own seed and its index in the global batch, so
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
 from typing import Callable
 
 import torch
 import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 
 @dataclass
@@ -267,16 +271,120 @@ def u_and_dudt(net, z_t, d: Draws, y, tangent_v, with_v: bool):
     return u, dudt, (aux[0] if aux else None)
 
 
+def _tangent(x):
+    """The forward-mode tangent of ``x`` at the current dual level, or None (not a tensor, or not dual)."""
+    return fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None
+
+
+_MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
+_SUB = {torch.sub, torch.Tensor.sub, torch.Tensor.__sub__}
+_DIV = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__}
+
+
+class ConstantOperandTangents(TorchFunctionMode):
+    """Forward-mode rules for ops with one dual and one constant tensor operand (a weight, a gate, RoPE's cos/sin,
+    a time factor): only the non-zero tangent term is computed, under no_grad.
+
+    PyTorch's generic rules materialise the constant operand's zero tangent and run the full product rule, so a
+    linear layer costs three matmuls instead of two and ``x * w`` three products and an add (measured: the forward-AD
+    pass through trunk + u-head ran at ~1.6x the cost it has with this mode; see benchmarks/README.md). Rules:
+
+        linear(x, W, b): (x W^T + b,  dx W^T)      x * c, x / c: (.,  dx * c, dx / c)
+        x + c, x - c:    (.,  dx)                  c - x: (.,  -dx)
+
+    The tangents are built without autograd history (no_grad): the objective stops gradients through du/dt anyway
+    (a detach), so recording them would only cost time and memory. Use only where tangents are never
+    differentiated. Every other op keeps PyTorch's own rule. Results are bitwise those of the generic rules (the same
+    products, minus the zero ones)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if kwargs or len(args) < 2:
+            return func(*args, **(kwargs or {}))
+        if func is F.linear:
+            x, w, b = args[0], args[1], (args[2] if len(args) > 2 else None)
+            dx = _tangent(x)
+            if dx is None or _tangent(w) is not None or _tangent(b) is not None:
+                return func(*args)
+            out = F.linear(fwAD.unpack_dual(x).primal, w, b)
+            with torch.no_grad():
+                d_out = F.linear(dx, w)
+            return fwAD.make_dual(out, d_out)  # outside no_grad: out keeps its autograd history
+        if len(args) != 2 or not (func in _MUL or func in _ADD or func in _SUB or func in _DIV):
+            return func(*args)
+        a, b = args
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return func(*args)
+        da, db = _tangent(a), _tangent(b)
+        if (da is None) == (db is None) or (db is not None and func in _DIV):  # both/neither dual, or c / x
+            return func(*args)
+        out = func(fwAD.unpack_dual(a).primal if da is not None else a,
+                   fwAD.unpack_dual(b).primal if db is not None else b)
+        with torch.no_grad():
+            if func in _MUL:
+                d_out = da * b if da is not None else a * db
+            elif func in _DIV:
+                d_out = da / b
+            elif func in _ADD:
+                d_out = da if da is not None else db
+            else:
+                d_out = da if da is not None else -db
+            if d_out.shape != out.shape:  # broadcast: x + c with c larger than x
+                d_out = d_out.expand(out.shape)
+            d_out = d_out.to(out.dtype)
+        return fwAD.make_dual(out, d_out)
+
+
+def _u_dudt_trunk(net, z_t, tangent_v, t, r, omega, t_min, t_max, y):
+    """(u, du/dt, trunk primal): dual numbers (z, t, r) + eps (v, 1, 0) through the trunk and the u-head."""
+    with fwAD.dual_level(), ConstantOperandTangents():
+        z, t_d, r_d = fwAD.make_dual(z_t, tangent_v), fwAD.make_dual(t, torch.ones_like(t)), \
+            fwAD.make_dual(r, torch.zeros_like(r))
+        trunk_out = net.trunk(z, t_d, t_d - r_d, omega, t_min, t_max, y)
+        u, dudt = fwAD.unpack_dual(net.to_velocity(z, t_d, net.head(trunk_out, "u")))
+        return u, dudt, fwAD.unpack_dual(trunk_out).primal
+
+
+# Rows of the batch whose du/dt the caller uses (a (B,) bool tensor), or None for all rows. pmf_loss sets it to t != r
+# around its u_and_dudt_lean call: du/dt enters the loss as (t - r) sg(du/dt), so the r = t rows (half the batch by
+# default) need no forward-mode pass. A context variable, not an argument, so the two JVP steps keep one signature.
+_TANGENT_ROWS: ContextVar[torch.Tensor | None] = ContextVar("pmf_tangent_rows", default=None)
+
+
+@contextmanager
+def tangent_rows(mask: torch.Tensor | None):
+    """Within this block, :func:`u_and_dudt_lean` computes du/dt only on the rows where ``mask`` is True (0 elsewhere)."""
+    token = _TANGENT_ROWS.set(mask)
+    try:
+        yield
+    finally:
+        _TANGENT_ROWS.reset(token)
+
+
 def u_and_dudt_lean(net, z_t, d: Draws, y, tangent_v, with_v: bool):
     """:func:`u_and_dudt` with forward-mode AD only where a tangent is needed: dual numbers through the trunk and
-    the u-head; the v-head runs afterwards on the trunk's primal output (it needs gradients, not tangents)."""
-    ones, zeros = torch.ones_like(d.t), torch.zeros_like(d.r)
-    with fwAD.dual_level():
-        z, t, r = fwAD.make_dual(z_t, tangent_v), fwAD.make_dual(d.t, ones), fwAD.make_dual(d.r, zeros)
-        trunk_out = net.trunk(z, t, t - r, d.omega, d.t_min, d.t_max, y)
-        u, dudt = fwAD.unpack_dual(net.to_velocity(z, t, net.head(trunk_out, "u")))
-        trunk_primal = fwAD.unpack_dual(trunk_out).primal
-    v = net.to_velocity(z_t, d.t, net.head(trunk_primal, "v")) if with_v else None
+    the u-head; the v-head runs afterwards on the trunk's primal output (it needs gradients, not tangents).
+
+    Inside ``with tangent_rows(mask)`` only the masked rows run the forward-mode pass; the others run a plain forward
+    and get du/dt = 0 (the network is row-independent, so splitting the batch changes no value). The tangent rules
+    of :class:`ConstantOperandTangents` apply: du/dt carries no usable autograd history (the loss detaches it)."""
+    args = (d.t, d.r, d.omega, d.t_min, d.t_max, y)
+    need = _TANGENT_ROWS.get()
+    if need is None or bool(need.all()):
+        u, dudt, trunk = _u_dudt_trunk(net, z_t, tangent_v, *args)
+    else:
+        j, p = need.nonzero().squeeze(1), (~need).nonzero().squeeze(1)
+        us, dudts, trunks = [], [], []
+        if len(j):
+            u_j, dudt_j, trunk_j = _u_dudt_trunk(net, z_t[j], tangent_v[j], *(a[j] for a in args))
+            us.append(u_j), dudts.append(dudt_j), trunks.append(trunk_j)
+        z_p, (t_p, r_p, omega_p, lo_p, hi_p, y_p) = z_t[p], (a[p] for a in args)
+        trunk_p = net.trunk(z_p, t_p, t_p - r_p, omega_p, lo_p, hi_p, y_p)
+        u_p = net.to_velocity(z_p, t_p, net.head(trunk_p, "u"))
+        us.append(u_p), dudts.append(torch.zeros_like(u_p)), trunks.append(trunk_p)
+        inv = torch.argsort(torch.cat([j, p]))  # back to batch order
+        u, dudt, trunk = (torch.cat(xs)[inv] for xs in (us, dudts, trunks))
+    v = net.to_velocity(z_t, d.t, net.head(trunk, "v")) if with_v else None
     return u, dudt, v
 
 
@@ -329,7 +437,8 @@ def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | Non
     y_in, v_g = drop_labels(y, v_t, v_g, d, null_label)
     v_g = v_g.detach()
     tangent_v = v_c if cfg.tangent == "predicted" else v_g
-    u, dudt, v = (u_and_dudt_lean if lean else u_and_dudt)(net, z_t, d, y_in, tangent_v.detach(), use_v)
+    with tangent_rows(d.t != d.r if lean else None):  # du/dt is multiplied by t - r: the r = t rows need none
+        u, dudt, v = (u_and_dudt_lean if lean else u_and_dudt)(net, z_t, d, y_in, tangent_v.detach(), use_v)
     V = compound_velocity(u, dudt, d.t, d.r)
 
     loss_u = adaptive_weight(per_sample_sq_error(V, v_g), cfg)

@@ -48,7 +48,6 @@ Metrics (2-D, N = num_samples points each):
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -66,7 +65,7 @@ from pmf.sampler import sample
 
 __all__ = [
     "DATASETS", "ToyDataset", "get_dataset", "embedding_matrix", "embed", "project", "off_manifold",
-    "sliced_w2", "nn_distance", "ToyMLP", "ToyConfig", "PRESETS", "build_toy_model", "train_toy", "sample_toy", "true_samples", "run_toy", "toy_main",
+    "sliced_w2", "nn_distance", "ToyMLP", "ToyConfig", "PRESETS", "build_toy_model", "train_toy", "sample_toy", "true_samples", "run_toy",
 ]
 
 
@@ -465,20 +464,3 @@ def toy_cli(out, preset: str = "quick", dims=(2, 8, 16, 512), dataset: str = "sw
     print(f"prior noise projected to 2-D: distance {records[0]['noise_distance']:.4f}; nn floor {records[0]['nn_floor']:.4f}")
     print(f"wrote {Path(out) / 'toy.png'} and {Path(out) / 'metrics.json'}")
     return records
-
-
-def toy_main(argv=None) -> list[dict]:
-    """``pmf toy --out DIR [--preset quick|paper] [--dims 2,8,16,512] [--dataset swiss_roll] [--seed 0]``."""
-    p = argparse.ArgumentParser(prog="pmf toy", description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--preset", default="quick", choices=sorted(PRESETS))
-    p.add_argument("--dims", default="2,8,16,512", help="comma-separated ambient dimensions")
-    p.add_argument("--dataset", default="swiss_roll", choices=sorted(DATASETS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=None, help="override the preset's number of training steps")
-    a = p.parse_args(argv)
-    return toy_cli(a.out, a.preset, [int(d) for d in a.dims.split(",") if d], a.dataset, a.seed, a.steps)
-
-
-if __name__ == "__main__":
-    toy_main()

@@ -3,7 +3,9 @@
 Restart is rerunning the same command: the loop saves (model, optimizer, EMAs, data position, images seen,
 counters) atomically, and every random draw derives from (seed, images seen, sample index in the global batch), so
 a resumed run continues exactly as an uninterrupted one, on 1 or N processes (``torchrun --nproc-per-node N -m pmf
-train ...``). Only rank 0 writes files.
+train ...``), with replicated (``train.parallel=ddp``) or FSDP2-sharded (``fsdp``) weights; the training state on
+disk is the same full-tensor layout in both modes. Only rank 0 writes files. ``--dry-run`` prints the resolved config
+and the run's size (steps, batches, parameters) without reading data or allocating the model. docs/scale-out.md.
 """
 
 from __future__ import annotations
@@ -17,20 +19,27 @@ from pathlib import Path
 
 import torch
 
-from pmf import dist
+from pmf import dist, fsdp
 from pmf.checkpoint import atomic_write_text, export_model, load_latest, save_training_state
 from pmf.config import RunConfig, to_dict, to_json
 from pmf.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist, to_model_range, to_uint8
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, pmf_loss
-from pmf.optim import EMA, build_optimizer, lr_at, set_lr
+from pmf.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
 from pmf.sampler import noise_from_seeds, sample
 
 # Config keys that may change between a run and its resumption (they do not change the training trajectory).
 RESUMABLE_CHANGES = {"train.total_kimg", "train.log_every_kimg", "train.sample_every_kimg", "train.ckpt_every_kimg",
                      "train.ckpt_every_minutes", "train.check_every_kimg", "train.device", "train.threads",
-                     "train.compile", "data.num_workers", "data.path", "eval", "sample"}
+                     "train.compile", "data.num_workers", "data.path", "eval", "sample",
+                     # same arithmetic and the same checkpoint layout in both modes (tests/test_fsdp.py)
+                     "train.parallel", "train.fsdp_reshard_after_forward"}
+
+# Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k
+# train set for data.dataset=imagefolder when data.path is not present [recipe 3.6: 1,281,167 images].
+FASHION_MNIST_TRAIN_SIZE = 60_000
+IMAGENET_TRAIN_SIZE = 1_281_167
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -69,6 +78,41 @@ def load_dataset(cfg: RunConfig):
     raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist or imagefolder")
 
 
+def dataset_size(cfg: RunConfig) -> tuple[int, str]:
+    """(number of training images, where the number comes from) without reading any image: Fashion-MNIST's known
+    size; for an ImageFolder, the file listing of data.path when it exists (nothing decoded), else the ImageNet-1k
+    train size."""
+    if cfg.data.dataset == "fashion_mnist":
+        return FASHION_MNIST_TRAIN_SIZE, "Fashion-MNIST train split (known size; data not read)"
+    if cfg.data.dataset == "imagefolder":
+        if cfg.data.path and Path(cfg.data.path).is_dir():
+            n = len(ImageFolderDataset(cfg.data.path, cfg.data.resolution))
+            return n, f"files listed under {cfg.data.path} (no image decoded)"
+        return IMAGENET_TRAIN_SIZE, (f"ImageNet-1k train size {IMAGENET_TRAIN_SIZE:,} assumed: data.path "
+                                     f"{cfg.data.path or '(empty)'} is not present, nothing was read")
+    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist or imagefolder")
+
+
+def run_plan(cfg: RunConfig, world: int, n_data: int) -> dict:
+    """The derived numbers of a run: batches per device, steps per epoch and in total, epochs, EMA decays.
+
+    steps_per_epoch = floor(n_data / batch_size) (the recipe's 1,281,167 // 1024 = 1251); the sampler wraps the
+    ragged tail into the next epoch, so no image is dropped and the run length is exact in images:
+    steps_total = ceil(total_kimg * 1000 / batch_size)."""
+    G, accum = cfg.train.batch_size, cfg.train.accum_steps
+    if G % (world * accum):
+        raise ValueError(f"train.batch_size={G} must be divisible by world_size*accum_steps={world * accum}")
+    total_nimg = int(round(cfg.train.total_kimg * 1000))
+    return {
+        "world_size": world, "parallel": cfg.train.parallel, "global_batch": G, "per_device_batch": G // world,
+        "accum_steps": accum, "micro_batch_per_device": G // (world * accum), "dataset_size": n_data,
+        "steps_per_epoch": n_data // G, "epochs": round(total_nimg / n_data, 4), "total_kimg": cfg.train.total_kimg,
+        "steps_total": math.ceil(total_nimg / G),
+        "ema_beta_per_step": {EMASpec.parse(e).name: ema_beta(EMASpec.parse(e), G, 10**18, ramp=None)
+                              for e in cfg.train.ema},  # after the ramp-up
+    }
+
+
 def sample_seeds(seed: int, nimg: int, indices: torch.Tensor) -> list[int]:
     """Per-sample seed = f(run seed, global image counter): image number nimg + i of the run, never reused."""
     return [seed * (1 << 40) + nimg + int(i) for i in indices]
@@ -82,13 +126,18 @@ class StepResult:
 
 
 def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device) -> StepResult:
-    """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches."""
+    """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
+    averaged over ranks by :func:`pmf.dist.all_reduce_grads` (``ddp``) or by FSDP's reduce-scatter after the last
+    micro-batch (``fsdp``; the earlier ones accumulate unsharded gradients without communication)."""
     world, rank = dist.world_size(), dist.rank()
+    sharded = fsdp.is_sharded(net)
     per_rank = images_u8.shape[0]
     accum = cfg.train.accum_steps
     micro = per_rank // accum
     sums: dict[str, float] = {}
     for a in range(accum):
+        if sharded:
+            net.set_requires_gradient_sync(a == accum - 1)
         sl = slice(a * micro, (a + 1) * micro)
         x = to_model_range(images_u8[sl].to(device, non_blocking=True))
         y = labels[sl].to(device) if cfg.data.class_conditional else None
@@ -98,10 +147,16 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device) -
         (loss / accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) / accum
-    dist.all_reduce_grads(net)
+    if sharded:
+        if cfg.train.consistency_check:  # a skipped reduce-scatter would leave parameters silently untrained
+            unused = () if cfg.objective.use_v_head else ("v_heads.", "v_final_layer.")
+            fsdp.check_gradients_reduced(net, f"gradients at {nimg / 1000:.3f} kimg", ignore_prefixes=unused)
+    else:
+        dist.all_reduce_grads(net)
     params = [p for p in net.parameters() if p.grad is not None]
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     # Metrics averaged over ranks (a non-finite value on any rank makes the mean non-finite).
     keys = sorted(sums)
     vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
@@ -182,8 +237,9 @@ def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
                          + "\nUse a new --run-dir, or rerun with the original settings to resume.")
 
 
-def export_all(net, ema: EMA, run_dir: Path, kwargs: dict, cfg: RunConfig, nimg: int) -> None:
-    """Inference exports (safetensors + JSON) of the raw weights and every EMA copy, v-head dropped."""
+def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: RunConfig, nimg: int) -> None:
+    """Inference exports (safetensors + JSON) of the raw weights ``net_sd`` and every EMA copy (``{name: state
+    dict}``), v-head dropped. Full (unsharded) state dicts."""
     meta = {"noise_scale": cfg.objective.noise_scale, "omega": cfg.sample.omega, "t_min": cfg.sample.t_min,
             "t_max": cfg.sample.t_max, "kimg": nimg / 1000, "model": cfg.model.name}
     infer_kwargs = {**kwargs, "v_head": False}
@@ -192,11 +248,36 @@ def export_all(net, ema: EMA, run_dir: Path, kwargs: dict, cfg: RunConfig, nimg:
     def strip_v(sd):
         return {k: v for k, v in sd.items() if not k.startswith(("v_heads.", "v_final_layer."))}
 
-    infer.load_state_dict(strip_v(net.state_dict()), strict=True)
+    infer.load_state_dict(strip_v(net_sd), strict=True)
     export_model(infer, run_dir / "export", infer_kwargs, meta, name="model")
-    for name in ema.names:
-        infer.load_state_dict(strip_v(ema.weights(name)), strict=True)
+    for name, sd in ema_sds.items():
+        infer.load_state_dict(strip_v(sd), strict=True)
         export_model(infer, run_dir / "export", infer_kwargs, meta, name=name)
+
+
+def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
+    """``--dry-run``: print the resolved config and the run's derived numbers; read no data, allocate nothing (the
+    model is built on the meta device to count parameters), join no process group. The world size is torchrun's
+    WORLD_SIZE (set it by hand to plan a launch: ``WORLD_SIZE=64 pmf train --dry-run ...``)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    n_data, source = dataset_size(cfg)
+    summary = {"model": cfg.model.name, "device": str(device), **run_plan(cfg, world, n_data),
+               "dataset_size_source": source,
+               "steps_per_epoch_rule": "floor(dataset_size / global_batch); the ragged tail wraps into the next epoch"}
+    with torch.device("meta"):
+        summary["params_M"] = round(sum(p.numel() for p in PMFDiT(**kwargs).parameters()) / 1e6, 3)
+        infer = {**kwargs, "v_head": False}
+        summary["params_M_inference"] = round(sum(p.numel() for p in PMFDiT(**infer).parameters()) / 1e6, 3)
+    notes = []
+    if cfg.objective.perceptual_weights:
+        notes.append("objective.perceptual_weights is set, but train() passes no perceptual hook to pmf_loss yet: "
+                     "the LPIPS / ConvNeXt terms are not trained")
+    if cfg.train.parallel == "fsdp" and world == 1:
+        notes.append("train.parallel=fsdp in one process runs unsharded")
+    summary["notes"] = notes
+    dist.print0(to_json(cfg))
+    dist.print0(json.dumps(summary, indent=2))
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -210,6 +291,12 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     t_start = time.time()
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
+    if cfg.train.parallel == "fsdp":
+        fsdp.check_objective(cfg.objective.impl)
+    kwargs = model_kwargs(cfg)
+    if dry_run:
+        return dry_run_report(cfg, kwargs, device)
+
     dist.init(device.type)
     world, rank = dist.world_size(), dist.rank()
     G, accum = cfg.train.batch_size, cfg.train.accum_steps
@@ -220,44 +307,45 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal arithmetic stalls CPU steps for seconds
 
-    kwargs = model_kwargs(cfg)
     data, num_classes = load_dataset(cfg)
     if cfg.data.class_conditional and kwargs["num_classes"] != num_classes:
         raise ValueError(f"model has num_classes={kwargs['num_classes']} but the data has {num_classes} classes; "
                          f"set model.overrides={{num_classes: {num_classes}}}")
-    total_nimg = int(cfg.train.total_kimg * 1000)
-    summary = {"run_dir": str(run_dir), "world_size": world, "device": str(device), "model": cfg.model.name,
-               "total_kimg": cfg.train.total_kimg, "steps_total": math.ceil(total_nimg / G)}
+    total_nimg = int(round(cfg.train.total_kimg * 1000))  # round: e.g. 320 epochs = 409973.44 kimg
     n_data = len(data[1]) if isinstance(data, tuple) else len(data)
-    summary["steps_per_epoch"] = n_data // G
-    if dry_run:
-        with torch.device("meta"):
-            n_params = sum(p.numel() for p in PMFDiT(**kwargs).parameters())
-        summary["params_M"] = round(n_params / 1e6, 3)
-        dist.print0(to_json(cfg))
-        dist.print0(json.dumps(summary, indent=2))
-        return summary
+    summary = {"run_dir": str(run_dir), "world_size": world, "device": str(device), "model": cfg.model.name,
+               "parallel": cfg.train.parallel, "total_kimg": cfg.train.total_kimg,
+               "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
     check_resume_config(run_dir, cfg)
     torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
     net = PMFDiT(**kwargs).to(device)
-    opt = build_optimizer(net, cfg.optim)
-    ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)
-    loader = ShardedLoader(data, G, seed=cfg.train.seed, rank=rank, world_size=world,
-                           num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     nimg, step, nonfinite_run, nonfinite_total = 0, 0, 0, 0
-    state = load_latest(run_dir)
+    state = load_latest(run_dir)  # full tensors in both modes; every rank reads the file
     if state is not None:
         net.load_state_dict(state["net"], strict=True)
-        opt.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
+    dist.broadcast_module_(net)
+    if cfg.train.consistency_check:  # before sharding: fully_shard keeps each rank's chunk of its own copy
+        dist.check_consistency(net, "initial parameters")
+    sharded = cfg.train.parallel == "fsdp" and world > 1
+    if sharded:
+        fsdp.shard_model(net, device, cfg.train.fsdp_reshard_after_forward)
+    opt = fsdp.build_sharded_optimizer(net, cfg.optim) if sharded else build_optimizer(net, cfg.optim)
+    ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies under FSDP
+    loader = ShardedLoader(data, G, seed=cfg.train.seed, rank=rank, world_size=world,
+                           num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    if state is not None:
+        if sharded:
+            fsdp.load_full_optimizer_state_dict(opt, state["optimizer"])
+            ema.load_state_dict(fsdp.shard_like(state["ema"], ema.state_dict()))
+        else:
+            opt.load_state_dict(state["optimizer"])
+            ema.load_state_dict(state["ema"])
         loader.load_state_dict(state["loader"])
         nimg, step = int(state["nimg"]), int(state["step"])
         nonfinite_run, nonfinite_total = int(state["nonfinite_run"]), int(state["nonfinite_total"])
         dist.print0(f"resumed {run_dir} at {nimg / 1000:.1f} kimg (step {step})")
-    dist.broadcast_module_(net)
-    if cfg.train.consistency_check:
-        dist.check_consistency(net, "initial parameters")
+        del state
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", to_json(cfg) + "\n")
@@ -265,10 +353,19 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     logger = Logger(run_dir, dist.is_main())
     summary["params_M"] = round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
 
+    # Full (unsharded) state dicts; under FSDP a collective on every rank, the tensors only on rank 0.
+    def net_state():
+        return fsdp.full_model_state_dict(net) if sharded else net.state_dict()
+
+    def ema_state(which=None):
+        sd = ema.state_dict() if which is None else ema.weights(which)
+        return fsdp.gather_full(sd) if sharded else sd
+
     def checkpoint():
+        st = {"net": net_state(), "optimizer": fsdp.gather_full(opt.state_dict()) if sharded else opt.state_dict(),
+              "ema": ema_state()}
         if dist.is_main():
-            save_training_state(run_dir, {"net": net.state_dict(), "optimizer": opt.state_dict(),
-                                          "ema": ema.state_dict(), "loader": loader.state_dict(), "nimg": nimg,
+            save_training_state(run_dir, {**st, "loader": loader.state_dict(), "nimg": nimg,
                                           "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total}, step)
         dist.barrier()
 
@@ -277,9 +374,15 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         return data.num_skipped if isinstance(data, ImageFolderDataset) else 0
 
     def grid(tag):
-        if dist.is_main():
-            which = cfg.sample.ema
+        which = cfg.sample.ema
+        if sharded:  # gather on every rank; rank 0 samples with an unsharded copy
+            sd = ema_state(which) if which else net_state()
+            if dist.is_main():
+                model = PMFDiT(**kwargs).to(device)
+                model.load_state_dict(sd, strict=True)
+        elif dist.is_main():
             model = ema.model(which, like=net) if which else net
+        if dist.is_main():
             model.eval()
             sample_grid(model, cfg, num_classes if cfg.data.class_conditional else 1, run_dir / f"samples-{tag}.png")
             net.train()
@@ -333,6 +436,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
             logger.log(rec)
             window, next_log = [], next_log + cfg.train.log_every_kimg * 1000
         if world > 1 and cfg.train.consistency_check and nimg >= next_check:
+            # Under FSDP this compares only replicated tensors; train_step checks every step that the sharded
+            # gradients were reduce-scattered (fsdp.check_gradients_reduced).
             dist.check_consistency(net, f"parameters at {nimg / 1000:.1f} kimg")
             next_check += cfg.train.check_every_kimg * 1000
         if nimg >= next_grid:
@@ -346,9 +451,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     if pbar is not None:
         pbar.close()
     checkpoint()
+    grid("latest")
+    final_net, final_emas = net_state(), {name: ema_state(name) for name in ema.names}
     if dist.is_main():
-        grid("latest")
-        export_all(net, ema, run_dir, kwargs, cfg, nimg)
+        export_all(final_net, final_emas, run_dir, kwargs, cfg, nimg)
     logger.close()
     summary.update({"kimg": nimg / 1000, "step": step, "stop_reason": stop_reason, "nonfinite_total": nonfinite_total,
                     "skipped_files": skipped_files(),

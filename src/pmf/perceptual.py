@@ -1,0 +1,538 @@
+"""Perceptual losses of pMF: LPIPS-VGG16 and a ConvNeXt-V2 feature distance on paired random crops
+[P section 4.4, App. A.1; recipe 3.5 and 1.4 item 8; official ``utils/auxloss_util.py``, ``models/convnext.py``].
+
+    x_pred, x  --paired RandomResizedCrop (one crop per sample, same for both)-->  x_pred', x'   (B, 3, 224, 224)
+    L_lpips(b)    = sum_l mean_hw  w_l . (n_l(x_pred') - n_l(x'))^2        n_l = unit-normalised VGG16 relu features
+    L_convnext(b) = || phi(x_pred') - phi(x') ||^2                        phi = LayerNorm(avgpool(ConvNeXt-V2 stage 4))
+
+:class:`PerceptualLoss` is the hook :func:`pmf.objective.perceptual_term` calls as
+``perceptual(x_pred, x, generator) -> {"lpips": (B,), "convnext": (B,)}``; the objective then masks samples with
+t >= ``perceptual_max_t``, applies adaptive weighting and the weights 0.4 / 0.1. One crop per sample is shared by
+both terms: the official ``auxloss_fn`` crops the pair once and runs LPIPS and ConvNeXt on that pair (read from
+third-party descriptions of ``utils/auxloss_util.py``; that file was not available to us).
+
+The crop follows torchvision's ``RandomResizedCrop`` rule (10 attempts, then a centre crop), as the paper's name
+for it says. [uncertain] A third-party PyTorch port of the official JAX ``paired_random_resized_crop`` draws a
+single box per sample and clamps its sides to the image instead; the distributions differ slightly for areas near
+the whole image.
+
+Both backbones are written here (no torchvision, no transformers) and load published weights from local files:
+
+- VGG16 ``features`` in torchvision's layout (``features.{0,2,5,...,28}.{weight,bias}``), e.g. torchvision's
+  ``vgg16-397923af.pth``; the LPIPS v0.1 linear heads in the LPIPS repo's layout (``lin{0..4}.model.1.weight``,
+  ``weights/v0.1/vgg.pth``). The official JAX code uses ``lpips_j``, a port of the same network and weights.
+- ConvNeXt-V2 in the layout of the ConvNeXt-V2 authors' code (``downsample_layers`` / ``stages`` / ``norm``),
+  loaded from the Hugging Face checkpoint ``facebook/convnextv2-base-22k-224`` (``convnextv2.*`` keys) through an
+  explicit key map, :func:`convnext_key_to_hf`.
+
+Randomness: crops come from the generator the objective passes. With a :class:`pmf.objective.PerSampleGenerator`
+each sample draws its own 40 uniforms from its own stream (after the objective's draws), so its crop depends only on
+its seed, never on its batch position or the batch size. A plain ``torch.Generator`` (or None: the global RNG)
+draws a (B, 10, 4) block: reproducible for a given batch, but a sample's crop then depends on its position.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pmf.objective import PerSampleGenerator
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class PerceptualConfig:
+    enabled: bool = False  # pMF B/L/H recipes: on [P Tab. 8; configs]; the Fashion-MNIST demo: off
+    lpips_vgg_path: str = ""  # torchvision VGG16 ImageNet weights (vgg16-397923af.pth), see load_lpips
+    lpips_lin_path: str = ""  # LPIPS v0.1 linear heads (LPIPS repo weights/v0.1/vgg.pth)
+    convnext_path: str = ""  # facebook/convnextv2-base-22k-224: model.safetensors / pytorch_model.bin / its folder
+    crop_size: int = 224  # paired RandomResizedCrop output side [recipe 3.5; official out_size=224]
+    crop_scale: tuple = (0.08, 1.0)  # crop area fraction ~ U(0.08, 1) [recipe 3.5]
+    crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio, log-uniform [recipe 3.5]
+    lpips_weight: float = 0.4  # lambda_lpips [P Tab. 8; all six released configs]; 0 disables LPIPS
+    convnext_weight: float = 0.1  # lambda_convnext [P Tab. 8; configs]; 0 disables ConvNeXt
+    max_t: float = 0.8  # only samples with t < max_t [P Tab. 8; B/16, L/16, B/32]; 0.6 for H and L/32 [recipe 3.4]
+    # lpips_weight, convnext_weight and max_t are applied by the objective: copy them into ObjectiveConfig with
+    # objective_overrides() (its perceptual_weights / perceptual_max_t are the values pmf_loss reads).
+
+    def weights(self) -> dict:
+        """{term: lambda} for the terms this config turns on (the keys the hook returns)."""
+        w = {"lpips": self.lpips_weight, "convnext": self.convnext_weight}
+        return {k: v for k, v in w.items() if v > 0}
+
+    def objective_overrides(self) -> dict:
+        """The ObjectiveConfig fields that must agree with this config:
+        ``dataclasses.replace(cfg.objective, **perceptual_cfg.objective_overrides())``."""
+        return {"perceptual_max_t": self.max_t, "perceptual_weights": self.weights()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paired RandomResizedCrop
+
+CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random boxes, then falls back to a center crop
+_CROP_UNIFORMS = 4  # per attempt: area fraction, log aspect ratio, top, left
+
+
+def crop_uniforms(batch: int, generator=None, device="cpu") -> torch.Tensor:
+    """(B, 10, 4) U[0, 1) draws for the crop parameters. Every sample always draws all 40 numbers (whatever attempt
+    succeeds), so the streams stay aligned. PerSampleGenerator: sample i from ``generator.generators[i]``."""
+    if isinstance(generator, PerSampleGenerator):
+        if len(generator.generators) != batch:
+            raise ValueError(f"PerSampleGenerator has {len(generator.generators)} seeds for a batch of {batch}")
+        rows = [torch.rand(CROP_ATTEMPTS, _CROP_UNIFORMS, generator=g, device=g.device) for g in generator.generators]
+        return torch.stack(rows).cpu()  # one device -> host copy for the whole batch
+    dev = generator.device if isinstance(generator, torch.Generator) else device
+    return torch.rand(batch, CROP_ATTEMPTS, _CROP_UNIFORMS, generator=generator, device=dev).cpu()
+
+
+def crop_params_from_uniforms(u: torch.Tensor, height: int, width: int, scale=(0.08, 1.0),
+                              ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` rule, vectorised, from given uniforms u (B, 10, 4).
+    Returns (B, 4) int64 rows (top, left, h, w).
+
+    Attempt k: area = H W U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area aspect)),
+    h = round(sqrt(area / aspect)) (round half to even, as Python's round); accepted if 0 < w <= W and 0 < h <= H,
+    then top ~ U{0..H-h}, left ~ U{0..W-w}. The first accepted attempt wins. If none is, the largest centred box
+    whose aspect ratio is clamped into [ratio] is used. Same distribution as torchvision; the random stream differs
+    (torchvision draws lazily with torch.randint from the global RNG)."""
+    u = u.double()
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # (B, 10)
+    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
+    w = torch.round(torch.sqrt(area * aspect))
+    h = torch.round(torch.sqrt(area / aspect))
+    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    # floor(u (n + 1)) is uniform on {0..n}; the clamp only guards u -> 1 in floating point
+    top = torch.minimum(torch.floor(u[..., 2] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[..., 3] * (width - w + 1)), width - w)
+    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)  # index of the first accepted attempt (0 if none)
+    pick = lambda a: a.gather(1, first).squeeze(1)  # noqa: E731
+    params = torch.stack([pick(top), pick(left), pick(h), pick(w)], dim=1)
+
+    # centre-crop fallback (depends only on H, W): clamp the image's own aspect ratio into [ratio]
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fw, fh = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fh, fw = height, int(round(height * max(ratio)))
+    else:
+        fw, fh = width, height
+    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float64)
+    params = torch.where(ok.any(dim=1, keepdim=True), params, fallback)
+    return params.long()
+
+
+def sample_crop_params(batch: int, height: int, width: int, generator=None, scale=(0.08, 1.0),
+                       ratio=(3 / 4, 4 / 3), device="cpu") -> torch.Tensor:
+    """(B, 4) int64 (top, left, h, w) RandomResizedCrop boxes, one per sample (see :func:`crop_uniforms`)."""
+    return crop_params_from_uniforms(crop_uniforms(batch, generator, device), height, width, scale, ratio)
+
+
+def resized_crop(img: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
+    """img (B, ...C, H, W) -> (B, ...C, size, size): sample b's box params[b] = (top, left, h, w), bicubic resize
+    with antialiasing (F.interpolate; its antialiased bicubic is Keys' a = -0.5 kernel, as PIL and jax.image use)
+    with half-pixel centres. Differentiable w.r.t. img. No clamping to [-1, 1] (torchvision clamps only uint8)."""
+    lead = img.shape[1:-2]
+    out = []
+    for b, (top, left, h, w) in enumerate(params.tolist()):
+        box = img[b, ..., top : top + h, left : left + w].reshape(1, -1, h, w)  # (1, prod(lead), h, w)
+        out.append(F.interpolate(box, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
+    return torch.cat(out).reshape(img.shape[0], *lead, size, size)
+
+
+def paired_random_resized_crop(a: torch.Tensor, b: torch.Tensor, size: int = 224, generator=None,
+                               scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The same RandomResizedCrop box for a[i] and b[i] (a different box per i), each resized to size x size.
+    a, b: (B, C, H, W). Returns (a', b'); gradients flow to whichever input requires them."""
+    if a.shape != b.shape:
+        raise ValueError(f"paired crop needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
+    B, _, H, W = a.shape
+    params = sample_crop_params(B, H, W, generator, scale, ratio, device=a.device)
+    pair = resized_crop(torch.stack([a, b], dim=1), params, size)  # (B, 2, C, S, S): one resize call per sample
+    return pair[:, 0], pair[:, 1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LPIPS-VGG16 (Zhang et al. 2018, LPIPS v0.1)
+
+VGG16_WIDTHS = (64, 128, 256, 512, 512)
+_VGG16_CONVS_PER_BLOCK = (2, 2, 3, 3, 3)
+LPIPS_TAPS = (3, 8, 15, 22, 29)  # indices in ``features`` of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+# LPIPS ScalingLayer: inputs in [-1, 1] -> (x - shift) / scale, i.e. ImageNet mean/std re-expressed for [-1, 1]
+LPIPS_SHIFT = (-0.030, -0.088, -0.188)
+LPIPS_SCALE = (0.458, 0.448, 0.450)
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+LPIPS_LIN_URL = "https://github.com/richzhang/PerceptualSimilarity/raw/master/lpips/weights/v0.1/vgg.pth"
+
+
+class VGG16Features(nn.Module):
+    """torchvision's ``vgg16().features`` layout: 13 conv3x3 (+ReLU) in 5 blocks separated by 2x2 max pools
+    (31 modules, convs at 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28). ``widths`` other than VGG16's are for
+    tests. forward returns the 5 LPIPS taps (the relu outputs at ``LPIPS_TAPS``)."""
+
+    def __init__(self, widths=VGG16_WIDTHS, in_channels: int = 3):
+        super().__init__()
+        layers, c = [], in_channels
+        for block, (width, n) in enumerate(zip(widths, _VGG16_CONVS_PER_BLOCK)):
+            if block > 0:
+                layers.append(nn.MaxPool2d(2, 2))
+            for _ in range(n):
+                layers += [nn.Conv2d(c, width, 3, padding=1), nn.ReLU()]
+                c = width
+        layers.append(nn.MaxPool2d(2, 2))  # pool5: in the layout (no parameters), never run
+        self.features = nn.Sequential(*layers)
+        self.widths = tuple(widths)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        taps = []
+        for i, layer in enumerate(self.features):
+            x = layer(x)
+            if i in LPIPS_TAPS:
+                taps.append(x)  # (B, widths[k], H / 2^k, W / 2^k)
+                if i == LPIPS_TAPS[-1]:
+                    break
+        return taps
+
+
+class LinearHead(nn.Module):
+    """LPIPS ``NetLinLayer``: (dropout, 1x1 conv C -> 1 without bias). Key ``model.1.weight`` (1, C, 1, 1). The
+    dropout is inactive in the evaluation mode LPIPS is used in, so it is an Identity here (no parameters)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.model = nn.Sequential(nn.Identity(), nn.Conv2d(channels, 1, 1, bias=False))
+
+    def forward(self, x):
+        return self.model(x)
+
+
+def unit_normalize(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """f / (||f||_channels + eps) at every position (LPIPS ``normalize_tensor``)."""
+    # The clamp keeps the gradient finite where a feature vector is exactly 0 (all ReLUs off): d sqrt(s)/ds is
+    # infinite at s = 0, and 0 * inf = NaN would poison the whole backward. Forward is unchanged for s > 1e-20.
+    norm = torch.sqrt(f.pow(2).sum(dim=1, keepdim=True).clamp_min(1e-20))
+    return f / (norm + eps)
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with a VGG16 trunk: d(x0, x1) = sum_l mean_hw lin_l((n_l(x0) - n_l(x1))^2), (B,).
+    Inputs (B, 3, H, W) in [-1, 1]. State dict: ``net.features.*`` (torchvision) + ``lin{0..4}.model.1.weight``."""
+
+    def __init__(self, widths=VGG16_WIDTHS):
+        super().__init__()
+        self.register_buffer("shift", torch.tensor(LPIPS_SHIFT).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("scale", torch.tensor(LPIPS_SCALE).view(1, 3, 1, 1), persistent=False)
+        self.net = VGG16Features(widths)
+        for k, c in enumerate(widths):
+            self.add_module(f"lin{k}", LinearHead(c))
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Unit-normalised VGG16 features of the 5 taps."""
+        return [unit_normalize(f) for f in self.net((x - self.shift) / self.scale)]
+
+    def distance(self, f0: list[torch.Tensor], f1: list[torch.Tensor]) -> torch.Tensor:
+        total = 0
+        for k, (a, b) in enumerate(zip(f0, f1)):
+            total = total + getattr(self, f"lin{k}")((a - b).pow(2)).mean(dim=(1, 2, 3))  # spatial average
+        return total
+
+    def forward(self, x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
+        return self.distance(self.features(x0), self.features(x1))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ConvNeXt-V2 (Woo et al. 2023)
+
+CONVNEXT_V2_BASE = dict(depths=(3, 3, 27, 3), dims=(128, 256, 512, 1024))  # facebook/convnextv2-base-22k-224
+CONVNEXT_HF_REPO = "facebook/convnextv2-base-22k-224"
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of an NCHW tensor (ConvNeXt's "channels_first" LayerNorm), eps 1e-6."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__(channels, eps=eps)
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class GRN(nn.Module):
+    """Global Response Normalization [ConvNeXt-V2 Eq. 1-3], channels last (B, H, W, C):
+    G = ||x||_2 over (H, W);  N = G / (mean_C G + 1e-6);  y = gamma (x N) + beta + x.  gamma = beta = 0 at init."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x):
+        g = torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True)  # (B, 1, 1, C)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * n) + self.beta + x
+
+
+class ConvNeXtV2Block(nn.Module):
+    """x + pwconv2(GRN(GELU(pwconv1(LN(dwconv7x7(x)))))) (no layer scale in V2; no drop path: frozen use only)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.grn = GRN(4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):  # (B, C, H, W)
+        y = self.norm(self.dwconv(x).permute(0, 2, 3, 1))  # (B, H, W, C)
+        y = self.pwconv2(self.grn(F.gelu(self.pwconv1(y))))  # exact (erf) GELU, as HF's "gelu"
+        return x + y.permute(0, 3, 1, 2)
+
+
+class ConvNeXtV2(nn.Module):
+    """ConvNeXt-V2 trunk -> pooled feature: LayerNorm(mean_hw(stage 4)), (B, dims[-1]). The classifier is not used.
+    Stem: conv4x4/4 + LN; stages 2-4 start with LN + conv2x2/2. ``head_eps`` is the final LayerNorm's epsilon:
+    1e-12 in HF's config for the convnextv2-base checkpoints (the ConvNeXt-V2 authors' code uses 1e-6)."""
+
+    def __init__(self, depths=CONVNEXT_V2_BASE["depths"], dims=CONVNEXT_V2_BASE["dims"], in_channels: int = 3,
+                 head_eps: float = 1e-12):
+        super().__init__()
+        self.downsample_layers = nn.ModuleList(
+            [nn.Sequential(nn.Conv2d(in_channels, dims[0], 4, stride=4), LayerNorm2d(dims[0]))]
+            + [nn.Sequential(LayerNorm2d(dims[i - 1]), nn.Conv2d(dims[i - 1], dims[i], 2, stride=2))
+               for i in range(1, len(dims))])
+        self.stages = nn.ModuleList(nn.Sequential(*[ConvNeXtV2Block(d) for _ in range(n)])
+                                    for n, d in zip(depths, dims))
+        self.norm = nn.LayerNorm(dims[-1], eps=head_eps)
+        self.depths, self.dims = tuple(depths), tuple(dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for down, stage in zip(self.downsample_layers, self.stages):
+            x = stage(down(x))  # (B, dims[i], H / 2^(i+2), W / 2^(i+2))
+        return self.norm(x.mean(dim=(-2, -1)))  # (B, dims[-1])
+
+
+# ours <-> Hugging Face (transformers ConvNextV2ForImageClassification; every HF name carries "convnextv2.").
+# One row per parameter family; {name} fields must agree on both sides. HF stage 0 has no downsampling layer: its
+# stem is "embeddings", so downsample index {ds} starts at 1.
+_CONVNEXT_KEY_MAP = [
+    ("downsample_layers.0.0.{p}", "embeddings.patch_embeddings.{p}"),
+    ("downsample_layers.0.1.{p}", "embeddings.layernorm.{p}"),
+    ("downsample_layers.{ds}.{j}.{p}", "encoder.stages.{ds}.downsampling_layer.{j}.{p}"),
+    ("stages.{s}.{m}.{conv}.{p}", "encoder.stages.{s}.layers.{m}.{conv}.{p}"),
+    ("stages.{s}.{m}.norm.{p}", "encoder.stages.{s}.layers.{m}.layernorm.{p}"),
+    ("stages.{s}.{m}.grn.gamma", "encoder.stages.{s}.layers.{m}.grn.weight"),
+    ("stages.{s}.{m}.grn.beta", "encoder.stages.{s}.layers.{m}.grn.bias"),
+    ("norm.{p}", "layernorm.{p}"),
+]
+_FIELDS = {"p": "weight|bias", "ds": "[1-9][0-9]*", "j": "[01]", "s": "[0-9]+", "m": "[0-9]+",
+           "conv": "dwconv|pwconv1|pwconv2"}
+_HF_PREFIX = "convnextv2."
+
+
+def _pattern(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(x) if i % 2 == 0 else f"(?P<{x}>{_FIELDS[x]})" for i, x in enumerate(parts)))
+
+
+_CONVNEXT_RULES = [(_pattern(ours), ours, _pattern(hf), hf) for ours, hf in _CONVNEXT_KEY_MAP]
+
+
+def convnext_key_to_hf(key: str) -> str:
+    """Our ConvNeXt-V2 parameter name -> the HF checkpoint's (with the ``convnextv2.`` prefix)."""
+    for ours_re, _, _, hf in _CONVNEXT_RULES:
+        m = ours_re.fullmatch(key)
+        if m:
+            return _HF_PREFIX + hf.format(**m.groupdict())
+    raise KeyError(f"no HF name for ConvNeXt-V2 key {key!r}")
+
+
+def convnext_key_from_hf(key: str) -> str | None:
+    """HF name (with or without the ``convnextv2.`` prefix) -> ours; None if no rule matches."""
+    key = key[len(_HF_PREFIX):] if key.startswith(_HF_PREFIX) else key
+    for _, ours, hf_re, _ in _CONVNEXT_RULES:
+        m = hf_re.fullmatch(key)
+        if m:
+            return ours.format(**m.groupdict())
+    return None
+
+
+def convnext_state_to_hf(sd: dict) -> dict:
+    return {convnext_key_to_hf(k): v for k, v in sd.items()}
+
+
+def convnext_state_from_hf(sd: dict, model: ConvNeXtV2) -> dict:
+    """Map an HF state dict onto ``model``'s names; the classifier head (``classifier.*``) is dropped. Raises
+    ValueError listing every unmatched, duplicate, wrongly shaped and missing key."""
+    want = model.state_dict()
+    out, seen, problems = {}, set(), []
+    for k, v in sd.items():
+        if k.startswith("classifier."):
+            continue
+        name = convnext_key_from_hf(k)
+        if name is None or name not in want:
+            problems.append(f"unmatched checkpoint key {k!r}")
+        elif name in seen:
+            problems.append(f"duplicate checkpoint key {k!r} (-> {name})")
+        elif tuple(v.shape) != tuple(want[name].shape):
+            problems.append(f"shape of {k!r}: checkpoint {tuple(v.shape)}, model {tuple(want[name].shape)}")
+        else:
+            out[name] = v
+        seen.add(name)
+    problems += [f"missing key {convnext_key_to_hf(k)!r}" for k in want if k not in seen]
+    if problems:
+        raise ValueError(f"ConvNeXt-V2 checkpoint does not match the model (depths={model.depths}, "
+                         f"dims={model.dims}):\n  " + "\n  ".join(problems))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading weights from local files
+
+
+def _read_state_dict(path: Path) -> dict:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path), device="cpu")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):  # common checkpoint wrappers (e.g. the ConvNeXt-V2 authors' "model")
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module.eval()
+
+
+def load_lpips(vgg_path, lpips_path, widths=VGG16_WIDTHS) -> LPIPS:
+    """LPIPS-VGG16 from two local files, frozen (requires_grad False, eval):
+
+    - ``vgg_path``: torchvision's VGG16 ImageNet state dict (``features.*``; ``classifier.*`` keys are ignored),
+      ``vgg16-397923af.pth`` from https://download.pytorch.org/models/vgg16-397923af.pth
+    - ``lpips_path``: the LPIPS v0.1 linear heads (``lin0..lin4.model.1.weight``), ``weights/v0.1/vgg.pth`` of
+      https://github.com/richzhang/PerceptualSimilarity (also shipped inside the ``lpips`` pip package).
+    Every other key, a missing key or a wrong shape raises."""
+    vgg_path, lpips_path = Path(vgg_path or ""), Path(lpips_path or "")
+    for p, what, url in ((vgg_path, "VGG16 weights (torchvision vgg16-397923af.pth)", VGG16_URL),
+                         (lpips_path, "LPIPS v0.1 linear heads (LPIPS repo weights/v0.1/vgg.pth)", LPIPS_LIN_URL)):
+        if not p.is_file():
+            raise FileNotFoundError(f"{what} not found at {str(p)!r}; download it from {url} and pass its path "
+                                    "(perceptual.lpips_vgg_path / perceptual.lpips_lin_path)")
+    model = LPIPS(widths)
+    vgg = _read_state_dict(vgg_path)
+    extra = sorted(k for k in vgg if not k.startswith(("features.", "classifier.")))
+    if extra:
+        raise ValueError(f"{vgg_path}: not a torchvision VGG16 state dict; unexpected keys {extra}")
+    _load_strict(model.net, {k: v for k, v in vgg.items() if k.startswith("features.")}, vgg_path)
+    heads = nn.ModuleDict({f"lin{k}": getattr(model, f"lin{k}") for k in range(len(widths))})
+    _load_strict(heads, _read_state_dict(lpips_path), lpips_path)
+    return _freeze(model)
+
+
+def _load_strict(module: nn.Module, sd: dict, path) -> None:
+    """load_state_dict(strict=True), with every missing / unexpected / wrongly shaped key in one ValueError."""
+    want = module.state_dict()
+    problems = [f"unexpected key {k!r}" for k in sd if k not in want]
+    problems += [f"missing key {k!r}" for k in want if k not in sd]
+    problems += [f"shape of {k!r}: file {tuple(sd[k].shape)}, model {tuple(v.shape)}" for k, v in want.items()
+                 if k in sd and tuple(sd[k].shape) != tuple(v.shape)]
+    if problems:
+        raise ValueError(f"{path}: weights do not match the model:\n  " + "\n  ".join(problems))
+    module.load_state_dict(sd, strict=True)
+
+
+def load_convnext(path, depths=CONVNEXT_V2_BASE["depths"], dims=CONVNEXT_V2_BASE["dims"],
+                  head_eps: float = 1e-12) -> ConvNeXtV2:
+    """ConvNeXt-V2 from a local Hugging Face checkpoint of ``facebook/convnextv2-base-22k-224``: a
+    ``model.safetensors`` or ``pytorch_model.bin`` file, or a folder holding one. Keys are mapped explicitly
+    (:func:`convnext_key_to_hf`); a checkpoint already in our layout (the ConvNeXt-V2 authors' ``downsample_layers``
+    names, ``head.*`` ignored) also loads. Frozen (requires_grad False, eval)."""
+    p = Path(path or "")
+    if p.is_dir():
+        p = next((p / n for n in ("model.safetensors", "pytorch_model.bin") if (p / n).is_file()),
+                 p / "model.safetensors")
+    if not p.is_file():
+        raise FileNotFoundError(
+            f"ConvNeXt-V2 weights not found at {str(path)!r}. Get them with "
+            f"`huggingface-cli download {CONVNEXT_HF_REPO} --local-dir <dir>` (on a machine with internet) and pass "
+            "<dir>/model.safetensors or <dir>/pytorch_model.bin (perceptual.convnext_path)")
+    model = ConvNeXtV2(depths, dims, head_eps=head_eps)
+    sd = _read_state_dict(p)
+    if any(k.startswith("downsample_layers.") for k in sd):
+        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    else:
+        sd = convnext_state_from_hf(sd, model)
+    model.load_state_dict(sd, strict=True)
+    return _freeze(model)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hook
+
+
+class PerceptualLoss(nn.Module):
+    """``forward(x_pred, x, generator) -> {"lpips": (B,), "convnext": (B,)}`` (only the terms it holds).
+
+    x_pred, x: (B, C, H, W) in [-1, 1], C = 3 or 1 (grayscale is repeated to 3 channels). One paired
+    RandomResizedCrop per sample feeds both terms. The target x is a constant: its crop and features are computed
+    without a graph (saves the target's activations), so gradients reach only x_pred. ConvNeXt sees [-1, 1]
+    without ImageNet normalisation, as the official code feeds it (recipe 3.5). Backbones are frozen and stay in
+    eval mode whatever ``train()`` is called with."""
+
+    def __init__(self, lpips: LPIPS | None = None, convnext: ConvNeXtV2 | None = None, crop_size: int = 224,
+                 crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3)):
+        super().__init__()
+        if lpips is None and convnext is None:
+            raise ValueError("PerceptualLoss needs at least one of lpips / convnext")
+        self.lpips = _freeze(lpips) if lpips is not None else None
+        self.convnext = _freeze(convnext) if convnext is not None else None
+        self.crop_size, self.crop_scale, self.crop_ratio = int(crop_size), tuple(crop_scale), tuple(crop_ratio)
+
+    def train(self, mode: bool = True):
+        return super().train(False)
+
+    def forward(self, x_pred: torch.Tensor, x: torch.Tensor, generator=None) -> dict:
+        if x_pred.ndim != 4 or x_pred.shape[1] not in (1, 3):
+            raise ValueError(f"expected (B, 1 or 3, H, W) images, got {tuple(x_pred.shape)}")
+        dtype = next(self.parameters()).dtype
+        p, t = paired_random_resized_crop(x_pred.to(dtype), x.detach().to(dtype), self.crop_size, generator,
+                                          self.crop_scale, self.crop_ratio)
+        t = t.detach()
+        if p.shape[1] == 1:  # grayscale (e.g. Fashion-MNIST) -> RGB
+            p, t = p.expand(-1, 3, -1, -1), t.expand(-1, 3, -1, -1)
+        out = {}
+        if self.lpips is not None:
+            with torch.no_grad():
+                f_t = self.lpips.features(t)
+            out["lpips"] = self.lpips.distance(self.lpips.features(p), f_t).to(x_pred.dtype)
+        if self.convnext is not None:
+            with torch.no_grad():
+                phi_t = self.convnext(t)
+            out["convnext"] = (self.convnext(p) - phi_t).pow(2).sum(dim=1).to(x_pred.dtype)
+        return out
+
+
+def build_perceptual(cfg: PerceptualConfig, device="cpu") -> PerceptualLoss | None:
+    """The hook for ``pmf_loss(..., perceptual=...)``, or None when ``cfg.enabled`` is False. Loads the terms with a
+    positive weight; a missing weight file raises FileNotFoundError saying where to get it."""
+    if not cfg.enabled:
+        return None
+    if not cfg.weights():
+        raise ValueError("perceptual.enabled is set but both lpips_weight and convnext_weight are 0")
+    lpips = load_lpips(cfg.lpips_vgg_path, cfg.lpips_lin_path) if cfg.lpips_weight > 0 else None
+    convnext = load_convnext(cfg.convnext_path) if cfg.convnext_weight > 0 else None
+    return PerceptualLoss(lpips, convnext, cfg.crop_size, cfg.crop_scale, cfg.crop_ratio).to(device)

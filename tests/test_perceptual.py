@@ -1,0 +1,389 @@
+"""pmf.perceptual: paired RandomResizedCrop, LPIPS-VGG16, ConvNeXt-V2 feature loss, the hook in pmf_loss
+(recipe 3.5 and 1.4 item 8). Backbones have random weights (no downloads); crops are tiny (32 px) and the ConvNeXt
+and VGG widths small, so the suite runs in seconds. Full-size modules are built on the meta device (shapes only)."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pmf.model import build_model
+from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws
+from pmf.perceptual import (
+    CONVNEXT_V2_BASE,
+    GRN,
+    LPIPS,
+    LPIPS_TAPS,
+    ConvNeXtV2,
+    PerceptualConfig,
+    PerceptualLoss,
+    build_perceptual,
+    convnext_state_to_hf,
+    crop_params_from_uniforms,
+    load_convnext,
+    load_lpips,
+    paired_random_resized_crop,
+    resized_crop,
+    sample_crop_params,
+    unit_normalize,
+)
+
+TINY_VGG = (4, 8, 8, 16, 16)
+TINY_CNX = dict(depths=(1, 1, 2, 1), dims=(8, 16, 16, 32))
+CROP = 32
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _tiny_lpips(seed=0):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = LPIPS(TINY_VGG)
+    with torch.no_grad():  # LPIPS heads are non-negative in the published weights
+        for k in range(5):
+            getattr(m, f"lin{k}").model[1].weight.uniform_(0.1, 1.0)
+    return m
+
+
+def _tiny_convnext(seed=1):
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        m = ConvNeXtV2(**TINY_CNX)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "grn" in name:
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def _hook(seed=0):
+    return PerceptualLoss(_tiny_lpips(seed), _tiny_convnext(seed + 1), crop_size=CROP)
+
+
+def _images(B, C=3, H=16, W=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, C, H, W, generator=g) * 2 - 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Crop
+
+
+def _torchvision_rule(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """torchvision RandomResizedCrop.get_params written as its scalar loop, fed from the same uniforms u (10, 4)."""
+    area = H * W
+    lr = (math.log(ratio[0]), math.log(ratio[1]))
+    for a in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * float(u[a, 0]))
+        aspect = math.exp(lr[0] + (lr[1] - lr[0]) * float(u[a, 1]))
+        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
+        if 0 < w <= W and 0 < h <= H:
+            return [int(float(u[a, 2]) * (H - h + 1)), int(float(u[a, 3]) * (W - w + 1)), h, w]
+    r = W / H
+    if r < min(ratio):
+        w, h = W, int(round(W / min(ratio)))
+    elif r > max(ratio):
+        h, w = H, int(round(H * max(ratio)))
+    else:
+        w, h = W, H
+    return [(H - h) // 2, (W - w) // 2, h, w]
+
+
+@pytest.mark.parametrize("H,W", [(16, 16), (28, 28), (12, 40), (40, 9), (256, 256)])
+def test_crop_params_follow_torchvision_rule(H, W):
+    """The vectorised rule equals the scalar torchvision loop (10 attempts, first accepted, centre-crop fallback)
+    on 3000 random draws; boxes lie inside the image with aspect within [3/4, 4/3] up to rounding."""
+    u = torch.rand(3000, 10, 4, generator=torch.Generator().manual_seed(H * W))
+    got = crop_params_from_uniforms(u, H, W)
+    want = torch.tensor([_torchvision_rule(u[i], H, W) for i in range(len(u))])
+    assert torch.equal(got, want)
+    top, left, h, w = got.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    assert (h > 0).all() and (w > 0).all()
+
+
+def test_crop_fallback_is_center_crop():
+    """When no attempt fits, torchvision's fallback: the centred box with the aspect ratio clamped to [3/4, 4/3]."""
+    u = torch.zeros(2, 10, 4)
+    u[..., 0], u[..., 1] = 0.999, 0.999  # area ~ 100%, ratio 4/3: never fits any image's width
+    assert crop_params_from_uniforms(u, 20, 20).tolist() == [[0, 0, 20, 20]] * 2  # square: the whole image
+    assert crop_params_from_uniforms(u, 10, 100).tolist() == [[0, 43, 10, 13]] * 2  # wide: h = H, w = round(4/3 H)
+    u[..., 1] = 0.001
+    assert crop_params_from_uniforms(u, 100, 10).tolist() == [[43, 0, 13, 10]] * 2  # tall
+
+
+def test_paired_crop_is_the_same_box_and_matches_a_manual_crop():
+    """Both images get the same box per sample: cropping x and x + 0.5 differ by exactly 0.5 everywhere (bicubic
+    weights sum to 1) while the samples' boxes differ; the output equals slicing the sampled box and resizing it
+    with antialiased bicubic."""
+    a = _images(6, seed=1)
+    gen = PerSampleGenerator([11, 12, 13, 14, 15, 16])
+    a_c, b_c = paired_random_resized_crop(a, a + 0.5, CROP, gen)
+    torch.testing.assert_close(b_c - a_c, torch.full_like(a_c, 0.5), atol=1e-5, rtol=0)
+    params = sample_crop_params(6, 16, 16, PerSampleGenerator([11, 12, 13, 14, 15, 16]))
+    assert len({tuple(p) for p in params.tolist()}) > 1
+    for i, (t, l, h, w) in enumerate(params.tolist()):
+        ref = F.interpolate(a[i : i + 1, :, t : t + h, l : l + w], size=(CROP, CROP), mode="bicubic",
+                            antialias=True, align_corners=False)
+        torch.testing.assert_close(a_c[i : i + 1], ref, atol=1e-6, rtol=0)
+
+
+def test_crop_reproducible_per_sample_and_independent_of_batch_position():
+    """With a PerSampleGenerator a sample's box depends only on its seed (not on batch size or position); the same
+    seeds replay the same boxes; a torch.Generator with the same seed replays its batch too."""
+    p1 = sample_crop_params(3, 16, 16, PerSampleGenerator([5, 6, 7]))
+    p2 = sample_crop_params(4, 16, 16, PerSampleGenerator([9, 7, 5, 8]))
+    assert torch.equal(p1[0], p2[2]) and torch.equal(p1[2], p2[1])
+    assert torch.equal(p1, sample_crop_params(3, 16, 16, PerSampleGenerator([5, 6, 7])))
+    x = _images(3, seed=2)
+    y1 = paired_random_resized_crop(x, x, CROP, PerSampleGenerator([5, 6, 7]))[0]
+    y2 = paired_random_resized_crop(x[[2, 0]], x[[2, 0]], CROP, PerSampleGenerator([7, 5]))[0]
+    torch.testing.assert_close(y1[[2, 0]], y2)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    assert torch.equal(sample_crop_params(8, 16, 16, g()), sample_crop_params(8, 16, 16, g()))
+
+
+def test_crop_is_differentiable_wrt_the_prediction():
+    x = _images(2).requires_grad_(True)
+    params = torch.tensor([[1, 2, 9, 11], [0, 0, 16, 16]])
+    resized_crop(x, params, CROP).square().sum().backward()
+    assert x.grad[0, :, 1:10, 2:13].abs().sum() > 0 and x.grad[0, :, 12:].abs().sum() == 0  # only the box
+    assert x.grad[1].abs().min() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LPIPS
+
+
+def test_lpips_state_dict_layout_matches_published_files():
+    """Our LPIPS state dict = torchvision vgg16 ``features.*`` (under ``net.``) + LPIPS v0.1 ``lin{k}.model.1.weight``,
+    with VGG16's shapes; the scaling layer holds LPIPS's shift/scale constants and is not in the state dict."""
+    with torch.device("meta"):
+        m = LPIPS()
+    convs = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28]
+    widths = [64, 64, 128, 128, 256, 256, 256, 512, 512, 512, 512, 512, 512]
+    want = {}
+    for i, (idx, c) in enumerate(zip(convs, widths)):
+        c_in = 3 if i == 0 else widths[i - 1]
+        want[f"net.features.{idx}.weight"], want[f"net.features.{idx}.bias"] = (c, c_in, 3, 3), (c,)
+    for k, c in enumerate([64, 128, 256, 512, 512]):
+        want[f"lin{k}.model.1.weight"] = (1, c, 1, 1)
+    assert {k: tuple(v.shape) for k, v in m.state_dict().items()} == want
+    assert len(m.net.features) == 31 and LPIPS_TAPS == (3, 8, 15, 22, 29)
+    for i in LPIPS_TAPS:
+        assert isinstance(m.net.features[i], torch.nn.ReLU)
+    torch.testing.assert_close(LPIPS().shift.flatten(), torch.tensor([-0.030, -0.088, -0.188]))
+    torch.testing.assert_close(LPIPS().scale.flatten(), torch.tensor([0.458, 0.448, 0.450]))
+
+
+def test_lpips_formula():
+    """d = sum_l mean_hw sum_c w_lc (n0 - n1)^2 with n = f / ||f||_c of the relu taps of the scaled input,
+    recomputed here by running the VGG layers by hand."""
+    m = _tiny_lpips()
+    x0, x1 = _images(2, H=CROP, W=CROP, seed=3), _images(2, H=CROP, W=CROP, seed=4)
+
+    def taps(x):
+        h, out = (x - m.shift) / m.scale, []
+        for i, layer in enumerate(m.net.features[:30]):
+            h = layer(h)
+            if i in (3, 8, 15, 22, 29):
+                out.append(h / (h.norm(dim=1, keepdim=True) + 1e-10))
+        return out
+
+    want = sum(((a - b) ** 2 * getattr(m, f"lin{k}").model[1].weight).sum(1).mean((1, 2))
+               for k, (a, b) in enumerate(zip(taps(x0), taps(x1))))
+    torch.testing.assert_close(m(x0, x1), want, rtol=1e-5, atol=1e-6)
+    f = unit_normalize(torch.randn(2, 5, 3, 3))
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(2, 3, 3))
+
+
+def test_load_lpips_from_files(tmp_path):
+    """Loads a torchvision-layout VGG file (classifier keys ignored) + an LPIPS lin file; bad keys and missing files
+    raise errors that name the problem / where to download."""
+    ref = _tiny_lpips(seed=5)
+    vgg = {k: v.clone() for k, v in ref.net.state_dict().items()}
+    vgg["classifier.6.bias"] = torch.zeros(3)
+    lin = {f"lin{k}.model.1.weight": getattr(ref, f"lin{k}").model[1].weight.clone() for k in range(5)}
+    torch.save(vgg, tmp_path / "vgg.pth")
+    torch.save(lin, tmp_path / "lin.pth")
+    m = load_lpips(tmp_path / "vgg.pth", tmp_path / "lin.pth", widths=TINY_VGG)
+    x0, x1 = _images(2, H=CROP, W=CROP, seed=1), _images(2, H=CROP, W=CROP, seed=2)
+    torch.testing.assert_close(m(x0, x1), ref(x0, x1))
+    assert not any(p.requires_grad for p in m.parameters()) and not m.training
+
+    lin["lin5.model.1.weight"] = lin.pop("lin4.model.1.weight")
+    torch.save(lin, tmp_path / "lin_bad.pth")
+    with pytest.raises(ValueError, match="lin5.model.1.weight"):
+        load_lpips(tmp_path / "vgg.pth", tmp_path / "lin_bad.pth", widths=TINY_VGG)
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
+        load_lpips(tmp_path / "nope.pth", tmp_path / "lin.pth")
+    with pytest.raises(FileNotFoundError, match="weights/v0.1/vgg.pth"):
+        load_lpips(tmp_path / "vgg.pth", "")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ConvNeXt-V2
+
+
+def test_grn_formula():
+    grn = GRN(6)
+    x = torch.randn(2, 3, 4, 6)
+    torch.testing.assert_close(grn(x), x)  # zero init: identity
+    with torch.no_grad():
+        grn.gamma.normal_(), grn.beta.normal_()
+    g = x.pow(2).sum((1, 2), keepdim=True).sqrt()
+    torch.testing.assert_close(grn(x), grn.gamma * x * g / (g.mean(-1, keepdim=True) + 1e-6) + grn.beta + x)
+
+
+def test_convnext_base_hf_layout():
+    """The base config maps onto HF's facebook/convnextv2-base-22k-224 names with their shapes (378 keys)."""
+    with torch.device("meta"):
+        m = ConvNeXtV2(**CONVNEXT_V2_BASE)
+    hf = {k: tuple(v.shape) for k, v in convnext_state_to_hf(m.state_dict()).items()}
+    assert len(hf) == 4 + 3 * 4 + 36 * 10 + 2
+    assert hf["convnextv2.embeddings.patch_embeddings.weight"] == (128, 3, 4, 4)
+    assert hf["convnextv2.embeddings.layernorm.bias"] == (128,)
+    assert hf["convnextv2.encoder.stages.1.downsampling_layer.0.weight"] == (128,)
+    assert hf["convnextv2.encoder.stages.3.downsampling_layer.1.weight"] == (1024, 512, 2, 2)
+    assert hf["convnextv2.encoder.stages.2.layers.26.dwconv.weight"] == (512, 1, 7, 7)
+    assert hf["convnextv2.encoder.stages.2.layers.26.layernorm.weight"] == (512,)
+    assert hf["convnextv2.encoder.stages.2.layers.26.pwconv1.weight"] == (2048, 512)
+    assert hf["convnextv2.encoder.stages.2.layers.26.grn.weight"] == (1, 1, 1, 2048)
+    assert hf["convnextv2.encoder.stages.0.layers.2.pwconv2.bias"] == (128,)
+    assert hf["convnextv2.layernorm.weight"] == (1024,)
+    assert not any("stages.0.downsampling" in k for k in hf)
+
+
+@pytest.mark.parametrize("fmt", ["bin", "safetensors", "dir"])
+def test_convnext_hf_round_trip(tmp_path, fmt):
+    """ours -> HF layout (+ a classifier head) -> file -> load_convnext reproduces the pooled features exactly."""
+    ref = _tiny_convnext(seed=7)
+    hf = {k: v.clone().contiguous() for k, v in convnext_state_to_hf(ref.state_dict()).items()}
+    hf["classifier.weight"], hf["classifier.bias"] = torch.zeros(5, 32), torch.zeros(5)
+    if fmt == "bin":
+        path = tmp_path / "pytorch_model.bin"
+        torch.save(hf, path)
+    else:
+        from safetensors.torch import save_file
+
+        path = tmp_path / "model.safetensors"
+        save_file(hf, str(path))
+        path = tmp_path if fmt == "dir" else path
+    m = load_convnext(path, **TINY_CNX)
+    x = _images(2, H=CROP, W=CROP)
+    assert m(x).shape == (2, 32)
+    torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+    assert not any(p.requires_grad for p in m.parameters()) and not m.training
+
+
+def test_convnext_wrong_or_missing_keys_raise_listing(tmp_path):
+    hf = {k: v.clone() for k, v in convnext_state_to_hf(_tiny_convnext().state_dict()).items()}
+    hf["convnextv2.encoder.stages.1.layers.0.grn.gamma"] = hf.pop("convnextv2.encoder.stages.1.layers.0.grn.weight")
+    torch.save(hf, tmp_path / "bad.bin")
+    with pytest.raises(ValueError) as err:
+        load_convnext(tmp_path / "bad.bin", **TINY_CNX)
+    assert "unmatched checkpoint key 'convnextv2.encoder.stages.1.layers.0.grn.gamma'" in str(err.value)
+    assert "missing key 'convnextv2.encoder.stages.1.layers.0.grn.weight'" in str(err.value)
+    with pytest.raises(FileNotFoundError, match="huggingface-cli download facebook/convnextv2-base-22k-224"):
+        load_convnext(tmp_path / "missing")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hook
+
+
+def test_hook_zero_for_identical_positive_otherwise_grayscale_ok():
+    hook = _hook()
+    for C in (3, 1):
+        x = _images(4, C=C, seed=C)
+        same = hook(x, x.clone(), PerSampleGenerator([1, 2, 3, 4]))
+        assert set(same) == {"lpips", "convnext"} and all(v.shape == (4,) for v in same.values())
+        for v in same.values():
+            torch.testing.assert_close(v, torch.zeros(4), atol=1e-6, rtol=0)
+        diff = hook(x + 0.3 * _images(4, C=C, seed=9), x, PerSampleGenerator([1, 2, 3, 4]))
+        assert all((v > 0).all() for v in diff.values())
+
+
+def test_hook_gradients_reach_only_the_prediction():
+    hook = _hook().train()  # train() must not leave eval mode
+    assert not hook.training and not hook.lpips.training and not hook.convnext.training
+    x_pred = _images(3, seed=1).requires_grad_(True)
+    x = _images(3, seed=2).requires_grad_(True)
+    out = hook(x_pred, x, torch.Generator().manual_seed(0))
+    (out["lpips"].sum() + out["convnext"].sum()).backward()
+    assert x_pred.grad is not None and torch.isfinite(x_pred.grad).all() and x_pred.grad.abs().sum() > 0
+    assert x.grad is None
+    assert all(p.grad is None and not p.requires_grad for p in hook.parameters())
+
+
+def test_pmf_loss_perceptual_gate_by_t():
+    """In pmf_loss with a tiny PMFDiT and explicit draws: loss_with - loss_without = mean_b 1[t_b < max_t]
+    sum_k w_k adp(L_k,b) with the values the hook returned; with every t >= max_t the perceptual term adds
+    nothing, to the loss or to any parameter gradient."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = build_model("pMF-tiny")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g))
+    B = 6
+    x = _images(B, C=1, H=8, W=8, seed=3)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    cfg = ObjectiveConfig(perceptual_max_t=0.8, perceptual_weights={"lpips": 0.4, "convnext": 0.1})
+    d = sample_draws(x, y, cfg, torch.Generator().manual_seed(4))
+    t = torch.tensor([0.1, 0.5, 0.79, 0.8, 0.9, 0.95])
+    d = dataclasses.replace(d, t=t, r=t * torch.tensor([1.0, 0.5, 0.2, 1.0, 0.5, 0.3]))
+    hook, seen = _hook(), {}
+
+    def recording(x_pred, x_, gen):
+        seen.update(hook(x_pred, x_, gen))
+        return seen
+
+    seeds = [10, 11, 12, 13, 14, 15]
+    l_with, m = pmf_loss(net, x, y, cfg, draws=d, perceptual=recording, generator=PerSampleGenerator(seeds))
+    l_without, _ = pmf_loss(net, x, y, cfg, draws=d)
+    mask = (t < 0.8).float()
+    adp = lambda v: v / (v + 0.01)  # noqa: E731
+    want = (mask * (0.4 * adp(seen["lpips"]) + 0.1 * adp(seen["convnext"]))).mean()
+    assert want > 0 and (seen["lpips"][3:] > 0).all()  # the masked samples did have a non-zero loss
+    torch.testing.assert_close(l_with - l_without, want, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(m["perc_lpips"], (seen["lpips"] * mask).mean())
+
+    high = dataclasses.replace(d, t=torch.full((B,), 0.85), r=torch.full((B,), 0.4))
+    grads = []
+    for perc in (recording, None):
+        net.zero_grad()
+        loss, _ = pmf_loss(net, x, y, cfg, draws=high, perceptual=perc, generator=PerSampleGenerator(seeds))
+        loss.backward()
+        grads.append([p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_config_and_build(tmp_path):
+    """Recipe defaults; build_perceptual returns None when disabled, names the missing file otherwise, and builds
+    the hook from local files; objective_overrides gives the ObjectiveConfig fields to set."""
+    cfg = PerceptualConfig()
+    assert (cfg.lpips_weight, cfg.convnext_weight, cfg.max_t, cfg.crop_size) == (0.4, 0.1, 0.8, 224)
+    assert cfg.crop_scale == (0.08, 1.0) and cfg.crop_ratio == (3 / 4, 4 / 3)
+    assert build_perceptual(cfg) is None
+    assert cfg.objective_overrides() == {"perceptual_max_t": 0.8,
+                                         "perceptual_weights": {"lpips": 0.4, "convnext": 0.1}}
+    with pytest.raises(FileNotFoundError, match="vgg16-397923af"):
+        build_perceptual(dataclasses.replace(cfg, enabled=True))
+    ref = _tiny_convnext()
+    torch.save(convnext_state_to_hf(ref.state_dict()), tmp_path / "pytorch_model.bin")
+    only_cnx = dataclasses.replace(cfg, enabled=True, lpips_weight=0.0, convnext_path=str(tmp_path), crop_size=CROP)
+    assert only_cnx.weights() == {"convnext": 0.1}
+    with pytest.raises(ValueError, match="does not match"):  # tiny file vs the base architecture: listed mismatch
+        build_perceptual(only_cnx)
