@@ -376,6 +376,45 @@ def test_evaluate_generator_equals_one_shot_numpy():
     assert res["fid_1step"] != res["fid_2step"]
 
 
+def _two_rank_eval(rank, port, out_dir):
+    import os
+
+    from pmf import dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    dist.init("cpu")
+    try:
+        torch.manual_seed(0)  # the same init on both ranks
+        net = randomised(build_model("pMF-tiny", v_head=False))
+        res = evaluate_generator(net, projection_metric(), 21, (1,), omega=1.5, batch_size=1, seed=2)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(res))
+    finally:
+        dist.shutdown()
+
+
+def test_evaluate_generator_two_processes_match_one(tmp_path):
+    """2 gloo ranks each generate half of the samples (i = rank, rank + 2, ...); the all-reduced statistics give the
+    1-process numbers on every rank (batch size 1, so every image is computed alone and is bitwise the same)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_two_rank_eval, args=(port, tmp_path), nprocs=2, join=True, start_method="spawn")
+    torch.manual_seed(0)
+    one = evaluate_generator(randomised(build_model("pMF-tiny", v_head=False)), projection_metric(), 21, (1,),
+                             omega=1.5, batch_size=1, seed=2)
+    for r in range(2):
+        two = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert two.keys() == one.keys()
+        for key in one:
+            assert two[key] == pytest.approx(one[key], rel=1e-9), key
+
+
 def tiny_run_dir(tmp_path, ema="ema_hl500"):
     """A run directory as training leaves it: config.json (sample.ema) and export/{ema}.safetensors."""
     from pmf.checkpoint import export_model

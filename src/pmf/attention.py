@@ -53,21 +53,24 @@ class _JvpSDPA(torch.autograd.Function):
         q, k, v = inputs
         ctx.save_for_backward(q, k, v)
         ctx.save_for_forward(q, k, v, output)
+        ctx.kernel_dtype = output.dtype  # what the fused kernel ran in: autocast may have cast mixed q, k, v
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
         q, k, v, out = ctx.saved_tensors
         scale = 1.0 / math.sqrt(q.shape[-1])
         f = _softmax_dtype(q)
-        # P in float32 (or float64), recomputed here so the primal forward never materialises it.
-        probs = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, k.to(f)), dim=-1)
-        dS = torch.zeros_like(probs)
-        if dq is not None:
-            dS = dS + torch.einsum("bhqd,bhkd->bhqk", dq.to(f) * scale, k.to(f))
-        if dk is not None:
-            dS = dS + torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, dk.to(f))
-        p_ds = probs * dS  # (B, H, L, L)
-        d_out = torch.einsum("bhqk,bhkd->bhqd", p_ds, v.to(f)) - p_ds.sum(-1, keepdim=True) * out.to(f)
+        # P in float32 (or float64), recomputed here so the primal forward never materialises it. Autocast off: it
+        # would run these einsums in bf16/fp16, and rowsum(P * dS) * O is a difference of nearly equal terms.
+        with torch.autocast(q.device.type, enabled=False):
+            probs = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, k.to(f)), dim=-1)
+            dS = torch.zeros_like(probs)
+            if dq is not None:
+                dS = dS + torch.einsum("bhqd,bhkd->bhqk", dq.to(f) * scale, k.to(f))
+            if dk is not None:
+                dS = dS + torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, dk.to(f))
+            p_ds = probs * dS  # (B, H, L, L)
+            d_out = torch.einsum("bhqk,bhkd->bhqd", p_ds, v.to(f)) - p_ds.sum(-1, keepdim=True) * out.to(f)
         d_out = d_out.to(out.dtype)
         if dv is not None:
             d_out = d_out + F.scaled_dot_product_attention(q, k, dv)  # P dv on the fused kernel
@@ -78,7 +81,9 @@ class _JvpSDPA(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         with torch.enable_grad():
             qd, kd, vd = (x.detach().requires_grad_(True) for x in (q, k, v))
-            out = F.scaled_dot_product_attention(qd, kd, vd)
+            # Backward runs outside autocast: cast to the forward kernel's dtype by hand (grads return in q, k, v's)
+            dt = ctx.kernel_dtype
+            out = F.scaled_dot_product_attention(qd.to(dt), kd.to(dt), vd.to(dt))
             return torch.autograd.grad(out, (qd, kd, vd), grad_out)
 
 

@@ -148,7 +148,8 @@ def cmd_ref_stats(args) -> int:
         mu, sigma = stats.mean_cov()
         if dist.is_main():
             save_ref_stats(args.out, mu, sigma, num=stats.count)
-            print(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape} from {stats.count:.0f} images of {args.images}")
+            print(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape} from {stats.count:.0f} images of "
+                  f"{args.images}")
     finally:
         if started:
             dist.shutdown()
@@ -169,7 +170,6 @@ def cmd_guidance_search(args) -> int:
         run_dir = Path(args.checkpoint)
         cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
         emas = args.emas or [cfg.get("sample", {}).get("ema") or "model"]
-        _, meta = _load_net(args.checkpoint, emas[0], "cpu")
         if args.extractor == "fmnist":
             from pmf.classifier import get_fmnist_classifier
 
@@ -180,8 +180,7 @@ def cmd_guidance_search(args) -> int:
         num_final = args.num_final or (10_000 if args.extractor == "fmnist" else 50_000)
         guidance_search(lambda name: _load_net(args.checkpoint, name, device)[0], metric, emas, args.omegas,
                         intervals, args.num_search, num_final, args.out, steps=args.steps,
-                        noise_scale=meta.get("noise_scale", 1.0), batch_size=args.batch_size, seed=args.seed,
-                        device=device)
+                        batch_size=args.batch_size, seed=args.seed, device=device)  # noise scale: the net's own
     finally:
         if started:
             dist.shutdown()

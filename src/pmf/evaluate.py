@@ -138,9 +138,10 @@ class FeatureStats:
 
 
 def is_split_assignment(n: int, splits: int = IS_SPLITS, seed: int = IS_SEED) -> np.ndarray:
-    """(n,) int64: the split of each sample index. As torch-fidelity / the official pipeline: the samples are
-    permuted by ``np.random.RandomState(seed).permutation(n)`` and position q of the permuted array falls in split s
-    when ``s n // splits <= q < (s + 1) n // splits``; sample ``perm[q]`` therefore belongs to that split."""
+    """(n,) int64: the split of each sample index, laid out as torch-fidelity does (the official JAX pipeline also
+    uses 10 splits of a seed-2020 permutation): the samples are permuted by ``np.random.RandomState(seed)
+    .permutation(n)`` and position q of the permuted array falls in split s when ``s n // splits <= q < (s + 1) n //
+    splits``; sample ``perm[q]`` therefore belongs to that split."""
     if n < splits:
         raise ValueError(f"need at least {splits} samples for {splits} Inception Score splits, have {n}")
     perm = np.random.RandomState(seed).permutation(n)
@@ -172,8 +173,7 @@ class InceptionScoreStats:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(f"expected logits of shape (B, {self.num_classes}), got {tuple(logits.shape)}")
         indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-        if indices.numel() != logits.shape[0] or (indices.numel() and not 0 <= int(indices.min()) <= int(
-                indices.max()) < self.n):
+        if indices.shape != logits.shape[:1] or ((indices < 0) | (indices >= self.n)).any():
             raise ValueError(f"need one index in [0, {self.n}) per logit row")
         log_p = torch.log_softmax(logits.detach().to(self.buffer.device, torch.float64), dim=1)  # (B, K)
         p = log_p.exp()

@@ -81,7 +81,7 @@ def guidance_search(
     num_final: int,
     out_dir,
     steps: int = 1,
-    noise_scale: float = 1.0,
+    noise_scale: float | None = None,
     batch_size: int = 256,
     seed: int = 0,
     final_seed: int | None = None,
@@ -90,7 +90,8 @@ def guidance_search(
 ) -> dict:
     """Score every (ema, interval, omega) on ``num_search`` samples with ``steps`` steps, pick the argmin of the
     distance (``metric.fd_key``; first in grid order on ties), then evaluate ``num_final`` samples there (IS too
-    when the metric has it). ``load_net(ema_name)`` returns the network (eval mode, on ``device``). Every rank runs
+    when the metric has it). ``load_net(ema_name)`` returns the network (eval mode, on ``device``); ``noise_scale``
+    defaults to the network's own ``noise_scale`` (PMFDiT keeps the one it was trained with). Every rank runs
     this (generation is split over ranks, see :func:`pmf.evaluate.evaluate_generator`); rank 0 writes the files.
     Returns the content of ``search.json``."""
     log = log or dist.print0
@@ -99,13 +100,17 @@ def guidance_search(
     key = metric.fd_key
     out_dir = Path(out_dir)
     final_seed = seed + 1 if final_seed is None else final_seed
-    common = dict(noise_scale=noise_scale, batch_size=batch_size, device=device)
+    common = dict(batch_size=batch_size, device=device)
+
+    def scale(net) -> float:
+        return float(getattr(net, "noise_scale", 1.0)) if noise_scale is None else noise_scale
+
     rows = []
     for ema in emas:
         net = load_net(ema)
         for (t_min, t_max), omega in itertools.product(intervals, omegas):
-            res = evaluate_generator(net, metric, num_search, (steps,), omega=omega, t_min=t_min, t_max=t_max,
-                                     seed=seed, inception_score=False, **common)
+            res = evaluate_generator(net, metric, num_search, (steps,), scale(net), omega, t_min, t_max, seed=seed,
+                                     inception_score=False, **common)
             row = {"ema": ema, "omega": float(omega), "t_min": float(t_min), "t_max": float(t_max), "n": num_search,
                    "steps": steps, key: res[f"{key}_{steps}step"]}
             if f"class_acc_{steps}step" in res:
@@ -119,10 +124,10 @@ def guidance_search(
     log(f"best: {best['ema']} omega {best['omega']:g} interval [{best['t_min']:g}, {best['t_max']:g}]; "
         f"evaluating {num_final} samples")
     net = load_net(best["ema"])
-    res = evaluate_generator(net, metric, num_final, (steps,), omega=best["omega"], t_min=best["t_min"],
-                             t_max=best["t_max"], seed=final_seed, **common)
+    res = evaluate_generator(net, metric, num_final, (steps,), scale(net), best["omega"], best["t_min"],
+                             best["t_max"], seed=final_seed, **common)
     final = {"ema": best["ema"], "omega": best["omega"], "t_min": best["t_min"], "t_max": best["t_max"],
-             "n": num_final, "steps": steps, "seed": final_seed,
+             "n": num_final, "steps": steps, "seed": final_seed, "noise_scale": scale(net),
              **{k.removesuffix(f"_{steps}step"): v for k, v in res.items()}}
     result = {"metric": key, "grid": rows, "best": best, "final": final,
               "settings": {"emas": list(emas), "omegas": [float(w) for w in omegas],

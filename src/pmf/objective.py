@@ -233,22 +233,25 @@ def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: 
 
 @torch.no_grad()
 def guided_target_lean(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int):
-    """:func:`guided_target` in one no-grad call through the trunk and the v-head. The rows are
-    [z | y, omega], [z | null, 1] and, only for the samples whose omega the interval mask changed, [z | y, 1].
-    Where the mask changed nothing, omega' = omega and v_c' = v_c, so one formula covers every sample:
-    v_g = v_t + (1 - 1/omega')(v_c' - v_u)."""
+    """:func:`guided_target` in one inference-mode call through the trunk and the v-head, on B + (number of samples
+    inside their interval) rows: [z | y, omega'] for every sample (omega' = omega inside [t_min, t_max], 1 outside:
+    that is v_c' for all of them) and [z | null, 1] for the samples inside only. Outside, 1 - 1/omega' = 0, so
+    v_g = v_t and v_u is not needed; flow-matching samples are always inside ([0, 1]), where omega' = omega and
+    v_c' = v_c. One formula covers every sample: v_g = v_t + (1 - 1/omega')(v_c' - v_u)."""
     if not cfg.guidance:
         return guided_target(net, z_t, v_t, y, d, cfg, null_label)
     B = z_t.shape[0]
     inside = (d.t >= d.t_min) & (d.t <= d.t_max)
     omega_m = torch.where(inside, d.omega, torch.ones_like(d.omega))
-    idx = (omega_m != d.omega).nonzero().squeeze(1)  # samples whose v_c must be recomputed with omega' = 1
-    ones = torch.ones_like(d.omega)
-    out = boundary_velocity(net, torch.cat([z_t, z_t, z_t[idx]]), torch.cat([d.t, d.t, d.t[idx]]),
-                            torch.cat([d.omega, ones, ones[idx]]),
-                            torch.cat([y, torch.full_like(y, null_label), y[idx]]), cfg.use_v_head)
-    v_c, v_u = out[:B].clone(), out[B : 2 * B]
-    v_c[idx] = out[2 * B :]
+    i_in = inside.nonzero().squeeze(1)
+    with torch.inference_mode():  # cheaper than no_grad; the clone below makes the result a normal tensor again
+        out = boundary_velocity(net, torch.cat([z_t, z_t[i_in]]), torch.cat([d.t, d.t[i_in]]),
+                                torch.cat([omega_m, torch.ones_like(omega_m[i_in])]),
+                                torch.cat([y, torch.full_like(y[i_in], null_label)]), cfg.use_v_head)
+    out = out.clone()  # inference tensors may not enter autograd or forward AD later
+    v_c = out[:B]
+    v_u = v_c.clone()  # outside the interval v_c' - v_u = 0 (its factor 1 - 1/omega' is 0 anyway)
+    v_u[i_in] = out[B:]
     return v_t + (1 - 1 / _b(omega_m, z_t)) * (v_c - v_u), v_c
 
 

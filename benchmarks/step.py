@@ -1,0 +1,336 @@
+"""Cost of one pMF training step relative to a flow-matching step of the same network, measured in one run.
+
+    python benchmarks/step.py [--model pMF-T/7-28] [--batch 64] [--device cpu|cuda] [--iters 10] [--warmup 2]
+                              [--threads N] [--sample-batch N] [--profile] [--bf16] [--compile] [--json OUT]
+
+Configurations, each forward + backward of the loss only (no optimizer step, gradients set to None before each),
+on the same batch and the same random draws per iteration:
+
+  a   flow matching: both heads at r = t, loss sum|u - v_t|^2 + sum|v - v_t|^2, fused SDPA attention ("sdpa")
+  b   pMF, impl="reference": two guidance calls + torch.func.jvp over the whole net, default attention ("jvp_sdpa")
+  b'  pMF, impl="reference" with "math" attention (explicit einsum + float32 softmax): the naive port
+  c   pMF, impl="lean" (the default), "jvp_sdpa" attention
+  c16 (--bf16) c under bf16 autocast;  cC (--compile) c's loss function through speed.maybe_compile
+
+Timing: the configurations run round-robin (iteration i of every configuration, then i + 1), so load drift on a
+shared machine hits all of them alike; medians over ``--iters`` after ``--warmup``. On CUDA each step is synchronised.
+
+Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one step minus the allocation before it. CPU: each
+configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then serves every buffer over
+64 KiB by mmap and returns it on free, so the resident set tracks live tensors); the number is the high-water
+resident set (``getrusage`` ru_maxrss) over three steps minus the resident set before the first. It includes
+allocator slack and the gradients (the same in every configuration), so it is a fair ratio, not an exact tensor count.
+
+Sampling: 1-NFE throughput (images/s) of ``pmf.sampler.sample`` under ``torch.inference_mode`` with the model's
+attention ("jvp_sdpa", whose primal is the fused kernel) and with plain "sdpa", against a straightforward baseline:
+the same network with the "math" backend (explicit einsum attention, float32 softmax) under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from pmf.model import Attention, build_model
+from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.sampler import sample
+from pmf.speed import autocast_context, maybe_compile
+
+CONFIGS = {  # name: (label, objective impl or None for flow matching, attention backend)
+    "a": ("flow matching (sdpa)", None, "sdpa"),
+    "b": ("pMF reference (jvp_sdpa)", "reference", "jvp_sdpa"),
+    "b'": ("pMF reference, math attn", "reference", "math"),
+    "c": ("pMF lean (jvp_sdpa)", "lean", "jvp_sdpa"),
+    "c16": ("pMF lean, bf16 autocast", "lean", "jvp_sdpa"),
+    "cC": ("pMF lean, torch.compile", "lean", "jvp_sdpa"),
+}
+
+
+def set_backend(net, backend: str) -> None:
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.backend = backend
+
+
+def make_net_and_batch(model: str, batch: int, device):
+    """The registered model with every parameter perturbed by N(0, 0.02^2) (zero-init gates and final layers would
+    make every head output 0), a random batch in [-1, 1] and labels; all from fixed seeds."""
+    torch.manual_seed(0)
+    net = build_model(model).to(device)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g).to(device))
+    shape = (batch, net.in_channels, net.input_size, net.input_size)
+    x = (torch.rand(shape, generator=g) * 2 - 1).to(device)
+    y = torch.randint(0, net.num_classes, (batch,), generator=g).to(device)
+    return net, x, y
+
+
+def fm_loss(net, x, y, gen):
+    """Plain flow matching with both heads: t ~ logit-normal(0.8, 0.8), r = t, no guidance (omega = 1, [0, 1])."""
+    B = x.shape[0]
+    t = torch.sigmoid(torch.randn(B, generator=gen, device=x.device) * 0.8 + 0.8)
+    e = torch.randn(x.shape, generator=gen, device=x.device)
+    z = noisy_image(x, t, e)
+    v_t = conditional_velocity(z, x, t)
+    zero, one = torch.zeros_like(t), torch.ones_like(t)
+    u, v = net(z, t, zero, one, zero, one, y)
+    return (u - v_t).pow(2).flatten(1).sum(1).mean() + (v - v_t).pow(2).flatten(1).sum(1).mean()
+
+
+def make_step(name: str, net, x, y, device):
+    """A closure running configuration ``name`` once (forward + backward) with draws seeded by the iteration."""
+    _, impl, backend = CONFIGS[name]
+    precision = "bf16" if name == "c16" else None
+    if impl is None:
+        loss_fn = fm_loss
+    else:
+        cfg = ObjectiveConfig(impl=impl)
+
+        def loss_fn(net, x, y, gen):
+            return pmf_loss(net, x, y, cfg, gen)[0]
+
+    if name == "cC":
+        loss_fn = maybe_compile(loss_fn, True)
+
+    def step(i: int):
+        set_backend(net, backend)
+        net.zero_grad(set_to_none=True)
+        gen = torch.Generator(device).manual_seed(1000 + i)
+        with autocast_context(device.type, precision):
+            loss = loss_fn(net, x, y, gen)
+        loss.backward()
+        return loss.detach()
+
+    return step
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_round_robin(fns: dict, iters: int, warmup: int, device) -> tuple[dict, dict]:
+    """Per configuration: wall-clock seconds and process CPU seconds (all threads) of each timed iteration."""
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for i in range(warmup + iters):
+        for k, fn in fns.items():
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fn(i)
+            sync(device)
+            if i >= warmup:
+                wall[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+    return wall, cpu
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_cuda(step, net, device) -> int:
+    step(0)  # warm: allocator caches, workspaces, lazily built buffers
+    net.zero_grad(set_to_none=True)  # gradients count in the step's peak, as in the CPU measurement
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step(1)
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def peak_memory_cpu_child(args) -> None:
+    """Subprocess entry: one configuration, three steps, print the RSS high-water delta in bytes."""
+    device = torch.device("cpu")
+    net, x, y = make_net_and_batch(args.model, args.batch, device)
+    step = make_step(args.memory_child, net, x, y, device)
+    base = rss_bytes()
+    for i in range(3):
+        step(i)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"peak_bytes": peak - base}))
+
+
+def peak_memory_cpu(name: str, args) -> int | None:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch), "--device", "cpu",
+           "--threads", str(torch.get_num_threads()), "--memory-child", name]
+    try:
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=1800)
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+    except (subprocess.SubprocessError, ValueError, KeyError, IndexError) as e:
+        print(f"  memory of {name}: measurement failed ({e})", file=sys.stderr)
+        return None
+
+
+def sampling_throughput(args, device) -> dict:
+    """images/s of 1-NFE sampling, median over iterations, round-robin between the three paths."""
+    torch.manual_seed(0)
+    net = build_model(args.model, v_head=False).to(device).eval()
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g).to(device))
+    B = args.sample_batch or args.batch
+    noise = torch.randn(B, net.in_channels, net.input_size, net.input_size, generator=g).to(device)
+    y = torch.randint(0, net.num_classes, (B,), generator=g).to(device)
+
+    def ours(backend):
+        def run(i):
+            set_backend(net, backend)
+            with torch.inference_mode():
+                return sample(net, noise, y, 1, omega=2.0)
+        return run
+
+    def baseline(i):
+        set_backend(net, "math")
+        with torch.no_grad():
+            return sample(net, noise, y, 1, omega=2.0)
+
+    paths = {"ours (jvp_sdpa, inference_mode)": ours("jvp_sdpa"), "ours (sdpa, inference_mode)": ours("sdpa"),
+             "baseline (einsum attention, no_grad)": baseline}
+    outs = {k: f(0) for k, f in paths.items()}
+    ref = outs["baseline (einsum attention, no_grad)"]
+    max_diff = max((o.float() - ref.float()).abs().max().item() for o in outs.values())
+    wall, cpu = time_round_robin(paths, args.iters, args.warmup, device)
+    return {"batch": B, "max_abs_diff_vs_baseline": max_diff,
+            "images_per_s": {k: B / statistics.median(v) for k, v in wall.items()},
+            "images_per_cpu_s": {k: B / statistics.median(v) for k, v in cpu.items()}}
+
+
+def profile_lean(net, x, y, device, rows: int = 15) -> str:
+    step = make_step("c", net, x, y, device)
+    step(0)
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    sort = "self_cpu_time_total"
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+        sort = "self_cuda_time_total"
+    with torch.profiler.profile(activities=acts) as prof:
+        step(1)
+        sync(device)
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="pMF-T/7-28")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--sample-batch", type=int, default=0, help="sampling batch (0: --batch)")
+    p.add_argument("--profile", action="store_true", help="print the top ops of the lean step")
+    p.add_argument("--bf16", action="store_true", help="add c16: the lean step under bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="add cC: the lean loss through speed.maybe_compile")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    p.add_argument("--no-sampling", action="store_true", help="skip the sampling throughput")
+    p.add_argument("--json", default="", help="write all numbers to this file")
+    p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
+    args = p.parse_args()
+
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # denormal arithmetic stalls CPU steps (see the pitfalls notes)
+    if args.memory_child:
+        peak_memory_cpu_child(args)
+        return 0
+
+    names = ["a", "b", "b'", "c"] + (["c16"] if args.bf16 else []) + (["cC"] if args.compile else [])
+    net, x, y = make_net_and_batch(args.model, args.batch, device)
+    n_params = sum(p.numel() for p in net.parameters())
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{args.model}  batch {args.batch}  {n_params / 1e6:.2f}M params  device {device} ({dev_name})  "
+          f"threads {torch.get_num_threads()}  torch {torch.__version__}")
+    print("forward + backward of the loss only (no optimizer step); medians of "
+          f"{args.iters} round-robin iterations after {args.warmup} warm-up")
+
+    steps = {n: make_step(n, net, x, y, device) for n in names}
+    losses = {n: float(steps[n](0)) for n in names}  # also a first warm-up (and compile) call
+    wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
+    med = {n: statistics.median(wall[n]) for n in names}
+    med_cpu = {n: statistics.median(cpu[n]) for n in names}
+
+    mem = {}
+    if not args.no_memory:
+        for n in names:
+            if device.type == "cuda":
+                mem[n] = peak_memory_cuda(steps[n], net, device)
+            elif n != "cC":  # a compile in each subprocess would take minutes
+                mem[n] = peak_memory_cpu(n, args)
+
+    # On a shared CPU, wall time includes time spent descheduled; the process CPU time (all threads) does not, and
+    # with one thread it is the uncontended step time. Both are printed; compare ratios, not absolute numbers.
+    show_cpu = device.type == "cpu"
+    head = f"\n{'':4s}{'configuration':30s}{'wall ms':>9s}{'(min-max)':>15s}{'x a':>6s}"
+    head += f"{'cpu ms':>9s}{'x a':>6s}" if show_cpu else ""
+    print(head + f"{'peak MB':>9s}{'x a':>6s}{'loss':>9s}")
+    for n in names:
+        lo, hi = min(wall[n]) * 1e3, max(wall[n]) * 1e3
+        m, m_a = mem.get(n), mem.get("a")
+        row = f"{n:4s}{CONFIGS[n][0]:30s}{med[n] * 1e3:9.1f}{f'({lo:.0f}-{hi:.0f})':>15s}{med[n] / med['a']:6.2f}"
+        row += f"{med_cpu[n] * 1e3:9.1f}{med_cpu[n] / med_cpu['a']:6.2f}" if show_cpu else ""
+        row += f"{m / 2**20:9.1f}{m / m_a:6.2f}" if m and m_a else f"{'-':>9s}{'-':>6s}"
+        print(row + f"{losses[n]:9.4f}")
+    b_math = "b'"
+    for label, t in (("wall", med), ("cpu", med_cpu)) if show_cpu else (("wall", med),):
+        print(f"{label:4s} ratios: c/a = {t['c'] / t['a']:.2f} (target <= 1.8);  b/a = {t['b'] / t['a']:.2f};  "
+              f"b'/a = {t[b_math] / t['a']:.2f}")
+    if mem.get("c") and mem.get("a"):
+        print(f"peak memory: c/a = {mem['c'] / mem['a']:.2f} (target <= 1.5);  b/a = {mem['b'] / mem['a']:.2f};  "
+              f"b'/a = {mem[b_math] / mem['a']:.2f}")
+
+    result = {"model": args.model, "batch": args.batch, "device": str(device), "device_name": dev_name,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "iters": args.iters,
+              "warmup": args.warmup, "params": n_params, "loss": losses,
+              "median_wall_ms": {n: med[n] * 1e3 for n in names},
+              "median_cpu_ms": {n: med_cpu[n] * 1e3 for n in names},
+              "wall_ms": {n: [t * 1e3 for t in wall[n]] for n in names},
+              "cpu_ms": {n: [t * 1e3 for t in cpu[n]] for n in names},
+              "ratio_wall_vs_a": {n: med[n] / med["a"] for n in names},
+              "ratio_cpu_vs_a": {n: med_cpu[n] / med_cpu["a"] for n in names},
+              "peak_memory_bytes": mem,
+              "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
+              else "subprocess ru_maxrss high-water minus RSS before the steps, MALLOC_MMAP_THRESHOLD_=65536"}
+
+    if not args.no_sampling:
+        s = sampling_throughput(args, device)
+        base_key = "baseline (einsum attention, no_grad)"
+        print(f"\n1-NFE sampling, batch {s['batch']}, omega 2 (max |diff| vs baseline "
+              f"{s['max_abs_diff_vs_baseline']:.1e}); images/s by wall time" + (" | by CPU time" if show_cpu else ""))
+        for k in s["images_per_s"]:
+            w, c = s["images_per_s"][k], s["images_per_cpu_s"][k]
+            row = f"  {k:40s}{w:9.1f}  {w / s['images_per_s'][base_key]:5.2f}x"
+            row += f"  | {c:9.1f}  {c / s['images_per_cpu_s'][base_key]:5.2f}x" if show_cpu else ""
+            print(row)
+        print("  target: ours >= 1.5x baseline")
+        result["sampling"] = s
+
+    if args.profile:
+        table = profile_lean(net, x, y, device)
+        print("\nlean step (c), top ops:\n" + table)
+        result["profile_lean"] = table
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""Optional speed switches for a training or sampling step: ``torch.compile`` with an eager fallback, and bf16
+autocast.
+
+Both are opt-in and change no default. Measured numbers (CPU) are in ``benchmarks/README.md``.
+
+bf16 and the JVP
+----------------
+Under ``torch.autocast(..., torch.bfloat16)`` the matmuls of the primal *and* of the tangent run in bf16 (autocast
+casts the tangent with its primal), everything else keeps its input dtype. What keeps the pMF step stable:
+
+- The attention tangent's ``P`` and ``P * dS`` terms in float32: :mod:`pmf.attention` computes them in
+  ``promote_types(dtype, float32)`` whatever q, k, v are (the ``jvp_sdpa`` backend; the ``math`` backend's softmax is
+  float32 too). Keep it that way: the ``rowsum(P * dS) * O`` term is a difference of nearly equal numbers.
+- The x -> u conversion ``u = (z - x) / max(t, 0.05)`` and ``V = u + (t - r) du/dt`` in float32: z, t and r stay
+  float32 (they are inputs, not autocast outputs), so type promotion lifts the bf16 head output to float32 before
+  the division; ``1 / 0.05 = 20`` would otherwise amplify bf16's 3 significant digits.
+- The time embedding's sinusoid in float32 (the model computes it in ``promote_types(weight dtype, float32)``; the
+  weights stay float32 under autocast), and the losses' per-sample sums in float32 (they are reductions of float32
+  tensors after the promotion above).
+- Parameters, gradients and optimizer state in float32 (autocast does not touch them). No loss scaling is needed
+  for bf16; fp16 would need a GradScaler, which the loop does not have, so :func:`autocast_context` refuses it.
+
+On CPUs without native bf16 matmuls (no AVX512-BF16 / AMX) bf16 autocast is usually *slower* than float32: it is
+meant for GPUs (and recent Xeons).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+
+import torch
+import torch.nn as nn
+
+PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def autocast_context(device_type: str, dtype: str | None = None):
+    """A context manager for the forward (and loss) of a step: ``torch.autocast(device_type, bfloat16)`` for
+    dtype "bf16" / "bfloat16", a no-op for None / "fp32" / "float32". Run ``backward`` outside it (autograd replays the
+    recorded casts). fp16 is refused (it needs loss scaling; MeanFlow runs report NaNs with it)."""
+    key = None if dtype is None else str(dtype).lower()
+    if key not in (None, *PRECISIONS):
+        raise ValueError(f"precision must be one of None, {', '.join(PRECISIONS)}; got {dtype!r}"
+                         + (" (fp16 needs a GradScaler; use bf16)" if key in ("fp16", "float16", "half") else ""))
+    target = None if key is None else PRECISIONS[key]
+    if target is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=target)
+
+
+class _EagerFallback:
+    """Call ``compiled``; if the first call raises, warn once and use ``eager`` from then on (this call included).
+
+    Only the *first* call is guarded: compile errors surface there (tracing, lowering, the C++/Triton build); a later
+    error is a real error of the function and is raised. Re-running the first call eagerly is safe for functions
+    whose failure leaves no side effects behind, e.g. a loss function (call ``backward`` outside it)."""
+
+    def __init__(self, compiled, eager, name: str):
+        self.compiled, self.eager, self.name = compiled, eager, name
+        self.state = "untried"  # -> "compiled" | "eager"
+        functools.update_wrapper(self, eager, updated=())
+
+    def __call__(self, *args, **kwargs):
+        if self.state == "compiled":
+            return self.compiled(*args, **kwargs)
+        if self.state == "eager":
+            return self.eager(*args, **kwargs)
+        try:
+            out = self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say why)
+            self._fall_back(e)
+            return self.eager(*args, **kwargs)
+        self.state = "compiled"
+        return out
+
+    def _fall_back(self, e: Exception):
+        self.state = "eager"
+        msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+        warnings.warn(f"torch.compile of {self.name} failed on its first call ({msg}); running eagerly",
+                      RuntimeWarning, stacklevel=3)
+
+
+class CompiledModule(nn.Module):
+    """A module whose ``forward`` runs through ``torch.compile`` with an eager fallback.
+
+    The wrapped module lives under ``_orig_mod`` (torch.compile's own attribute, which :mod:`pmf.checkpoint` strips
+    from state-dict keys), and every attribute this wrapper lacks is looked up on it, so ``net.trunk``, ``net.head``,
+    ``net.num_classes`` keep working. Only ``forward`` is compiled: methods called directly (the lean objective calls
+    ``trunk`` / ``head``) stay eager; compile the loss function for those."""
+
+    def __init__(self, module: nn.Module, call):
+        super().__init__()
+        self._orig_mod = module
+        self._call = call  # an _EagerFallback (not a Module, so not registered as a child)
+
+    def forward(self, *args, **kwargs):
+        return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["_orig_mod"], name)
+
+
+def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
+    """``torch.compile(fn_or_module, **compile_kwargs)`` when ``enabled``, falling back to eager execution if
+    ``torch.compile`` itself or the first call raises (one RuntimeWarning says why). ``enabled=False`` returns the
+    argument unchanged. A module comes back as a :class:`CompiledModule` (same parameters, same state-dict keys up to
+    the ``_orig_mod.`` prefix); a function as a callable wrapper."""
+    if not enabled:
+        return fn_or_module
+    is_module = isinstance(fn_or_module, nn.Module)
+    name = type(fn_or_module).__name__ if is_module else getattr(fn_or_module, "__qualname__", repr(fn_or_module))
+    try:
+        compiled = torch.compile(fn_or_module, **compile_kwargs)
+    except Exception as e:  # noqa: BLE001
+        guard = _EagerFallback(None, fn_or_module, name)
+        guard._fall_back(e)
+    else:
+        guard = _EagerFallback(compiled, fn_or_module, name)
+    return CompiledModule(fn_or_module, guard) if is_module else guard

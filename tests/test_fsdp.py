@@ -1,0 +1,235 @@
+"""FSDP2 (pmf.fsdp, ``train.parallel=fsdp``) with 2 gloo processes on CPU: what forward-mode AD does through
+``fully_shard`` (torch.func.jvp works, forward-AD dual tensors fail), Muon on sharded matrices, the adapted
+consistency checks, and a sharded run that resumes a 1-process checkpoint and ends where 1 process ends."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pmf import dist, fsdp
+from pmf.checkpoint import load_latest
+from pmf.config import load_config
+from pmf.train import train
+
+from test_dist import ENV, _join_group, assert_close_per_tensor, read_log, run_two
+
+# 3 steps of a global batch of 16 in 2 micro-batches, the reference (torch.func.jvp) objective; one log record
+# per step; checkpoints only at the end.
+SETS = ["train.batch_size=16", "train.accum_steps=2", "objective.impl=reference", "train.sample_every_kimg=0",
+        "train.log_every_kimg=0.016", "train.check_every_kimg=0.016", "train.ckpt_every_kimg=1000",
+        "train.ckpt_every_minutes=1000", "train.threads=1", "train.device=cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()  # train() sets the process-wide thread count
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Findings: forward-mode AD, Muon and the checks on fully_shard-ed modules (one pair of processes for all)
+
+
+def _perturbed_tiny(seed: int = 0):
+    """pMF-tiny with its zero-initialised gates and final layers moved off zero, so every parameter gets a
+    gradient and the u-head output depends on the weights."""
+    from pmf.model import build_model
+
+    torch.manual_seed(seed)
+    net = build_model("pMF-tiny")
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def _findings_worker(rank, port, out_dir):
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws, u_and_dudt, \
+        u_and_dudt_lean
+
+    _join_group(rank, port)
+    out = {}
+    try:
+        g = torch.Generator().manual_seed(100 + rank)  # each rank its own slice of the batch
+        x = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
+        y = torch.randint(0, 3, (4,), generator=g)
+        idx = torch.arange(4) + 4 * rank
+        gen = lambda: PerSampleGenerator((1000 + idx).tolist(), idx)  # noqa: E731
+        plain, sharded = _perturbed_tiny(), _perturbed_tiny()
+        fsdp.shard_model(sharded, torch.device("cpu"))
+
+        # 1. torch.func.jvp through the sharded net: same u and du/dt as the plain net on the same inputs.
+        d = sample_draws(x, y, ObjectiveConfig(), gen())
+        z, tangent = torch.randn_like(x), torch.randn_like(x)
+        u0, dudt0, _ = u_and_dudt(plain, z, d, y, tangent, with_v=True)
+        u1, dudt1, _ = u_and_dudt(sharded, z, d, y, tangent, with_v=True)
+        out["jvp_u_err"] = float((u1 - u0).abs().max())
+        out["jvp_dudt_err"] = float((dudt1 - dudt0).abs().max())
+
+        # 2. The whole loss (reference objective) and its backward: FSDP's reduce-scattered gradients equal the
+        #    rank-mean of the plain gradients; no parameter is left without one.
+        cfg = ObjectiveConfig(impl="reference")
+        loss0, _ = pmf_loss(plain, x, y, cfg, gen())
+        loss0.backward()
+        dist.all_reduce_grads(plain)
+        loss1, _ = pmf_loss(sharded, x, y, cfg, gen())
+        loss1.backward()
+        out["loss_err"] = float((loss1 - loss0).abs())
+        grads = dict(sharded.named_parameters())
+        out["grad_rel_err"] = max(
+            float((grads[n].grad.full_tensor() - p.grad).norm() / p.grad.norm().clamp_min(1e-12))
+            for n, p in plain.named_parameters())
+        out["all_sharded"] = all(isinstance(p, DTensor) for p in sharded.parameters())
+        fsdp.check_gradients_reduced(sharded)  # must not raise
+
+        # 3. The adapted checks. check_consistency skips sharded parameters (their local chunks differ by design);
+        #    a sharded parameter without a gradient is reported on every rank.
+        dist.check_consistency(sharded, "sharded parameters")
+        next(sharded.parameters()).grad = None
+        try:
+            fsdp.check_gradients_reduced(sharded, "gradients")
+            out["missing_grad"] = "not caught"
+        except dist.ConsistencyError as e:
+            out["missing_grad"] = str(e)
+
+        # 4. Forward-AD dual tensors (the lean objective) through the sharded net: FSDP2's hook function fails.
+        lean = _perturbed_tiny()
+        fsdp.shard_model(lean, torch.device("cpu"))
+        try:
+            pmf_loss(lean, x, y, ObjectiveConfig(impl="lean"), gen())[0].backward()
+            out["lean"] = "ok"
+        except RuntimeError as e:
+            out["lean"] = f"RuntimeError: {e}"
+        try:  # the same through u_and_dudt_lean alone
+            u_and_dudt_lean(lean, z, d, y, tangent, with_v=True)
+            out["lean_jvp"] = "ok"
+        except RuntimeError as e:
+            out["lean_jvp"] = f"RuntimeError: {e}"
+
+        # 5. Muon on a sharded matrix: GatheredMuon's update equals torch.optim.Muon's on the full matrix, bit for
+        #    bit (torch's own Muon on the DTensor runs Newton-Schulz as sharded bf16 matmuls: not the same numbers).
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh("cpu", (2,))
+        torch.manual_seed(7)
+        w, grad = torch.randn(37, 24), torch.randn(37, 24)  # odd rows: uneven shards
+        kw = dict(lr=0.01, weight_decay=0.0, momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.7750, 2.0315),
+                  eps=1e-8, ns_steps=5, adjust_lr_fn="original")
+        ref = torch.nn.Parameter(w.clone())
+        ref.grad = grad.clone()
+        torch.optim.Muon([ref], **kw).step()
+        results = {}
+        for name, cls in (("gathered", fsdp.GatheredMuon), ("torch", torch.optim.Muon)):
+            p = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
+            p.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
+            try:
+                cls([p], **kw).step()
+            except Exception as e:  # recorded, not asserted: only GatheredMuon is used
+                results[name] = f"{type(e).__name__}: {e}"
+                continue
+            delta, delta_ref = p.detach().full_tensor() - w, ref.detach() - w
+            results[name] = float((delta - delta_ref).norm() / delta_ref.norm())
+        out["muon_update_rel_err"] = results
+    finally:
+        dist.shutdown()
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def findings(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp("fsdp_findings")
+    run_two(_findings_worker, (str(out_dir),), timeout=180)
+    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def test_torch_func_jvp_works_through_fully_shard(findings):
+    """torch.func.jvp (objective.impl=reference) passes through FSDP2's hooks: u and du/dt equal the plain net's,
+    the loss is the same, and the reduce-scattered gradients are the rank-mean of the plain ones."""
+    for f in findings:
+        assert f["all_sharded"]
+        assert f["jvp_u_err"] < 1e-6 and f["jvp_dudt_err"] < 1e-5, f
+        assert f["loss_err"] < 1e-6 and f["grad_rel_err"] < 1e-5, f
+
+
+def test_forward_ad_dual_tensors_fail_inside_fully_shard(findings):
+    """The lean objective's forward-AD dual tensors do not pass FSDP2's pre-forward hook (torch 2.13). If this
+    starts to pass, FSDP2 gained forward-AD support: drop fsdp.check_objective and update docs/scale-out.md."""
+    for f in findings:
+        for key in ("lean", "lean_jvp"):
+            assert f[key] != "ok", "forward-AD now works through fully_shard: enable objective.impl=lean for fsdp"
+            assert fsdp.FORWARD_AD_ERROR in f[key], f[key]
+
+
+def test_gathered_muon_equals_unsharded_muon(findings):
+    for f in findings:
+        assert f["muon_update_rel_err"]["gathered"] == 0.0, f["muon_update_rel_err"]
+
+
+def test_sharded_checks(findings):
+    """check_consistency ignores sharded parameters; a parameter left without a reduce-scattered gradient is named
+    on the rank that has it and reported on every rank."""
+    assert "parameters without a reduce-scattered gradient" in findings[0]["missing_grad"]
+    assert "x_embedder" in findings[0]["missing_grad"] or "class_tokens" in findings[0]["missing_grad"]
+    assert findings[1]["missing_grad"].startswith("gradients")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration guards (one process, instant)
+
+
+def test_fsdp_refuses_the_forward_ad_objective(tmp_path):
+    cfg = load_config("tiny-test", overrides=["train.parallel=fsdp", "objective.impl=lean"])
+    with pytest.raises(ValueError, match=r"objective\.impl=reference"):
+        train(cfg, tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="ddp' or 'fsdp"):
+        load_config("tiny-test", overrides=["train.parallel=zero3"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A sharded run: resumes a 1-process checkpoint, trains, and ends where the 1-process run ends
+
+
+def test_fsdp_resumes_one_process_run_and_matches_it(tmp_path):
+    """1 process, 1 step -> torchrun 2 processes with train.parallel=fsdp resumes it for 2 more steps (full
+    checkpoint cut into shards, micro-batch accumulation without a sync, GatheredMuon, sharded EMAs, a gathered
+    checkpoint, grid and exports) -> same losses, weights, EMAs and optimizer state as 3 uninterrupted steps in 1
+    process, in the same checkpoint layout."""
+    ref = train(load_config("tiny-test", overrides=[*SETS, "train.total_kimg=0.048"]), tmp_path / "one", quiet=True)
+    train(load_config("tiny-test", overrides=[*SETS, "train.total_kimg=0.016"]), tmp_path / "two", quiet=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pmf",
+           "train", "--preset", "tiny-test", "--run-dir", str(tmp_path / "two"), "--quiet"]
+    for s in [*SETS, "train.total_kimg=0.048", "train.parallel=fsdp"]:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "resumed" in proc.stdout
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert (summary["world_size"], summary["parallel"], summary["step"]) == (2, "fsdp", 3) and ref["step"] == 3
+
+    log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
+    assert [r["step"] for r in log1] == [r["step"] for r in log2] == [1, 2, 3]
+    for key in ("loss", "loss_u", "loss_v", "grad_norm"):
+        np.testing.assert_allclose([r[key] for r in log2], [r[key] for r in log1], rtol=1e-5, err_msg=key)
+    a, b = load_latest(tmp_path / "one"), load_latest(tmp_path / "two")
+    assert_close_per_tensor(b["net"], a["net"], "net")
+    for name, shadow in a["ema"]["shadow"].items():
+        assert_close_per_tensor(b["ema"]["shadow"][name], shadow, f"ema.{name}")
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert set(sa) == set(sb) and a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    for i, st in sa.items():
+        assert set(st) == set(sb[i])
+        assert_close_per_tensor({k: v for k, v in sb[i].items() if v.ndim}, {k: v for k, v in st.items() if v.ndim},
+                                f"optimizer.state[{i}]")
+        assert all(torch.equal(v, sb[i][k]) for k, v in st.items() if v.ndim == 0)  # step counters
+    for f in ("samples-latest.png", "export/model.safetensors", "export/ema_hl1.safetensors"):
+        assert (tmp_path / "two" / f).exists(), f
