@@ -459,6 +459,11 @@ MODELS: dict[str, ModelSpec] = {
     "pMF-L/32": ModelSpec(_paper("L", 512, 32), 4.0, 7.5, 0.2, 0.6, 2000),
     "pMF-H/32": ModelSpec(_paper("H", 512, 32), 4.0, 5.5, 0.1, 0.6, 500),
     # Small CPU sizes. 28x28 grayscale (Fashion-MNIST) and 32x32 RGB.
+    # The CPU demo's size: 2 shared blocks + 2 per head, and 6 prefix tokens instead of 20 (class 2 | omega 1 |
+    # t_min 1 | t_max 1 | time 1): on 16 patch tokens the official 20 would be most of the sequence's cost.
+    "pMF-XS/7-28": ModelSpec(dict(input_size=28, patch_size=7, in_channels=1, hidden_size=96, depth=4, num_heads=3,
+                                  num_classes=10, aux_head_depth=2, bottleneck_dim=32, num_class_tokens=2,
+                                  num_cfg_tokens=1, num_interval_tokens=2, num_time_tokens=1), 1.0, 4.0, 0.0, 1.0),
     "pMF-T/7-28": ModelSpec(dict(input_size=28, patch_size=7, in_channels=1, hidden_size=128, depth=6, num_heads=4,
                                  num_classes=10, aux_head_depth=2, bottleneck_dim=32), 1.0, 3.0, 0.0, 1.0),
     "pMF-T/4-28": ModelSpec(dict(input_size=28, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,

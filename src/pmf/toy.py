@@ -401,8 +401,8 @@ def _plot(records, samples, truth, dims, predictions, path: Path, dataset: str):
 def run_toy(out_dir, preset: str = "quick", dims=(2, 8, 16, 512), predictions=("x", "u"),
             dataset: str = "swiss_roll", seed: int = 0, steps: int | None = None, verbose: bool = True,
             config: ToyConfig | None = None) -> list[dict]:
-    """Train and evaluate the grid predictions x dims; write toy.png, metrics.json, samples_<pred>_<D>.npy and
-    true_heldout.npy into out_dir. Returns the metric records."""
+    """Train and evaluate the grid predictions x dims; write toy.png, metrics.json (a list of records),
+    config.json, samples_<pred>_<D>.npy and true_heldout.npy into out_dir. Returns the metric records."""
     cfg = config if config is not None else PRESETS[preset]
     if steps is not None:
         cfg = replace(cfg, steps=int(steps))
@@ -447,7 +447,8 @@ def run_toy(out_dir, preset: str = "quick", dims=(2, 8, 16, 512), predictions=("
     meta = {"preset": preset, "config": asdict(cfg), "objective": asdict(cfg.objective()), "dataset": dataset,
             "seed": seed, "metric": f"sliced W2 in 2-D, {NUM_DIRECTIONS} random directions (seed {_DIRECTION_SEED})",
             "final_loss": "raw MSE per coordinate of V vs target (loss_u), mean over the last 10% of steps"}
-    (out / "metrics.json").write_text(json.dumps({"meta": meta, "records": records}, indent=2))
+    (out / "metrics.json").write_text(json.dumps(records, indent=2))  # a list of records, one per (prediction, D)
+    (out / "config.json").write_text(json.dumps(meta, indent=2))  # what produced them
     _plot(records, samples, truth.numpy(), list(dims), list(predictions), out / "toy.png", dataset)
     return records
 
