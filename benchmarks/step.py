@@ -18,7 +18,7 @@ shared machine hits all of them alike; medians over ``--iters`` after ``--warmup
 Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one step minus the allocation before it. CPU: each
 configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then serves every buffer over
 64 KiB by mmap and returns it on free, so the resident set tracks live tensors); the number is the high-water
-resident set (``getrusage`` ru_maxrss) over three steps minus the resident set before the first. It includes
+resident set (``VmHWM``, reset after set-up) over three steps minus the resident set before the first. It includes
 allocator slack and the gradients (the same in every configuration), so it is a fair ratio, not an exact tensor count.
 
 Sampling: 1-NFE throughput (images/s) of ``pmf.sampler.sample`` under ``torch.inference_mode`` with the model's
@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -135,9 +134,20 @@ def time_round_robin(fns: dict, iters: int, warmup: int, device) -> tuple[dict, 
     return wall, cpu
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def proc_status_bytes(key: str) -> int:
+    """VmRSS (resident set now) or VmHWM (its high-water mark) of this process, from /proc/self/status."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise KeyError(key)
+
+
+def reset_rss_high_water() -> None:
+    """Set VmHWM to the current VmRSS (Linux >= 4.0). getrusage's ru_maxrss cannot be used: it survives exec and
+    would report the parent's resident set in a subprocess."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def peak_memory_cuda(step, net, device) -> int:
@@ -156,11 +166,11 @@ def peak_memory_cpu_child(args) -> None:
     device = torch.device("cpu")
     net, x, y = make_net_and_batch(args.model, args.batch, device)
     step = make_step(args.memory_child, net, x, y, device)
-    base = rss_bytes()
+    reset_rss_high_water()
+    base = proc_status_bytes("VmRSS")
     for i in range(3):
         step(i)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_bytes": peak - base}))
+    print(json.dumps({"peak_bytes": proc_status_bytes("VmHWM") - base}))
 
 
 def peak_memory_cpu(name: str, args) -> int | None:
@@ -306,7 +316,7 @@ def main() -> int:
               "ratio_cpu_vs_a": {n: med_cpu[n] / med_cpu["a"] for n in names},
               "peak_memory_bytes": mem,
               "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
-              else "subprocess ru_maxrss high-water minus RSS before the steps, MALLOC_MMAP_THRESHOLD_=65536"}
+              else "subprocess VmHWM (reset after set-up) minus VmRSS before the steps, MALLOC_MMAP_THRESHOLD_=65536"}
 
     if not args.no_sampling:
         s = sampling_throughput(args, device)

@@ -10,7 +10,10 @@ What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 proce
 * Forward-AD dual tensors (``torch.autograd.forward_ad``, ``objective.impl=lean``) do NOT: the first sharded block
   that receives a dual activation raises "A custom Function's forward is returning a view (or an input as-is) but
   the jvp is not returning a view." (the same hook function, run by the autograd engine's forward-AD path).
-  :func:`check_objective` refuses that combination before any work is done.
+  Before that, the lean guidance pass runs under ``torch.inference_mode``: the unsharded parameter storage FSDP
+  allocates there becomes an inference tensor, and the next all-gather outside inference mode fails with "Inplace
+  update to inference tensor outside InferenceMode is not allowed." :func:`check_objective` refuses the lean path
+  before any work is done.
 * ``torch.optim.Muon`` runs on DTensor matrices, but its Newton-Schulz iteration then runs as sharded DTensor matmuls
   (a collective in every iteration) and, in bfloat16, the changed summation order moves the update by ~2 % per
   matrix. :class:`GatheredMuon` all-gathers each momentum-updated matrix once, orthogonalises it whole, and keeps
@@ -47,8 +50,9 @@ def check_objective(impl: str) -> None:
     if impl == "lean":
         raise ValueError(
             "train.parallel=fsdp needs objective.impl=reference: the lean path's forward-AD dual tensors fail inside "
-            f"FSDP2's pre-forward hook (torch {torch.__version__}: {FORWARD_AD_ERROR!r}); torch.func.jvp (the "
-            "reference path) works. See docs/scale-out.md.")
+            f"FSDP2's pre-forward hook (torch {torch.__version__}: {FORWARD_AD_ERROR!r}), and its inference-mode "
+            "guidance pass breaks FSDP's unsharded buffers; torch.func.jvp (the reference path) works. "
+            "See docs/scale-out.md.")
 
 
 def blocks_of(net: nn.Module) -> list[nn.Module]:
