@@ -92,12 +92,14 @@ def make_step(name: str, net, x, y, device):
     _, impl, backend = CONFIGS[name]
     precision = "bf16" if name == "c16" else None
     if impl is None:
-        loss_fn = fm_loss
+        def loss_fn(net, x, y, gen):
+            loss = fm_loss(net, x, y, gen)
+            return loss, {"loss": loss.detach()}
     else:
         cfg = ObjectiveConfig(impl=impl)
 
         def loss_fn(net, x, y, gen):
-            return pmf_loss(net, x, y, cfg, gen)[0]
+            return pmf_loss(net, x, y, cfg, gen)
 
     if name == "cC":
         loss_fn = maybe_compile(loss_fn, True)
@@ -107,9 +109,9 @@ def make_step(name: str, net, x, y, device):
         net.zero_grad(set_to_none=True)
         gen = torch.Generator(device).manual_seed(1000 + i)
         with autocast_context(device.type, precision):
-            loss = loss_fn(net, x, y, gen)
+            loss, metrics = loss_fn(net, x, y, gen)
         loss.backward()
-        return loss.detach()
+        return metrics
 
     return step
 
@@ -197,11 +199,11 @@ def sampling_throughput(args, device) -> dict:
     noise = torch.randn(B, net.in_channels, net.input_size, net.input_size, generator=g).to(device)
     y = torch.randint(0, net.num_classes, (B,), generator=g).to(device)
 
-    def ours(backend):
+    def ours(backend, precision=None, model=net):
         def run(i):
             set_backend(net, backend)
-            with torch.inference_mode():
-                return sample(net, noise, y, 1, omega=2.0)
+            with torch.inference_mode(), autocast_context(device.type, precision):
+                return sample(model, noise, y, 1, omega=2.0)
         return run
 
     def baseline(i):
@@ -211,9 +213,13 @@ def sampling_throughput(args, device) -> dict:
 
     paths = {"ours (jvp_sdpa, inference_mode)": ours("jvp_sdpa"), "ours (sdpa, inference_mode)": ours("sdpa"),
              "baseline (einsum attention, no_grad)": baseline}
-    outs = {k: f(0) for k, f in paths.items()}
+    if args.bf16:
+        paths["ours + bf16 autocast (jvp_sdpa)"] = ours("jvp_sdpa", "bf16")
+    if args.compile:
+        paths["ours + maybe_compile(net) (sdpa)"] = ours("sdpa", model=maybe_compile(net, True))
+    outs = {k: f(0) for k, f in paths.items()}  # also the compile, if any
     ref = outs["baseline (einsum attention, no_grad)"]
-    max_diff = max((o.float() - ref.float()).abs().max().item() for o in outs.values())
+    max_diff = {k: (o.float() - ref.float()).abs().max().item() for k, o in outs.items()}
     wall, cpu = time_round_robin(paths, args.iters, args.warmup, device)
     return {"batch": B, "max_abs_diff_vs_baseline": max_diff,
             "images_per_s": {k: B / statistics.median(v) for k, v in wall.items()},
@@ -244,8 +250,9 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--sample-batch", type=int, default=0, help="sampling batch (0: --batch)")
     p.add_argument("--profile", action="store_true", help="print the top ops of the lean step")
-    p.add_argument("--bf16", action="store_true", help="add c16: the lean step under bf16 autocast")
-    p.add_argument("--compile", action="store_true", help="add cC: the lean loss through speed.maybe_compile")
+    p.add_argument("--bf16", action="store_true", help="add c16 (the lean step under bf16 autocast) and bf16 sampling")
+    p.add_argument("--compile", action="store_true",
+                   help="add cC (the lean loss through speed.maybe_compile) and compiled sampling")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling throughput")
     p.add_argument("--json", default="", help="write all numbers to this file")
@@ -271,7 +278,7 @@ def main() -> int:
           f"{args.iters} round-robin iterations after {args.warmup} warm-up")
 
     steps = {n: make_step(n, net, x, y, device) for n in names}
-    losses = {n: float(steps[n](0)) for n in names}  # also a first warm-up (and compile) call
+    metrics = {n: {k: float(v) for k, v in steps[n](0).items()} for n in names}  # also warm-up (and compile)
     wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
     med = {n: statistics.median(wall[n]) for n in names}
     med_cpu = {n: statistics.median(cpu[n]) for n in names}
@@ -289,25 +296,29 @@ def main() -> int:
     show_cpu = device.type == "cpu"
     head = f"\n{'':4s}{'configuration':30s}{'wall ms':>9s}{'(min-max)':>15s}{'x a':>6s}"
     head += f"{'cpu ms':>9s}{'x a':>6s}" if show_cpu else ""
-    print(head + f"{'peak MB':>9s}{'x a':>6s}{'loss':>9s}")
+    print(head + f"{'peak MB':>9s}{'x a':>6s}  first-step metrics")
     for n in names:
         lo, hi = min(wall[n]) * 1e3, max(wall[n]) * 1e3
         m, m_a = mem.get(n), mem.get("a")
         row = f"{n:4s}{CONFIGS[n][0]:30s}{med[n] * 1e3:9.1f}{f'({lo:.0f}-{hi:.0f})':>15s}{med[n] / med['a']:6.2f}"
         row += f"{med_cpu[n] * 1e3:9.1f}{med_cpu[n] / med_cpu['a']:6.2f}" if show_cpu else ""
         row += f"{m / 2**20:9.1f}{m / m_a:6.2f}" if m and m_a else f"{'-':>9s}{'-':>6s}"
-        print(row + f"{losses[n]:9.4f}")
+        print(row + "  " + " ".join(f"{k} {v:.5g}" for k, v in metrics[n].items() if k != "loss" or n == "a"))
     b_math = "b'"
     for label, t in (("wall", med), ("cpu", med_cpu)) if show_cpu else (("wall", med),):
         print(f"{label:4s} ratios: c/a = {t['c'] / t['a']:.2f} (target <= 1.8);  b/a = {t['b'] / t['a']:.2f};  "
               f"b'/a = {t[b_math] / t['a']:.2f}")
+    if "c16" in names:
+        rel = {k: abs(metrics["c16"][k] - metrics["c"][k]) / abs(metrics["c"][k]) for k in ("loss_u", "loss_v")}
+        print(f"bf16 vs fp32 lean step, same draws: relative difference loss_u {rel['loss_u']:.1e}, "
+              f"loss_v {rel['loss_v']:.1e}")
     if mem.get("c") and mem.get("a"):
         print(f"peak memory: c/a = {mem['c'] / mem['a']:.2f} (target <= 1.5);  b/a = {mem['b'] / mem['a']:.2f};  "
               f"b'/a = {mem[b_math] / mem['a']:.2f}")
 
     result = {"model": args.model, "batch": args.batch, "device": str(device), "device_name": dev_name,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "iters": args.iters,
-              "warmup": args.warmup, "params": n_params, "loss": losses,
+              "warmup": args.warmup, "params": n_params, "first_step_metrics": metrics,
               "median_wall_ms": {n: med[n] * 1e3 for n in names},
               "median_cpu_ms": {n: med_cpu[n] * 1e3 for n in names},
               "wall_ms": {n: [t * 1e3 for t in wall[n]] for n in names},
@@ -321,13 +332,13 @@ def main() -> int:
     if not args.no_sampling:
         s = sampling_throughput(args, device)
         base_key = "baseline (einsum attention, no_grad)"
-        print(f"\n1-NFE sampling, batch {s['batch']}, omega 2 (max |diff| vs baseline "
-              f"{s['max_abs_diff_vs_baseline']:.1e}); images/s by wall time" + (" | by CPU time" if show_cpu else ""))
+        print(f"\n1-NFE sampling, batch {s['batch']}, omega 2; images/s by wall time"
+              + (" | by CPU time" if show_cpu else "") + " | max |x - x_baseline|")
         for k in s["images_per_s"]:
             w, c = s["images_per_s"][k], s["images_per_cpu_s"][k]
             row = f"  {k:40s}{w:9.1f}  {w / s['images_per_s'][base_key]:5.2f}x"
             row += f"  | {c:9.1f}  {c / s['images_per_cpu_s'][base_key]:5.2f}x" if show_cpu else ""
-            print(row)
+            print(row + f"  | {s['max_abs_diff_vs_baseline'][k]:.1e}")
         print("  target: ours >= 1.5x baseline")
         result["sampling"] = s
 

@@ -3,7 +3,6 @@
 consistency checks, and a sharded run that resumes a 1-process checkpoint and ends where 1 process ends."""
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

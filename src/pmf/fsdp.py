@@ -42,7 +42,8 @@ from pmf.optim import MuonWithAdam, build_optimizer
 FORWARD_METHODS = ("trunk", "head")
 
 # The error forward-mode dual tensors raise inside an FSDP2-sharded module (torch 2.13); quoted in check_objective.
-FORWARD_AD_ERROR = "A custom Function's forward is returning a view (or an input as-is) but the jvp is not returning a view."
+FORWARD_AD_ERROR = ("A custom Function's forward is returning a view (or an input as-is) but the jvp is not returning "
+                    "a view.")
 
 
 def check_objective(impl: str) -> None:
