@@ -371,19 +371,17 @@ def test_pmf_loss_perceptual_gate_by_t():
 
 
 def test_config_and_build(tmp_path):
-    """Recipe defaults; build_perceptual returns None when disabled, names the missing file otherwise, and builds
-    the hook from local files; objective_overrides gives the ObjectiveConfig fields to set."""
+    """Recipe crop defaults; build_perceptual returns None without positive weights, rejects unknown terms, names the
+    missing file, and reports a weights file that does not match the architecture."""
     cfg = PerceptualConfig()
-    assert (cfg.lpips_weight, cfg.convnext_weight, cfg.max_t, cfg.crop_size) == (0.4, 0.1, 0.8, 224)
-    assert cfg.crop_scale == (0.08, 1.0) and cfg.crop_ratio == (3 / 4, 4 / 3)
-    assert build_perceptual(cfg) is None
-    assert cfg.objective_overrides() == {"perceptual_max_t": 0.8,
-                                         "perceptual_weights": {"lpips": 0.4, "convnext": 0.1}}
+    assert cfg.crop_size == 224 and cfg.crop_scale == (0.08, 1.0) and cfg.crop_ratio == (3 / 4, 4 / 3)
+    assert build_perceptual(cfg, None) is None and build_perceptual(cfg, {"lpips": 0.0}) is None
+    with pytest.raises(ValueError, match="unknown perceptual terms"):
+        build_perceptual(cfg, {"dino": 1.0})
     with pytest.raises(FileNotFoundError, match="vgg16-397923af"):
-        build_perceptual(dataclasses.replace(cfg, enabled=True))
+        build_perceptual(cfg, {"lpips": 0.4, "convnext": 0.1})
     ref = _tiny_convnext()
     torch.save(convnext_state_to_hf(ref.state_dict()), tmp_path / "pytorch_model.bin")
-    only_cnx = dataclasses.replace(cfg, enabled=True, lpips_weight=0.0, convnext_path=str(tmp_path), crop_size=CROP)
-    assert only_cnx.weights() == {"convnext": 0.1}
+    only_cnx = dataclasses.replace(cfg, convnext_path=str(tmp_path), crop_size=CROP)
     with pytest.raises(ValueError, match="does not match"):  # tiny file vs the base architecture: listed mismatch
-        build_perceptual(only_cnx)
+        build_perceptual(only_cnx, {"convnext": 0.1})

@@ -1,5 +1,5 @@
-"""pmf.speed: torch.compile falls back to eager (with one warning) when compiling or the first call fails, and the
-result is the eager one; bf16 autocast of the lean pMF step stays within a stated tolerance of float32. No test
+"""pmf.speed: torch.compile falls back to eager (with one warning) when compiling or a compiled call fails, the
+result is the eager one and the failed call's random draws are replayed; bf16 autocast of the lean pMF step stays within a stated tolerance of float32. No test
 here asserts a time (timings live in benchmarks/step.py)."""
 
 import warnings
@@ -67,10 +67,63 @@ def test_fallback_when_first_call_fails(monkeypatch):
     x = torch.linspace(-2, 2, 7)
     out, w = _caught(g, x)
     torch.testing.assert_close(out, f(x), rtol=0, atol=0)
-    assert len(w) == 1 and "first call" in str(w[0].message)
+    assert len(w) == 1 and "failed" in str(w[0].message)
     out2, w2 = _caught(g, x + 1)
     torch.testing.assert_close(out2, f(x + 1), rtol=0, atol=0)
     assert w2 == [] and g.state == "eager"
+
+
+def test_fallback_after_working_calls(monkeypatch):
+    """A compiled callable that works, then fails in a new situation (a recompile for a new shape, a forward-AD
+    call): that call and every later one run eagerly, with one warning."""
+    def fake_compile(fn, **kwargs):
+        def run(x):
+            if x.shape[0] > 3:
+                raise RuntimeError("recompile failed (simulated)")
+            return fn(x)
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    g = maybe_compile(f, True)
+    x = torch.linspace(-1, 1, 3)
+    out, w = _caught(g, x)
+    assert w == [] and g.state == "compiled"
+    out, w = _caught(g, torch.ones(5))
+    torch.testing.assert_close(out, f(torch.ones(5)), rtol=0, atol=0)
+    assert len(w) == 1 and g.state == "eager"
+    _, w = _caught(g, x)
+    assert w == []
+
+
+def noisy(x, gen, per_sample):
+    """Draws from a generator argument, from a PerSampleGenerator-like object and from the global RNG."""
+    return (x + torch.randn(x.shape, generator=gen) + torch.stack([torch.rand((), generator=q) for q in
+                                                                   per_sample.generators]) + torch.rand(x.shape))
+
+
+class _PerSample:
+    def __init__(self, seeds):
+        self.generators = [torch.Generator().manual_seed(s) for s in seeds]
+
+
+def test_fallback_replays_the_random_draws(monkeypatch):
+    """The compiled call draws from the generators (and the global RNG), then fails: the eager re-run starts from
+    the same random state, so the result equals an eager call on fresh generators with the same seeds."""
+    def fake_compile(fn, **kwargs):
+        def run(x, gen, per_sample):
+            fn(x, gen, per_sample)  # consumes random numbers ...
+            raise RuntimeError("lowering failed (simulated)")  # ... then fails
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    g = maybe_compile(noisy, True)
+    x = torch.zeros(3)
+    torch.manual_seed(5)
+    out, w = _caught(g, x, torch.Generator().manual_seed(1), _PerSample([7, 8, 9]))
+    torch.manual_seed(5)
+    expected = noisy(x, torch.Generator().manual_seed(1), _PerSample([7, 8, 9]))
+    assert len(w) == 1
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
 def test_compiled_path_is_used_when_it_works(monkeypatch):

@@ -17,6 +17,7 @@ import yaml
 
 from pmf.objective import ObjectiveConfig
 from pmf.optim import OptimConfig
+from pmf.perceptual import PerceptualConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -89,6 +90,7 @@ class EvalConfig:
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)  # weight files + crop (lambdas: objective)
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -50,28 +50,16 @@ from pmf.objective import PerSampleGenerator
 
 @dataclass
 class PerceptualConfig:
-    enabled: bool = False  # pMF B/L/H recipes: on [P Tab. 8; configs]; the Fashion-MNIST demo: off
+    """Where the perceptual backbones' weights are and how pairs are cropped. Which terms run, their lambdas and the
+    t gate are the objective's (``objective.perceptual_weights`` = {lpips: 0.4, convnext: 0.1} and
+    ``objective.perceptual_max_t`` in the official presets [P Tab. 8; recipe 3.4 / 3.5]): one source of truth."""
+
     lpips_vgg_path: str = ""  # torchvision VGG16 ImageNet weights (vgg16-397923af.pth), see load_lpips
     lpips_lin_path: str = ""  # LPIPS v0.1 linear heads (LPIPS repo weights/v0.1/vgg.pth)
     convnext_path: str = ""  # facebook/convnextv2-base-22k-224: model.safetensors / pytorch_model.bin / its folder
     crop_size: int = 224  # paired RandomResizedCrop output side [recipe 3.5; official out_size=224]
     crop_scale: tuple = (0.08, 1.0)  # crop area fraction ~ U(0.08, 1) [recipe 3.5]
     crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio, log-uniform [recipe 3.5]
-    lpips_weight: float = 0.4  # lambda_lpips [P Tab. 8; all six released configs]; 0 disables LPIPS
-    convnext_weight: float = 0.1  # lambda_convnext [P Tab. 8; configs]; 0 disables ConvNeXt
-    max_t: float = 0.8  # only samples with t < max_t [P Tab. 8; B/16, L/16, B/32]; 0.6 for H and L/32 [recipe 3.4]
-    # lpips_weight, convnext_weight and max_t are applied by the objective: copy them into ObjectiveConfig with
-    # objective_overrides() (its perceptual_weights / perceptual_max_t are the values pmf_loss reads).
-
-    def weights(self) -> dict:
-        """{term: lambda} for the terms this config turns on (the keys the hook returns)."""
-        w = {"lpips": self.lpips_weight, "convnext": self.convnext_weight}
-        return {k: v for k, v in w.items() if v > 0}
-
-    def objective_overrides(self) -> dict:
-        """The ObjectiveConfig fields that must agree with this config:
-        ``dataclasses.replace(cfg.objective, **perceptual_cfg.objective_overrides())``."""
-        return {"perceptual_max_t": self.max_t, "perceptual_weights": self.weights()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,13 +514,17 @@ class PerceptualLoss(nn.Module):
         return out
 
 
-def build_perceptual(cfg: PerceptualConfig, device="cpu") -> PerceptualLoss | None:
-    """The hook for ``pmf_loss(..., perceptual=...)``, or None when ``cfg.enabled`` is False. Loads the terms with a
-    positive weight; a missing weight file raises FileNotFoundError saying where to get it."""
-    if not cfg.enabled:
+def build_perceptual(cfg: PerceptualConfig, weights: dict | None, device="cpu") -> PerceptualLoss | None:
+    """The hook for ``pmf_loss(..., perceptual=...)``: loads the terms of ``weights`` (``objective.perceptual_weights``)
+    with a positive lambda, or returns None when there are none. A missing weight file raises FileNotFoundError
+    saying where to get it; an unknown term name raises ValueError."""
+    terms = {k for k, v in (weights or {}).items() if v > 0}
+    unknown = terms - {"lpips", "convnext"}
+    if unknown:
+        raise ValueError(f"unknown perceptual terms {sorted(unknown)} in objective.perceptual_weights; "
+                         "known: lpips, convnext")
+    if not terms:
         return None
-    if not cfg.weights():
-        raise ValueError("perceptual.enabled is set but both lpips_weight and convnext_weight are 0")
-    lpips = load_lpips(cfg.lpips_vgg_path, cfg.lpips_lin_path) if cfg.lpips_weight > 0 else None
-    convnext = load_convnext(cfg.convnext_path) if cfg.convnext_weight > 0 else None
+    lpips = load_lpips(cfg.lpips_vgg_path, cfg.lpips_lin_path) if "lpips" in terms else None
+    convnext = load_convnext(cfg.convnext_path) if "convnext" in terms else None
     return PerceptualLoss(lpips, convnext, cfg.crop_size, cfg.crop_scale, cfg.crop_ratio).to(device)

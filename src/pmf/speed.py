@@ -50,27 +50,56 @@ def autocast_context(device_type: str, dtype: str | None = None):
     return torch.autocast(device_type=device_type, dtype=target)
 
 
-class _EagerFallback:
-    """Call ``compiled``; if the first call raises, warn once and use ``eager`` from then on (this call included).
+def _generators(args, kwargs) -> list[torch.Generator]:
+    """The torch.Generators among a call's arguments: plain, in a list/tuple, or in a ``.generators`` list (the
+    objective's PerSampleGenerator)."""
+    found = []
+    for a in (*args, *kwargs.values()):
+        for g in (a if isinstance(a, (list, tuple)) else getattr(a, "generators", [a])):
+            if isinstance(g, torch.Generator):
+                found.append(g)
+    return found
 
-    Only the *first* call is guarded: compile errors surface there (tracing, lowering, the C++/Triton build); a later
-    error is a real error of the function and is raised. Re-running the first call eagerly is safe for functions
-    whose failure leaves no side effects behind, e.g. a loss function (call ``backward`` outside it)."""
+
+class _RngSnapshot:
+    """The state of the global CPU (and initialised CUDA) RNGs and of the given generators, to replay a call."""
+
+    def __init__(self, generators):
+        self.gens = [(g, g.get_state()) for g in generators]
+        self.cpu = torch.random.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def restore(self):
+        for g, state in self.gens:
+            g.set_state(state)
+        torch.random.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state_all(self.cuda)
+
+
+class _EagerFallback:
+    """Call ``compiled``; the first time it raises, warn once and run ``eager`` from then on, this call included.
+
+    Before the eager re-run the random state is rewound (global RNGs and the generators passed in), so the fallback
+    call draws the same numbers the compiled one would have. Other side effects of a failed compiled call are not
+    undone: wrap functions that have none before they return, e.g. a loss function, and call ``backward`` outside.
+    Note that inductor compiles the backward graph lazily, at the first ``backward``; an error there is raised by
+    ``backward`` itself, outside this guard."""
 
     def __init__(self, compiled, eager, name: str):
         self.compiled, self.eager, self.name = compiled, eager, name
-        self.state = "untried"  # -> "compiled" | "eager"
+        self.state = "untried"  # -> "compiled" after a successful call, "eager" after a failure
         functools.update_wrapper(self, eager, updated=())
 
     def __call__(self, *args, **kwargs):
-        if self.state == "compiled":
-            return self.compiled(*args, **kwargs)
         if self.state == "eager":
             return self.eager(*args, **kwargs)
+        rng = _RngSnapshot(_generators(args, kwargs))
         try:
             out = self.compiled(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say why)
+        except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say why; real errors recur eagerly)
             self._fall_back(e)
+            rng.restore()
             return self.eager(*args, **kwargs)
         self.state = "compiled"
         return out
@@ -78,7 +107,7 @@ class _EagerFallback:
     def _fall_back(self, e: Exception):
         self.state = "eager"
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        warnings.warn(f"torch.compile of {self.name} failed on its first call ({msg}); running eagerly",
+        warnings.warn(f"torch.compile of {self.name} failed ({msg}); running eagerly from now on",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -106,8 +135,9 @@ class CompiledModule(nn.Module):
 
 
 def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
-    """``torch.compile(fn_or_module, **compile_kwargs)`` when ``enabled``, falling back to eager execution if
-    ``torch.compile`` itself or the first call raises (one RuntimeWarning says why). ``enabled=False`` returns the
+    """``torch.compile(fn_or_module, **compile_kwargs)`` when ``enabled``, falling back to eager execution for good
+    if ``torch.compile`` itself or a compiled call raises (one RuntimeWarning says why; the failed call is re-run
+    eagerly with its random state rewound). ``enabled=False`` returns the
     argument unchanged. A module comes back as a :class:`CompiledModule` (same parameters, same state-dict keys up to
     the ``_orig_mod.`` prefix); a function as a callable wrapper."""
     if not enabled:

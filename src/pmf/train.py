@@ -27,6 +27,7 @@ from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, pmf_loss
 from pmf.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
+from pmf.perceptual import build_perceptual
 from pmf.sampler import noise_from_seeds, sample
 
 # Config keys that may change between a run and its resumption (they do not change the training trajectory).
@@ -125,10 +126,11 @@ class StepResult:
     grad_norm: float
 
 
-def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device) -> StepResult:
+def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
     averaged over ranks by :func:`pmf.dist.all_reduce_grads` (``ddp``) or by FSDP's reduce-scatter after the last
-    micro-batch (``fsdp``; the earlier ones accumulate unsharded gradients without communication)."""
+    micro-batch (``fsdp``; the earlier ones accumulate unsharded gradients without communication).
+    ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None."""
     world, rank = dist.world_size(), dist.rank()
     sharded = fsdp.is_sharded(net)
     per_rank = images_u8.shape[0]
@@ -143,7 +145,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device) -
         y = labels[sl].to(device) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
         gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)
-        loss, metrics = pmf_loss(net, x, y, cfg.objective, gen)
+        loss, metrics = pmf_loss(net, x, y, cfg.objective, gen, perceptual=perceptual)
         (loss / accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) / accum
@@ -269,9 +271,13 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
         infer = {**kwargs, "v_head": False}
         summary["params_M_inference"] = round(sum(p.numel() for p in PMFDiT(**infer).parameters()) / 1e6, 3)
     notes = []
-    if cfg.objective.perceptual_weights:
-        notes.append("objective.perceptual_weights is set, but train() passes no perceptual hook to pmf_loss yet: "
-                     "the LPIPS / ConvNeXt terms are not trained")
+    terms = sorted(k for k, v in (cfg.objective.perceptual_weights or {}).items() if v > 0)
+    if terms:
+        need = {"lpips": ("lpips_vgg_path", "lpips_lin_path"), "convnext": ("convnext_path",)}
+        missing = [f"perceptual.{key}" for t in terms for key in need.get(t, ())
+                   if not Path(getattr(cfg.perceptual, key) or "/nonexistent").exists()]
+        notes.append(f"perceptual terms {terms} (objective.perceptual_weights) load their backbones at start"
+                     + (f"; set {', '.join(missing)} first" if missing else ""))
     if cfg.train.parallel == "fsdp" and world == 1:
         notes.append("train.parallel=fsdp in one process runs unsharded")
     summary["notes"] = notes
@@ -332,6 +338,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         fsdp.shard_model(net, device, cfg.train.fsdp_reshard_after_forward)
     opt = fsdp.build_sharded_optimizer(net, cfg.optim) if sharded else build_optimizer(net, cfg.optim)
     ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies under FSDP
+    perceptual = build_perceptual(cfg.perceptual, cfg.objective.perceptual_weights, device)  # frozen; not saved
     loader = ShardedLoader(data, G, seed=cfg.train.seed, rank=rank, world_size=world,
                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     if state is not None:
@@ -409,7 +416,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
             break
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, nimg / 1000))
-        res = train_step(net, opt, images_u8, labels, cfg, nimg, device)
+        res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual)
         nimg += G
         step += 1
         if res.finite:
