@@ -202,7 +202,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     def make_fake(nan_calls):
         calls = []
 
-        def fake(net, x, y, cfg, gen):
+        def fake(net, x, y, cfg, gen, perceptual=None):
             calls.append(1)
             loss, metrics = real_loss(net, x, y, cfg, gen)
             if len(calls) in nan_calls:
