@@ -15,12 +15,7 @@ from pmf.guidance_search import guidance_search, parse_interval
 from pmf.model import MODELS, PMFDiT
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def tiny_net(seed):

@@ -40,13 +40,7 @@ KS_P = 1e-3  # KS tolerance: with the fixed seeds below every p-value must excee
 IMPLS = ("reference", "lean")  # the plain torch.func.jvp step and the forward-AD trunk + u-head step
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors on a shared, loaded machine: one intra-op thread is ~10x faster than oversubscribing."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -35,12 +35,7 @@ TINY_CNX = dict(depths=(1, 1, 2, 1), dims=(8, 16, 16, 32))
 CROP = 32
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _tiny_lpips(seed=0):

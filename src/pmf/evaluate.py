@@ -50,7 +50,28 @@ Extractor = Callable[[torch.Tensor], "torch.Tensor | tuple[torch.Tensor, torch.T
 # Streaming first and second moments
 
 
-class FeatureStats:
+class _SummedBuffer:
+    """Streaming state held as one float64 buffer of sums: merging two sets adds buffers, and so does the all-reduce
+    across processes (one SUM of one buffer)."""
+
+    buffer: torch.Tensor
+
+    def merge(self, other):
+        """In place: self += other (the state of the union of the two sets)."""
+        if other.buffer.shape != self.buffer.shape:
+            raise ValueError(f"cannot merge states of shapes {tuple(self.buffer.shape)} and {tuple(other.buffer.shape)}")
+        self.buffer.add_(other.buffer.to(self.buffer.device))
+        return self
+
+    def all_reduce_(self, group=None):
+        """Sum the state over all processes; a no-op without torch.distributed."""
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group)
+        return self
+
+
+class FeatureStats(_SummedBuffer):
     """Running count n, sum S1 = sum_i f_i and outer-product sum S2 = sum_i f_i f_i^T of features, in float64.
 
     mu = S1 / n;  Sigma = (S2 - n mu mu^T) / (n - 1)  (unbiased, ddof = 1, as ``np.cov`` and pytorch-fid).
@@ -90,20 +111,6 @@ class FeatureStats:
             pred = logits.detach().argmax(1).to(self.buffer.device)
             self.buffer[1] += (pred == labels.to(self.buffer.device)).sum()
             self.buffer[2] += labels.numel()
-        return self
-
-    def merge(self, other: "FeatureStats") -> "FeatureStats":
-        """In place: self += other (stats of the union of the two sets)."""
-        if other.dim != self.dim:
-            raise ValueError(f"feature dims differ: {self.dim} vs {other.dim}")
-        self.buffer.add_(other.buffer.to(self.buffer.device))
-        return self
-
-    def all_reduce_(self, group=None) -> "FeatureStats":
-        """Sum the state over all processes (SUM all-reduce of one buffer); a no-op without torch.distributed."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group)
         return self
 
     def state_dict(self) -> dict:
@@ -152,7 +159,7 @@ def is_split_assignment(n: int, splits: int = IS_SPLITS, seed: int = IS_SEED) ->
     return out
 
 
-class InceptionScoreStats:
+class InceptionScoreStats(_SummedBuffer):
     """Streaming Inception Score over ``n`` samples with global indices 0..n-1, in float64.
 
     IS_s = exp( mean_{i in s} KL(p_i || pbar_s) ),  pbar_s = mean_{i in s} p_i,  p_i = softmax(logits_i);
@@ -179,17 +186,6 @@ class InceptionScoreStats:
         p = log_p.exp()
         rows = torch.cat([torch.ones_like(p[:, :1]), (p * log_p).sum(1, keepdim=True), p], 1)  # (B, K + 2)
         self.buffer.index_add_(0, self.split_of[indices].to(self.buffer.device), rows)
-        return self
-
-    def merge(self, other: "InceptionScoreStats") -> "InceptionScoreStats":
-        self.buffer.add_(other.buffer.to(self.buffer.device))
-        return self
-
-    def all_reduce_(self, group=None) -> "InceptionScoreStats":
-        """Sum the state over all processes; a no-op without torch.distributed."""
-        dist = torch.distributed
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.buffer, op=dist.ReduceOp.SUM, group=group)
         return self
 
     @property
