@@ -433,7 +433,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         window.append(res.metrics.get("loss", float("nan")))
         if pbar is not None:
             pbar.update(G)
-            pbar.set_postfix(loss=f"{res.metrics.get('loss', float('nan')):.4f}", step=step, refresh=False)
+            # loss_u (raw MSE of V against v_g) moves visibly; the adaptively weighted loss sits near its number of
+            # terms by construction (each term is l / sg(l + eps)).
+            pbar.set_postfix(loss_u=f"{res.metrics.get('loss_u', float('nan')):.4f}", step=step, refresh=False)
         if nimg >= next_log or nimg >= total_nimg:
             elapsed = time.time() - t_loop
             rec = {"kimg": nimg / 1000, "step": step, **res.metrics, "loss_avg": sum(window) / len(window),
