@@ -9,11 +9,13 @@ held-out data. The expected finding: both work at D = 2; as D grows u-prediction
 256-wide MLP cannot carry the D-dimensional noise that u contains), while x-prediction keeps working (x lies in a
 2-D subspace).
 
-What the quick preset gets (seed 0; runs/toy/metrics.json): x-prediction is within 1.8-3.4x of the sliced-W2 floor
-at every D; u-prediction is a blob with the prior's own score (~5.9x) from D = 8 on, with the D-dim noise left off
-the data plane (off_manifold 21.8 at D = 512). At D = 2 u-prediction's 1-NFE samples are a recognisable but fuzzy
-roll (5.5x): at this budget its u(z, 0, 1) is the weak spot (the same model sampled in 2 / 4 steps: 3.6x / 2.7x),
-whereas x-prediction extrapolates to h = 1 well. The paper's D = 2 u-prediction panel presumably trained longer.
+What the quick preset gets (seed 0; `pmf toy --out runs/toy`): x-prediction is within 2.0-3.9x of the sliced-W2
+floor at every D (2.0 / 3.9 / 2.5 / 3.0 at D = 2 / 8 / 16 / 512); u-prediction is a blob with about the prior's own
+score (~6x) from D = 8 on, with the D-dim noise left off the data plane (off_manifold 21.8 at D = 512 vs 0.009 for
+x). At D = 2 u-prediction's 1-NFE samples are a fuzzy roll, 9.1x at seed 0 and 6.3x at seed 1 (single cells vary by
+about that much across seeds): unlike the paper's figure it is not near the floor. Tried without success (one or
+two seeds each): conditioning only the u-net on t as well (iMF-style; 6.5-8.2x), 5-10 % uniform (t, r) draws (u:
+4.8-5.1x, but x gets worse: 2.8-4.9x at D = 2, 7.7x at D = 512 with 10 %). Longer training is the untested lead.
 
 Choices the paper does not report (recipe 4.1: "Not reported: steps, optimizer, time sampler and noise"), made here
 and tuned on a 2-core CPU for the "quick" preset (:data:`PRESETS`; the whole 2 x 4 grid takes ~5 min there):
