@@ -1,7 +1,8 @@
 """Cost of one pMF training step relative to a flow-matching step of the same network, measured in one run.
 
     python benchmarks/step.py [--model pMF-T/7-28] [--batch 64] [--device cpu|cuda] [--iters 10] [--warmup 2]
-                              [--threads N] [--sample-batch N] [--profile] [--bf16] [--compile] [--json OUT]
+                              [--threads N] [--sample-batch N] [--profile] [--breakdown] [--bf16] [--compile]
+                              [--json OUT]
 
 Configurations, each forward + backward of the loss only (no optimizer step, gradients set to None before each),
 on the same batch and the same random draws per iteration:
@@ -228,6 +229,52 @@ def sampling_throughput(args, device) -> dict:
             "images_per_cpu_s": {k: B / statistics.median(v) for k, v in cpu.items()}}
 
 
+def breakdown_lean(net, x, y, device, iters: int) -> dict:
+    """Median milliseconds (CPU time on CPU, synchronised wall time on CUDA) of the lean step's parts and of the
+    flow-matching step's forward and backward, from timers wrapped around pmf.objective's named steps."""
+    import pmf.objective as O
+
+    on_cpu = device.type == "cpu"
+
+    def now():
+        sync(device)
+        return time.process_time() if on_cpu else time.perf_counter()
+
+    acc: dict[str, list] = {}
+
+    def timed(label, fn):
+        def run(*a, **k):
+            t0 = now()
+            out = fn(*a, **k)
+            acc.setdefault(label, []).append(now() - t0)
+            return out
+        return run
+
+    names = {"guided_target_lean": "c: guidance (inference mode)", "u_and_dudt_lean": "c: u, du/dt, v (with grad)",
+             "_u_dudt_trunk": "c:   of which the forward-AD pass"}
+    saved = {n: getattr(O, n) for n in names}
+    try:
+        for n, label in names.items():
+            setattr(O, n, timed(label, saved[n]))
+        cfg = ObjectiveConfig(impl="lean")
+        for i in range(iters + 1):
+            for kind in ("a", "c"):
+                set_backend(net, CONFIGS[kind][2])
+                net.zero_grad(set_to_none=True)
+                gen = torch.Generator(device).manual_seed(1000 + i)
+                t0 = now()
+                loss = fm_loss(net, x, y, gen) if kind == "a" else O.pmf_loss(net, x, y, cfg, gen)[0]
+                t1 = now()
+                loss.backward()
+                t2 = now()
+                acc.setdefault(f"{kind}: forward (loss)", []).append(t1 - t0)
+                acc.setdefault(f"{kind}: backward", []).append(t2 - t1)
+    finally:
+        for n in names:
+            setattr(O, n, saved[n])
+    return {k: statistics.median(v[1:]) * 1e3 for k, v in sorted(acc.items())}
+
+
 def profile_lean(net, x, y, device, rows: int = 15) -> str:
     step = make_step("c", net, x, y, device)
     step(0)
@@ -252,6 +299,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--sample-batch", type=int, default=0, help="sampling batch (0: --batch)")
     p.add_argument("--profile", action="store_true", help="print the top ops of the lean step")
+    p.add_argument("--breakdown", action="store_true", help="time the lean step's parts (guidance, forward AD, ...)")
     p.add_argument("--bf16", action="store_true", help="add c16 (the lean step under bf16 autocast) and bf16 sampling")
     p.add_argument("--compile", action="store_true",
                    help="add cC (lean step with speed.maybe_compile(net)) and compiled sampling")
@@ -343,6 +391,14 @@ def main() -> int:
             print(row + f"  | {s['max_abs_diff_vs_baseline'][k]:.1e}")
         print("  target: ours >= 1.5x baseline")
         result["sampling"] = s
+
+    if args.breakdown:
+        parts = breakdown_lean(net, x, y, device, args.iters)
+        unit = "CPU ms" if device.type == "cpu" else "ms"
+        print(f"\nwhere the time goes ({unit}, medians of {args.iters}):")
+        for k, v in parts.items():
+            print(f"  {k:40s}{v:9.1f}")
+        result["breakdown_ms"] = parts
 
     if args.profile:
         table = profile_lean(net, x, y, device)
