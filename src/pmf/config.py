@@ -53,7 +53,8 @@ class TrainConfig:
     ckpt_every_minutes: float = 5.0  # ... and at least this often in wall-clock time
     check_every_kimg: float = 100.0  # cross-rank parameter-consistency check interval (multi-process only)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    compile: bool = False  # torch.compile the network (eager fallback on failure)
+    compile: bool = False  # torch.compile the loss function (pmf.speed.maybe_compile: eager fallback on failure)
+    precision: str = "fp32"  # "fp32" | "bf16" autocast of the forward passes (params, grads, optimizer in fp32)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     consistency_check: bool = True  # check parameters agree across ranks at start and periodically
     parallel: str = "ddp"  # "ddp": bare module + explicit gradient all-reduce; "fsdp": FSDP2 shards (docs/scale-out.md)

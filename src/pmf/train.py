@@ -28,6 +28,7 @@ from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, pmf_loss
 from pmf.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
 from pmf.perceptual import build_perceptual
+from pmf.speed import autocast_context, maybe_compile
 from pmf.sampler import noise_from_seeds, sample
 
 # Config keys that may change between a run and its resumption (they do not change the training trajectory).
@@ -126,11 +127,14 @@ class StepResult:
     grad_norm: float
 
 
-def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None) -> StepResult:
+def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None,
+               loss_fn=pmf_loss) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
     averaged over ranks by :func:`pmf.dist.all_reduce_grads` (``ddp``) or by FSDP's reduce-scatter after the last
     micro-batch (``fsdp``; the earlier ones accumulate unsharded gradients without communication).
-    ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None."""
+    ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
+    :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.speed.maybe_compile`; its forward passes run
+    under ``train.precision`` autocast, the backward outside it."""
     world, rank = dist.world_size(), dist.rank()
     sharded = fsdp.is_sharded(net)
     per_rank = images_u8.shape[0]
@@ -145,7 +149,8 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         y = labels[sl].to(device) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
         gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)
-        loss, metrics = pmf_loss(net, x, y, cfg.objective, gen, perceptual=perceptual)
+        with autocast_context(device.type, cfg.train.precision):
+            loss, metrics = loss_fn(net, x, y, cfg.objective, gen, perceptual=perceptual)
         (loss / accum).backward()
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v) / accum
@@ -299,6 +304,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     device = resolve_device(cfg.train.device)
     if cfg.train.parallel == "fsdp":
         fsdp.check_objective(cfg.objective.impl)
+    autocast_context(device.type, cfg.train.precision)  # rejects an unknown precision before any work
     kwargs = model_kwargs(cfg)
     if dry_run:
         return dry_run_report(cfg, kwargs, device)
@@ -339,6 +345,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     opt = fsdp.build_sharded_optimizer(net, cfg.optim) if sharded else build_optimizer(net, cfg.optim)
     ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies under FSDP
     perceptual = build_perceptual(cfg.perceptual, cfg.objective.perceptual_weights, device)  # frozen; not saved
+    loss_fn = maybe_compile(pmf_loss, cfg.train.compile)
     loader = ShardedLoader(data, G, seed=cfg.train.seed, rank=rank, world_size=world,
                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
     if state is not None:
@@ -416,7 +423,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
             break
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, nimg / 1000))
-        res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual)
+        res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual, loss_fn)
         nimg += G
         step += 1
         if res.finite:
