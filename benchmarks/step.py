@@ -16,6 +16,8 @@ on the same batch and the same random draws per iteration:
 
 Timing: the configurations run round-robin (iteration i of every configuration, then i + 1), so load drift on a
 shared machine hits all of them alike; medians over ``--iters`` after ``--warmup``. On CUDA each step is synchronised.
+On CPU both wall time and process CPU time (all threads) are reported: on a shared machine wall time includes time
+spent descheduled, CPU time does not (with ``--threads 1`` it is the uncontended step time).
 
 Peak memory: CUDA: ``torch.cuda.max_memory_allocated`` during one step minus the allocation before it. CPU: each
 configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (glibc then serves every buffer over
@@ -25,7 +27,11 @@ allocator slack and the gradients (the same in every configuration), so it is a 
 
 Sampling: 1-NFE throughput (images/s) of ``pmf.sampler.sample`` under ``torch.inference_mode`` with the model's
 attention ("jvp_sdpa", whose primal is the fused kernel) and with plain "sdpa", against a straightforward baseline:
-the same network with the "math" backend (explicit einsum attention, float32 softmax) under ``torch.no_grad``.
+the same network with the "math" backend (explicit einsum attention, float32 softmax) under ``torch.no_grad``;
+with --bf16 / --compile also our path under bf16 autocast / with ``speed.maybe_compile(net)``.
+
+--breakdown times the lean step's named parts (guidance, the forward-AD pass, ...); --profile prints the top 15 ops
+of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
 """
 
 from __future__ import annotations

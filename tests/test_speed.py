@@ -229,3 +229,70 @@ def test_speed_imports_nothing_from_the_loop():
     mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
         {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     assert not any(m and m.startswith("pmf") for m in mods)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lean objective's speed devices (pmf.objective): exact, not approximations
+
+
+def test_constant_operand_tangents_equal_generic_rules():
+    """ConstantOperandTangents computes, for linear / mul / div / add / sub with one constant operand (broadcast
+    either way), the same primal and tangent as PyTorch's generic forward-AD rules (float64, to rounding), and the
+    primal keeps its autograd history: the gradient through it is unchanged."""
+    import torch.autograd.forward_ad as fwAD
+    import torch.nn.functional as F
+
+    from pmf.objective import ConstantOperandTangents
+
+    g = torch.Generator().manual_seed(0)
+    x, dx = (torch.randn(2, 5, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
+    c_small = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)  # broadcast into x
+    c_big = torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64)  # x broadcast into it
+
+    def fn(x):
+        h = F.linear(x, w, b) + F.linear(x, w)[..., :1]
+        return [h, x * c_small, c_small * x, x / c_small, x + c_big, c_big - x, x - c_small, torch.mul(x, c_big)]
+
+    def run(mode: bool):
+        xx = x.clone().requires_grad_(True)
+        with fwAD.dual_level():
+            ctx = ConstantOperandTangents() if mode else torch.enable_grad()
+            with ctx:
+                outs = [fwAD.unpack_dual(o) for o in fn(fwAD.make_dual(xx, dx))]
+        loss = sum((o.primal ** 2).sum() for o in outs)
+        grads = torch.autograd.grad(loss, (xx, w, b, c_small))
+        return [o.primal.detach() for o in outs], [o.tangent.detach() for o in outs], grads
+
+    (p1, t1, g1), (p2, t2, g2) = run(True), run(False)
+    for a, b_ in zip(p1 + t1 + list(g1), p2 + t2 + list(g2)):
+        torch.testing.assert_close(a, b_, rtol=1e-14, atol=1e-14)
+
+
+def test_tangent_rows_split_is_exact():
+    """Inside ``tangent_rows(mask)`` u_and_dudt_lean returns the same u and v for every row and the same du/dt on
+    the masked rows as without the mask (float64), and du/dt = 0 on the others."""
+    from pmf.objective import Draws, tangent_rows, u_and_dudt_lean
+
+    torch.manual_seed(0)
+    net = build_model("pMF-tiny").double()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
+    B = 5
+    z, v = (torch.randn(B, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    t = torch.tensor([0.3, 0.6, 0.9, 0.5, 0.7], dtype=torch.float64)
+    r = torch.tensor([0.1, 0.6, 0.2, 0.5, 0.0], dtype=torch.float64)
+    d = Draws(t, r, t == r, torch.zeros_like(z), torch.tensor([1.0, 2.5, 6.0, 1.5, 3.0], dtype=torch.float64),
+              torch.zeros(B, dtype=torch.float64), torch.ones(B, dtype=torch.float64), torch.zeros(B, dtype=torch.bool))
+    y = torch.tensor([0, 2, 3, 1, 0])
+    full = u_and_dudt_lean(net, z, d, y, v, True)
+    mask = t != r
+    with tangent_rows(mask):
+        part = u_and_dudt_lean(net, z, d, y, v, True)
+    torch.testing.assert_close(part[0], full[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part[2], full[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part[1][mask], full[1][mask], rtol=1e-12, atol=1e-12)
+    assert (part[1][~mask] == 0).all() and (full[1][~mask] != 0).any()
