@@ -298,8 +298,8 @@ class ConstantOperandTangents(TorchFunctionMode):
 
     The tangents are built without autograd history (no_grad): the objective stops gradients through du/dt anyway
     (a detach), so recording them would only cost time and memory. Use only where tangents are never
-    differentiated. Every other op keeps PyTorch's own rule. Results are bitwise those of the generic rules (the same
-    products, minus the zero ones)."""
+    differentiated. Every other op keeps PyTorch's own rule. Results equal the generic rules' (the same products, minus
+    the zero ones)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if kwargs or len(args) < 2:
