@@ -114,14 +114,21 @@ def test_two_processes_match_one(tmp_path):
 
     ref = train(load_config("tiny-test", overrides=SETS), tmp_path / "one", quiet=True)
     assert ref["world_size"] == 1 and ref["step"] == 3
-    log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["step"] for r in log2] == [r["step"] for r in log1] == [1, 2, 3]
+    assert_runs_match(tmp_path / "one", tmp_path / "two", steps=[1, 2, 3])
+
+
+def assert_runs_match(one: Path, two: Path, steps: list[int]) -> tuple[dict, dict]:
+    """Run ``two`` logged the same steps, losses and grad norms as run ``one`` (rtol 1e-5), and its latest checkpoint
+    holds the same weights and EMAs (per tensor). Returns both checkpoints for further checks."""
+    log1, log2 = read_log(one), read_log(two)
+    assert [r["step"] for r in log2] == [r["step"] for r in log1] == steps
     for key in ("loss", "loss_u", "loss_v", "grad_norm"):
         np.testing.assert_allclose([r[key] for r in log2], [r[key] for r in log1], rtol=1e-5, err_msg=key)
-    a, b = load_latest(tmp_path / "one"), load_latest(tmp_path / "two")
+    a, b = load_latest(one), load_latest(two)
     assert_close_per_tensor(b["net"], a["net"], "net")
     for name, shadow in a["ema"]["shadow"].items():
         assert_close_per_tensor(b["ema"]["shadow"][name], shadow, f"ema.{name}")
+    return a, b
 
 
 def assert_close_per_tensor(got: dict, want: dict, what: str, rtol: float = 1e-5) -> None:

@@ -7,16 +7,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 from pmf import dist, fsdp
-from pmf.checkpoint import load_latest
 from pmf.config import load_config
 from pmf.train import train
 
-from test_dist import ENV, _join_group, assert_close_per_tensor, read_log, run_two
+from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, run_two
 
 # 3 steps of a global batch of 16 in 2 micro-batches, the reference (torch.func.jvp) objective; one log record
 # per step; checkpoints only at the end.
@@ -148,6 +146,12 @@ def _findings_worker(rank, port, out_dir):
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
 
 
+# In a clean-clone CI run (1 of ~5 runs seen) rank 0 of this pair aborted at exit ("terminate called without an
+# active exception") after the deliberately failing forward-AD probe inside FSDP2; cause not established. Until it
+# is, these four run in `make test-slow`; the FSDP parity run below (torchrun, no failing probe) stays in `make test`.
+FLAKY_ABORT = pytest.mark.slow
+
+
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp_findings")
@@ -155,6 +159,7 @@ def findings(tmp_path_factory):
     return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@FLAKY_ABORT
 def test_torch_func_jvp_works_through_fully_shard(findings):
     """torch.func.jvp (objective.impl=reference) passes through FSDP2's hooks: u and du/dt equal the plain net's,
     the loss is the same, and the reduce-scattered gradients are the rank-mean of the plain ones."""
@@ -164,6 +169,7 @@ def test_torch_func_jvp_works_through_fully_shard(findings):
         assert f["loss_err"] < 1e-6 and f["grad_rel_err"] < 1e-5, f
 
 
+@FLAKY_ABORT
 def test_forward_ad_dual_tensors_fail_inside_fully_shard(findings):
     """The lean objective's forward-AD dual tensors do not pass FSDP2's pre-forward hook (torch 2.13), and the whole
     lean loss fails too. If this starts to pass, FSDP2 gained forward-AD support: drop fsdp.check_objective and
@@ -174,11 +180,13 @@ def test_forward_ad_dual_tensors_fail_inside_fully_shard(findings):
         assert f["lean_loss"].startswith("RuntimeError"), f["lean_loss"]
 
 
+@FLAKY_ABORT
 def test_gathered_muon_equals_unsharded_muon(findings):
     for f in findings:
         assert f["muon_update_rel_err"]["gathered"] == 0.0, f["muon_update_rel_err"]
 
 
+@FLAKY_ABORT
 def test_sharded_checks(findings):
     """check_consistency ignores sharded parameters; a parameter left without a reduce-scattered gradient is named
     on the rank that has it and reported on every rank."""
@@ -221,14 +229,7 @@ def test_fsdp_resumes_one_process_run_and_matches_it(tmp_path):
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert (summary["world_size"], summary["parallel"], summary["step"]) == (2, "fsdp", 3) and ref["step"] == 3
 
-    log1, log2 = read_log(tmp_path / "one"), read_log(tmp_path / "two")
-    assert [r["step"] for r in log1] == [r["step"] for r in log2] == [1, 2, 3]
-    for key in ("loss", "loss_u", "loss_v", "grad_norm"):
-        np.testing.assert_allclose([r[key] for r in log2], [r[key] for r in log1], rtol=1e-5, err_msg=key)
-    a, b = load_latest(tmp_path / "one"), load_latest(tmp_path / "two")
-    assert_close_per_tensor(b["net"], a["net"], "net")
-    for name, shadow in a["ema"]["shadow"].items():
-        assert_close_per_tensor(b["ema"]["shadow"][name], shadow, f"ema.{name}")
+    a, b = assert_runs_match(tmp_path / "one", tmp_path / "two", steps=[1, 2, 3])
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert set(sa) == set(sb) and a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     for i, st in sa.items():

@@ -135,7 +135,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
     :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.speed.maybe_compile`; its forward passes run
     under ``train.precision`` autocast, the backward outside it."""
-    world, rank = dist.world_size(), dist.rank()
+    rank = dist.rank()
     sharded = fsdp.is_sharded(net)
     per_rank = images_u8.shape[0]
     accum = cfg.train.accum_steps
@@ -166,11 +166,8 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     # Metrics averaged over ranks (a non-finite value on any rank makes the mean non-finite).
     keys = sorted(sums)
-    vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64)
-    if dist.world_size() > 1:
-        vals = vals.to(device)
-        torch.distributed.all_reduce(vals)
-        vals = vals.cpu() / world
+    vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce_mean_([vals])  # a no-op in one process
     metrics = dict(zip(keys, vals.tolist()))
     # Decided on all-reduced values only, so every rank skips or steps together (rank-local metrics would let one
     # replica skip a step the others take).
