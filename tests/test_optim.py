@@ -2,6 +2,7 @@
 lr schedule keyed to images, and EMA half-life algebra independent of batch size."""
 
 import io
+import copy
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ from pmf.optim import (
     EMA,
     EMASpec,
     MuonWithAdam,
+    BatchedMuon,
     NesterovAdam,
     OptimConfig,
     build_optimizer,
@@ -112,6 +114,57 @@ def test_muon_update_is_scaled_newton_schulz_of_nesterov_momentum(shape):
             assert np.linalg.norm(_newton_schulz(g.double().numpy()) - expected) < 1e-6
             sv = np.linalg.svd(delta, compute_uv=False)
             assert sv.min() > 0.5 and sv.max() < 1.3
+
+
+def _stack_of_linears():
+    # Three (16, 48) matrices (one batch), two (48, 16) (tall: transposed, another batch), one (8, 8): batches of
+    # 3, 2 and 1 matrices must give what each matrix gives alone.
+    shapes = [(16, 48), (48, 16), (16, 48), (8, 8), (48, 16), (16, 48)]
+    return nn.ModuleList(nn.Linear(i, o, bias=False) for o, i in shapes)
+
+
+def test_batched_muon_equals_per_matrix_newton_schulz_in_float64():
+    torch.manual_seed(0)
+    net = _stack_of_linears().double()
+    lr, mu = 0.01, 0.95
+    opt = BatchedMuon(list(net.parameters()), lr=lr, momentum=mu, nesterov=True, weight_decay=0.0,
+                      ns_coefficients=(3.4445, -4.7750, 2.0315), eps=1e-8, adjust_lr_fn="original",
+                      ns_dtype=torch.float64)
+    bufs = [np.zeros(tuple(p.shape)) for p in net.parameters()]
+    for _ in range(3):
+        before = [p.detach().numpy().copy() for p in net.parameters()]
+        for p in net.parameters():
+            p.grad = torch.randn_like(p)
+        grads = [p.grad.numpy().copy() for p in net.parameters()]
+        opt.step()
+        for k, p in enumerate(net.parameters()):
+            bufs[k] = mu * bufs[k] + (1 - mu) * grads[k]
+            scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
+            # eps=0: torch divides by max(||U||, eps), optax (the helper's default) by ||U|| + eps
+            expected = before[k] - lr * scale * _newton_schulz((1 - mu) * grads[k] + mu * bufs[k], eps=0.0)
+            np.testing.assert_allclose(p.detach().numpy(), expected, rtol=0, atol=1e-12)
+
+
+def test_batched_muon_matches_torch_muon_and_shares_its_state():
+    torch.manual_seed(0)
+    net_a, kw = _stack_of_linears(), dict(lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
+    net_b = copy.deepcopy(net_a)
+    opt_a, opt_b = torch.optim.Muon(net_a.parameters(), **kw), BatchedMuon(net_b.parameters(), **kw)
+    for _ in range(3):
+        for pa, pb in zip(net_a.parameters(), net_b.parameters()):
+            pa.grad = torch.randn_like(pa)
+            pb.grad = pa.grad.clone()
+        before = [p.detach().clone() for p in net_a.parameters()]
+        opt_a.step(), opt_b.step()
+        for p0, pa, pb in zip(before, net_a.parameters(), net_b.parameters()):
+            da, db = pa.detach() - p0, pb.detach() - p0
+            assert float((da - db).norm() / da.norm()) < 2e-2  # both run Newton-Schulz in bfloat16
+    # The same state layout: torch's Muon state loads into BatchedMuon and continues identically in float64.
+    sd = opt_a.state_dict()
+    fresh = BatchedMuon(copy.deepcopy(net_a).parameters(), **kw)
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(fresh.state[p]["momentum_buffer"], opt_a.state[q]["momentum_buffer"])
+               for p, q in zip(fresh.param_groups[0]["params"], opt_a.param_groups[0]["params"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forwar
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pmf import dist
-from pmf.optim import MuonWithAdam, build_optimizer
+from pmf.optim import BatchedMuon, MuonWithAdam, build_optimizer
 
 # Methods of PMFDiT that the objective calls directly (lean path, guidance); FSDP's root hooks must run around them
 # too, or the root's own parameters (tokens, embedders, final layers) stay sharded inside them.
@@ -142,38 +142,24 @@ def load_full_optimizer_state_dict(opt: torch.optim.Optimizer, state_dict: dict)
 # Muon on sharded matrices
 
 
-class GatheredMuon(torch.optim.Muon):
-    """``torch.optim.Muon`` whose orthogonalisation sees whole matrices when the parameters are sharded DTensors.
+class GatheredMuon(BatchedMuon):
+    """:class:`pmf.optim.BatchedMuon` whose orthogonalisation sees whole matrices when the parameters are sharded
+    DTensors.
 
     Per matrix: B <- lerp(B, G, 1 - mu) on the shard; U = lerp(G, B, mu) (Nesterov) on the shard; U is all-gathered,
-    O = NS5(U) runs on the full matrix (every rank, the same numbers), each rank keeps its rows of O;
-    theta <- theta (1 - lr wd) - lr_adj O. The arithmetic is that of ``torch.optim.Muon`` (its own Newton-Schulz and
-    lr adjustment), so the result equals the unsharded optimizer bit for bit. Plain tensors take the same path without
-    the gather. Cost: one all-gather per matrix per step; the Newton-Schulz work is repeated on every rank (small next
-    to the network's forward and backward passes)."""
+    O = NS5(U) runs on the full matrices (every rank, the same numbers, batched by shape exactly as in one process),
+    each rank keeps its rows of O; theta <- theta (1 - lr wd) - lr_adj O. The arithmetic is the unsharded
+    optimizer's, so the result equals it bit for bit. Plain tensors take the same path without the gather. Cost: one
+    all-gather per matrix per step; the Newton-Schulz work is repeated on every rank (small next to the network's
+    forward and backward passes)."""
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        from torch.optim._muon import _adjust_lr, _zeropower_via_newtonschulz  # the arithmetic torch's Muon uses
+    def _full(self, update):
+        return update.full_tensor() if isinstance(update, DTensor) else update
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params, grads, bufs = [], [], []
-            self._init_group(group, params, grads, bufs)
-            lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
-            for p, g, buf in zip(params, grads, bufs):
-                buf.lerp_(g, 1 - mu)
-                update = g.lerp(buf, mu) if group["nesterov"] else buf
-                full = update.full_tensor() if isinstance(update, DTensor) else update
-                ortho = _zeropower_via_newtonschulz(full, group["ns_coefficients"], group["ns_steps"], group["eps"])
-                if isinstance(update, DTensor):
-                    ortho = distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
-                p.mul_(1 - lr * wd)
-                p.add_(ortho, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
-        return loss
+    def _like(self, ortho, update):
+        if isinstance(update, DTensor):
+            return distribute_tensor(ortho, update.device_mesh, update.placements, src_data_rank=None)
+        return ortho
 
 
 def build_sharded_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
@@ -182,7 +168,8 @@ def build_sharded_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     opt = build_optimizer(net, cfg)
 
     def gathered(muon: torch.optim.Muon) -> GatheredMuon:
-        return GatheredMuon([dict(g) for g in muon.param_groups], **muon.defaults)
+        return GatheredMuon([dict(g) for g in muon.param_groups], **muon.defaults,
+                            ns_dtype=getattr(muon, "ns_dtype", torch.bfloat16))
 
     if isinstance(opt, MuonWithAdam):
         return MuonWithAdam(gathered(opt.muon), opt.adam)

