@@ -14,8 +14,9 @@ network, so attention must carry tangents. Three backends:
       dO = P dv + (P * dS) v - rowsum(P * dS) * O
 
   ``P dv`` runs on the fused kernel; the two ``P * dS`` terms need P itself and are computed once, in float32, only
-  when a tangent is asked for. The backward recomputes the fused forward under autograd and differentiates it, so the
-  reverse pass also uses the fused kernel's backward.
+  when a tangent is asked for. The reverse pass uses the fused kernel's backward: on CPU (float32 / float64, no
+  autocast) the forward calls the CPU flash kernel directly and keeps its logsumexp, so the backward runs the
+  kernel's own backward op; elsewhere the backward recomputes the fused forward under autograd and differentiates it.
 """
 
 from __future__ import annotations
@@ -41,19 +42,32 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.T
     return torch.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
+def _cpu_kernel_with_lse(q, k, v) -> bool:
+    """Whether the CPU flash kernel can be called directly, keeping its logsumexp for the backward: plain float32 /
+    float64 CPU tensors of one dtype outside autocast (under autocast the fused op's input casts must happen, so the
+    public ``F.scaled_dot_product_attention`` is used and the backward recomputes it)."""
+    return (q.device.type == "cpu" and q.dtype in (torch.float32, torch.float64) and q.dtype == k.dtype == v.dtype
+            and not torch.is_autocast_enabled("cpu"))
+
+
 class _JvpSDPA(torch.autograd.Function):
-    """Fused-kernel attention with an explicit forward-mode rule (closed form above)."""
+    """Fused-kernel attention with an explicit forward-mode rule (closed form above). Outputs (O, logsumexp); the
+    logsumexp (non-differentiable, empty when not available) lets the CPU backward skip recomputing the forward."""
 
     @staticmethod
     def forward(q, k, v):
-        return F.scaled_dot_product_attention(q, k, v)
+        if _cpu_kernel_with_lse(q, k, v):
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v), q.new_empty(0)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         q, k, v = inputs
-        ctx.save_for_backward(q, k, v)
-        ctx.save_for_forward(q, k, v, output)
-        ctx.kernel_dtype = output.dtype  # what the fused kernel ran in: autocast may have cast mixed q, k, v
+        out, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.save_for_forward(q, k, v, out)
+        ctx.kernel_dtype = out.dtype  # what the fused kernel ran in: autocast may have cast mixed q, k, v
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
@@ -74,11 +88,14 @@ class _JvpSDPA(torch.autograd.Function):
         d_out = d_out.to(out.dtype)
         if dv is not None:
             d_out = d_out + F.scaled_dot_product_attention(q, k, dv)  # P dv on the fused kernel
-        return d_out
+        return d_out, None
 
     @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
+    def backward(ctx, grad_out, _grad_lse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if lse.numel():  # the CPU kernel's own backward from the saved output and logsumexp
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out.contiguous(), q, k, v, out, lse, 0.0, False)
         with torch.enable_grad():
             qd, kd, vd = (x.detach().requires_grad_(True) for x in (q, k, v))
             # Backward runs outside autocast: cast to the forward kernel's dtype by hand (grads return in q, k, v's)
@@ -90,7 +107,7 @@ class _JvpSDPA(torch.autograd.Function):
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "jvp_sdpa") -> torch.Tensor:
     """Multi-head softmax attention, no mask, no dropout. q, k, v: (B, H, L, d) -> (B, H, L, d)."""
     if backend == "jvp_sdpa":
-        return _JvpSDPA.apply(q, k, v)
+        return _JvpSDPA.apply(q, k, v)[0]
     if backend == "math":
         return math_attention(q, k, v)
     if backend == "sdpa":

@@ -231,6 +231,31 @@ def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: 
     return torch.where(_b(d.fm_mask, z_t), v_g_fm, v_g), v_c
 
 
+def guided_velocity(v_t, v_c, v_u, omega_m):
+    """v_g = v_t + (1 - 1/omega')(v_c' - v_u)  [P Alg. 2]; outside the interval omega' = 1 and v_g = v_t."""
+    return v_t + (1 - 1 / _b(omega_m, v_t)) * (v_c - v_u)
+
+
+def masked_omega(d: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inside, omega'): whether t lies in [t_min, t_max], and omega there, 1 outside."""
+    inside = (d.t >= d.t_min) & (d.t <= d.t_max)
+    return inside, torch.where(inside, d.omega, torch.ones_like(d.omega))
+
+
+@torch.no_grad()
+def guidance_velocities(net, z_t, y, d: Draws, omega_m, cond_rows, null_rows, use_v_head: bool, null_label: int):
+    """(v_c', v_u), each (B, ...): v(z | y, omega') on the ``cond_rows`` and v(z | null, 1) on the ``null_rows``
+    (zeros elsewhere), from ONE inference-mode call through the trunk and the v-head on just those rows."""
+    i_c, i_u = cond_rows.nonzero().squeeze(1), null_rows.nonzero().squeeze(1)
+    with torch.inference_mode():  # cheaper than no_grad; the copies below make the results normal tensors again
+        out = boundary_velocity(net, torch.cat([z_t[i_c], z_t[i_u]]), torch.cat([d.t[i_c], d.t[i_u]]),
+                                torch.cat([omega_m[i_c], torch.ones_like(omega_m[i_u])]),
+                                torch.cat([y[i_c], torch.full_like(y[i_u], null_label)]), use_v_head)
+    v_c, v_u = torch.zeros_like(z_t), torch.zeros_like(z_t)  # inference tensors may not enter autograd or forward AD
+    v_c[i_c], v_u[i_u] = out[: len(i_c)], out[len(i_c):]
+    return v_c, v_u
+
+
 @torch.no_grad()
 def guided_target_lean(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int):
     """:func:`guided_target` in one inference-mode call through the trunk and the v-head, on B + (number of samples
@@ -240,19 +265,11 @@ def guided_target_lean(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_la
     v_c' = v_c. One formula covers every sample: v_g = v_t + (1 - 1/omega')(v_c' - v_u)."""
     if not cfg.guidance:
         return guided_target(net, z_t, v_t, y, d, cfg, null_label)
-    B = z_t.shape[0]
-    inside = (d.t >= d.t_min) & (d.t <= d.t_max)
-    omega_m = torch.where(inside, d.omega, torch.ones_like(d.omega))
-    i_in = inside.nonzero().squeeze(1)
-    with torch.inference_mode():  # cheaper than no_grad; the clone below makes the result a normal tensor again
-        out = boundary_velocity(net, torch.cat([z_t, z_t[i_in]]), torch.cat([d.t, d.t[i_in]]),
-                                torch.cat([omega_m, torch.ones_like(omega_m[i_in])]),
-                                torch.cat([y, torch.full_like(y[i_in], null_label)]), cfg.use_v_head)
-    out = out.clone()  # inference tensors may not enter autograd or forward AD later
-    v_c = out[:B]
-    v_u = v_c.clone()  # outside the interval v_c' - v_u = 0 (its factor 1 - 1/omega' is 0 anyway)
-    v_u[i_in] = out[B:]
-    return v_t + (1 - 1 / _b(omega_m, z_t)) * (v_c - v_u), v_c
+    inside, omega_m = masked_omega(d)
+    v_c, v_u = guidance_velocities(net, z_t, y, d, omega_m, torch.ones_like(inside), inside, cfg.use_v_head,
+                                   null_label)
+    v_u = torch.where(_b(inside, v_u), v_u, v_c)  # outside: v_c' - v_u = 0 (its factor 1 - 1/omega' is 0 anyway)
+    return guided_velocity(v_t, v_c, v_u, omega_m), v_c
 
 
 def drop_labels(y, v_t, v_g, d: Draws, null_label: int):
@@ -391,6 +408,34 @@ def u_and_dudt_lean(net, z_t, d: Draws, y, tangent_v, with_v: bool):
     return u, dudt, v
 
 
+def lean_guided_step(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int, with_v: bool):
+    """(u, du/dt, v, v_g): :func:`guided_target_lean`, :func:`drop_labels` and :func:`u_and_dudt_lean` (inside
+    ``tangent_rows(t != r)``) in one, computing fewer guidance rows. The same values, because:
+
+    * a non-dropped r = t sample's conditional guidance row v(z_t | y, omega') has exactly the inputs of its own
+      training forward (h = 0, interval [0, 1], omega' = omega, label y), so its v_c is that forward's v-head output
+      (the u-head's without a v-head), detached, not a separate inference row;
+    * dropped samples have v_g = v_t, so they need no unconditional row (and dropped r = t ones no row at all).
+
+    The inference call then has (r != t samples) + (non-dropped samples inside their interval) rows instead of
+    B + (samples inside). The tangent only matters on r != t rows (r = t rows run no forward-mode pass)."""
+    inside, omega_m = masked_omega(d)
+    reuse = d.fm_mask & ~d.drop_mask  # v_c from the training forward
+    need_u = inside & ~d.drop_mask  # v_u is used
+    v_c, v_u = guidance_velocities(net, z_t, y, d, omega_m, ~reuse, need_u, cfg.use_v_head, null_label)
+    y_in = torch.where(d.drop_mask, null_label, y)
+
+    def target(v_c):
+        v_g = guided_velocity(v_t, v_c, torch.where(_b(need_u, v_u), v_u, v_c), omega_m)
+        return torch.where(_b(d.drop_mask, v_t), v_t, v_g)
+
+    tangent_v = v_c if cfg.tangent == "predicted" else target(v_c)  # final on every r != t row
+    with tangent_rows(d.t != d.r):
+        u, dudt, v = u_and_dudt_lean(net, z_t, d, y_in, tangent_v, with_v)
+    v_c = torch.where(_b(reuse, v_c), (v if with_v else u).detach(), v_c)
+    return u, dudt, v, target(v_c).detach()
+
+
 def compound_velocity(u, dudt, t, r):
     """V = u + (t - r) sg(du/dt)  [P Eq. 7 / 12]. The stop-gradient is a detach (no_grad would not stop tangents)."""
     return u + _b(t - r, u) * dudt.detach()
@@ -436,12 +481,15 @@ def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | Non
     lean = cfg.impl == "lean" and hasattr(net, "trunk")  # the lean path needs the trunk / head split
     z_t = noisy_image(x, d.t, d.e)
     v_t = conditional_velocity(z_t, x, d.t)
-    v_g, v_c = (guided_target_lean if lean else guided_target)(net, z_t, v_t, y, d, cfg, null_label)
-    y_in, v_g = drop_labels(y, v_t, v_g, d, null_label)
-    v_g = v_g.detach()
-    tangent_v = v_c if cfg.tangent == "predicted" else v_g
-    with tangent_rows(d.t != d.r if lean else None):  # du/dt is multiplied by t - r: the r = t rows need none
-        u, dudt, v = (u_and_dudt_lean if lean else u_and_dudt)(net, z_t, d, y_in, tangent_v.detach(), use_v)
+    if lean and cfg.guidance:  # the steps below, fused to share the r = t samples' forward with the guidance
+        u, dudt, v, v_g = lean_guided_step(net, z_t, v_t, y, d, cfg, null_label, use_v)
+    else:
+        v_g, v_c = (guided_target_lean if lean else guided_target)(net, z_t, v_t, y, d, cfg, null_label)
+        y_in, v_g = drop_labels(y, v_t, v_g, d, null_label)
+        v_g = v_g.detach()
+        tangent_v = v_c if cfg.tangent == "predicted" else v_g
+        with tangent_rows(d.t != d.r if lean else None):  # du/dt is multiplied by t - r: the r = t rows need none
+            u, dudt, v = (u_and_dudt_lean if lean else u_and_dudt)(net, z_t, d, y_in, tangent_v.detach(), use_v)
     V = compound_velocity(u, dudt, d.t, d.r)
 
     loss_u = adaptive_weight(per_sample_sq_error(V, v_g), cfg)
