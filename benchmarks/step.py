@@ -256,7 +256,7 @@ def breakdown_lean(net, x, y, device, iters: int) -> dict:
             return out
         return run
 
-    names = {"guided_target_lean": "c: guidance (inference mode)", "u_and_dudt_lean": "c: u, du/dt, v (with grad)",
+    names = {"guidance_velocities": "c: guidance (inference mode)", "u_and_dudt_lean": "c: u, du/dt, v (with grad)",
              "_u_dudt_trunk": "c:   of which the forward-AD pass"}
     saved = {n: getattr(O, n) for n in names}
     try:

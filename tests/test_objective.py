@@ -593,6 +593,28 @@ def test_tangent_switch(tangent, impl, monkeypatch):
     assert not torch.allclose(v_c, v_g)
 
 
+def test_lean_guidance_rows(monkeypatch):
+    """The lean step's single inference call has one conditional row per r != t sample and one unconditional row
+    per non-dropped sample inside its interval; the non-dropped r = t samples' conditional rows come from their own
+    training forward (test_lean_matches_reference shows the values are the same)."""
+    net = _net()
+    x, y = _data(16)
+    cfg = ObjectiveConfig(class_drop=0.3)
+    d = _f64(sample_draws(x, y, cfg, generator=_gen(3)))
+    inside = (d.t >= d.t_min) & (d.t <= d.t_max)
+    assert d.drop_mask.any() and (d.fm_mask & ~d.drop_mask).any() and (~d.fm_mask & ~inside).any()
+    rows, real = [], obj.boundary_velocity
+
+    def spy(net_, z, *a, **k):
+        rows.append(z.shape[0])
+        return real(net_, z, *a, **k)
+
+    monkeypatch.setattr(obj, "boundary_velocity", spy)
+    pmf_loss(net, x, y, cfg, draws=d)
+    assert rows == [int((~d.fm_mask).sum() + (inside & ~d.drop_mask).sum())]
+    assert rows[0] < 16 + int(inside.sum())  # guided_target_lean alone: B + #inside
+
+
 def test_no_v_head():
     """use_v_head = False with a net built with v_head = False: the loss runs and backpropagates, has no loss_v
     metric, and equals mean(adp(sum (V - v_g)^2)). A default config (use_v_head = True) on that net falls back to
