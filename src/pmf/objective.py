@@ -422,7 +422,8 @@ def lean_guided_step(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_labe
     inside, omega_m = masked_omega(d)
     reuse = d.fm_mask & ~d.drop_mask  # v_c from the training forward
     need_u = inside & ~d.drop_mask  # v_u is used
-    v_c, v_u = guidance_velocities(net, z_t, y, d, omega_m, ~reuse, need_u, cfg.use_v_head, null_label)
+    # conditional rows: the r != t samples only (r = t ones: reused, or dropped and then not needed at all)
+    v_c, v_u = guidance_velocities(net, z_t, y, d, omega_m, ~d.fm_mask, need_u, cfg.use_v_head, null_label)
     y_in = torch.where(d.drop_mask, null_label, y)
 
     def target(v_c):
