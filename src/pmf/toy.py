@@ -16,7 +16,7 @@ D = 2 u-prediction needed its own time sampling (``ToyConfig.u_overrides``): wit
 collapse onto the inner roll (6.7-15x over several sampler variants and 4x more steps), while its 2- and 4-step
 samples are fine (2.3-2.9x): the 1-NFE query (t, r) = (1, 0) lies where logit-normal draws never put h = t - r,
 and a u-net, unlike an x-net (whose output is bounded to the data), does not extrapolate there. Training it on
-the r = 0 boundary with t ~ U[0, 1] (and t-conditioning, iMF-style) gives 4.2x (seed 0) / 4.1x (seed 1) at D = 2,
+the r = 0 boundary with t ~ U[0, 1] (and t-conditioning, iMF-style) gives 4.5x (seed 0) / 4.1x (seed 1) at D = 2,
 not the 2x of x-prediction; the same change leaves u-prediction at D = 512 as bad as before (5.7x, off-manifold
 22.2).
 
