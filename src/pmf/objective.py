@@ -485,7 +485,7 @@ def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | Non
     if lean and cfg.guidance:  # the steps below, fused to share the r = t samples' forward with the guidance
         u, dudt, v, v_g = lean_guided_step(net, z_t, v_t, y, d, cfg, null_label, use_v)
     else:
-        v_g, v_c = (guided_target_lean if lean else guided_target)(net, z_t, v_t, y, d, cfg, null_label)
+        v_g, v_c = guided_target(net, z_t, v_t, y, d, cfg, null_label)  # lean without guidance: one call too
         y_in, v_g = drop_labels(y, v_t, v_g, d, null_label)
         v_g = v_g.detach()
         tangent_v = v_c if cfg.tangent == "predicted" else v_g

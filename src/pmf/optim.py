@@ -127,6 +127,14 @@ def _own_state_tensors(opt: torch.optim.Optimizer) -> None:
                 st[k] = v.clone()
 
 
+def _closure_loss(closure):
+    """torch's optimizer convention: re-evaluate the loss with gradients enabled when a closure is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Adam with optax's Nesterov momentum
 
@@ -162,10 +170,7 @@ class NesterovAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr, (b1, b2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             # Bucket by (device, dtype, step) so each bucket is updated with a few foreach kernels.
@@ -237,10 +242,7 @@ class MuonWithAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         self.muon.step()
         self.adam.step()
         return loss
@@ -299,10 +301,7 @@ class BatchedMuon(torch.optim.Muon):
     def step(self, closure=None):
         from torch.optim._muon import _adjust_lr  # torch's rule: lr * sqrt(max(1, rows / cols)) for "original"
 
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
