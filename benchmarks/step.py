@@ -28,7 +28,9 @@ allocator slack and the gradients (the same in every configuration), so it is a 
 Sampling: 1-NFE throughput (images/s) of ``pmf.sampler.sample`` under ``torch.inference_mode`` with the model's
 attention ("jvp_sdpa", whose primal is the fused kernel) and with plain "sdpa", against a straightforward baseline:
 the same network with the "math" backend (explicit einsum attention, float32 softmax) under ``torch.no_grad``;
-with --bf16 / --compile also our path under bf16 autocast / with ``speed.maybe_compile(net)``.
+with --bf16 also our path and the baseline under bf16 autocast (the baseline's softmax stays float32); with
+--compile our path through ``speed.InferenceNet`` (``torch.compile`` with inductor weight freezing: what
+``pmf sample / eval --compile [--precision bf16]`` run).
 
 --breakdown times the lean step's named parts (guidance, the forward-AD pass, ...); --profile prints the top 15 ops
 of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
@@ -37,6 +39,7 @@ of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -50,7 +53,7 @@ import torch
 from pmf.model import Attention, build_model
 from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
 from pmf.sampler import sample
-from pmf.speed import autocast_context, maybe_compile
+from pmf.speed import InferenceNet, autocast_context, maybe_compile
 
 CONFIGS = {  # name: (label, objective impl or None for flow matching, attention backend)
     "a": ("flow matching (sdpa)", None, "sdpa"),
@@ -215,17 +218,27 @@ def sampling_throughput(args, device) -> dict:
                 return sample(model, noise, y, 1, omega=2.0)
         return run
 
-    def baseline(i):
-        set_backend(net, "math")
-        with torch.no_grad():
-            return sample(net, noise, y, 1, omega=2.0)
+    def baseline(precision=None):
+        def run(i):
+            set_backend(net, "math")
+            with torch.no_grad(), autocast_context(device.type, precision):
+                return sample(net, noise, y, 1, omega=2.0)
+        return run
 
     paths = {"ours (jvp_sdpa, inference_mode)": ours("jvp_sdpa"), "ours (sdpa, inference_mode)": ours("sdpa"),
-             "baseline (einsum attention, no_grad)": baseline}
+             "baseline (einsum attention, no_grad)": baseline()}
     if args.bf16:
         paths["ours + bf16 autocast (jvp_sdpa)"] = ours("jvp_sdpa", "bf16")
+        paths["baseline + bf16 autocast (einsum, fp32 softmax)"] = baseline("bf16")
     if args.compile:
-        paths["ours + maybe_compile(net) (sdpa)"] = ours("sdpa", model=maybe_compile(net, True))
+        # InferenceNet = what `pmf sample/eval --compile [--precision bf16]` use: compiled with weight freezing.
+        # Its own net copy: freezing bakes the weights and the backend in at the first call.
+        frozen = copy.deepcopy(net).requires_grad_(False)
+        set_backend(frozen, "sdpa")
+        paths["ours + compile, freezing (sdpa)"] = ours("sdpa", model=InferenceNet(frozen, compile=True))
+        if args.bf16:
+            frozen16 = copy.deepcopy(frozen)
+            paths["ours + bf16 + compile, freezing (sdpa)"] = ours("sdpa", model=InferenceNet(frozen16, "bf16", True))
     outs = {k: f(0) for k, f in paths.items()}  # also the compile, if any
     ref = outs["baseline (einsum attention, no_grad)"]
     max_diff = {k: (o.float() - ref.float()).abs().max().item() for k, o in outs.items()}
@@ -311,6 +324,7 @@ def main() -> int:
                    help="add cC (lean step with speed.maybe_compile(net)) and compiled sampling")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling throughput")
+    p.add_argument("--sampling-only", action="store_true", help="only the sampling throughput")
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -325,65 +339,68 @@ def main() -> int:
         return 0
 
     names = ["a", "b", "b'", "c"] + (["c16"] if args.bf16 else []) + (["cC"] if args.compile else [])
+    names = [] if args.sampling_only else names
     net, x, y = make_net_and_batch(args.model, args.batch, device)
     n_params = sum(p.numel() for p in net.parameters())
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{args.model}  batch {args.batch}  {n_params / 1e6:.2f}M params  device {device} ({dev_name})  "
           f"threads {torch.get_num_threads()}  torch {torch.__version__}")
-    print("forward + backward of the loss only (no optimizer step); medians of "
-          f"{args.iters} round-robin iterations after {args.warmup} warm-up")
-
-    steps = {n: make_step(n, net, x, y, device) for n in names}
-    metrics = {n: {k: float(v) for k, v in steps[n](0).items()} for n in names}  # also warm-up (and compile)
-    wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
-    med = {n: statistics.median(wall[n]) for n in names}
-    med_cpu = {n: statistics.median(cpu[n]) for n in names}
-
-    mem = {}
-    if not args.no_memory:
-        for n in names:
-            if device.type == "cuda":
-                mem[n] = peak_memory_cuda(steps[n], net, device)
-            elif n != "cC":  # a compile in each subprocess would take minutes
-                mem[n] = peak_memory_cpu(n, args)
-
-    # On a shared CPU, wall time includes time spent descheduled; the process CPU time (all threads) does not, and
-    # with one thread it is the uncontended step time. Both are printed; compare ratios, not absolute numbers.
-    show_cpu = device.type == "cpu"
-    head = f"\n{'':4s}{'configuration':30s}{'wall ms':>9s}{'(min-max)':>15s}{'x a':>6s}"
-    head += f"{'cpu ms':>9s}{'x a':>6s}" if show_cpu else ""
-    print(head + f"{'peak MB':>9s}{'x a':>6s}  first-step metrics")
-    for n in names:
-        lo, hi = min(wall[n]) * 1e3, max(wall[n]) * 1e3
-        m, m_a = mem.get(n), mem.get("a")
-        row = f"{n:4s}{CONFIGS[n][0]:30s}{med[n] * 1e3:9.1f}{f'({lo:.0f}-{hi:.0f})':>15s}{med[n] / med['a']:6.2f}"
-        row += f"{med_cpu[n] * 1e3:9.1f}{med_cpu[n] / med_cpu['a']:6.2f}" if show_cpu else ""
-        row += f"{m / 2**20:9.1f}{m / m_a:6.2f}" if m and m_a else f"{'-':>9s}{'-':>6s}"
-        print(row + "  " + " ".join(f"{k} {v:.5g}" for k, v in metrics[n].items() if k != "loss" or n == "a"))
-    b_math = "b'"
-    for label, t in (("wall", med), ("cpu", med_cpu)) if show_cpu else (("wall", med),):
-        print(f"{label:4s} ratios: c/a = {t['c'] / t['a']:.2f} (target <= 1.8);  b/a = {t['b'] / t['a']:.2f};  "
-              f"b'/a = {t[b_math] / t['a']:.2f}")
-    if "c16" in names:
-        rel = {k: abs(metrics["c16"][k] - metrics["c"][k]) / abs(metrics["c"][k]) for k in ("loss_u", "loss_v")}
-        print(f"bf16 vs fp32 lean step, same draws: relative difference loss_u {rel['loss_u']:.1e}, "
-              f"loss_v {rel['loss_v']:.1e}")
-    if mem.get("c") and mem.get("a"):
-        print(f"peak memory: c/a = {mem['c'] / mem['a']:.2f} (target <= 1.5);  b/a = {mem['b'] / mem['a']:.2f};  "
-              f"b'/a = {mem[b_math] / mem['a']:.2f}")
-
     result = {"model": args.model, "batch": args.batch, "device": str(device), "device_name": dev_name,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "iters": args.iters,
-              "warmup": args.warmup, "params": n_params, "first_step_metrics": metrics,
-              "median_wall_ms": {n: med[n] * 1e3 for n in names},
-              "median_cpu_ms": {n: med_cpu[n] * 1e3 for n in names},
-              "wall_ms": {n: [t * 1e3 for t in wall[n]] for n in names},
-              "cpu_ms": {n: [t * 1e3 for t in cpu[n]] for n in names},
-              "ratio_wall_vs_a": {n: med[n] / med["a"] for n in names},
-              "ratio_cpu_vs_a": {n: med_cpu[n] / med_cpu["a"] for n in names},
-              "peak_memory_bytes": mem,
-              "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
-              else "subprocess VmHWM (reset after set-up) minus VmRSS before the steps, MALLOC_MMAP_THRESHOLD_=65536"}
+              "threads": torch.get_num_threads(), "torch": torch.__version__}
+    show_cpu = device.type == "cpu"
+    if not args.sampling_only:
+        print("forward + backward of the loss only (no optimizer step); medians of "
+              f"{args.iters} round-robin iterations after {args.warmup} warm-up")
+
+        steps = {n: make_step(n, net, x, y, device) for n in names}
+        metrics = {n: {k: float(v) for k, v in steps[n](0).items()} for n in names}  # also warm-up (and compile)
+        wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
+        med = {n: statistics.median(wall[n]) for n in names}
+        med_cpu = {n: statistics.median(cpu[n]) for n in names}
+
+        mem = {}
+        if not args.no_memory:
+            for n in names:
+                if device.type == "cuda":
+                    mem[n] = peak_memory_cuda(steps[n], net, device)
+                elif n != "cC":  # a compile in each subprocess would take minutes
+                    mem[n] = peak_memory_cpu(n, args)
+
+        # On a shared CPU, wall time includes time spent descheduled; the process CPU time (all threads) does not, and
+        # with one thread it is the uncontended step time. Both are printed; compare ratios, not absolute numbers.
+        head = f"\n{'':4s}{'configuration':30s}{'wall ms':>9s}{'(min-max)':>15s}{'x a':>6s}"
+        head += f"{'cpu ms':>9s}{'x a':>6s}" if show_cpu else ""
+        print(head + f"{'peak MB':>9s}{'x a':>6s}  first-step metrics")
+        for n in names:
+            lo, hi = min(wall[n]) * 1e3, max(wall[n]) * 1e3
+            m, m_a = mem.get(n), mem.get("a")
+            row = f"{n:4s}{CONFIGS[n][0]:30s}{med[n] * 1e3:9.1f}{f'({lo:.0f}-{hi:.0f})':>15s}{med[n] / med['a']:6.2f}"
+            row += f"{med_cpu[n] * 1e3:9.1f}{med_cpu[n] / med_cpu['a']:6.2f}" if show_cpu else ""
+            row += f"{m / 2**20:9.1f}{m / m_a:6.2f}" if m and m_a else f"{'-':>9s}{'-':>6s}"
+            print(row + "  " + " ".join(f"{k} {v:.5g}" for k, v in metrics[n].items() if k != "loss" or n == "a"))
+        b_math = "b'"
+        for label, t in (("wall", med), ("cpu", med_cpu)) if show_cpu else (("wall", med),):
+            print(f"{label:4s} ratios: c/a = {t['c'] / t['a']:.2f} (target <= 1.8);  b/a = {t['b'] / t['a']:.2f};  "
+                  f"b'/a = {t[b_math] / t['a']:.2f}")
+        if "c16" in names:
+            rel = {k: abs(metrics["c16"][k] - metrics["c"][k]) / abs(metrics["c"][k]) for k in ("loss_u", "loss_v")}
+            print(f"bf16 vs fp32 lean step, same draws: relative difference loss_u {rel['loss_u']:.1e}, "
+                  f"loss_v {rel['loss_v']:.1e}")
+        if mem.get("c") and mem.get("a"):
+            print(f"peak memory: c/a = {mem['c'] / mem['a']:.2f} (target <= 1.5);  b/a = {mem['b'] / mem['a']:.2f};  "
+                  f"b'/a = {mem[b_math] / mem['a']:.2f}")
+
+        result.update({
+            "iters": args.iters, "warmup": args.warmup, "params": n_params, "first_step_metrics": metrics,
+            "median_wall_ms": {n: med[n] * 1e3 for n in names},
+            "median_cpu_ms": {n: med_cpu[n] * 1e3 for n in names},
+            "wall_ms": {n: [t * 1e3 for t in wall[n]] for n in names},
+            "cpu_ms": {n: [t * 1e3 for t in cpu[n]] for n in names},
+            "ratio_wall_vs_a": {n: med[n] / med["a"] for n in names},
+            "ratio_cpu_vs_a": {n: med_cpu[n] / med_cpu["a"] for n in names},
+            "peak_memory_bytes": mem,
+            "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
+            else "subprocess VmHWM (reset after set-up) minus VmRSS before the steps, MALLOC_MMAP_THRESHOLD_=65536"})
 
     if not args.no_sampling:
         s = sampling_throughput(args, device)

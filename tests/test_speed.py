@@ -2,6 +2,7 @@
 result is the eager one and the failed call's random draws are replayed; bf16 autocast of the lean pMF step stays within a stated tolerance of float32. No test
 here asserts a time (timings live in benchmarks/step.py)."""
 
+import copy
 import warnings
 
 import pytest
@@ -296,3 +297,63 @@ def test_tangent_rows_split_is_exact():
     torch.testing.assert_close(part[2], full[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(part[1][mask], full[1][mask], rtol=1e-12, atol=1e-12)
     assert (part[1][~mask] == 0).all() and (full[1][~mask] != 0).any()
+
+
+def _sampling_inputs(net, B=4):
+    g = torch.Generator().manual_seed(3)
+    noise = torch.randn(B, net.in_channels, net.input_size, net.input_size, generator=g)
+    return noise, torch.tensor([0, 1, 2, 3])[:B] % (net.num_classes + 1)
+
+
+def test_inference_net_fp32_is_the_network_and_keeps_its_interface():
+    """Without bf16 or compile the wrapper computes exactly what the network does; attributes and state-dict keys
+    are the network's (``net.`` prefix), so sample() and the exporters take it unchanged."""
+    from pmf.sampler import sample
+
+    torch.manual_seed(0)
+    net = build_model("pMF-tiny", v_head=False).eval()
+    fast = speed.InferenceNet(net)
+    noise, y = _sampling_inputs(net)
+    for steps in (1, 2):
+        torch.testing.assert_close(sample(fast, noise, y, steps, omega=1.5), sample(net, noise, y, steps, omega=1.5),
+                                   rtol=0, atol=0)
+    assert fast.num_classes == net.num_classes and fast.input_size == net.input_size
+    assert list(fast.state_dict()) == ["net." + k for k in net.state_dict()]
+    with pytest.raises(ValueError, match="fp16"):
+        speed.InferenceNet(net, "fp16")
+
+
+def test_inference_net_bf16_returns_float32_close_to_fp32():
+    """bf16 autocast: the velocity comes back float32 (x -> u divides float32 z by float32 t) and the 1-NFE images
+    agree with float32 to bf16's ~3 significant digits (scale of the outputs ~1)."""
+    from pmf.sampler import sample
+
+    torch.manual_seed(0)
+    net = build_model("pMF-tiny", v_head=False).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # zero-initialised gates / output layer would make the test trivial
+            p.add_(0.1 * torch.randn_like(p))
+    noise, y = _sampling_inputs(net)
+    ref = sample(net, noise, y, 1, omega=1.5)
+    out = sample(speed.InferenceNet(net, "bf16"), noise, y, 1, omega=1.5)
+    assert out.dtype == torch.float32
+    assert 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_inference_net_compiled_with_freezing_matches_eager():
+    """torch.compile with inductor weight freezing (or its eager fallback, should compiling fail here) gives the
+    eager network's samples to float32 rounding."""
+    from pmf.sampler import sample
+
+    torch.manual_seed(0)
+    net = build_model("pMF-tiny", v_head=False).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    noise, y = _sampling_inputs(net)
+    ref = sample(net, noise, y, 1, omega=1.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out = sample(speed.InferenceNet(copy.deepcopy(net).requires_grad_(False), compile=True), noise, y, 1,
+                     omega=1.5)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)

@@ -152,3 +152,33 @@ def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
     else:
         guard = _EagerFallback(compiled, fn_or_module, name)
     return CompiledModule(fn_or_module, guard) if is_module else guard
+
+
+class InferenceNet(nn.Module):
+    """A network's forward for sampling, optionally under bf16 autocast and/or ``torch.compile`` with inductor
+    *freezing* (the weights become constants of the compiled graph: folded and pre-packed for the CPU's GEMM
+    library). Same call signature and attributes as the wrapped network, so :func:`pmf.sampler.sample` and
+    :mod:`pmf.evaluate` take it unchanged.
+
+    Freezing assumes the weights do not change after the first call: build one per fixed network (e.g. an EMA copy
+    loaded for sampling), never around a network that is still training. Velocities come back in float32 under
+    bf16 too: the x -> u conversion divides float32 z by float32 t (see the module docstring).
+    Measured on the 2-core CPU (``benchmarks/step.py --bf16 --compile``): numbers in ``benchmarks/README.md``."""
+
+    def __init__(self, net: nn.Module, precision: str | None = None, compile: bool = False):
+        super().__init__()
+        autocast_context("cpu", precision)  # rejects an unknown precision now
+        self.net, self.precision, self.compiled = net, precision, compile
+        call = maybe_compile(net, True, options={"freezing": True}) if compile else net
+        object.__setattr__(self, "_call", call)  # not a registered child: the state dict stays the net's
+
+    def forward(self, *args, **kwargs):
+        device = next(self.net.parameters()).device
+        with autocast_context(device.type, self.precision):
+            return self._call(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["net"], name)
