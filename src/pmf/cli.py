@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     y = sub.add_parser("toy", help="the paper's toy study: x- vs u-prediction as the dimension grows")
     y.add_argument("--out", required=True)
-    y.add_argument("--preset", default="quick", choices=["quick", "paper"], help="quick: ~5 min on 2 cores")
+    y.add_argument("--preset", default="quick", choices=["quick", "paper"], help="quick: ~6 min on 2 cores")
     y.add_argument("--dims", help="comma-separated ambient dimensions (default 2,8,16,512)")
     y.add_argument("--dataset", default="swiss_roll", help="swiss_roll | 8gaussians | checkerboard")
     y.add_argument("--steps", type=int, help="override the preset's number of training steps")
