@@ -148,3 +148,15 @@ def test_reduced_toy_x_prediction_beats_u_prediction_in_high_dim(reduced_results
     assert x_big[0] < 2.5 * floor  # x-pred within a small factor of the floor
     assert x_big[2] < 0.1 and u_big[2] > 5.0  # u-pred leaves the D-dim noise off the data plane
     assert r[("x", 2)][0] < 2.5 * floor  # the D = 2 run works too
+
+
+def test_u_prediction_settings_apply_to_u_only():
+    """``for_prediction``: x keeps the config; u gets u_overrides, lr * u_lr_factor and steps * u_steps_factor
+    (an explicit lr / steps in u_overrides wins), once: applying it twice changes nothing more."""
+    cfg = ToyConfig(lr=3e-3, steps=100)
+    assert cfg.for_prediction("x") == cfg
+    u = cfg.for_prediction("u")
+    assert u.lr == pytest.approx(1e-3) and u.steps == 200 and u.norm_p == 0.5 and u.time_region == "boundaries"
+    assert u.for_prediction("u") == u
+    pinned = replace(cfg, u_overrides={"lr": 5e-4, "steps": 7}).for_prediction("u")
+    assert pinned.lr == 5e-4 and pinned.steps == 7 and pinned.norm_p == cfg.norm_p
