@@ -111,13 +111,28 @@ class _EagerFallback:
                       RuntimeWarning, stacklevel=3)
 
 
-class CompiledModule(nn.Module):
+class _Wrapper(nn.Module):
+    """A module wrapping one child, registered under the class's ``_inner`` name; every attribute the wrapper lacks
+    is looked up on that child (``net.trunk``, ``net.num_classes`` keep working through the wrapper)."""
+
+    _inner = ""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules[self._inner], name)
+
+
+class CompiledModule(_Wrapper):
     """A module whose ``forward`` runs through ``torch.compile`` with an eager fallback.
 
     The wrapped module lives under ``_orig_mod`` (torch.compile's own attribute, which :mod:`pmf.checkpoint` strips
     from state-dict keys), and every attribute this wrapper lacks is looked up on it, so ``net.trunk``, ``net.head``,
     ``net.num_classes`` keep working. Only ``forward`` is compiled: methods called directly (the lean objective calls
     ``trunk`` / ``head``) stay eager; compile the loss function for those."""
+
+    _inner = "_orig_mod"
 
     def __init__(self, module: nn.Module, call):
         super().__init__()
@@ -126,12 +141,6 @@ class CompiledModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["_orig_mod"], name)
 
 
 def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
@@ -154,7 +163,7 @@ def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
     return CompiledModule(fn_or_module, guard) if is_module else guard
 
 
-class InferenceNet(nn.Module):
+class InferenceNet(_Wrapper):
     """A network's forward for sampling, optionally under bf16 autocast and/or ``torch.compile`` with inductor
     *freezing* (the weights become constants of the compiled graph: folded and pre-packed for the CPU's GEMM
     library). Same call signature and attributes as the wrapped network, so :func:`pmf.sampler.sample` and
@@ -165,10 +174,12 @@ class InferenceNet(nn.Module):
     bf16 too: the x -> u conversion divides float32 z by float32 t (see the module docstring).
     Measured on the 2-core CPU (``benchmarks/step.py --bf16 --compile``): numbers in ``benchmarks/README.md``."""
 
+    _inner = "net"
+
     def __init__(self, net: nn.Module, precision: str | None = None, compile: bool = False):
         super().__init__()
         autocast_context("cpu", precision)  # rejects an unknown precision now
-        self.net, self.precision, self.compiled = net, precision, compile
+        self.net, self.precision = net, precision
         call = maybe_compile(net, True, options={"freezing": True}) if compile else net
         object.__setattr__(self, "_call", call)  # not a registered child: the state dict stays the net's
 
@@ -176,9 +187,3 @@ class InferenceNet(nn.Module):
         device = next(self.net.parameters()).device
         with autocast_context(device.type, self.precision):
             return self._call(*args, **kwargs)
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["net"], name)

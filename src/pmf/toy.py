@@ -29,16 +29,16 @@ and tuned on a 2-core CPU for the "quick" preset (:data:`PRESETS`; the whole 2 x
   v-head, predicted JVP tangent, adaptive weighting) runs unchanged; guidance is off and labels are the null label.
 * Conditioning: z concatenated with features [s, sin(pi 2^k s), cos(pi 2^k s)], k < 3, of h = t - r, 1 - 1/omega,
   t_min and t_max, plus a label embedding. t itself is NOT embedded for x-prediction, like the image model (it is
-  for u-prediction: ``u_overrides``). We tried
-  embedding it (Fourier features or the raw scalar): it made x-prediction clearly worse (Swiss roll, 2500 steps,
-  D = 2: sliced W2 0.44-0.52 with Fourier-t vs 0.10-0.20 without; D = 512: 0.13 vs 0.05) and did not fix
-  u-prediction at D = 2 (0.2-0.4 with or without it). For D >= 8 the MLP can read t off |z| anyway; at D = 2 x-prediction
-  still gets t through the x -> u conversion u = (z - x) / t, and the 1-NFE query (h = 1) implies t = 1.
-* Time sampler (x-prediction) logit-normal(-0.7, 0.5) (t mostly in [0.2, 0.5], i.e. toward data), Adam lr 3e-3 with 100 warmup
-  steps and cosine decay to 5 %, batch 128, 2500 steps, noise scale 1, data scaled to unit std. Sampling more t near
-  noise (the paper's logit-normal(0.8, 0.8), wider P_std, 10-25 % uniform (t, r)) made x-prediction worse at this
-  budget: the 1-NFE map collapsed toward the posterior mean. Fewer steps than ~2000 leave x-prediction's outer arm
-  smeared.
+  for u-prediction: ``u_overrides``). We tried embedding it (Fourier features or the raw scalar): it made
+  x-prediction clearly worse (Swiss roll, 2500 steps, D = 2: sliced W2 0.44-0.52 with Fourier-t vs 0.10-0.20
+  without; D = 512: 0.13 vs 0.05) and did not on its own fix u-prediction at D = 2 (0.2-0.4 with or without it).
+  For D >= 8 the MLP can read t off |z| anyway; at D = 2 x-prediction still gets t through the x -> u conversion
+  u = (z - x) / t, and the 1-NFE query (h = 1) implies t = 1.
+* Time sampler (x-prediction) logit-normal(-0.7, 0.5) (t mostly in [0.2, 0.5], i.e. toward data), Adam lr 3e-3 with
+  100 warmup steps and cosine decay to 5 %, batch 128, 2500 steps, noise scale 1, data scaled to unit std. Sampling
+  more t near noise (the paper's logit-normal(0.8, 0.8), wider P_std, 10-25 % uniform (t, r)) made x-prediction
+  worse at this budget: the 1-NFE map collapsed toward the posterior mean. Fewer steps than ~2000 leave
+  x-prediction's outer arm smeared.
 
 Metrics (2-D, N = num_samples points each):
 
