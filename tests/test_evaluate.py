@@ -18,7 +18,7 @@ from PIL import Image
 from pmf import classifier as clf
 from pmf import evaluate as ev
 from pmf.data import center_crop_adm
-from pmf.evaluate import (FeatureStats, InceptionScoreStats, Metric, batches, class_balanced_labels, compute_stats,
+from pmf.evaluate import (ClassSpread, FeatureStats, InceptionScoreStats, Metric, batches, class_balanced_labels, compute_stats,
                           evaluate_generator, frechet_distance, generate, load_ref_stats, save_ref_stats, to_uint8)
 from pmf.model import PMFDiT, build_model
 from pmf.sampler import noise_from_seeds
@@ -122,6 +122,35 @@ def test_merge_state_dict_and_all_reduce_noop():
     torch.testing.assert_close(c.buffer, before, rtol=0, atol=0)
     with pytest.raises(ValueError):
         FeatureStats(5).update(torch.randn(3, 4))
+
+
+def test_class_spread_traces_and_diversity():
+    """Per-class tr(Sigma_c) streamed in uneven batches equals numpy's trace of np.cov (ddof = 1) per class; a set
+    against itself has diversity 1; scaling one class's features about its mean by a scales that class's ratio by
+    a^2 (diversity = mean over classes); a class with < 2 samples is left out; merge = one pass; bad labels refused."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 4, 500)
+    x = rng.standard_normal((500, 6)) * rng.uniform(0.5, 3, 6) + 5 * y[:, None]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    s = ClassSpread(5, 6)  # class 4 never appears
+    for idx in np.array_split(np.arange(500), [1, 120, 121, 400]):
+        s.update(xt[idx], yt[idx])
+    tr = s.traces()
+    for c in range(4):
+        assert tr[c].item() == pytest.approx(np.trace(np.cov(x[y == c], rowvar=False, ddof=1)), rel=1e-12)
+    assert torch.isnan(tr[4])
+    assert s.diversity(s) == pytest.approx(1.0, rel=1e-12)
+    x2 = x.copy()
+    mu0 = x[y == 0].mean(0)
+    x2[y == 0] = mu0 + 3.0 * (x[y == 0] - mu0)  # class 0 three times as spread out: ratio 9, others 1
+    s2 = ClassSpread(5, 6).update(torch.from_numpy(x2), yt)
+    assert s2.diversity(s) == pytest.approx((9 + 1 + 1 + 1) / 4, rel=1e-10)
+    a, b = ClassSpread(5, 6).update(xt[:200], yt[:200]), ClassSpread(5, 6).update(xt[200:], yt[200:])
+    torch.testing.assert_close(a.merge(b).buffer, s.buffer)
+    with pytest.raises(ValueError, match="labels must lie"):
+        ClassSpread(5, 6).update(xt[:3], torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match="labelled batches"):
+        compute_stats([xt[:4].to(torch.uint8)], lambda im: im.flatten(1).double(), spread=ClassSpread(5, 6))
 
 
 def test_all_reduce_in_a_one_process_gloo_group(tmp_path):
@@ -535,14 +564,18 @@ def test_fmnist_metrics_smoke(monkeypatch):
     net = randomised(PMFDiT(input_size=28, patch_size=7, in_channels=1, hidden_size=32, depth=2, num_heads=2,
                             num_classes=10, aux_head_depth=1, bottleneck_dim=8, v_head=False), scale=0.05)
     m = clf.fmnist_metrics(net, n=30, steps=(1, 2), omega=1.0, batch_size=16, classifier=(cnn, {"test_accuracy": 0.1}))
-    for k in ("fd_1step", "fd_2step", "class_acc_1step", "class_acc_2step", "fd_floor", "fd_blur2x", "fd_noise0.1"):
+    for k in ("fd_1step", "fd_2step", "class_acc_1step", "class_acc_2step", "diversity_1step", "diversity_2step",
+              "fd_floor", "fd_blur2x", "fd_noise0.1"):
         assert np.isfinite(m[k]), k
     assert m["classifier_test_accuracy"] == 0.1 and m["n"] == 30
     assert m["fd_1step"] > m["fd_floor"] >= 0
     # the same numbers from the shared streaming path, with the extractor injected
-    ref = compute_stats(batches(*fake["test"], 16), cnn.features_and_logits)
-    direct = evaluate_generator(net, Metric(cnn.features_and_logits, ref.mean_cov(), "fd", accuracy=True), 30, (1, 2),
-                                omega=1.0, batch_size=16)
+    spread = ClassSpread(10, cnn.feature_dim)
+    ref = compute_stats(batches(*fake["test"], 16), cnn.features_and_logits, spread=spread)
+    direct = evaluate_generator(net, Metric(cnn.features_and_logits, ref.mean_cov(), "fd", accuracy=True,
+                                            class_spread=spread), 30, (1, 2), omega=1.0, batch_size=16)
+    assert set(direct) == {"fd_1step", "fd_2step", "class_acc_1step", "class_acc_2step", "diversity_1step",
+                           "diversity_2step"}
     for key, value in direct.items():
         assert m[key] == pytest.approx(value, rel=1e-9), key
 

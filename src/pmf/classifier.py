@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from pmf.data import load_fashion_mnist, to_model_range, to_uint8
 from pmf import dist
-from pmf.evaluate import FeatureStats, Metric, batches, compute_stats, evaluate_generator
+from pmf.evaluate import ClassSpread, FeatureStats, Metric, batches, compute_stats, evaluate_generator
 
 CACHE_NAME = "fmnist_cnn_v1"  # bump when the architecture or the training recipe changes
 REFERENCE_N = 10_000
@@ -258,13 +258,15 @@ def reference_points(
 
 
 def fmnist_extractor_and_reference(device="cpu", batch_size: int = 500, cache_dir=None, classifier=None):
-    """(extractor, reference :class:`FeatureStats` of the full test set, info) of the Fashion-MNIST metric.
+    """(extractor, reference :class:`FeatureStats` of the full test set, info, the test set's per-class
+    :class:`~pmf.evaluate.ClassSpread`) of the Fashion-MNIST metric.
     ``classifier``: (model, info), default :func:`get_fmnist_classifier` (trained and cached on first use)."""
     model, info = get_fmnist_classifier(cache_dir) if classifier is None else classifier
     model = model.to(device).eval()
     test_x, test_y = _load_fmnist("test")
-    reference = compute_stats(batches(test_x, test_y, batch_size), model.features_and_logits)
-    return model.features_and_logits, reference, info
+    spread = ClassSpread(model.num_classes, model.feature_dim, device=device)
+    reference = compute_stats(batches(test_x, test_y, batch_size), model.features_and_logits, spread=spread)
+    return model.features_and_logits, reference, info, spread
 
 
 def fmnist_metrics(
@@ -287,9 +289,10 @@ def fmnist_metrics(
     """Fashion-MNIST quality of a class-conditional 28x28 net: for each number of sampling steps k, the Frechet
     distance of n generated images (class-balanced labels, per-sample seeds; see :func:`pmf.evaluate.generate`) to
     the test set in the classifier's features (``fd_{k}step``) and the accuracy with which the classifier recovers
-    the intended labels (``class_acc_{k}step``); plus the reference points ``fd_floor``, ``fd_blur2x``,
-    ``fd_noise0.1`` at the same n (cached in the classifier's JSON after the first computation) and the
-    classifier's own test accuracy. ``classifier``: (model, info), default :func:`get_fmnist_classifier`.
+    the intended labels (``class_acc_{k}step``), the within-class diversity (``diversity_{k}step``: mean over
+    classes of the samples' feature variance over the test set's, :class:`pmf.evaluate.ClassSpread`); plus the
+    reference points ``fd_floor``, ``fd_blur2x``, ``fd_noise0.1`` at the same n (cached in the classifier's JSON
+    after the first computation) and the classifier's own test accuracy. ``classifier``: (model, info), default :func:`get_fmnist_classifier`.
 
     The samples go through :func:`pmf.evaluate.evaluate_generator`, the same streaming path as the Inception FID;
     under torchrun each rank generates its share and the statistics are all-reduced (rank / world size default to
@@ -299,8 +302,8 @@ def fmnist_metrics(
     if own:
         classifier = get_fmnist_classifier(cache_dir)
     model, info = classifier
-    extractor, reference, _ = fmnist_extractor_and_reference(device, batch_size, classifier=classifier)
-    metric = Metric(extractor, reference.mean_cov(), "fd", accuracy=True)
+    extractor, reference, _, spread = fmnist_extractor_and_reference(device, batch_size, classifier=classifier)
+    metric = Metric(extractor, reference.mean_cov(), "fd", accuracy=True, class_spread=spread)
     out = {"n": n, "classifier_test_accuracy": info.get("test_accuracy")}
     out.update(evaluate_generator(net, metric, n, steps, noise_scale, omega, t_min, t_max, batch_size, seed, device,
                                   rank, world_size))

@@ -140,6 +140,52 @@ class FeatureStats(_SummedBuffer):
         return frechet_distance(*self.mean_cov(), *other.mean_cov())
 
 
+class ClassSpread(_SummedBuffer):
+    """Per-class spread of features: for each class c the count n_c, the sum S1_c = sum f_i and the sum of squared
+    norms Q_c = sum ||f_i||^2, in float64, so tr(Sigma_c) = (Q_c - ||S1_c||^2 / n_c) / (n_c - 1) (ddof = 1).
+
+    :meth:`diversity` compares two sets class by class: mean over classes of tr(Sigma_c) / tr(Sigma_c^ref), the
+    within-class feature variance of generated samples as a fraction of the real one (1: as diverse as the data;
+    a blurry or mode-collapsed class scores well below 1). A Frechet distance mixes this with mean shifts and
+    between-class structure; this number isolates "diversity within a class". Streams and all-reduces like
+    :class:`FeatureStats` (one buffer of sums).
+    """
+
+    def __init__(self, num_classes: int, dim: int, device="cpu"):
+        self.num_classes, self.dim = num_classes, dim
+        self.buffer = torch.zeros(num_classes * (dim + 2), dtype=torch.float64, device=device)  # rows [n | S1 | Q]
+
+    @property
+    def _rows(self) -> torch.Tensor:  # (K, F + 2)
+        return self.buffer.view(self.num_classes, self.dim + 2)
+
+    def update(self, feats: torch.Tensor, labels: torch.Tensor):
+        """Add features (B, F) of samples with labels (B,) in [0, num_classes)."""
+        if feats.ndim != 2 or feats.shape[1] != self.dim:
+            raise ValueError(f"expected features of shape (B, {self.dim}), got {tuple(feats.shape)}")
+        f = feats.detach().to(self.buffer.device, torch.float64)
+        y = labels.to(self.buffer.device, torch.long)
+        if y.numel() and (y.min() < 0 or y.max() >= self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}); got [{int(y.min())}, {int(y.max())}]")
+        rows = torch.cat([torch.ones_like(f[:, :1]), f, (f * f).sum(1, keepdim=True)], dim=1)
+        self._rows.index_add_(0, y, rows)
+        return self
+
+    def traces(self) -> torch.Tensor:
+        """(K,) tr(Sigma_c), NaN for a class with fewer than 2 samples."""
+        n, s1, q = self._rows[:, 0], self._rows[:, 1:-1], self._rows[:, -1]
+        tr = (q - (s1 * s1).sum(1) / n.clamp(min=1)) / (n - 1)
+        return torch.where(n >= 2, tr, torch.full_like(tr, float("nan")))
+
+    def diversity(self, reference: "ClassSpread") -> float:
+        """Mean over the classes present in both sets of tr(Sigma_c) / tr(Sigma_c^reference)."""
+        ratio = self.traces() / reference.traces().to(self.buffer.device)
+        ok = torch.isfinite(ratio)
+        if not bool(ok.any()):
+            raise ValueError("no class has at least 2 samples in both sets")
+        return float(ratio[ok].mean())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Streaming Inception Score
 
@@ -307,6 +353,7 @@ def compute_stats(
     *,
     accuracy: bool = True,
     inception_score: InceptionScoreStats | None = None,
+    spread: ClassSpread | None = None,
 ) -> FeatureStats:
     """Fold a stream of uint8 image batches into feature statistics.
 
@@ -315,7 +362,8 @@ def compute_stats(
     logits and labels and ``accuracy``, the stats also count the class accuracy (:meth:`FeatureStats.class_accuracy`;
     turn it off where the logits' classes are not the labels', e.g. Inception's 1008 outputs). With logits and an
     ``inception_score`` accumulator, the logits are added to it under the items' global indices (without indices:
-    their position in this stream, which is only right in one process). Pass ``stats`` to add to existing statistics.
+    their position in this stream, which is only right in one process). Pass ``stats`` to add to existing statistics,
+    and a :class:`ClassSpread` as ``spread`` to fold the labelled features into it as well.
     """
     position = 0
     for item in image_iter:
@@ -328,6 +376,10 @@ def compute_stats(
         if stats is None:
             stats = FeatureStats(feats.shape[1], device=feats.device)  # on the features' device: NCCL-ready
         stats.update(feats, logits if accuracy else None, labels)
+        if spread is not None:
+            if labels is None:
+                raise ValueError("a ClassSpread needs labelled batches")
+            spread.update(feats, labels)
         if inception_score is not None:
             if logits is None:
                 raise ValueError("the Inception Score needs an extractor that returns (feats, logits)")
@@ -473,6 +525,7 @@ class Metric:
     accuracy: bool = False
     is_classes: int | None = None
     info: dict = dataclasses.field(default_factory=dict)
+    class_spread: ClassSpread | None = None  # the reference's per-class spread: also report diversity_{k}step
 
 
 def setup_metric(kind: str = "fmnist", inception=None, ref_stats=None, device="cpu", batch_size: int = 500,
@@ -483,9 +536,9 @@ def setup_metric(kind: str = "fmnist", inception=None, ref_stats=None, device="c
     if kind == "fmnist":
         from pmf.classifier import fmnist_extractor_and_reference
 
-        extractor, reference, info = fmnist_extractor_and_reference(device=device, batch_size=batch_size,
-                                                                    cache_dir=cache_dir)
-        return Metric(extractor, reference.mean_cov(), "fd", accuracy=True, info={
+        extractor, reference, info, spread = fmnist_extractor_and_reference(device=device, batch_size=batch_size,
+                                                                            cache_dir=cache_dir)
+        return Metric(extractor, reference.mean_cov(), "fd", accuracy=True, class_spread=spread, info={
             "classifier_test_accuracy": info.get("test_accuracy")})
     if kind == "inception":
         from pmf.inception import NUM_LOGITS, load_inception
@@ -519,7 +572,8 @@ def evaluate_generator(
     """For each k in ``steps``: generate n class-balanced samples with k steps (:func:`generate`, this rank's
     share), stream them through ``metric.extractor``, all-reduce, and report the Frechet distance to
     ``metric.reference`` as ``{fd_key}_{k}step``, plus ``class_acc_{k}step`` (if ``metric.accuracy``) and
-    ``is_{k}step`` / ``is_std_{k}step`` (if ``metric.is_classes`` and ``inception_score``). The class count and
+    ``is_{k}step`` / ``is_std_{k}step`` (if ``metric.is_classes`` and ``inception_score``), and the within-class
+    diversity ``diversity_{k}step`` (if ``metric.class_spread``; :meth:`ClassSpread.diversity`). The class count and
     image shape come from ``net`` (``num_classes``, ``in_channels``, ``input_size``). Rank and world size default to
     the process group's (:mod:`pmf.dist`); every rank returns the same numbers."""
     from pmf import dist
@@ -535,8 +589,13 @@ def evaluate_generator(
                     if metric.is_classes and inception_score else None)
         images = generate(net, n, net.num_classes, shape, noise_scale, k, omega, t_min, t_max, batch_size, seed=seed,
                           device=device, rank=rank, world_size=world_size, return_indices=True)
-        stats = compute_stats(images, metric.extractor, accuracy=metric.accuracy, inception_score=is_stats)
+        spread = (ClassSpread(metric.class_spread.num_classes, metric.class_spread.dim, device=device)
+                  if metric.class_spread is not None else None)
+        stats = compute_stats(images, metric.extractor, accuracy=metric.accuracy, inception_score=is_stats,
+                              spread=spread)
         stats.all_reduce_()
+        if spread is not None:
+            out[f"diversity_{k}step"] = spread.all_reduce_().diversity(metric.class_spread)
         out[f"{metric.fd_key}_{k}step"] = frechet_distance(*stats.mean_cov(), mu_ref, sigma_ref)
         if metric.accuracy:
             out[f"class_acc_{k}step"] = stats.class_accuracy()
