@@ -90,6 +90,7 @@ def test_helpers_are_noops_in_one_process():
     t = torch.arange(3.0)
     dist.all_reduce_mean_([t])
     assert torch.equal(t, torch.arange(3.0)) and dist.all_reduce_scalar(2.5, "max") == 2.5
+    assert dist.any_rank(True, False, 1) == (True, False, True)
     for g, p in zip(grads, net.parameters()):
         assert (g is None and p.grad is None) or torch.equal(g, p.grad)  # no zero-filled grads either
     for k, v in net.state_dict().items():

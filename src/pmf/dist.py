@@ -108,6 +108,17 @@ def all_reduce_scalar(value: float, op: str = "sum") -> float:
     return float(t.item())
 
 
+def any_rank(*flags: bool) -> tuple[bool, ...]:
+    """For each flag, whether it is True on at least one rank: one MAX all-reduce of all flags together."""
+    if not dist.is_initialized():
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v > 0) for v in t.tolist())
+
+
 class ConsistencyError(RuntimeError):
     pass
 

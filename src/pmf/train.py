@@ -413,11 +413,6 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     t_loop, nimg_loop, window = time.time(), nimg, []
     it = iter(loader)
     while nimg < total_nimg:
-        # Wall clocks differ across ranks: decide together, or one rank stops while the others wait in a collective.
-        time_up = minutes is not None and time.time() - t_start > minutes * 60
-        if dist.all_reduce_scalar(float(time_up), "max") > 0:
-            stop_reason = "time budget"
-            break
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, nimg / 1000))
         res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual, loss_fn)
@@ -456,8 +451,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         if nimg >= next_grid:
             grid(f"{nimg // 1000:06d}kimg")
             next_grid += cfg.train.sample_every_kimg * 1000
-        ckpt_due = nimg >= next_ckpt or time.time() - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
-        if dist.all_reduce_scalar(float(ckpt_due), "max") > 0:  # checkpoint() ends in a barrier: all ranks or none
+        # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (one collective per
+        # step), or one rank stops or enters checkpoint()'s barrier while the others wait in another collective.
+        now = time.time()
+        time_up = minutes is not None and now - t_start > minutes * 60
+        ckpt_due = nimg >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
+        time_up, ckpt_due = dist.any_rank(time_up, ckpt_due)
+        if time_up:  # the checkpoint after the loop saves this step
+            stop_reason = "time budget"
+            break
+        if ckpt_due:
             checkpoint()
             last_ckpt_time = time.time()
             next_ckpt = nimg + cfg.train.ckpt_every_kimg * 1000
