@@ -140,7 +140,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     per_rank = images_u8.shape[0]
     accum = cfg.train.accum_steps
     micro = per_rank // accum
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}  # kept as tensors: no device sync per micro-batch, one at the end
     for a in range(accum):
         if sharded:
             net.set_requires_gradient_sync(a == accum - 1)
@@ -153,7 +153,8 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
             loss, metrics = loss_fn(net, x, y, cfg.objective, gen, perceptual=perceptual)
         (loss / accum).backward()
         for k, v in metrics.items():
-            sums[k] = sums.get(k, 0.0) + float(v) / accum
+            v = torch.as_tensor(v).detach().to(device, torch.float64) / accum
+            sums[k] = sums[k] + v if k in sums else v
     if sharded:
         if cfg.train.consistency_check:  # a skipped reduce-scatter would leave parameters silently untrained
             unused = () if cfg.objective.use_v_head else ("v_heads.", "v_final_layer.")
@@ -166,7 +167,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
     # Metrics averaged over ranks (a non-finite value on any rank makes the mean non-finite).
     keys = sorted(sums)
-    vals = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    vals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=device)
     dist.all_reduce_mean_([vals])  # a no-op in one process
     metrics = dict(zip(keys, vals.tolist()))
     # Decided on all-reduced values only, so every rank skips or steps together (rank-local metrics would let one
