@@ -18,8 +18,9 @@ from PIL import Image
 from pmf import classifier as clf
 from pmf import evaluate as ev
 from pmf.data import center_crop_adm
-from pmf.evaluate import (ClassSpread, FeatureStats, InceptionScoreStats, Metric, batches, class_balanced_labels, compute_stats,
-                          evaluate_generator, frechet_distance, generate, load_ref_stats, save_ref_stats, to_uint8)
+from pmf.evaluate import (ClassSpread, FeatureStats, InceptionScoreStats, Metric, batches, class_balanced_labels,
+                          compute_stats, evaluate_generator, frechet_distance, generate, load_ref_stats, save_ref_stats,
+                          to_uint8)
 from pmf.model import PMFDiT, build_model
 from pmf.sampler import noise_from_seeds
 

@@ -292,7 +292,8 @@ def fmnist_metrics(
     the intended labels (``class_acc_{k}step``), the within-class diversity (``diversity_{k}step``: mean over
     classes of the samples' feature variance over the test set's, :class:`pmf.evaluate.ClassSpread`); plus the
     reference points ``fd_floor``, ``fd_blur2x``, ``fd_noise0.1`` at the same n (cached in the classifier's JSON
-    after the first computation) and the classifier's own test accuracy. ``classifier``: (model, info), default :func:`get_fmnist_classifier`.
+    after the first computation) and the classifier's own test accuracy. ``classifier``: (model, info), default
+    :func:`get_fmnist_classifier`.
 
     The samples go through :func:`pmf.evaluate.evaluate_generator`, the same streaming path as the Inception FID;
     under torchrun each rank generates its share and the statistics are all-reduced (rank / world size default to
