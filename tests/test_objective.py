@@ -387,6 +387,23 @@ def test_draws_time_distributions():
     assert stats.kstest(d.e[:2000].flatten().double().numpy(), "norm", args=(0, 2.0)).pvalue > KS_P
 
 
+def test_draws_separate_std_for_flow_matching_samples():
+    """P_std_fm: logit(t) ~ N(P_mean, P_std_fm) on the r = t samples, while the r != t samples keep max / min of two
+    logit-normal(P_mean, P_std) draws (CDFs F^2 and 1 - (1 - F)^2), bit for bit the draws without the knob."""
+    cfg = ObjectiveConfig(P_mean=0.3, P_std=1.0, P_std_fm=0.5)
+    d, d0 = _big_draws(cfg), _big_draws(ObjectiveConfig(P_mean=0.3, P_std=1.0))
+    fm = d.fm_mask
+
+    def F(p):
+        return stats.norm.cdf((_logit(torch.as_tensor(p)).numpy() - cfg.P_mean) / cfg.P_std)
+
+    assert stats.kstest(_logit(d.t[fm]).numpy(), "norm", args=(cfg.P_mean, 0.5)).pvalue > KS_P
+    assert stats.kstest(_logit(d.t[fm]).numpy(), "norm", args=(cfg.P_mean, 1.0)).pvalue < 1e-6  # the test can fail
+    assert stats.kstest(d.t[~fm].double().numpy(), lambda p: F(p) ** 2).pvalue > KS_P
+    assert stats.kstest(d.r[~fm].double().numpy(), lambda p: 1 - (1 - F(p)) ** 2).pvalue > KS_P
+    assert torch.equal(d.t[~fm], d0.t[~fm]) and torch.equal(d.r[~fm], d0.r[~fm]) and torch.equal(d.r[fm], d.t[fm])
+
+
 @pytest.mark.parametrize("p", [0.25, 0.5, 0.75])
 def test_draws_fm_fraction_is_exact(p):
     """fm_pattern: exactly floor(B p) of a batch of B (here B p is an integer) has r = t."""

@@ -31,6 +31,7 @@ class ObjectiveConfig:
     # --- time sampling [P Tab. 8; recipe 1.6] ---
     P_mean: float = 0.8  # logit-normal mean; positive pushes t toward 1 = noise (pMF's time convention)
     P_std: float = 0.8  # logit-normal std
+    P_std_fm: float | None = None  # std for the r = t samples only (None: P_std, the recipe); a CPU-demo knob
     data_proportion: float = 0.5  # fraction of samples with r = t (plain flow matching); "ratio of r != t = 50%"
     tr_uniform: float = 0.0  # probability of replacing (t, r) by independent U[0, 1] draws (0.1 in the H configs)
     time_region: str = "full"  # Tab. 3b ablation: "full" | "r_eq_t" | "r_eq_0" | "boundaries" (r = t or r = 0)
@@ -126,14 +127,16 @@ def fm_pattern(indices: torch.Tensor, proportion: float) -> torch.Tensor:
 
 
 def sample_t_r(uni, nor, indices, cfg: ObjectiveConfig):
-    """t, r ~ logit-normal(P_mean, P_std) independently; optional U[0, 1] replacement with prob tr_uniform;
-    r = t on the flow-matching samples; then (t, r) = (max, min)  [recipe 1.6; Tab. 3b regions]."""
-    t = torch.sigmoid(nor[:, 0] * cfg.P_std + cfg.P_mean)
-    r = torch.sigmoid(nor[:, 1] * cfg.P_std + cfg.P_mean)
-    unif = uni[:, 0] < cfg.tr_uniform
-    t, r = torch.where(unif, uni[:, 1], t), torch.where(unif, uni[:, 2], r)
+    """t, r ~ logit-normal(P_mean, P_std) independently (std ``P_std_fm`` on the r = t samples when set); optional
+    U[0, 1] replacement with prob tr_uniform; r = t on the flow-matching samples; then (t, r) = (max, min)
+    [recipe 1.6; Tab. 3b regions]."""
     proportion = {"full": cfg.data_proportion, "boundaries": cfg.data_proportion, "r_eq_t": 1.0, "r_eq_0": 0.0}
     fm_mask = fm_pattern(indices, proportion[cfg.time_region])
+    std = cfg.P_std if cfg.P_std_fm is None else torch.where(fm_mask, cfg.P_std_fm, cfg.P_std).to(nor.dtype)
+    t = torch.sigmoid(nor[:, 0] * std + cfg.P_mean)
+    r = torch.sigmoid(nor[:, 1] * std + cfg.P_mean)
+    unif = uni[:, 0] < cfg.tr_uniform
+    t, r = torch.where(unif, uni[:, 1], t), torch.where(unif, uni[:, 2], r)
     r = torch.where(fm_mask, t, r)  # r <- t *before* the sort (official order): t stays one draw on r = t samples
     t, r = torch.maximum(t, r), torch.minimum(t, r)
     if cfg.time_region in ("r_eq_0", "boundaries"):
