@@ -132,7 +132,7 @@ def sample_t_r(uni, nor, indices, cfg: ObjectiveConfig):
     [recipe 1.6; Tab. 3b regions]."""
     proportion = {"full": cfg.data_proportion, "boundaries": cfg.data_proportion, "r_eq_t": 1.0, "r_eq_0": 0.0}
     fm_mask = fm_pattern(indices, proportion[cfg.time_region])
-    std = cfg.P_std if cfg.P_std_fm is None else torch.where(fm_mask, cfg.P_std_fm, cfg.P_std).to(nor.dtype)
+    std = cfg.P_std if cfg.P_std_fm is None else torch.where(fm_mask, cfg.P_std_fm, cfg.P_std).to(nor)
     t = torch.sigmoid(nor[:, 0] * std + cfg.P_mean)
     r = torch.sigmoid(nor[:, 1] * std + cfg.P_mean)
     unif = uni[:, 0] < cfg.tr_uniform
