@@ -257,16 +257,19 @@ def reference_points(
     return out
 
 
-def fmnist_extractor_and_reference(device="cpu", batch_size: int = 500, cache_dir=None, classifier=None):
-    """(extractor, reference :class:`FeatureStats` of the full test set, info, the test set's per-class
-    :class:`~pmf.evaluate.ClassSpread`) of the Fashion-MNIST metric.
-    ``classifier``: (model, info), default :func:`get_fmnist_classifier` (trained and cached on first use)."""
+def fmnist_metric(device="cpu", batch_size: int = 500, cache_dir=None, classifier=None):
+    """(:class:`~pmf.evaluate.Metric`, reference :class:`FeatureStats` of the full test set, classifier info) of the
+    Fashion-MNIST metric: the CNN's features and logits, key ``fd``, class accuracy on, and the test set's
+    per-class :class:`~pmf.evaluate.ClassSpread` for the within-class diversity. ``classifier``: (model, info),
+    default :func:`get_fmnist_classifier` (trained and cached on first use)."""
     model, info = get_fmnist_classifier(cache_dir) if classifier is None else classifier
     model = model.to(device).eval()
     test_x, test_y = _load_fmnist("test")
     spread = ClassSpread(model.num_classes, model.feature_dim, device=device)
     reference = compute_stats(batches(test_x, test_y, batch_size), model.features_and_logits, spread=spread)
-    return model.features_and_logits, reference, info, spread
+    metric = Metric(model.features_and_logits, reference.mean_cov(), "fd", accuracy=True, class_spread=spread,
+                    info={"classifier_test_accuracy": info.get("test_accuracy")})
+    return metric, reference, info
 
 
 def fmnist_metrics(
@@ -302,16 +305,14 @@ def fmnist_metrics(
     own = classifier is None
     if own:
         classifier = get_fmnist_classifier(cache_dir)
-    model, info = classifier
-    extractor, reference, _, spread = fmnist_extractor_and_reference(device, batch_size, classifier=classifier)
-    metric = Metric(extractor, reference.mean_cov(), "fd", accuracy=True, class_spread=spread)
+    metric, reference, info = fmnist_metric(device, batch_size, classifier=classifier)
     out = {"n": n, "classifier_test_accuracy": info.get("test_accuracy")}
     out.update(evaluate_generator(net, metric, n, steps, noise_scale, omega, t_min, t_max, batch_size, seed, device,
                                   rank, world_size))
     if with_reference_points:
         cached = info.get("reference_points", {}).get(str(n))
         if cached is None:
-            cached = reference_points(extractor, n, reference=reference, batch_size=batch_size)
+            cached = reference_points(metric.extractor, n, reference=reference, batch_size=batch_size)
             if own and dist.is_main():  # remember them next to the classifier: they depend on nothing else
                 info.setdefault("reference_points", {})[str(n)] = cached
                 _save_info(info, cache_dir_path(cache_dir))

@@ -97,26 +97,27 @@ def broadcast_module_(module: torch.nn.Module, src: int = 0) -> None:
             dist.broadcast(t.data, src)
 
 
+def _all_reduce_values(values: list[float], op) -> list[float]:
+    """One all-reduce of a few Python numbers as a float64 vector (on the GPU under NCCL)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=op)
+    return t.tolist()
+
+
 def all_reduce_scalar(value: float, op: str = "sum") -> float:
     """Sum / max of a Python number over ranks."""
     if not dist.is_initialized():
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return float(t.item())
+    return _all_reduce_values([float(value)], dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)[0]
 
 
 def any_rank(*flags: bool) -> tuple[bool, ...]:
     """For each flag, whether it is True on at least one rank: one MAX all-reduce of all flags together."""
     if not dist.is_initialized():
         return tuple(bool(f) for f in flags)
-    t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return tuple(bool(v > 0) for v in t.tolist())
+    return tuple(v > 0 for v in _all_reduce_values([float(bool(f)) for f in flags], dist.ReduceOp.MAX))
 
 
 class ConsistencyError(RuntimeError):

@@ -534,12 +534,9 @@ def setup_metric(kind: str = "fmnist", inception=None, ref_stats=None, device="c
     set, key ``fd``, class accuracy on. ``inception``: the FID InceptionV3 from the local file ``inception``
     (:func:`pmf.inception.load_inception`), reference = the ``ref_stats`` .npz, key ``fid``, plus IS."""
     if kind == "fmnist":
-        from pmf.classifier import fmnist_extractor_and_reference
+        from pmf.classifier import fmnist_metric
 
-        extractor, reference, info, spread = fmnist_extractor_and_reference(device=device, batch_size=batch_size,
-                                                                            cache_dir=cache_dir)
-        return Metric(extractor, reference.mean_cov(), "fd", accuracy=True, class_spread=spread, info={
-            "classifier_test_accuracy": info.get("test_accuracy")})
+        return fmnist_metric(device=device, batch_size=batch_size, cache_dir=cache_dir)[0]
     if kind == "inception":
         from pmf.inception import NUM_LOGITS, load_inception
 
