@@ -7,7 +7,9 @@ then evaluates 10k class-balanced samples with ``pmf eval`` and prints, for each
 Frechet distance in the Fashion-MNIST classifier's features and its ratio to three reference sets scored in the
 same features (the training set = the floor, the test set blurred 2x, the test set plus N(0, 0.1^2) noise).
 A ratio below 1 against ``blur2x`` means the samples are closer to the test set than a 2x-blurred copy of it.
-``diversity`` is the within-class feature variance of the samples over the test set's (1 = as varied as the data).
+``diversity`` is the within-class feature variance of the samples over the test set's (1 = as varied as the data);
+``FD within`` is the distance left after moving each class's feature mean onto the test set's class mean (the rest
+of FD comes from where the class means lie).
 Reruns with the same --run-dir resume training; use a fresh directory per configuration.
 """
 
@@ -44,11 +46,11 @@ def main() -> int:
     print(f"trained {summary['kimg']:.1f} kimg in {summary['seconds'] / 60:.1f} min "
           f"({summary['kimg'] * 1000 / summary['seconds']:.0f} img/s), {summary['params_M']:.2f}M params")
     print(f"reference FDs: floor {m['fd_floor']:.2f}  blur2x {m['fd_blur2x']:.2f}  noise0.1 {m['fd_noise0.1']:.2f}")
-    print(f"{'steps':>5} {'FD':>8} {'/floor':>8} {'/blur2x':>8} {'/noise0.1':>9} {'class_acc':>9} {'diversity':>9}")
+    print(f"{'steps':>5} {'FD':>8} {'/floor':>8} {'/blur2x':>8} {'/noise0.1':>9} {'class_acc':>9} {'diversity':>9} {'FD within':>9}")
     for k in a.steps:
         fd = m[f"fd_{k}step"]
         print(f"{k:>5} {fd:8.2f} {fd / m['fd_floor']:8.1f} {fd / m['fd_blur2x']:8.3f} {fd / m['fd_noise0.1']:9.3f} "
-              f"{m[f'class_acc_{k}step']:9.4f} {m[f'diversity_{k}step']:9.3f}")
+              f"{m[f'class_acc_{k}step']:9.4f} {m[f'diversity_{k}step']:9.3f} {m[f'fd_within_{k}step']:9.2f}")
     return 0
 
 

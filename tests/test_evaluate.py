@@ -154,6 +154,38 @@ def test_class_spread_traces_and_diversity():
         compute_stats([xt[:4].to(torch.uint8)], lambda im: im.flatten(1).double(), spread=ClassSpread(5, 6))
 
 
+def test_class_aligned_stats_equal_explicitly_shifted_features():
+    """ClassSpread.class_aligned = the FeatureStats of the features with each class's mean moved onto the reference's
+    (f_i + mu_{y_i}^ref - mu_{y_i}), computed here explicitly with numpy: same mean and covariance (ddof 1); a class
+    the reference lacks stays where it is; aligning a set to itself changes nothing; the Frechet distance of a set
+    whose classes differ from the reference only by mean shifts drops to ~0 once aligned. Stats of other samples are
+    refused."""
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 4, 400)
+    x = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 5)) + 3 * rng.standard_normal((4, 5))[y]
+    y_ref = rng.integers(0, 3, 300)  # the reference has no class 3
+    x_ref = rng.standard_normal((300, 5)) + 2 * rng.standard_normal((4, 5))[y_ref]
+    f, f_ref = torch.from_numpy(x), torch.from_numpy(x_ref)
+    spread = ClassSpread(4, 5).update(f, torch.from_numpy(y))
+    ref = ClassSpread(4, 5).update(f_ref, torch.from_numpy(y_ref))
+    stats = FeatureStats(5).update(f)
+    shifted = x.copy()
+    for c in range(3):
+        shifted[y == c] += x_ref[y_ref == c].mean(0) - x[y == c].mean(0)
+    mu, sigma = spread.class_aligned(stats, ref).mean_cov()
+    np.testing.assert_allclose(mu, shifted.mean(0), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(sigma, np.cov(shifted, rowvar=False, ddof=1), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(spread.class_aligned(stats, spread).buffer, stats.buffer, rtol=1e-12, atol=1e-9)
+    # a set = the reference's features with every class moved: far before aligning, at the reference after
+    moved = x_ref + 4 * rng.standard_normal((4, 5))[y_ref]
+    m_spread = ClassSpread(4, 5).update(torch.from_numpy(moved), torch.from_numpy(y_ref))
+    m_stats, r_stats = FeatureStats(5).update(torch.from_numpy(moved)), FeatureStats(5).update(f_ref)
+    assert m_stats.frechet_distance(r_stats) > 10
+    assert m_spread.class_aligned(m_stats, ref).frechet_distance(r_stats) < 1e-6
+    with pytest.raises(ValueError, match="do not hold"):
+        spread.class_aligned(FeatureStats(5).update(f[:10]), ref)
+
+
 def test_all_reduce_in_a_one_process_gloo_group(tmp_path):
     store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
     torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
@@ -566,7 +598,7 @@ def test_fmnist_metrics_smoke(monkeypatch):
                             num_classes=10, aux_head_depth=1, bottleneck_dim=8, v_head=False), scale=0.05)
     m = clf.fmnist_metrics(net, n=30, steps=(1, 2), omega=1.0, batch_size=16, classifier=(cnn, {"test_accuracy": 0.1}))
     for k in ("fd_1step", "fd_2step", "class_acc_1step", "class_acc_2step", "diversity_1step", "diversity_2step",
-              "fd_floor", "fd_blur2x", "fd_noise0.1"):
+              "fd_within_1step", "fd_within_2step", "fd_floor", "fd_blur2x", "fd_noise0.1"):
         assert np.isfinite(m[k]), k
     assert m["classifier_test_accuracy"] == 0.1 and m["n"] == 30
     assert m["fd_1step"] > m["fd_floor"] >= 0
@@ -576,7 +608,7 @@ def test_fmnist_metrics_smoke(monkeypatch):
     direct = evaluate_generator(net, Metric(cnn.features_and_logits, ref.mean_cov(), "fd", accuracy=True,
                                             class_spread=spread), 30, (1, 2), omega=1.0, batch_size=16)
     assert set(direct) == {"fd_1step", "fd_2step", "class_acc_1step", "class_acc_2step", "diversity_1step",
-                           "diversity_2step"}
+                           "diversity_2step", "fd_within_1step", "fd_within_2step"}
     for key, value in direct.items():
         assert m[key] == pytest.approx(value, rel=1e-9), key
 

@@ -185,6 +185,32 @@ class ClassSpread(_SummedBuffer):
             raise ValueError("no class has at least 2 samples in both sets")
         return float(ratio[ok].mean())
 
+    def class_means(self) -> torch.Tensor:
+        """(K, F) per-class feature means (NaN rows for classes without samples)."""
+        n, s1 = self._rows[:, :1], self._rows[:, 1:-1]
+        return torch.where(n > 0, s1 / n.clamp(min=1), torch.full_like(s1, float("nan")))
+
+    def class_aligned(self, stats: FeatureStats, reference: "ClassSpread") -> FeatureStats:
+        """The :class:`FeatureStats` of the same features with each class's mean moved onto the reference's class
+        mean, f_i + d_c (d_c = mu_c^ref - mu_c), in closed form from the sums: S1 + sum_c n_c d_c and
+        S2 + sum_c (S1_c d_c^T + d_c S1_c^T + n_c d_c d_c^T). ``stats`` must hold exactly the features folded into
+        this spread (same samples). The Frechet distance of the result to the reference set is the error left when
+        every class is drawn around the right mean: its within-class shape and spread; the rest of the full distance
+        comes from where the class means lie."""
+        n_c, s1_c = self._rows[:, 0], self._rows[:, 1:-1]
+        if stats.dim != self.dim or abs(stats.count - float(n_c.sum())) > 0.5:
+            raise ValueError(f"stats (n={stats.count:g}, dim {stats.dim}) do not hold this spread's samples "
+                             f"(n={float(n_c.sum()):g}, dim {self.dim})")
+        delta = reference.class_means().to(self.buffer.device) - self.class_means()
+        delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))  # a class missing in either: as is
+        out = FeatureStats(self.dim, device=stats.buffer.device)
+        out.buffer.copy_(stats.buffer)
+        d, s1, n = delta.to(out.buffer.device), s1_c.to(out.buffer.device), n_c.to(out.buffer.device)
+        out.sum.add_((n[:, None] * d).sum(0))
+        cross = s1.T @ d  # sum_c S1_c d_c^T
+        out.outer.add_(cross + cross.T + (n[:, None] * d).T @ d)
+        return out
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Streaming Inception Score
@@ -570,7 +596,8 @@ def evaluate_generator(
     share), stream them through ``metric.extractor``, all-reduce, and report the Frechet distance to
     ``metric.reference`` as ``{fd_key}_{k}step``, plus ``class_acc_{k}step`` (if ``metric.accuracy``) and
     ``is_{k}step`` / ``is_std_{k}step`` (if ``metric.is_classes`` and ``inception_score``), and the within-class
-    diversity ``diversity_{k}step`` (if ``metric.class_spread``; :meth:`ClassSpread.diversity`). The class count and
+    diversity ``diversity_{k}step`` and the distance with class means aligned, ``{fd_key}_within_{k}step`` (if
+    ``metric.class_spread``; :meth:`ClassSpread.diversity`, :meth:`ClassSpread.class_aligned`). The class count and
     image shape come from ``net`` (``num_classes``, ``in_channels``, ``input_size``). Rank and world size default to
     the process group's (:mod:`pmf.dist`); every rank returns the same numbers."""
     from pmf import dist
@@ -593,6 +620,8 @@ def evaluate_generator(
         stats.all_reduce_()
         if spread is not None:
             out[f"diversity_{k}step"] = spread.all_reduce_().diversity(metric.class_spread)
+            aligned = spread.class_aligned(stats, metric.class_spread)
+            out[f"{metric.fd_key}_within_{k}step"] = frechet_distance(*aligned.mean_cov(), mu_ref, sigma_ref)
         out[f"{metric.fd_key}_{k}step"] = frechet_distance(*stats.mean_cov(), mu_ref, sigma_ref)
         if metric.accuracy:
             out[f"class_acc_{k}step"] = stats.class_accuracy()
