@@ -46,7 +46,8 @@ def main() -> int:
     print(f"trained {summary['kimg']:.1f} kimg in {summary['seconds'] / 60:.1f} min "
           f"({summary['kimg'] * 1000 / summary['seconds']:.0f} img/s), {summary['params_M']:.2f}M params")
     print(f"reference FDs: floor {m['fd_floor']:.2f}  blur2x {m['fd_blur2x']:.2f}  noise0.1 {m['fd_noise0.1']:.2f}")
-    print(f"{'steps':>5} {'FD':>8} {'/floor':>8} {'/blur2x':>8} {'/noise0.1':>9} {'class_acc':>9} {'diversity':>9} {'FD within':>9}")
+    print(f"{'steps':>5} {'FD':>8} {'/floor':>8} {'/blur2x':>8} {'/noise0.1':>9} {'class_acc':>9} {'diversity':>9} "
+          f"{'FD within':>9}")
     for k in a.steps:
         fd = m[f"fd_{k}step"]
         print(f"{k:>5} {fd:8.2f} {fd / m['fd_floor']:8.1f} {fd / m['fd_blur2x']:8.3f} {fd / m['fd_noise0.1']:9.3f} "

@@ -197,15 +197,15 @@ class ClassSpread(_SummedBuffer):
         this spread (same samples). The Frechet distance of the result to the reference set is the error left when
         every class is drawn around the right mean: its within-class shape and spread; the rest of the full distance
         comes from where the class means lie."""
-        n_c, s1_c = self._rows[:, 0], self._rows[:, 1:-1]
-        if stats.dim != self.dim or abs(stats.count - float(n_c.sum())) > 0.5:
+        dev = stats.buffer.device
+        n, s1 = self._rows[:, 0].to(dev), self._rows[:, 1:-1].to(dev)
+        if stats.dim != self.dim or abs(stats.count - float(n.sum())) > 0.5:
             raise ValueError(f"stats (n={stats.count:g}, dim {stats.dim}) do not hold this spread's samples "
-                             f"(n={float(n_c.sum()):g}, dim {self.dim})")
-        delta = reference.class_means().to(self.buffer.device) - self.class_means()
-        delta = torch.where(torch.isfinite(delta), delta, torch.zeros_like(delta))  # a class missing in either: as is
-        out = FeatureStats(self.dim, device=stats.buffer.device)
+                             f"(n={float(n.sum()):g}, dim {self.dim})")
+        d = reference.class_means().to(dev) - self.class_means().to(dev)
+        d = torch.where(torch.isfinite(d), d, torch.zeros_like(d))  # a class missing in either set: left as is
+        out = FeatureStats(self.dim, device=dev)
         out.buffer.copy_(stats.buffer)
-        d, s1, n = delta.to(out.buffer.device), s1_c.to(out.buffer.device), n_c.to(out.buffer.device)
         out.sum.add_((n[:, None] * d).sum(0))
         cross = s1.T @ d  # sum_c S1_c d_c^T
         out.outer.add_(cross + cross.T + (n[:, None] * d).T @ d)
