@@ -27,6 +27,7 @@ from pmf.objective import (
     guided_target,
     guided_target_lean,
     noisy_image,
+    objective_at,
     per_sample_sq_error,
     pmf_loss,
     sample_draws,
@@ -302,7 +303,7 @@ def test_lean_matches_reference():
     impl = "reference" (two guidance calls, torch.func.jvp over the whole net): guided_target_lean ==
     guided_target on a batch with r = t, inside- and outside-interval samples; pmf_loss values, metrics and
     parameter gradients agree (1e-10 / 1e-8, float64) for the default config (with dropped samples), without a
-    v-head, without guidance and with a perceptual term."""
+    v-head, without guidance, with APG-style guidance (guidance_parallel) and with a perceptual term."""
     net = _net()
     x, y = _data(8)
     d = _f64(sample_draws(x, y, ObjectiveConfig(class_drop=0.5), generator=_gen(6)))
@@ -320,6 +321,7 @@ def test_lean_matches_reference():
 
     params = list(net.parameters())
     for kw, hook in ((dict(), None), (dict(use_v_head=False), None), (dict(guidance=False), None),
+                     (dict(guidance_parallel=0.25), None),
                      (dict(perceptual_weights={"l2": 0.5}, perceptual_max_t=0.9), perc)):
         out = {}
         for impl in IMPLS:
@@ -409,6 +411,21 @@ def test_draws_fm_fraction_is_exact(p):
     """fm_pattern: exactly floor(B p) of a batch of B (here B p is an integer) has r = t."""
     d = _big_draws(ObjectiveConfig(data_proportion=p), B=2000)
     assert int(d.fm_mask.sum()) == round(2000 * p)
+
+
+def test_fm_warmup_schedule():
+    """fm_warmup_kimg = W: the r = t fraction is 1 at 0 images, 1 - (1 - p) s at s W kimg, p from W kimg on; the
+    per-sample class-dropout marginal stays class_drop (its r = t rate is class_drop / fraction)."""
+    cfg = ObjectiveConfig(data_proportion=0.5, fm_warmup_kimg=10.0)
+    assert objective_at(ObjectiveConfig(), 12345) == ObjectiveConfig()
+    for nimg, frac in ((0, 1.0), (2500, 0.875), (5000, 0.75), (10000, 0.5), (20000, 0.5)):
+        at = objective_at(cfg, nimg)
+        assert at.data_proportion == pytest.approx(frac) and at.fm_warmup_kimg == 0
+        d = _big_draws(at, B=4000)
+        assert int(d.fm_mask.sum()) == round(4000 * frac)
+        assert abs(d.drop_mask.double().mean().item() - cfg.class_drop) < 3 * (0.1 * 0.9 / 4000) ** 0.5
+    with pytest.raises(ValueError, match="fm_warmup_kimg"):
+        ObjectiveConfig(fm_warmup_kimg=-1)
 
 
 def test_draws_tr_uniform():
@@ -505,6 +522,40 @@ def test_guided_target_formula_and_interval(gt):
     null_rows = [(c["y"] == NULL, c["omega"]) for c in net.calls]
     assert any(m.any() for m, _ in null_rows)
     assert all((om[m] == 1).all() for m, om in null_rows)
+
+
+@pytest.mark.parametrize("gt", [guided_target, guided_target_lean], ids=IMPLS)
+def test_guidance_parallel_splits_the_image_space_update(gt):
+    """guidance_parallel = eta (APG): the guided image x_g = z_t - t v_g differs from the unguided x_t = z_t - t v_t
+    by (1 - 1/omega') * (-t) D', where D' is the plain CFG difference D = v_c' - v_u with its component along the
+    conditional image x_c = z_t - t v_c' scaled by eta. Checked per sample against explicit projections: at eta = 0
+    the update is orthogonal to x_c; for any eta, D' = D_perp + eta D_par with D_perp + D_par = D; eta = 1 is
+    plain CFG."""
+    x, y, d = _fake_case(ObjectiveConfig())
+    net = FakeNet()
+    z_t = noisy_image(x, d.t, d.e)
+    v_t = conditional_velocity(z_t, x, d.t)
+    plain, v_c = gt(net, z_t, v_t, y, d, ObjectiveConfig(), NULL)
+    w = torch.where(d.fm_mask | ((d.t >= d.t_min) & (d.t <= d.t_max)), d.omega, torch.ones_like(d.omega))
+    g = _b(1 - 1 / w, x)
+    D = FakeNet.v_of(z_t, y, w) - FakeNet.v_of(z_t, torch.full_like(y, NULL), torch.ones_like(w))
+    x_c = (z_t - _b(d.t, x) * v_c).flatten(1)
+    D_par = (((D.flatten(1) @ x_c.T).diagonal() / (x_c * x_c).sum(1))[:, None] * x_c).view_as(D)
+    torch.testing.assert_close(plain, v_t + g * D, rtol=1e-12, atol=1e-12)
+    guided = g.flatten() != 0
+    assert guided.sum() > 10
+    for eta in (0.0, 0.3):
+        v_g, v_c_eta = gt(net, z_t, v_t, y, d, ObjectiveConfig(guidance_parallel=eta), NULL)
+        torch.testing.assert_close(v_c_eta, v_c, rtol=0, atol=0)  # the tangent does not change
+        torch.testing.assert_close(v_g, v_t + g * (D - D_par + eta * D_par), rtol=1e-10, atol=1e-12)
+        update = (z_t - _b(d.t, x) * v_g) - (z_t - _b(d.t, x) * v_t)
+        along = (update.flatten(1) * x_c).sum(1)
+        if eta == 0.0:
+            torch.testing.assert_close(along, torch.zeros_like(along), rtol=0, atol=1e-10)
+        else:  # eta of the plain update's component along x_c
+            plain_along = ((z_t - _b(d.t, x) * plain) - (z_t - _b(d.t, x) * v_t)).flatten(1).mul(x_c).sum(1)
+            torch.testing.assert_close(along[guided], eta * plain_along[guided], rtol=1e-8, atol=1e-10)
+            assert (plain_along[guided].abs() > 1e-3).any()
 
 
 def test_guided_target_dropout_and_jvp_inputs_end_to_end():

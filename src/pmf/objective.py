@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -33,6 +33,8 @@ class ObjectiveConfig:
     P_std: float = 0.8  # logit-normal std
     P_std_fm: float | None = None  # std for the r = t samples only (None: P_std, the recipe); a CPU-demo knob
     data_proportion: float = 0.5  # fraction of samples with r = t (plain flow matching); "ratio of r != t = 50%"
+    fm_warmup_kimg: float = 0.0  # r = t fraction falls linearly from 1 to data_proportion over the first N kimg
+    #   (a curriculum, not in the recipe: the JVP target bootstraps from the model's own v; see objective_at)
     tr_uniform: float = 0.0  # probability of replacing (t, r) by independent U[0, 1] draws (0.1 in the H configs)
     time_region: str = "full"  # Tab. 3b ablation: "full" | "r_eq_t" | "r_eq_0" | "boundaries" (r = t or r = 0)
     noise_scale: float = 1.0  # e = noise_scale * N(0, I); image_size / 256 in the paper
@@ -41,6 +43,8 @@ class ObjectiveConfig:
     cfg_max: float = 7.0  # omega in [1, 1 + cfg_max]
     cfg_beta: float = 1.0  # density of omega proportional to omega^-beta (1: log-uniform)
     interval: bool = True  # sample the guidance interval t_min ~ U[0, .5], t_max ~ U[.5, 1]; False: [0, 1]
+    guidance_parallel: float = 1.0  # eta: weight of the guidance update's component along the conditional image
+    #   prediction (1: plain CFG, the recipe; 0: only the orthogonal part, APG, Sadat et al. 2024; see guided_velocity)
     class_drop: float = 0.1  # probability of the null label (and v_g = v_t) for a sample
     drop_among_fm: bool = True  # official: dropped samples are r = t samples (the first ones of the batch)
     # --- the JVP and the heads ---
@@ -62,6 +66,17 @@ class ObjectiveConfig:
             raise ValueError(f"impl must be 'lean' or 'reference', got {self.impl!r}")
         if not 0.0 <= self.data_proportion <= 1.0:
             raise ValueError(f"data_proportion must lie in [0, 1], got {self.data_proportion}")
+        if self.fm_warmup_kimg < 0:
+            raise ValueError(f"fm_warmup_kimg must be >= 0 (0: no warm-up), got {self.fm_warmup_kimg}")
+
+
+def objective_at(cfg: ObjectiveConfig, nimg: int) -> ObjectiveConfig:
+    """The objective for the step at ``nimg`` images seen: with ``fm_warmup_kimg`` = W > 0 the r = t fraction is
+    1 - (1 - data_proportion) * min(1, nimg / (1000 W)); otherwise ``cfg`` itself."""
+    if cfg.fm_warmup_kimg <= 0:
+        return cfg
+    ramp = min(1.0, nimg / (1000.0 * cfg.fm_warmup_kimg))
+    return replace(cfg, data_proportion=1.0 - (1.0 - cfg.data_proportion) * ramp, fm_warmup_kimg=0.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -226,17 +241,27 @@ def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: 
                              torch.cat([d.omega, torch.ones_like(d.omega)]),
                              torch.cat([y, torch.full_like(y, null_label)]), cfg.use_v_head)
     v_c, v_u = both[:B], both[B:]
-    v_g_fm = v_t + (1 - 1 / w) * (v_c - v_u)
+    v_g_fm = guided_velocity(v_t, v_c, v_u, d.omega, z_t, d.t, cfg.guidance_parallel)
     inside = (d.t >= d.t_min) & (d.t <= d.t_max)
     omega_m = torch.where(inside, d.omega, torch.ones_like(d.omega))
     v_c = boundary_velocity(net, z_t, d.t, omega_m, y, cfg.use_v_head)
-    v_g = v_t + (1 - 1 / _b(omega_m, z_t)) * (v_c - v_u)
+    v_g = guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel)
     return torch.where(_b(d.fm_mask, z_t), v_g_fm, v_g), v_c
 
 
-def guided_velocity(v_t, v_c, v_u, omega_m):
-    """v_g = v_t + (1 - 1/omega')(v_c' - v_u)  [P Alg. 2]; outside the interval omega' = 1 and v_g = v_t."""
-    return v_t + (1 - 1 / _b(omega_m, v_t)) * (v_c - v_u)
+def guided_velocity(v_t, v_c, v_u, omega_m, z_t, t, parallel: float = 1.0):
+    """v_g = v_t + (1 - 1/omega')(v_c' - v_u)  [P Alg. 2]; outside the interval omega' = 1 and v_g = v_t.
+
+    ``parallel`` (eta) < 1 scales the part of the guidance difference D = v_c' - v_u that lies along the conditional
+    image prediction x_c = z_t - t v_c' (per sample): D <- D - (1 - eta) <D, x_c> / |x_c|^2 x_c. Since x = z_t - t v,
+    this is the same split of the image-space update -t D (APG, Sadat et al. 2024: the parallel part is what
+    over-saturates at high omega). eta = 1 is the recipe."""
+    D = v_c - v_u
+    if parallel != 1.0:
+        x_c = (z_t - _b(t, z_t) * v_c).flatten(1)
+        coef = (D.flatten(1) * x_c).sum(1) / x_c.pow(2).sum(1).clamp(min=1e-12)
+        D = D - (1.0 - parallel) * _b(coef, D) * x_c.view_as(D)
+    return v_t + (1 - 1 / _b(omega_m, v_t)) * D
 
 
 def masked_omega(d: Draws) -> tuple[torch.Tensor, torch.Tensor]:
@@ -272,7 +297,7 @@ def guided_target_lean(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_la
     v_c, v_u = guidance_velocities(net, z_t, y, d, omega_m, torch.ones_like(inside), inside, cfg.use_v_head,
                                    null_label)
     v_u = torch.where(_b(inside, v_u), v_u, v_c)  # outside: v_c' - v_u = 0 (its factor 1 - 1/omega' is 0 anyway)
-    return guided_velocity(v_t, v_c, v_u, omega_m), v_c
+    return guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel), v_c
 
 
 def drop_labels(y, v_t, v_g, d: Draws, null_label: int):
@@ -430,7 +455,8 @@ def lean_guided_step(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_labe
     y_in = torch.where(d.drop_mask, null_label, y)
 
     def target(v_c):
-        v_g = guided_velocity(v_t, v_c, torch.where(_b(need_u, v_u), v_u, v_c), omega_m)
+        v_g = guided_velocity(v_t, v_c, torch.where(_b(need_u, v_u), v_u, v_c), omega_m, z_t, d.t,
+                              cfg.guidance_parallel)
         return torch.where(_b(d.drop_mask, v_t), v_t, v_g)
 
     tangent_v = v_c if cfg.tangent == "predicted" else target(v_c)  # final on every r != t row

@@ -25,7 +25,7 @@ from pmf.config import RunConfig, to_dict, to_json
 from pmf.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist, to_model_range, to_uint8
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
-from pmf.objective import PerSampleGenerator, pmf_loss
+from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
 from pmf.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
 from pmf.perceptual import build_perceptual
 from pmf.speed import autocast_context, maybe_compile
@@ -140,6 +140,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     per_rank = images_u8.shape[0]
     accum = cfg.train.accum_steps
     micro = per_rank // accum
+    objective = objective_at(cfg.objective, nimg)  # schedules of the objective follow the images seen
     sums: dict[str, torch.Tensor] = {}  # kept as tensors: no device sync per micro-batch, one at the end
     for a in range(accum):
         if sharded:
@@ -150,7 +151,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
         gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)
         with autocast_context(device.type, cfg.train.precision):
-            loss, metrics = loss_fn(net, x, y, cfg.objective, gen, perceptual=perceptual)
+            loss, metrics = loss_fn(net, x, y, objective, gen, perceptual=perceptual)
         (loss / accum).backward()
         for k, v in metrics.items():
             v = torch.as_tensor(v).detach().to(device, torch.float64) / accum
