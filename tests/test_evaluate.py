@@ -512,6 +512,16 @@ def test_cli_eval_inception_path_writes_metrics(tmp_path, monkeypatch):
     want = evaluate_generator(net, metric, 20, (1, 2), omega=1.0, batch_size=7)
     for key, value in want.items():
         assert m[key] == pytest.approx(value, rel=1e-9), key
+    assert m["sampler"] == "average"
+    # --instantaneous: Euler steps on v = u(z, t, t), passed through to the generator (2 steps differ from average)
+    assert main(argv + ["--instantaneous"]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    want_v = evaluate_generator(net, metric, 20, (1, 2), omega=1.0, batch_size=7, instantaneous=True)
+    assert m["sampler"] == "instantaneous"
+    for key, value in want_v.items():
+        assert m[key] == pytest.approx(value, rel=1e-9), key
+    key = f"{metric.fd_key}_2step"
+    assert want_v[key] != pytest.approx(want[key], rel=1e-6)
     # the demo's defaults: Fashion-MNIST extractor, 1, 2 and 4 steps; the old comma form still parses
     args = build_parser().parse_args(["eval", "--checkpoint", str(run)])
     assert args.extractor == "fmnist" and args.steps == ["1", "2", "4"] and args.num is None

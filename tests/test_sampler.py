@@ -102,6 +102,21 @@ def test_step_interpolation_form(net, t, r):
     torch.testing.assert_close(step(net, z, t, r, Y, omega=2.0), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("num_steps", [1, 4])
+def test_instantaneous_sampler_is_euler_on_v(net, num_steps):
+    """instantaneous=True: each step is z_r = z_t - (t - r) v(z_t, t) with v = u(z_t, t, t), the u-head at h = 0:
+    the flow-matching Euler sampler, here written out with x_theta at r = t, (z - x_theta) / t."""
+    z = _noise(4)
+    grid = torch.linspace(1, 0, num_steps + 1).tolist()
+    manual = z
+    for t, r in zip(grid[:-1], grid[1:]):
+        v = (manual - _x_theta(net, manual, t, t, Y)) / t
+        manual = manual - (t - r) * v
+    got = sample(net, z, Y, num_steps, omega=2.0, instantaneous=True)
+    torch.testing.assert_close(got, manual, rtol=1e-6, atol=1e-6)
+    assert (got - sample(net, z, Y, num_steps, omega=2.0)).abs().max() > 1e-3  # h = 0 changes the output
+
+
 def test_per_sample_seeds_independent_of_batch(net):
     """noise_from_seeds draws sample i from torch.Generator().manual_seed(seed_i): the noise (and the sampled image)
     for a seed does not depend on batch size, position, or the other seeds; noise_scale multiplies it."""

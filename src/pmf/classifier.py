@@ -288,6 +288,7 @@ def fmnist_metrics(
     with_reference_points: bool = True,
     rank: int | None = None,
     world_size: int | None = None,
+    instantaneous: bool = False,
 ) -> dict:
     """Fashion-MNIST quality of a class-conditional 28x28 net: for each number of sampling steps k, the Frechet
     distance of n generated images (class-balanced labels, per-sample seeds; see :func:`pmf.evaluate.generate`) to
@@ -301,6 +302,7 @@ def fmnist_metrics(
     The samples go through :func:`pmf.evaluate.evaluate_generator`, the same streaming path as the Inception FID;
     under torchrun each rank generates its share and the statistics are all-reduced (rank / world size default to
     the process group's). Create the classifier cache on rank 0 first (see :func:`get_fmnist_classifier`).
+    ``instantaneous``: Euler steps on v = u(z, t, t) instead of average-velocity steps (:func:`pmf.sampler.sample`).
     """
     own = classifier is None
     if own:
@@ -308,7 +310,7 @@ def fmnist_metrics(
     metric, reference, info = fmnist_metric(device, batch_size, classifier=classifier)
     out = {"n": n, "classifier_test_accuracy": info.get("test_accuracy")}
     out.update(evaluate_generator(net, metric, n, steps, noise_scale, omega, t_min, t_max, batch_size, seed, device,
-                                  rank, world_size))
+                                  rank, world_size, instantaneous=instantaneous))
     if with_reference_points:
         cached = info.get("reference_points", {}).get(str(n))
         if cached is None:

@@ -82,7 +82,7 @@ def cmd_sample(args) -> int:
     for start in range(0, n, args.batch_size):
         idx = list(range(start, min(n, start + args.batch_size)))
         noise = noise_from_seeds([args.seed * 10**7 + i for i in idx], shape, noise_scale, args.device)
-        x = sample(net, noise, labels[idx].to(args.device), args.steps, omega, t_min, t_max)
+        x = sample(net, noise, labels[idx].to(args.device), args.steps, omega, t_min, t_max, args.instantaneous)
         images.append(to_uint8(x.float().cpu()))
     images = torch.cat(images)
     if out.suffix == ".npz":
@@ -117,17 +117,19 @@ def cmd_eval(args) -> int:
                 get_fmnist_classifier()  # trains and caches it on first use, before the other ranks read it
             dist.barrier()
             res = fmnist_metrics(net, n=n, steps=steps, omega=omega, t_min=t_min, t_max=t_max,
-                                 batch_size=args.batch_size, noise_scale=noise_scale, seed=args.seed, device=device)
+                                 batch_size=args.batch_size, noise_scale=noise_scale, seed=args.seed, device=device,
+                                 instantaneous=args.instantaneous)
         else:
             n = args.num or 50_000
             metric = setup_metric("inception", args.inception, args.ref_stats, device, args.batch_size)
             res = {"n": n, **evaluate_generator(net, metric, n, steps, noise_scale, omega, t_min, t_max,
-                                                args.batch_size, args.seed, device), **metric.info}
+                                                args.batch_size, args.seed, device,
+                                                instantaneous=args.instantaneous), **metric.info}
         run_dir = Path(args.checkpoint)
         cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
         ema = args.ema or cfg.get("sample", {}).get("ema") or "model"
         res.update({"extractor": args.extractor, "steps": steps, "omega": omega, "t_min": t_min, "t_max": t_max,
-                    "ema": ema, "seed": args.seed})
+                    "ema": ema, "seed": args.seed, "sampler": "instantaneous" if args.instantaneous else "average"})
         if dist.is_main():
             text = json.dumps(res, indent=2)
             print(text)
@@ -239,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bf16: autocast the network (faster on GPUs and CPUs with native bf16 matmuls)")
         q.add_argument("--compile", action="store_true",
                        help="torch.compile the network with weight freezing (eager fallback on failure)")
+        q.add_argument("--instantaneous", action="store_true",
+                       help="Euler steps with the instantaneous velocity v = u(z, t, t) (h = 0) instead of the "
+                            "average velocity: the flow-matching sampler (use many --steps)")
 
     s = sub.add_parser("sample", help="sample a PNG grid or an NPZ of class-balanced samples")
     guidance_args(s)

@@ -340,6 +340,7 @@ def generate(
     rank: int = 0,
     world_size: int = 1,
     return_indices: bool = False,
+    instantaneous: bool = False,
 ) -> Iterator[tuple[torch.Tensor, ...]]:
     """Yield (uint8 images (b, *shape), labels (b,)) for sample indices i = rank, rank + world_size, ... < n; with
     ``return_indices`` also the global indices (b,) (what :class:`InceptionScoreStats` needs).
@@ -349,7 +350,8 @@ def generate(
     and any number of ranks (the union over ranks is the 1-process set), up to the last-bit float differences of
     batched kernels (rarely one uint8 level on a pixel). ``net`` is used as it is (call ``.eval()``
     and move it to ``device`` first); images are sampled with :func:`pmf.sampler.sample` and quantised with
-    :func:`pmf.data.to_uint8` (round(127.5 (x + 1)), clamped). Images are yielded on ``device``, labels on CPU.
+    :func:`pmf.data.to_uint8` (round(127.5 (x + 1)), clamped); ``instantaneous`` is passed on to it (Euler steps
+    with v = u(z, t, t)). Images are yielded on ``device``, labels on CPU.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside [0, {world_size})")
@@ -361,7 +363,8 @@ def generate(
         seeds = (seed * SEED_STRIDE + chunk).tolist()
         noise = noise_from_seeds(seeds, tuple(shape), noise_scale, device=device)
         y = labels_all[chunk]
-        x = sample(net, noise, y.to(device), num_steps=num_steps, omega=omega, t_min=t_min, t_max=t_max)
+        x = sample(net, noise, y.to(device), num_steps=num_steps, omega=omega, t_min=t_min, t_max=t_max,
+                   instantaneous=instantaneous)
         yield (to_uint8(x), y, chunk) if return_indices else (to_uint8(x), y)
 
 
@@ -591,6 +594,7 @@ def evaluate_generator(
     rank: int | None = None,
     world_size: int | None = None,
     inception_score: bool = True,
+    instantaneous: bool = False,
 ) -> dict:
     """For each k in ``steps``: generate n class-balanced samples with k steps (:func:`generate`, this rank's
     share), stream them through ``metric.extractor``, all-reduce, and report the Frechet distance to
@@ -599,7 +603,8 @@ def evaluate_generator(
     diversity ``diversity_{k}step`` and the distance with class means aligned, ``{fd_key}_within_{k}step`` (if
     ``metric.class_spread``; :meth:`ClassSpread.diversity`, :meth:`ClassSpread.class_aligned`). The class count and
     image shape come from ``net`` (``num_classes``, ``in_channels``, ``input_size``). Rank and world size default to
-    the process group's (:mod:`pmf.dist`); every rank returns the same numbers."""
+    the process group's (:mod:`pmf.dist`); every rank returns the same numbers. ``instantaneous``: sample with Euler
+    steps on v = u(z, t, t) (see :func:`pmf.sampler.sample`)."""
     from pmf import dist
 
     rank = dist.rank() if rank is None else rank
@@ -612,7 +617,8 @@ def evaluate_generator(
         is_stats = (InceptionScoreStats(n, metric.is_classes, device=device)
                     if metric.is_classes and inception_score else None)
         images = generate(net, n, net.num_classes, shape, noise_scale, k, omega, t_min, t_max, batch_size, seed=seed,
-                          device=device, rank=rank, world_size=world_size, return_indices=True)
+                          device=device, rank=rank, world_size=world_size, return_indices=True,
+                          instantaneous=instantaneous)
         spread = (ClassSpread(metric.class_spread.num_classes, metric.class_spread.dim, device=device)
                   if metric.class_spread is not None else None)
         stats = compute_stats(images, metric.extractor, accuracy=metric.accuracy, inception_score=is_stats,

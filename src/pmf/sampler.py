@@ -29,12 +29,14 @@ def noise_from_seeds(seeds, shape: tuple[int, ...], noise_scale: float = 1.0, de
     return (out * noise_scale).to(device)
 
 
-def step(net, z, t, r, y, omega=1.0, t_min=0.0, t_max=1.0) -> torch.Tensor:
-    """z_r = z_t - (t - r) u_theta(z_t, r, t | y, omega, t_min, t_max).  t, r: scalars or (B,)."""
+def step(net, z, t, r, y, omega=1.0, t_min=0.0, t_max=1.0, instantaneous: bool = False) -> torch.Tensor:
+    """z_r = z_t - (t - r) u_theta(z_t, r, t | y, omega, t_min, t_max).  t, r: scalars or (B,).
+    ``instantaneous``: use u_theta(z_t, t, t) = v (h = 0) instead, an Euler step of the flow-matching ODE."""
     B = z.shape[0]
     t, r = _per_sample(t, B, z), _per_sample(r, B, z)
     w, lo, hi = _per_sample(omega, B, z), _per_sample(t_min, B, z), _per_sample(t_max, B, z)
-    u, _ = net(z, t, t - r, w, lo, hi, y, heads="u")
+    h = torch.zeros_like(t) if instantaneous else t - r
+    u, _ = net(z, t, h, w, lo, hi, y, heads="u")
     return z - (t - r).view(-1, *([1] * (z.ndim - 1))) * u
 
 
@@ -49,11 +51,14 @@ def check_omega(net, omega) -> None:
 
 
 @torch.no_grad()
-def sample(net, noise, y, num_steps: int = 1, omega=1.0, t_min=0.0, t_max=1.0) -> torch.Tensor:
+def sample(net, noise, y, num_steps: int = 1, omega=1.0, t_min=0.0, t_max=1.0,
+           instantaneous: bool = False) -> torch.Tensor:
     """Integrate from t = 1 (noise) to t = 0 in ``num_steps`` equal steps; returns images (B, C, H, W) ~ [-1, 1].
 
     noise: z_1, already scaled by the noise scale (see :func:`noise_from_seeds`); y: (B,) labels, ``num_classes`` for
-    unconditional.
+    unconditional. ``instantaneous``: Euler steps with the instantaneous velocity v = u(z_t, t, t) instead of the
+    average velocity (a diagnostic: how good the learned flow-matching field is with many steps, and the sampler
+    for a model trained with ``time_region="r_eq_t"``, whose u-head never saw h > 0).
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
@@ -61,5 +66,5 @@ def sample(net, noise, y, num_steps: int = 1, omega=1.0, t_min=0.0, t_max=1.0) -
     t_steps = torch.linspace(1.0, 0.0, num_steps + 1).tolist()
     z = noise
     for t, r in zip(t_steps[:-1], t_steps[1:]):
-        z = step(net, z, t, r, y, omega, t_min, t_max)
+        z = step(net, z, t, r, y, omega, t_min, t_max, instantaneous)
     return z
