@@ -426,6 +426,8 @@ def test_fm_warmup_schedule():
         assert abs(d.drop_mask.double().mean().item() - cfg.class_drop) < 3 * (0.1 * 0.9 / 4000) ** 0.5
     with pytest.raises(ValueError, match="fm_warmup_kimg"):
         ObjectiveConfig(fm_warmup_kimg=-1)
+    with pytest.raises(ValueError, match="guidance_parallel"):
+        ObjectiveConfig(guidance_parallel=-0.5)
 
 
 def test_draws_tr_uniform():

@@ -66,6 +66,8 @@ class ObjectiveConfig:
             raise ValueError(f"impl must be 'lean' or 'reference', got {self.impl!r}")
         if not 0.0 <= self.data_proportion <= 1.0:
             raise ValueError(f"data_proportion must lie in [0, 1], got {self.data_proportion}")
+        if self.guidance_parallel < 0:
+            raise ValueError(f"guidance_parallel must be >= 0 (1: plain CFG), got {self.guidance_parallel}")
         if self.fm_warmup_kimg < 0:
             raise ValueError(f"fm_warmup_kimg must be >= 0 (0: no warm-up), got {self.fm_warmup_kimg}")
 
@@ -234,7 +236,7 @@ def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: 
     v_g = v_t + (1 - 1/omega')(v_c' - v_u). v_c' is the tangent (equal to v_c wherever the mask changed nothing).
     Without guidance: v_g = v_t and the tangent is v(z | y, 1).
     """
-    B, w = z_t.shape[0], _b(d.omega, z_t)
+    B = z_t.shape[0]
     if not cfg.guidance:
         return v_t, boundary_velocity(net, z_t, d.t, d.omega, y, cfg.use_v_head)
     both = boundary_velocity(net, torch.cat([z_t, z_t]), torch.cat([d.t, d.t]),
