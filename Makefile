@@ -23,6 +23,7 @@ demo: install
 	@echo "grid: $(RUN_DIR)/grid-1step.png   metrics: $(RUN_DIR)/metrics.json"
 
 test: install
+	$(PYTHON) -m ruff check src tests benchmarks
 	HF_HUB_OFFLINE=1 $(PYTHON) -m pytest -q -x --durations=10
 
 test-slow: install

@@ -53,7 +53,7 @@ import torch
 from pmf.model import Attention, build_model
 from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
 from pmf.sampler import sample
-from pmf.speed import InferenceNet, autocast_context, maybe_compile
+from pmf.train.speed import InferenceNet, autocast_context, maybe_compile
 
 CONFIGS = {  # name: (label, objective impl or None for flow matching, attention backend)
     "a": ("flow matching (sdpa)", None, "sdpa"),

@@ -1,4 +1,4 @@
-"""Persistence (pmf.checkpoint): atomic writes survive interruption, resume finds the newest readable state, and
+"""Persistence (pmf.train.checkpoint): atomic writes survive interruption, resume finds the newest readable state, and
 exports round-trip a network exactly."""
 
 import json
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from pmf.checkpoint import (
+from pmf.train.checkpoint import (
     atomic_save,
     atomic_write_text,
     export_model,

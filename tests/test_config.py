@@ -1,4 +1,4 @@
-"""Run configuration (pmf.config) and the official presets: every recipe number of pmf-recipe.md section 3.4 is in
+"""Run configuration (pmf.train.config) and the official presets: every recipe number of pmf-recipe.md section 3.4 is in
 the pmf-* YAML files with a comment citing its source, agrees with the model registry, and ``--dry-run`` prints
 the run's derived numbers (steps per epoch = floor(1,281,167 / 1024) = 1251) without data or a real model."""
 
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from pmf.cli import main as cli_main
-from pmf.config import PRESET_DIR, list_presets, load_config
+from pmf.train.config import PRESET_DIR, list_presets, load_config
 from pmf.model import MODELS
 
 IMAGENET_TRAIN = 1_281_167  # [recipe 3.6]

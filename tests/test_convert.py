@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmf.checkpoint import load_exported
+from pmf.export import load_exported
 from pmf.convert import (
     ROPE_KEY,
     import_official_main,

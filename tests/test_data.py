@@ -1,4 +1,4 @@
-"""pmf.data: IDX parsing and checksums, pixel range, the sharded resumable sampler, ImageFolder + ADM crop.
+"""pmf.train.data: IDX parsing and checksums, pixel range, the sharded resumable sampler, ImageFolder + ADM crop.
 
 No test touches the network: the downloader is monkeypatched wherever the lookup could reach it.
 """
@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from pmf import data
-from pmf.data import (
+from pmf.train import data
+from pmf.train.data import (
     ChecksumError,
     EpochSampler,
     ImageFolderDataset,

@@ -1,4 +1,4 @@
-"""Multi-process training (pmf.dist, pmf.train) with 2 gloo processes on CPU: 1-vs-2-process parity, a broken
+"""Multi-process training (pmf.train.dist, pmf.train.loop) with 2 gloo processes on CPU: 1-vs-2-process parity, a broken
 gradient sync is caught, every rank takes the same branch before a collective, helpers are no-ops in one process."""
 
 import json
@@ -14,12 +14,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pmf import dist
-from pmf.checkpoint import load_latest
-from pmf.config import load_config
+from pmf.train import dist
+from pmf.train.checkpoint import load_latest
+from pmf.train.config import load_config
 from pmf.model import build_model
 from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss
-from pmf.train import train
+from pmf.train.loop import train
 
 # 3 steps of a global batch of 16; a log record and a cross-rank parameter check after every step.
 SETS = ["train.total_kimg=0.048", "train.batch_size=16", "train.sample_every_kimg=0", "train.log_every_kimg=0.016",
@@ -196,10 +196,10 @@ def test_broken_gradient_sync_is_caught_on_every_rank(tmp_path):
 
 
 def _skewed_worker(rank, port, out_dir):
-    import pmf.train
+    import pmf.train.loop
 
     _join_group(rank, port)
-    real_step, real_time, real_loss = pmf.train.train_step, pmf.train.time, pmf.train.pmf_loss
+    real_step, real_time, real_loss = pmf.train.loop.train_step, pmf.train.loop.time, pmf.train.loop.pmf_loss
     try:
         # 1. Rank 0's clock jumps 61 s per step: by its clock a checkpoint (ckpt_every_minutes=1) is due after every
         #    step and the time budget (2.5 min) ends after step 3 of 5; by rank 1's clock neither happens.
@@ -215,11 +215,11 @@ def _skewed_worker(rank, port, out_dir):
                 def time():
                     return time.time() + 61.0 * steps[0]
 
-            pmf.train.train_step, pmf.train.time = counting_step, SkewedClock
+            pmf.train.loop.train_step, pmf.train.loop.time = counting_step, SkewedClock
         sets = [*SETS, "train.ckpt_every_minutes=1", "train.total_kimg=0.080"]
         summary = train(load_config("tiny-test", overrides=sets), Path(out_dir, "clock"), minutes=2.5, quiet=True)
         Path(out_dir, f"clock{rank}.json").write_text(json.dumps(summary))
-        pmf.train.train_step, pmf.train.time = real_step, real_time
+        pmf.train.loop.train_step, pmf.train.loop.time = real_step, real_time
 
         # 2. Rank 1 reports a non-finite metric at its 2nd step while the (all-reduced) gradients stay finite.
         if rank == 1:
@@ -232,11 +232,11 @@ def _skewed_worker(rank, port, out_dir):
                     metrics = {**metrics, "loss_u": torch.tensor(float("nan"))}
                 return loss, metrics
 
-            pmf.train.pmf_loss = nan_metric_loss
+            pmf.train.loop.pmf_loss = nan_metric_loss
         summary = train(load_config("tiny-test", overrides=SETS), Path(out_dir, "nan"), quiet=True)
         Path(out_dir, f"nan{rank}.json").write_text(json.dumps(summary))
     finally:
-        pmf.train.train_step, pmf.train.time, pmf.train.pmf_loss = real_step, real_time, real_loss
+        pmf.train.loop.train_step, pmf.train.loop.time, pmf.train.loop.pmf_loss = real_step, real_time, real_loss
         dist.shutdown()
 
 

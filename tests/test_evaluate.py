@@ -12,17 +12,32 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
-
 from PIL import Image
 
-from pmf import classifier as clf
-from pmf import evaluate as ev
-from pmf.data import center_crop_adm
-from pmf.evaluate import (ClassSpread, FeatureStats, InceptionScoreStats, Metric, batches, class_balanced_labels,
-                          compute_stats, evaluate_generator, frechet_distance, generate, load_ref_stats, save_ref_stats,
-                          to_uint8)
+import pmf.eval.metrics
+from pmf.eval import fmnist as clf
+from pmf.eval import generate as ev
+from pmf.eval.generate import (
+    Metric,
+    batches,
+    class_balanced_labels,
+    compute_stats,
+    evaluate_generator,
+    generate,
+)
+from pmf.eval.stats import (
+    ClassSpread,
+    FeatureStats,
+    InceptionScoreStats,
+    frechet_distance,
+    is_split_assignment,
+    load_ref_stats,
+    save_ref_stats,
+)
+from pmf.images import to_uint8
 from pmf.model import PMFDiT, build_model
 from pmf.sampler import noise_from_seeds
+from pmf.train.data import center_crop_adm
 
 
 @pytest.fixture(autouse=True)
@@ -264,7 +279,7 @@ def test_inception_score_uniform_is_one_and_confident_is_k():
     assert InceptionScoreStats(n, k).update(torch.zeros(n, k), torch.arange(n)).inception_score() == (
         pytest.approx(1.0, abs=1e-12), pytest.approx(0.0, abs=1e-12))
     # one-hot predictions, each class used equally often within every split (2 of each of 5 in a split of 10)
-    split = ev.is_split_assignment(n)
+    split = is_split_assignment(n)
     assert np.bincount(split).tolist() == [10] * 10
     cls = np.zeros(n, dtype=np.int64)
     for s in range(10):
@@ -442,7 +457,7 @@ def test_evaluate_generator_equals_one_shot_numpy():
 def _two_rank_eval(rank, port, out_dir):
     import os
 
-    from pmf import dist
+    from pmf.train import dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
@@ -480,7 +495,7 @@ def test_evaluate_generator_two_processes_match_one(tmp_path):
 
 def tiny_run_dir(tmp_path, ema="ema_hl500"):
     """A run directory as training leaves it: config.json (sample.ema) and export/{ema}.safetensors."""
-    from pmf.checkpoint import export_model
+    from pmf.export import export_model
     from pmf.model import MODELS
 
     kwargs = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
@@ -502,7 +517,7 @@ def test_cli_eval_inception_path_writes_metrics(tmp_path, monkeypatch):
         seen.update(kind=kind, inception=inception, ref_stats=ref_stats)
         return metric
 
-    monkeypatch.setattr(ev, "setup_metric", fake_setup)
+    monkeypatch.setattr(pmf.eval.metrics, "setup_metric", fake_setup)
     argv = ["eval", "--checkpoint", str(run), "--extractor", "inception", "--inception", "w.pth", "--ref-stats",
             "r.npz", "--num", "20", "--steps", "1", "2", "--omega", "1.0", "--batch-size", "7", "--device", "cpu"]
     assert main(argv) == 0

@@ -1,4 +1,4 @@
-"""FSDP2 (pmf.fsdp, ``train.parallel=fsdp``) with 2 gloo processes on CPU: what forward-mode AD does through
+"""FSDP2 (pmf.train.fsdp, ``train.parallel=fsdp``) with 2 gloo processes on CPU: what forward-mode AD does through
 ``fully_shard`` (torch.func.jvp works, forward-AD dual tensors fail), Muon on sharded matrices, the adapted
 consistency checks, and a sharded run that resumes a 1-process checkpoint and ends where 1 process ends."""
 
@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmf import dist, fsdp
-from pmf.config import load_config
-from pmf.train import train
+from pmf.train import dist
+
+from pmf.train import fsdp
+from pmf.train.config import load_config
+from pmf.train.loop import train
 
 from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, run_two
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from pmf import evaluate as ev
-from pmf.evaluate import Metric, compute_stats, evaluate_generator, generate
-from pmf.guidance_search import guidance_search, parse_interval
+import pmf.eval.metrics
+from pmf.eval.generate import Metric, compute_stats, evaluate_generator, generate
+from pmf.eval.guidance_search import guidance_search, parse_interval
 from pmf.model import MODELS, PMFDiT
 
 
@@ -97,7 +97,7 @@ def test_parse_interval():
 
 
 def test_cli_guidance_search(tmp_path, monkeypatch):
-    from pmf.checkpoint import export_model
+    from pmf.export import export_model
     from pmf.cli import main
 
     kwargs = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
@@ -108,7 +108,7 @@ def test_cli_guidance_search(tmp_path, monkeypatch):
     (run / "config.json").write_text(json.dumps({"sample": {"ema": "ema_hl500"}}))
     rng = np.random.default_rng(0)
     metric = Metric(extractor_fn(), (rng.standard_normal(6), np.eye(6)), "fid", accuracy=False, is_classes=5)
-    monkeypatch.setattr(ev, "setup_metric", lambda *a, **k: metric)
+    monkeypatch.setattr(pmf.eval.metrics, "setup_metric", lambda *a, **k: metric)
     out = tmp_path / "gs"
     argv = ["guidance-search", "--checkpoint", str(run), "--extractor", "inception", "--omegas", "1", "2",
             "--intervals", "0.0,1.0", "0.1,0.8", "--emas", "ema_hl500", "model", "--num-search", "12",

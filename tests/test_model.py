@@ -421,7 +421,7 @@ def test_attention_module_norm_then_rope_patch_tokens_only(monkeypatch):
         return real(q, k, v, backend)
 
     monkeypatch.setattr(model_mod, "attention", spy)
-    B, L, D, H, hd, N = 2, 20 + 16, 32, 2, 16, 16
+    B, L, D, H, hd = 2, 20 + 16, 32, 2, 16
     x = torch.randn(B, L, D, generator=torch.Generator().manual_seed(4), dtype=F64)
     attn(x, net.rope_cos, net.rope_sin)
 

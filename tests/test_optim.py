@@ -1,4 +1,4 @@
-"""pmf.optim: Muon/Adam grouping, Muon's orthogonalised update, optax Nesterov Adam, strict state round trips,
+"""pmf.train.optim: Muon/Adam grouping, Muon's orthogonalised update, optax Nesterov Adam, strict state round trips,
 lr schedule keyed to images, and EMA half-life algebra independent of batch size."""
 
 import io
@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from pmf.model import build_model
-from pmf.optim import (
+from pmf.train.optim import (
     EMA,
     EMASpec,
     MuonWithAdam,

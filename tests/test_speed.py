@@ -1,4 +1,4 @@
-"""pmf.speed: torch.compile falls back to eager (with one warning) when compiling or a compiled call fails, the
+"""pmf.train.speed: torch.compile falls back to eager (with one warning) when compiling or a compiled call fails, the
 result is the eager one and the failed call's random draws are replayed; bf16 autocast of the lean pMF step stays within a stated tolerance of float32. No test
 here asserts a time (timings live in benchmarks/step.py)."""
 
@@ -8,10 +8,10 @@ import warnings
 import pytest
 import torch
 
-import pmf.speed as speed
+import pmf.train.speed as speed
 from pmf.model import build_model
 from pmf.objective import ObjectiveConfig, pmf_loss, sample_draws
-from pmf.speed import CompiledModule, autocast_context, maybe_compile
+from pmf.train.speed import CompiledModule, autocast_context, maybe_compile
 
 
 @pytest.fixture(autouse=True)

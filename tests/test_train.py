@@ -1,4 +1,4 @@
-"""The training loop (pmf.train): restart = rerun the command (bit-identical, also after SIGKILL), golden first-k
+"""The training loop (pmf.train.loop): restart = rerun the command (bit-identical, also after SIGKILL), golden first-k
 losses, config guards, non-finite steps, gradient accumulation, ImageFolder with a corrupt file.
 
 Every run is the ``tiny-test`` preset shrunk to a handful of steps of batch 16 on one CPU thread (a few seconds)."""
@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-import pmf.train
-from pmf.checkpoint import load_latest
+import pmf.train.loop
+from pmf.train.checkpoint import load_latest
 from pmf.cli import main as cli_main
-from pmf.config import from_dict, load_config
-from pmf.train import train
+from pmf.train.config import from_dict, load_config
+from pmf.train.loop import train
 
 # 8 steps of 16 images; one log record per step; checkpoints only at the end; one thread (fast under load and
 # independent of the machine's core count, which keeps bit-identical comparisons meaningful).
@@ -197,7 +197,7 @@ def test_dry_run_prints_config_and_writes_nothing(tmp_path, capsys):
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypatch):
     """Calls 3 and 5, 6, 7 return a NaN loss: step 3 is skipped (weights and EMA untouched), step 4 trains again,
     and the third NaN in a row stops the run with a checkpoint."""
-    real_loss = pmf.train.pmf_loss
+    real_loss = pmf.train.loop.pmf_loss
 
     def make_fake(nan_calls):
         calls = []
@@ -211,7 +211,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
 
         return fake
 
-    monkeypatch.setattr(pmf.train, "pmf_loss", make_fake({3, 5, 6, 7, 8}))
+    monkeypatch.setattr(pmf.train.loop, "pmf_loss", make_fake({3, 5, 6, 7, 8}))
     summary = train(small_cfg("train.max_nonfinite=3"), tmp_path / "nan", quiet=True)
     assert summary["stop_reason"] == "3 non-finite steps in a row"
     assert summary["step"] == 7 and summary["nonfinite_total"] == 4
@@ -222,7 +222,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, monkeypa
     assert math.isnan(log[2]["loss"]) and math.isfinite(log[3]["loss"])
 
     # Skipped steps change nothing: the state equals that of a 4-step run whose step 3 was skipped.
-    monkeypatch.setattr(pmf.train, "pmf_loss", make_fake({3}))
+    monkeypatch.setattr(pmf.train.loop, "pmf_loss", make_fake({3}))
     train(small_cfg("train.total_kimg=0.064"), tmp_path / "ref", quiet=True)
     ref = load_latest(tmp_path / "ref")
     assert all(torch.isfinite(t).all() for t in state["net"].values())
@@ -280,7 +280,7 @@ def test_imagefolder_with_a_corrupt_file_trains_and_reports_it(tmp_path):
 
 
 def test_compile_switch_falls_back_to_identical_eager_losses(tmp_path):
-    """train.compile=true goes through pmf.speed.maybe_compile: whether torch.compile works on this platform or
+    """train.compile=true goes through pmf.train.speed.maybe_compile: whether torch.compile works on this platform or
     falls back to eager, the logged losses equal the eager run's (to float tolerance)."""
     import warnings
 

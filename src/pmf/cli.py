@@ -14,7 +14,7 @@ import torch
 def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
     """A network from an export directory/file, or from a run directory (its ``export/`` folder, EMA chosen by
     ``ema``, default the run's ``sample.ema``). Returns (net, meta)."""
-    from pmf.checkpoint import load_exported
+    from pmf.export import load_exported
 
     p = Path(checkpoint)
     if not p.exists():
@@ -34,7 +34,7 @@ def _fast(net, args):
     """The network wrapped for ``--precision`` / ``--compile`` (unchanged when neither is asked for)."""
     if args.precision == "fp32" and not args.compile:
         return net
-    from pmf.speed import InferenceNet
+    from pmf.train.speed import InferenceNet
 
     return InferenceNet(net, args.precision, args.compile)
 
@@ -50,8 +50,8 @@ def _class_list(text: str | None, num_classes: int) -> list[int]:
 
 
 def cmd_train(args) -> int:
-    from pmf.config import load_config
-    from pmf.train import train
+    from pmf.train.config import load_config
+    from pmf.train.loop import train
 
     cfg = load_config(args.preset, args.config, args.set or [])
     train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet)
@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from pmf.data import to_uint8
+    from pmf.images import to_uint8
     from pmf.images import save_grid, save_npz
     from pmf.sampler import noise_from_seeds, sample
 
@@ -96,8 +96,9 @@ def cmd_sample(args) -> int:
 def cmd_eval(args) -> int:
     """Metrics of 1-, 2-, 4-step (``--steps``) samples: the Fashion-MNIST CNN distance and class accuracy (default),
     or Inception FID and IS against ``--ref-stats``. Runs under torchrun too (generation split over ranks)."""
-    from pmf import dist
-    from pmf.evaluate import evaluate_generator, setup_metric
+    from pmf.train import dist
+    from pmf.eval.generate import evaluate_generator
+    from pmf.eval.metrics import setup_metric
 
     started = not torch.distributed.is_initialized()
     dist.init("cuda" if args.device.startswith("cuda") else "cpu")
@@ -110,7 +111,7 @@ def cmd_eval(args) -> int:
         steps = [int(s) for tok in args.steps for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"
         noise_scale = meta.get("noise_scale", 1.0)
         if args.extractor == "fmnist":
-            from pmf.classifier import fmnist_metrics, get_fmnist_classifier
+            from pmf.eval.fmnist import fmnist_metrics, get_fmnist_classifier
 
             n = args.num or 10_000
             if dist.is_main():
@@ -145,9 +146,9 @@ def cmd_eval(args) -> int:
 
 def cmd_ref_stats(args) -> int:
     """Reference statistics (mu, sigma) of real images in the Inception pool features, as an .npz."""
-    from pmf import dist
-    from pmf.evaluate import reference_stats, save_ref_stats
-    from pmf.inception import load_inception
+    from pmf.train import dist
+    from pmf.eval.generate import reference_stats, save_ref_stats
+    from pmf.eval.inception import load_inception
 
     if not Path(args.images).exists():
         raise FileNotFoundError(f"--images {args.images} does not exist (an image folder or an .npz of uint8 images)")
@@ -171,9 +172,9 @@ def cmd_ref_stats(args) -> int:
 
 def cmd_guidance_search(args) -> int:
     """Grid over EMA x interval x omega on --num-search samples, then --num-final samples at the best point."""
-    from pmf import dist
-    from pmf.evaluate import setup_metric
-    from pmf.guidance_search import guidance_search, parse_interval
+    from pmf.train import dist
+    from pmf.eval.metrics import setup_metric
+    from pmf.eval.guidance_search import guidance_search, parse_interval
 
     started = not torch.distributed.is_initialized()
     dist.init("cuda" if args.device.startswith("cuda") else "cpu")
@@ -184,7 +185,7 @@ def cmd_guidance_search(args) -> int:
         cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
         emas = args.emas or [cfg.get("sample", {}).get("ema") or "model"]
         if args.extractor == "fmnist":
-            from pmf.classifier import get_fmnist_classifier
+            from pmf.eval.fmnist import get_fmnist_classifier
 
             if dist.is_main():
                 get_fmnist_classifier()  # trains and caches it on first use, before the other ranks read it

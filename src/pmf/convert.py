@@ -35,7 +35,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pmf.checkpoint import export_model
+from pmf.export import export_model
 from pmf.model import MODELS, PMFDiT, rope_2d_angles
 
 ROPE_KEY = "rope_freqs"
@@ -302,7 +302,7 @@ def _load_error(problems: list[str], sd: dict, prefix: str, model: str | None, k
             lines.append(f"Its keys and shapes match registered size(s) {matches}: wrong --model size?")
         elif not any("_flax_" in k for k in sd):
             lines.append("No key has a '_flax_linear' wrapper: this looks like a pmf state dict, not the official "
-                         "layout; load it with PMFDiT.load_state_dict or pmf.checkpoint.load_exported.")
+                         "layout; load it with PMFDiT.load_state_dict or pmf.train.checkpoint.load_exported.")
         else:
             lines.append("Check --model (size, patch, resolution) or pass the architecture kwargs explicitly "
                          "(hidden_size, depth, num_heads, aux_head_depth, input_size, patch_size, ...).")

@@ -1,4 +1,4 @@
-"""Image files: sample grids (PNG) and sample archives (NPZ). uint8 in, files out."""
+"""Pixels and image files: the [-1, 1] <-> uint8 conversions, sample grids (PNG) and sample archives (NPZ)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+
+def to_model_range(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 [0, 255] -> float [-1, 1]: x / 127.5 - 1.  Call it on the device, after the uint8 transfer."""
+    return x.to(dtype) / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """float [-1, 1] -> uint8: round((x + 1) * 127.5), clamped to [0, 255].  Inverse of :func:`to_model_range`."""
+    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:

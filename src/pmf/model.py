@@ -288,7 +288,7 @@ class PMFDiT(nn.Module):
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not a multiple of patch_size {patch_size}")
         if hidden_size % num_heads or (hidden_size // num_heads) % 4:
-            raise ValueError(f"head_dim = hidden_size/num_heads must be an integer multiple of 4 (2-D RoPE)")
+            raise ValueError("head_dim = hidden_size/num_heads must be an integer multiple of 4 (2-D RoPE)")
         if not 0 <= aux_head_depth <= depth:
             raise ValueError(f"aux_head_depth {aux_head_depth} must lie in [0, depth={depth}]")
         if num_interval_tokens % 2:

@@ -218,7 +218,7 @@ class ToyMLP(nn.Module):
         self.num_freqs, self.omega_max, self.noise_scale, self.sigma_data = num_freqs, omega_max, noise_scale, sigma_data
         self.y_embedder = nn.Embedding(num_classes + 1, label_dim)
         if embed_t not in (True, False, "raw"):
-            raise ValueError(f"embed_t must be True (Fourier features), 'raw' (t as one scalar) or False")
+            raise ValueError("embed_t must be True (Fourier features), 'raw' (t as one scalar) or False")
         t_dim = {True: 1 + 2 * num_freqs, "raw": 1, False: 0}[embed_t]
         in_dim = dim + t_dim + 4 * (1 + 2 * num_freqs) + label_dim  # z, (t), h, 1 - 1/omega, t_min, t_max, y
         layers: list[nn.Module] = [nn.Linear(in_dim, hidden), nn.ReLU()]

@@ -19,16 +19,21 @@ from pathlib import Path
 
 import torch
 
-from pmf import dist, fsdp
-from pmf.checkpoint import atomic_write_text, export_model, load_latest, save_training_state
-from pmf.config import RunConfig, to_dict, to_json
-from pmf.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist, to_model_range, to_uint8
+from pmf.train import dist
+
+from pmf.train import fsdp
+from pmf.atomic import atomic_write_text
+from pmf.export import export_model
+from pmf.train.checkpoint import load_latest, save_training_state
+from pmf.train.config import RunConfig, to_json
+from pmf.images import to_model_range, to_uint8
+from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
-from pmf.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
+from pmf.train.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
 from pmf.perceptual import build_perceptual
-from pmf.speed import autocast_context, maybe_compile
+from pmf.train.speed import autocast_context, maybe_compile
 from pmf.sampler import noise_from_seeds, sample
 
 # Config keys that may change between a run and its resumption (they do not change the training trajectory).
@@ -130,10 +135,10 @@ class StepResult:
 def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None,
                loss_fn=pmf_loss) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
-    averaged over ranks by :func:`pmf.dist.all_reduce_grads` (``ddp``) or by FSDP's reduce-scatter after the last
+    averaged over ranks by :func:`pmf.train.dist.all_reduce_grads` (``ddp``) or by FSDP's reduce-scatter after the last
     micro-batch (``fsdp``; the earlier ones accumulate unsharded gradients without communication).
     ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
-    :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.speed.maybe_compile`; its forward passes run
+    :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.train.speed.maybe_compile`; its forward passes run
     under ``train.precision`` autocast, the backward outside it."""
     rank = dist.rank()
     sharded = fsdp.is_sharded(net)

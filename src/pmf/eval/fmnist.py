@@ -23,9 +23,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmf.data import load_fashion_mnist, to_model_range, to_uint8
-from pmf import dist
-from pmf.evaluate import ClassSpread, FeatureStats, Metric, batches, compute_stats, evaluate_generator
+from pmf.images import to_model_range, to_uint8
+from pmf.train.data import load_fashion_mnist
+from pmf.train import dist
+from pmf.eval.generate import ClassSpread, FeatureStats, Metric, batches, compute_stats, evaluate_generator
 
 CACHE_NAME = "fmnist_cnn_v1"  # bump when the architecture or the training recipe changes
 REFERENCE_N = 10_000
@@ -61,7 +62,7 @@ class FashionCNN(nn.Module):
 
     @torch.no_grad()
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The extractor interface of :mod:`pmf.evaluate`: uint8 (B, 1, 28, 28) -> (feats (B, 256), logits (B, 10)),
+        """The extractor interface of :mod:`pmf.eval.generate`: uint8 (B, 1, 28, 28) -> (feats (B, 256), logits (B, 10)),
         on the model's device. Scales to [-1, 1] as x / 127.5 - 1. Call on a model in eval mode."""
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images, got {images.dtype}")
@@ -105,7 +106,7 @@ def train_fmnist_classifier(
     ``torch.set_flush_denormal(True)``.
 
     data: (train_images, train_labels, test_images, test_labels), uint8 (N, 1, 28, 28) and int64 (N,); default:
-    Fashion-MNIST via :mod:`pmf.data`. max_steps: stop early (tests). Returns (model in eval mode, info).
+    Fashion-MNIST via :mod:`pmf.train.data`. max_steps: stop early (tests). Returns (model in eval mode, info).
     """
     x_tr, y_tr, x_te, y_te = _default_data() if data is None else data
     # Denormal arithmetic on CPU stalled some steps for seconds (pytorch-pitfalls section 7): flush them to zero.
@@ -258,9 +259,9 @@ def reference_points(
 
 
 def fmnist_metric(device="cpu", batch_size: int = 500, cache_dir=None, classifier=None):
-    """(:class:`~pmf.evaluate.Metric`, reference :class:`FeatureStats` of the full test set, classifier info) of the
+    """(:class:`~pmf.eval.generate.Metric`, reference :class:`FeatureStats` of the full test set, classifier info) of the
     Fashion-MNIST metric: the CNN's features and logits, key ``fd``, class accuracy on, and the test set's
-    per-class :class:`~pmf.evaluate.ClassSpread` for the within-class diversity. ``classifier``: (model, info),
+    per-class :class:`~pmf.eval.generate.ClassSpread` for the within-class diversity. ``classifier``: (model, info),
     default :func:`get_fmnist_classifier` (trained and cached on first use)."""
     model, info = get_fmnist_classifier(cache_dir) if classifier is None else classifier
     model = model.to(device).eval()
@@ -291,15 +292,15 @@ def fmnist_metrics(
     instantaneous: bool = False,
 ) -> dict:
     """Fashion-MNIST quality of a class-conditional 28x28 net: for each number of sampling steps k, the Frechet
-    distance of n generated images (class-balanced labels, per-sample seeds; see :func:`pmf.evaluate.generate`) to
+    distance of n generated images (class-balanced labels, per-sample seeds; see :func:`pmf.eval.generate.generate`) to
     the test set in the classifier's features (``fd_{k}step``) and the accuracy with which the classifier recovers
     the intended labels (``class_acc_{k}step``), the within-class diversity (``diversity_{k}step``: mean over
-    classes of the samples' feature variance over the test set's, :class:`pmf.evaluate.ClassSpread`); plus the
+    classes of the samples' feature variance over the test set's, :class:`pmf.eval.generate.ClassSpread`); plus the
     reference points ``fd_floor``, ``fd_blur2x``, ``fd_noise0.1`` at the same n (cached in the classifier's JSON
     after the first computation) and the classifier's own test accuracy. ``classifier``: (model, info), default
     :func:`get_fmnist_classifier`.
 
-    The samples go through :func:`pmf.evaluate.evaluate_generator`, the same streaming path as the Inception FID;
+    The samples go through :func:`pmf.eval.generate.evaluate_generator`, the same streaming path as the Inception FID;
     under torchrun each rank generates its share and the statistics are all-reduced (rank / world size default to
     the process group's). Create the classifier cache on rank 0 first (see :func:`get_fmnist_classifier`).
     ``instantaneous``: Euler steps on v = u(z, t, t) instead of average-velocity steps (:func:`pmf.sampler.sample`).

@@ -5,7 +5,7 @@ Why no DDP wrapper: ``torch.func.jvp`` cannot run through ``DistributedDataParal
 calling the unwrapped ``ddp.module`` inside the JVP silently skips DDP's gradient all-reduce, so each rank would
 train its own replica. We therefore run the bare module and average gradients explicitly
 (:func:`all_reduce_grads`), and check that parameters agree across ranks (:func:`check_consistency`).
-With ``train.parallel=fsdp`` (:mod:`pmf.fsdp`) FSDP2 shards the parameters and reduce-scatters the gradients
+With ``train.parallel=fsdp`` (:mod:`pmf.train.fsdp`) FSDP2 shards the parameters and reduce-scatters the gradients
 itself; :func:`check_consistency` then compares only the replicated tensors.
 """
 
@@ -139,7 +139,7 @@ def check_consistency(module: torch.nn.Module, what: str = "parameters", atol: f
 
     Sharded parameters (FSDP2 DTensors) are skipped: they have no replicas to disagree. Run this check *before*
     ``fully_shard`` (each rank keeps its chunk of its own copy, so differing copies would be mixed silently) and
-    :func:`pmf.fsdp.check_gradients_reduced` after; replicated DTensors are compared through their local tensors."""
+    :func:`pmf.train.fsdp.check_gradients_reduced` after; replicated DTensors are compared through their local tensors."""
     if not dist.is_initialized():
         return
     bad = []

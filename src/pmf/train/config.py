@@ -1,7 +1,7 @@
 """Run configuration: typed dataclasses, named presets (YAML in ``pmf/configs``), ``key=value`` overrides, JSON dump.
 
 Each concept owns its section's dataclass (``ObjectiveConfig`` in :mod:`pmf.objective`, ``OptimConfig`` in
-:mod:`pmf.optim`); this module composes them into :class:`RunConfig` and is the only place that parses text.
+:mod:`pmf.train.optim`); this module composes them into :class:`RunConfig` and is the only place that parses text.
 Nothing downstream receives an argparse Namespace.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 import yaml
 
 from pmf.objective import ObjectiveConfig
-from pmf.optim import OptimConfig
+from pmf.train.optim import OptimConfig
 from pmf.perceptual import PerceptualConfig
 
-PRESET_DIR = Path(__file__).parent / "configs"
+PRESET_DIR = Path(__file__).parent.parent / "configs"
 
 
 @dataclass
@@ -43,7 +43,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch (all processes together)
     accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide by world_size * accum_steps)
     seed: int = 0  # all randomness derives from (seed, images seen, sample index)
-    ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.optim.EMASpec)
+    ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.train.optim.EMASpec)
     ema_ramp: float = 0.05  # EDM ramp-up of the half-life: min(half-life, ramp * images seen)
     grad_clip: float = 0.0  # max global grad norm; 0 = off (official: off)
     max_nonfinite: int = 10  # stop (with a checkpoint) after this many non-finite steps in a row
@@ -53,7 +53,7 @@ class TrainConfig:
     ckpt_every_minutes: float = 5.0  # ... and at least this often in wall-clock time
     check_every_kimg: float = 100.0  # cross-rank parameter-consistency check interval (multi-process only)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
-    compile: bool = False  # torch.compile the loss function (pmf.speed.maybe_compile: eager fallback on failure)
+    compile: bool = False  # torch.compile the loss function (pmf.train.speed.maybe_compile: eager fallback on failure)
     precision: str = "fp32"  # "fp32" | "bf16" autocast of the forward passes (params, grads, optimizer in fp32)
     threads: int = 0  # torch CPU threads; 0 = torch's default
     consistency_check: bool = True  # check parameters agree across ranks at start and periodically

@@ -1,6 +1,6 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for PMFDiT: sharded parameters, gradients, optimizer state and EMA
 copies; ``train.parallel=fsdp``. The default, ``train.parallel=ddp``, is the bare module with an explicit gradient
-all-reduce (:mod:`pmf.dist`). Findings and the reasons for each choice: docs/scale-out.md.
+all-reduce (:mod:`pmf.train.dist`). Findings and the reasons for each choice: docs/scale-out.md.
 
 What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 processes in tests/test_fsdp.py):
 
@@ -34,8 +34,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from pmf import dist
-from pmf.optim import BatchedMuon, MuonWithAdam, build_optimizer
+from pmf.train import dist
+from pmf.train.optim import BatchedMuon, MuonWithAdam, build_optimizer
 
 # Methods of PMFDiT that the objective calls directly (lean path, guidance); FSDP's root hooks must run around them
 # too, or the root's own parameters (tokens, embedders, final layers) stay sharded inside them.
@@ -67,7 +67,7 @@ def blocks_of(net: nn.Module) -> list[nn.Module]:
 def shard_model(net: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
     """Shard ``net`` in place over all ranks (one mesh dimension): every block is its own FSDP unit (all-gathered
     just before it runs, freed after when ``reshard_after_forward``), the root unit holds the rest. Call after the
-    parameters agree across ranks (:func:`pmf.dist.broadcast_module_`): each rank keeps its own chunk of its own
+    parameters agree across ranks (:func:`pmf.train.dist.broadcast_module_`): each rank keeps its own chunk of its own
     copy, so differing copies would be silently mixed into one model."""
     mesh = init_device_mesh(device.type, (dist.world_size(),))
     for blk in blocks_of(net):
@@ -143,7 +143,7 @@ def load_full_optimizer_state_dict(opt: torch.optim.Optimizer, state_dict: dict)
 
 
 class GatheredMuon(BatchedMuon):
-    """:class:`pmf.optim.BatchedMuon` whose orthogonalisation sees whole matrices when the parameters are sharded
+    """:class:`pmf.train.optim.BatchedMuon` whose orthogonalisation sees whole matrices when the parameters are sharded
     DTensors.
 
     Per matrix: B <- lerp(B, G, 1 - mu) on the shard; U = lerp(G, B, mu) (Nesterov) on the shard; U is all-gathered,
@@ -163,7 +163,7 @@ class GatheredMuon(BatchedMuon):
 
 
 def build_sharded_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
-    """:func:`pmf.optim.build_optimizer` over the sharded parameters, with its Muon part replaced by
+    """:func:`pmf.train.optim.build_optimizer` over the sharded parameters, with its Muon part replaced by
     :class:`GatheredMuon` (same groups and hyperparameters, same state-dict layout)."""
     opt = build_optimizer(net, cfg)
 
@@ -186,7 +186,7 @@ def check_gradients_reduced(net: nn.Module, what: str = "gradients", ignore_pref
     """FSDP's analogue of the DDP-path consistency check. With sharded parameters no replica can drift (each
     element lives on one rank), but a backward that bypasses FSDP's hooks leaves the sharded gradients empty (the
     gradient lands on a freed unsharded tensor and is never reduce-scattered), and the optimizer then silently skips
-    those parameters. Raises :class:`pmf.dist.ConsistencyError` on every rank when any rank has a trainable
+    those parameters. Raises :class:`pmf.train.dist.ConsistencyError` on every rank when any rank has a trainable
     sharded parameter without a gradient (names starting with ``ignore_prefixes`` are allowed none)."""
     missing = [n for n, p in net.named_parameters()
                if p.requires_grad and p.grad is None and not n.startswith(tuple(ignore_prefixes))]

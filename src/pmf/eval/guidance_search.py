@@ -21,8 +21,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pmf import dist
-from pmf.evaluate import Metric, evaluate_generator
+from pmf.train import dist
+from pmf.eval.generate import Metric, evaluate_generator
 
 CSV_FIELDS = ("ema", "omega", "t_min", "t_max", "n", "steps")
 
@@ -92,7 +92,7 @@ def guidance_search(
     distance (``metric.fd_key``; first in grid order on ties), then evaluate ``num_final`` samples there (IS too
     when the metric has it). ``load_net(ema_name)`` returns the network (eval mode, on ``device``); ``noise_scale``
     defaults to the network's own ``noise_scale`` (PMFDiT keeps the one it was trained with). Every rank runs
-    this (generation is split over ranks, see :func:`pmf.evaluate.evaluate_generator`); rank 0 writes the files.
+    this (generation is split over ranks, see :func:`pmf.eval.generate.evaluate_generator`); rank 0 writes the files.
     Returns the content of ``search.json``."""
     log = log or dist.print0
     if not (emas and omegas and intervals):

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from pmf.images import to_model_range, to_uint8  # noqa: F401 (re-exported: pixel range of the data)
+
 __all__ = [
     "load_fashion_mnist",
     "FASHION_MNIST_CLASSES",
@@ -263,16 +265,6 @@ def load_fashion_mnist(split: str = "train", root=None, *, download: bool = True
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Pixel range
-
-
-def to_model_range(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """uint8 [0, 255] -> float [-1, 1]: x / 127.5 - 1.  Call it on the device, after the uint8 transfer."""
-    return x.to(dtype) / 127.5 - 1.0
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] -> uint8: round((x + 1) * 127.5), clamped to [0, 255].  Inverse of :func:`to_model_range`."""
-    return ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -544,6 +536,6 @@ class ShardedLoader:
 
 def make_loader(data, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                 **kw) -> ShardedLoader:
-    """Shorthand for :class:`ShardedLoader` (rank/world_size from the caller, e.g. ``pmf.dist``)."""
+    """Shorthand for :class:`ShardedLoader` (rank/world_size from the caller, e.g. ``pmf.train.dist``)."""
     return ShardedLoader(data, global_batch, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
                          **kw)

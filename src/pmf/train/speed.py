@@ -127,7 +127,7 @@ class _Wrapper(nn.Module):
 class CompiledModule(_Wrapper):
     """A module whose ``forward`` runs through ``torch.compile`` with an eager fallback.
 
-    The wrapped module lives under ``_orig_mod`` (torch.compile's own attribute, which :mod:`pmf.checkpoint` strips
+    The wrapped module lives under ``_orig_mod`` (torch.compile's own attribute, which :mod:`pmf.train.checkpoint` strips
     from state-dict keys), and every attribute this wrapper lacks is looked up on it, so ``net.trunk``, ``net.head``,
     ``net.num_classes`` keep working. Only ``forward`` is compiled: methods called directly (the lean objective calls
     ``trunk`` / ``head``) stay eager; compile the loss function for those."""
@@ -167,7 +167,7 @@ class InferenceNet(_Wrapper):
     """A network's forward for sampling, optionally under bf16 autocast and/or ``torch.compile`` with inductor
     *freezing* (the weights become constants of the compiled graph: folded and pre-packed for the CPU's GEMM
     library). Same call signature and attributes as the wrapped network, so :func:`pmf.sampler.sample` and
-    :mod:`pmf.evaluate` take it unchanged.
+    :mod:`pmf.eval.generate` take it unchanged.
 
     Freezing assumes the weights do not change after the first call: build one per fixed network (e.g. an EMA copy
     loaded for sampling), never around a network that is still training. Velocities come back in float32 under
