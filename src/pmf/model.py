@@ -19,7 +19,7 @@ This module needs only torch (and :mod:`pmf.attention`), so it can be lifted out
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -440,8 +440,6 @@ class ModelSpec:
     t_min: float = 0.0
     t_max: float = 1.0
     ema_halflife_kimg: float | None = None
-    notes: str = ""
-    extra: dict = field(default_factory=dict)
 
 
 def _paper(size: str, res: int, patch: int, **kw) -> dict:

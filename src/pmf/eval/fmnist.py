@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pmf.atomic import atomic_save, atomic_write_text
 from pmf.images import to_model_range, to_uint8
 from pmf.train.data import load_fashion_mnist
 from pmf.train import dist
@@ -163,31 +163,17 @@ def cache_dir_path(cache_dir=None) -> Path:
     return Path(cache_dir or os.environ.get("PMF_CACHE") or Path.home() / ".cache" / "pmf")
 
 
-def _atomic_write(path: Path, write) -> None:
-    """write(file_object) to a temporary file in the same folder, then os.replace: readers never see a half file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_classifier(model: FashionCNN, info: dict, cache_dir=None) -> Path:
     """Write ``<name>.pt`` (state dict) then ``<name>.json`` (info), each atomically; returns the folder."""
     root = cache_dir_path(cache_dir)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(root / f"{CACHE_NAME}.pt", lambda f: torch.save(state, f))
+    atomic_save(state, root / f"{CACHE_NAME}.pt")
     _save_info(info, root)
     return root
 
 
 def _save_info(info: dict, root: Path) -> None:
-    _atomic_write(root / f"{CACHE_NAME}.json", lambda f: f.write(json.dumps(info, indent=2).encode()))
+    atomic_write_text(root / f"{CACHE_NAME}.json", json.dumps(info, indent=2))
 
 
 def get_fmnist_classifier(cache_dir=None, train_if_missing: bool = True, data=None, **train_kwargs):

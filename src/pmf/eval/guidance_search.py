@@ -17,10 +17,10 @@ import io
 import itertools
 import json
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pmf.atomic import atomic_write_bytes
 from pmf.train import dist
 from pmf.eval.generate import Metric, evaluate_generator
 
@@ -36,12 +36,6 @@ def parse_interval(text: str) -> tuple[float, float]:
     if not 0.0 <= t_min <= t_max <= 1.0:
         raise ValueError(f"interval {text!r}: need 0 <= t_min <= t_max <= 1")
     return t_min, t_max
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def plot_search(rows: list[dict], key: str, best: dict, path: Path) -> Path:
@@ -67,7 +61,7 @@ def plot_search(rows: list[dict], key: str, best: dict, path: Path) -> Path:
         ax.legend(title="interval", fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 
@@ -136,13 +130,13 @@ def guidance_search(
                            **metric.info}}
     if dist.is_main():
         out_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write(out_dir / "search.json", (json.dumps(result, indent=2) + "\n").encode())
+        atomic_write_bytes(out_dir / "search.json", (json.dumps(result, indent=2) + "\n").encode())
         fields = list(CSV_FIELDS) + [k for k in rows[0] if k not in CSV_FIELDS]
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=fields, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
-        _atomic_write(out_dir / "search.csv", text.getvalue().encode())
+        atomic_write_bytes(out_dir / "search.csv", text.getvalue().encode())
         plot_search(rows, key, best, out_dir / "search.png")
         log(f"final ({num_final} samples): " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()
                                                         if isinstance(v, float) and k not in CSV_FIELDS))

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -119,11 +119,6 @@ def shard_like(full, like):
 def full_model_state_dict(net: nn.Module) -> dict:
     """The unsharded model state dict on rank 0 (CPU; the plain module's keys), {} on the other ranks."""
     return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def load_full_model_state_dict(net: nn.Module, state_dict: dict) -> None:
-    """Strict load of a full state dict (present on every rank) into the sharded model."""
-    set_model_state_dict(net, state_dict, options=StateDictOptions(full_state_dict=True, strict=True))
 
 
 def load_full_optimizer_state_dict(opt: torch.optim.Optimizer, state_dict: dict) -> None:
