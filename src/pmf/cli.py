@@ -216,6 +216,23 @@ def cmd_import(args) -> int:
     return 0
 
 
+def cmd_ablate(args) -> int:
+    from pmf.ablate import SuiteSettings, dry_run, run_suite
+
+    files = dict(kv.split("=", 1) for kv in args.set or [])
+    settings = SuiteSettings(kimg=args.kimg, eval_num=args.eval_num, jobs=args.jobs, files=files)
+    if args.dry_run:
+        arms = dry_run(args.suite, settings, args.only)
+        print(json.dumps({"arms": arms, "est_cpu_minutes": round(sum(a["est_cpu_minutes"] for a in arms), 1)},
+                         indent=2))
+        return 0
+    if args.jobs > 1:
+        torch.set_num_threads(1)  # evaluation runs in this process, one thread per job
+    run_suite(args.suite, args.out, settings, args.only)
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmf", description="pixel MeanFlow: one-step image generation in pixels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -311,6 +328,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model", required=True, help="size, e.g. pMF-B/16")
     i.add_argument("--out", required=True, help="output directory")
     i.set_defaults(fn=cmd_import)
+
+    a = sub.add_parser("ablate", help="the paper's ablations, small: arms x seeds, a table and a figure per claim")
+    a.add_argument("--suite", default="paper", help="declared list of arms (pmf.ablate.SUITES)")
+    a.add_argument("--out", required=True, help="output directory (runs/, report.md, claim*.png, results.json)")
+    a.add_argument("--kimg", type=float, default=60.0, help="training images per run, in thousands")
+    a.add_argument("--eval-num", type=int, default=10_000, help="samples per evaluation")
+    a.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
+    a.add_argument("--only", nargs="+", help="arm names or claim numbers to run")
+    a.add_argument("--set", action="append", metavar="KEY=PATH", help="perceptual weight files, e.g. "
+                   "perceptual.lpips_vgg_path=vgg16-397923af.pth")
+    a.add_argument("--dry-run", action="store_true", help="list the arms, overrides and estimated CPU time")
+    a.set_defaults(fn=cmd_ablate)
     return p
 
 

@@ -1,0 +1,328 @@
+"""The paper's findings, reproduced small: declared arms, equal image budgets, several seeds, a table and a figure
+per claim (``pmf ablate``).
+
+An *arm* is a named list of ``--set`` overrides on one base preset (the Fashion-MNIST demo), trained for the same
+number of images with each of its seeds, then scored with the Fashion-MNIST metric (1- and 2-NFE Frechet distance and
+class accuracy; ``pmf.eval.fmnist``). The claims (pMF, arXiv 2601.22158):
+
+1. x-prediction works at any per-token dimension, u-prediction collapses at a large one (Tab. 2): patch 4 (16 values
+   per token), 7 (49, the demo) and 14 (196) on 28 x 28 images.
+2. Muon beats Adam (Fig. 3a): each at its best learning rate of a three-point sweep, then FD against images seen.
+3. Training on the full (r, t) plane beats r = t only or r = 0 only (Tab. 3b) at one step; the r = t model is also
+   scored with the many-step instantaneous sampler (the flow-matching bound, not a one-step model).
+4. Plain x-prediction beats linear, EDM and sCM pre-conditioning at a large per-token dimension (Tab. 3a).
+5. The perceptual loss helps (Tab. 4): needs the LPIPS / ConvNeXt weight files; skipped with a message without them.
+
+A run's identity is its resolved config (without ``train.total_kimg``, which only says how far it has got), so a
+rerun skips finished work, and arms that resolve to the same config (claim 1's x at patch 14 and claim 4's x) share
+one run. Training runs as ``pmf train`` subprocesses (one thread each, ``--jobs`` side by side); curves come from
+resuming the same run to a larger ``total_kimg`` (the demo's learning rate is constant, so a run stopped at k kimg is
+exactly the first k kimg of a longer one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pmf.atomic import atomic_write_text
+from pmf.train.config import load_config, to_dict
+
+BASE_PRESET = "fmnist-demo"
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str  # unique within a suite, e.g. "c1-u-p14"
+    claim: str  # which claim's table and figure it belongs to
+    overrides: tuple = ()  # `--set` overrides on the base preset
+    seeds: tuple = (0, 1)
+    x: float | None = None  # the figure's x value (per-token dimension), when the claim plots against one
+    group: str = ""  # a curve / bar group in the figure (e.g. "x" or "u")
+    curve: bool = False  # also evaluate at 1/4 and 1/2 of the budget (FD against images seen)
+    instantaneous_steps: int = 0  # also score the many-step instantaneous (flow-matching) sampler
+    sweep: str = ""  # lr-sweep group: the best lr of the group (seed 0, 1-NFE FD) gets the extra seeds
+    needs_files: tuple = ()  # config keys naming weight files that must exist, else the arm is skipped
+
+
+def _patch(p: int, prediction: str = "x") -> tuple:
+    return (f"model.overrides={{patch_size: {p}, prediction: {prediction}}}",)
+
+
+def paper_suite() -> list[Arm]:
+    arms = []
+    for p in (4, 7, 14):  # claim 1: per-token dimension p^2 (one channel)
+        for pred in ("x", "u"):
+            arms.append(Arm(f"c1-{pred}-p{p}", "1: x vs u prediction", _patch(p, pred), (0, 1, 2), x=p * p,
+                            group=pred))
+    for opt, lrs in (("muon", ("2e-3", "4e-3", "8e-3")), ("adam", ("1e-3", "2e-3", "4e-3"))):  # claim 2
+        for lr in lrs:
+            arms.append(Arm(f"c2-{opt}-lr{lr}", "2: Muon vs Adam", (f"optim.name={opt}", f"optim.lr={lr}"), (0,),
+                            group=opt, curve=True, sweep=opt))
+    for region in ("full", "r_eq_t", "r_eq_0"):  # claim 3
+        arms.append(Arm(f"c3-{region}", "3: (r, t) sampling region", (f"objective.time_region={region}",), (0, 1),
+                        group=region, instantaneous_steps=32 if region == "r_eq_t" else 0))
+    for pred in ("x", "linear", "edm", "scm"):  # claim 4, at claim 1's largest per-token dimension
+        arms.append(Arm(f"c4-{pred}-p14", "4: pre-conditioners", _patch(14, pred), (0, 1), group=pred))
+    lpips = ("perceptual.lpips_vgg_path", "perceptual.lpips_lin_path")
+    arms.append(Arm("c5-mse", "5: perceptual loss", (), (0, 1), group="without"))
+    arms.append(Arm("c5-lpips", "5: perceptual loss", ("objective.perceptual_weights={lpips: 0.4}",), (0, 1),
+                    group="with", needs_files=lpips))
+    return arms
+
+
+SUITES = {"paper": paper_suite}
+
+
+@dataclass
+class SuiteSettings:
+    kimg: float = 60.0  # images per arm and seed, in thousands (the machine-independent budget)
+    eval_num: int = 10_000  # samples per evaluation (class-balanced)
+    eval_steps: tuple = (1, 2)
+    jobs: int = 1  # arms trained side by side, one thread each
+    base: str = BASE_PRESET
+    extra: tuple = ()  # overrides applied to every arm (e.g. a smaller model for tests)
+    classifier: object = None  # injected (model, info) for tests; default: the cached Fashion-MNIST CNN
+    files: dict = field(default_factory=dict)  # perceptual weight paths, key -> path (e.g. from --set)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Runs: identity, training, evaluation
+
+
+def run_overrides(arm: Arm, seed: int, settings: SuiteSettings) -> list[str]:
+    files = [f"{k}={v}" for k, v in settings.files.items()]
+    return [*settings.extra, *arm.overrides, *files, f"train.seed={seed}", "train.threads=1",
+            "train.sample_every_kimg=0"]
+
+
+def run_id(arm: Arm, seed: int, settings: SuiteSettings) -> str:
+    """Hash of the resolved config minus ``train.total_kimg``: equal configs share one run directory."""
+    cfg = to_dict(load_config(settings.base, None, run_overrides(arm, seed, settings)))
+    cfg["train"].pop("total_kimg", None)
+    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def missing_files(arm: Arm, settings: SuiteSettings) -> list[str]:
+    return [k for k in arm.needs_files if not settings.files.get(k) or not Path(settings.files[k]).is_file()]
+
+
+def train_run(run_dir: Path, arm: Arm, seed: int, kimg: float, settings: SuiteSettings) -> float:
+    """``pmf train`` to ``kimg`` (resuming what is there); returns the wall seconds it took."""
+    cmd = [sys.executable, "-m", "pmf", "train", "--preset", settings.base, "--run-dir", str(run_dir), "--quiet"]
+    for s in [*run_overrides(arm, seed, settings), f"train.total_kimg={kimg:g}"]:
+        cmd += ["--set", s]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"training {run_dir.name} failed (exit {proc.returncode}): {proc.stderr.strip()[-2000:]}")
+    return time.time() - t0
+
+
+def evaluate_run(run_dir: Path, settings: SuiteSettings, instantaneous_steps: int = 0) -> dict:
+    """Fashion-MNIST metrics of the run's sampling EMA at its sampling omega (the Makefile's `pmf eval`)."""
+    from pmf.cli import _load_net
+    from pmf.eval.fmnist import fmnist_metrics
+
+    net, meta = _load_net(str(run_dir))
+    cfg = json.loads((run_dir / "config.json").read_text())
+    omega = cfg["sample"]["omega"]
+    common = dict(n=settings.eval_num, omega=omega, noise_scale=meta.get("noise_scale", 1.0),
+                  classifier=settings.classifier)
+    res = fmnist_metrics(net, steps=list(settings.eval_steps), with_reference_points=False, **common)
+    if instantaneous_steps:
+        inst = fmnist_metrics(net, steps=[instantaneous_steps], instantaneous=True, with_reference_points=False,
+                              **common)
+        res.update({f"inst_{k}": v for k, v in inst.items() if k.endswith(f"_{instantaneous_steps}step")})
+    return {k: v for k, v in res.items() if isinstance(v, (int, float))}
+
+
+def run_arm_seed(out: Path, arm: Arm, seed: int, settings: SuiteSettings, log) -> dict:
+    """Train and evaluate one (arm, seed), at 1/4, 1/2 and the full budget when the arm has a curve. Each finished
+    stage is a file ``eval-{kimg}.json`` in the run directory; finished stages are not redone."""
+    run_dir = out / "runs" / f"{run_id(arm, seed, settings)}"
+    stages = [settings.kimg / 4, settings.kimg / 2, settings.kimg] if arm.curve else [settings.kimg]
+    record = {"arm": arm.name, "seed": seed, "run_dir": str(run_dir.relative_to(out)), "stages": {}}
+    for kimg in stages:
+        path = run_dir / f"eval-{kimg:g}.json"
+        if path.is_file():
+            record["stages"][f"{kimg:g}"] = json.loads(path.read_text())
+            continue
+        log(f"[{arm.name} seed {seed}] training to {kimg:g} kimg in {run_dir.name}")
+        seconds = train_run(run_dir, arm, seed, kimg, settings)
+        metrics = evaluate_run(run_dir, settings, arm.instantaneous_steps if kimg == settings.kimg else 0)
+        metrics["train_seconds"] = seconds
+        atomic_write_text(path, json.dumps(metrics, indent=2) + "\n")
+        record["stages"][f"{kimg:g}"] = metrics
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The suite
+
+
+def select_sweeps(arms: list[Arm], records: list[dict], seeds: tuple) -> list[Arm]:
+    """For each lr-sweep group, the arm with the lowest 1-NFE FD (seed 0) again with the extra ``seeds``."""
+    best = {}
+    for arm in arms:
+        if not arm.sweep:
+            continue
+        rec = next((r for r in records if r["arm"] == arm.name and r["seed"] == 0), None)
+        if rec is None:
+            continue
+        fd = final(rec)["fd_1step"]
+        if arm.sweep not in best or fd < best[arm.sweep][1]:
+            best[arm.sweep] = (arm, fd)
+    return [dataclasses.replace(a, name=a.name + "-best", seeds=seeds, sweep="") for a, _ in best.values()]
+
+
+def final(record: dict) -> dict:
+    return record["stages"][max(record["stages"], key=float)]
+
+
+def run_suite(suite: str, out, settings: SuiteSettings, only: list[str] | None = None, log=print) -> list[dict]:
+    if suite not in SUITES:
+        raise KeyError(f"unknown suite {suite!r}; available: {', '.join(SUITES)}")
+    out = Path(out)
+    arms = [a for a in SUITES[suite]() if not only or a.name in only or a.claim.split(":")[0] in only]
+    skipped = {a.name: missing_files(a, settings) for a in arms if missing_files(a, settings)}
+    for name, keys in skipped.items():
+        log(f"[{name}] skipped: needs weight files {', '.join(keys)} (give them with --set KEY=PATH)")
+    arms = [a for a in arms if a.name not in skipped]
+    lock = threading.Lock()
+
+    def safe_log(msg):
+        with lock:
+            log(msg)
+
+    def run_all(todo: list[Arm]) -> list[dict]:
+        jobs = [(a, s) for a in todo for s in a.seeds]
+        with ThreadPoolExecutor(max(1, settings.jobs)) as pool:
+            return list(pool.map(lambda job: run_arm_seed(out, job[0], job[1], settings, safe_log), jobs))
+
+    records = run_all(arms)
+    best = select_sweeps(arms, records, (1, 2))  # claim 2: three seeds at each optimizer's best lr
+    records += run_all(best)
+    for arm in best:  # the best arm's seed 0 is its sweep run
+        src = next(r for r in records if r["arm"] == arm.name.removesuffix("-best") and r["seed"] == 0)
+        records.append({**src, "arm": arm.name})
+    all_arms = arms + [dataclasses.replace(a, seeds=(0, *a.seeds)) for a in best]
+    report = write_report(out, suite, all_arms, records, settings, skipped)
+    atomic_write_text(out / "results.json", json.dumps({"records": records, "report": report}, indent=2) + "\n")
+    return records
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Report: a Markdown table and one figure per claim, generated from the run directories' eval files
+
+METRICS = (("fd_1step", "FD 1-NFE"), ("fd_2step", "FD 2-NFE"), ("class_acc_1step", "class acc 1-NFE"))
+
+
+def summarise(values: list[float]) -> str:
+    if not values:
+        return ""
+    v = np.asarray(values, float)
+    return f"{v.mean():.1f} ({v.min():.1f}-{v.max():.1f})" if len(v) > 1 else f"{v[0]:.1f}"
+
+
+def arm_rows(arms: list[Arm], records: list[dict]) -> list[dict]:
+    rows = []
+    for arm in arms:
+        recs = [r for r in records if r["arm"] == arm.name]
+        if not recs:
+            continue
+        finals = [final(r) for r in recs]
+        row = {"arm": arm.name, "claim": arm.claim, "group": arm.group, "x": arm.x, "seeds": len(recs),
+               "overrides": " ".join(arm.overrides) or "(base)",
+               "minutes": sum(f.get("train_seconds", 0.0) for f in finals) / 60}
+        for key, _ in METRICS:
+            vals = [f[key] * (100 if key.startswith("class_acc") else 1) for f in finals if key in f]
+            row[key] = vals
+        inst = [v for f in finals for k, v in f.items() if k.startswith("inst_fd_")]
+        row["inst_fd"] = inst
+        row["curve"] = sorted((float(k), s["fd_1step"]) for r in recs for k, s in r["stages"].items()) if arm.curve else []
+        rows.append(row)
+    return rows
+
+
+def write_report(out: Path, suite: str, arms: list[Arm], records: list[dict], settings: SuiteSettings,
+                 skipped: dict) -> dict:
+    rows = arm_rows(arms, records)
+    lines = [f"# `pmf ablate --suite {suite}`: {settings.kimg:g} kimg per run, {settings.eval_num} samples, "
+             f"base preset {settings.base}", "",
+             "Mean (min-max) over seeds. Class accuracy in %; the demo classifier scores 91.35 % on real test images.",
+             ""]
+    for claim in dict.fromkeys(r["claim"] for r in rows):
+        lines += [f"## Claim {claim}", "", "| arm | overrides | seeds | " + " | ".join(t for _, t in METRICS) +
+                  " | many-step FD | train min |", "|---|---|---|" + "---|" * (len(METRICS) + 2)]
+        for r in (r for r in rows if r["claim"] == claim):
+            lines.append(f"| {r['arm']} | `{r['overrides']}` | {r['seeds']} | " +
+                         " | ".join(summarise(r[k]) for k, _ in METRICS) +
+                         f" | {summarise(r['inst_fd'])} | {r['minutes']:.1f} |")
+        figure = plot_claim(out, claim, [r for r in rows if r["claim"] == claim])
+        lines += ["", f"![claim {claim.split(':')[0]}]({figure.name})", ""]
+    for name, keys in skipped.items():
+        lines.append(f"- `{name}` skipped: needs {', '.join(keys)}")
+    atomic_write_text(out / "report.md", "\n".join(lines).rstrip() + "\n")
+    return {"rows": rows, "skipped": skipped}
+
+
+def plot_claim(out: Path, claim: str, rows: list[dict]) -> Path:
+    """One figure per claim: 1-NFE FD against per-token dimension (claim 1), against images seen (claim 2), or a bar
+    per arm; error bars span min-max over seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5, 3.4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if any(r["curve"] for r in rows):
+        for r in rows:
+            if r["curve"] and r["arm"].endswith("-best"):
+                xs, ys = zip(*sorted(r["curve"]))
+                ax.plot(xs, ys, "o-", label=r["arm"])
+        ax.set_xlabel("kimg seen")
+    elif all(r["x"] for r in rows):
+        for group in dict.fromkeys(r["group"] for r in rows):
+            pts = sorted((r["x"], np.mean(r["fd_1step"]), min(r["fd_1step"]), max(r["fd_1step"]))
+                         for r in rows if r["group"] == group)
+            xs, m, lo, hi = map(np.asarray, zip(*pts))
+            ax.errorbar(xs, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3, label=f"{group}-prediction")
+        ax.set_xscale("log")
+        ax.set_xlabel("values per token")
+    else:
+        m = [np.mean(r["fd_1step"]) for r in rows]
+        err = [[a - min(r["fd_1step"]) for a, r in zip(m, rows)], [max(r["fd_1step"]) - a for a, r in zip(m, rows)]]
+        ax.bar(range(len(rows)), m, yerr=err, capsize=3)
+        ax.set_xticks(range(len(rows)), [r["arm"] for r in rows], rotation=20, fontsize=7)
+    ax.set_ylabel("FD, 1 NFE")
+    ax.set_title(f"claim {claim}", fontsize=9)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out / f"claim{claim.split(':')[0]}.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def dry_run(suite: str, settings: SuiteSettings, only: list[str] | None = None, imgs_per_s: float = 200.0) -> list:
+    """Every arm with its overrides and seeds, and the estimated CPU time at ``imgs_per_s`` per one-thread run."""
+    arms = [a for a in SUITES[suite]() if not only or a.name in only or a.claim.split(":")[0] in only]
+    out = []
+    for a in arms:
+        minutes = len(a.seeds) * settings.kimg * 1000 / imgs_per_s / 60
+        out.append({"arm": a.name, "claim": a.claim, "overrides": list(a.overrides), "seeds": list(a.seeds),
+                    "est_cpu_minutes": round(minutes, 3), "skipped": missing_files(a, settings) or None})
+    return out

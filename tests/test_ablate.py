@@ -1,0 +1,71 @@
+"""`pmf ablate` (pmf.ablate): a tiny two-arm suite runs end to end through the real training subprocess and the
+Fashion-MNIST metric (random-weight classifier injected), resumes without redoing finished runs, and builds its table
+from the run directories' files."""
+
+import json
+
+import pytest
+import torch
+
+from pmf import ablate
+from pmf.ablate import Arm, SuiteSettings, run_suite
+from pmf.eval.fmnist import FashionCNN
+
+
+def tiny_suite():
+    return [Arm("base", "1: tiny", (), (0,), group="a"),
+            Arm("lr", "1: tiny", ("optim.lr=3e-3",), (0,), group="b"),
+            Arm("lr-again", "1: tiny", ("optim.lr=3e-3",), (0,), group="b"),  # same config: shares "lr"'s run
+            Arm("perc", "2: files", (), (0,), needs_files=("perceptual.lpips_vgg_path",))]
+
+
+@pytest.fixture
+def settings(monkeypatch):
+    monkeypatch.setitem(ablate.SUITES, "tiny", tiny_suite)
+    torch.manual_seed(0)
+    classifier = (FashionCNN().eval(), {"test_accuracy": 0.0})
+    return SuiteSettings(kimg=0.064, eval_num=40, eval_steps=(1, 2), base="tiny-test", classifier=classifier)
+
+
+def test_tiny_suite_runs_resumes_and_reports(tmp_path, settings, monkeypatch):
+    logs = []
+    records = run_suite("tiny", tmp_path, settings, log=logs.append)
+    assert any("perc" in m and "skipped" in m and "lpips_vgg_path" in m for m in logs)
+    by_arm = {r["arm"]: r for r in records}
+    assert set(by_arm) == {"base", "lr", "lr-again"}
+    assert by_arm["lr"]["run_dir"] == by_arm["lr-again"]["run_dir"] != by_arm["base"]["run_dir"]
+    for rec in records:  # each run trained to the budget and was scored from its own files
+        run = tmp_path / rec["run_dir"]
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["train"]["total_kimg"] == pytest.approx(0.064)
+        saved = json.loads((run / "eval-0.064.json").read_text())
+        assert saved["fd_1step"] == rec["stages"]["0.064"]["fd_1step"] > 0
+    assert by_arm["lr"]["stages"]["0.064"]["fd_1step"] != by_arm["base"]["stages"]["0.064"]["fd_1step"]
+
+    report = (tmp_path / "report.md").read_text()
+    assert f"| base | `(base)` | 1 | {by_arm['base']['stages']['0.064']['fd_1step']:.1f}" in report
+    assert (tmp_path / "claim1.png").stat().st_size > 0
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablate, "train_run", no_training)
+    again = run_suite("tiny", tmp_path, settings, log=logs.append)
+    assert [r["stages"] for r in again] == [r["stages"] for r in records]
+
+
+def test_dry_run_lists_every_arm_with_its_cost(settings):
+    arms = ablate.dry_run("tiny", settings)
+    assert [a["arm"] for a in arms] == ["base", "lr", "lr-again", "perc"]
+    assert arms[3]["skipped"] == ["perceptual.lpips_vgg_path"] and arms[0]["skipped"] is None
+    assert all(a["est_cpu_minutes"] > 0 for a in arms)
+
+
+def test_paper_suite_declares_every_claim_with_enough_seeds():
+    arms = ablate.paper_suite()
+    claims = {a.claim.split(":")[0] for a in arms}
+    assert claims == {"1", "2", "3", "4", "5"}
+    assert all(len(a.seeds) >= 3 for a in arms if a.claim.startswith("1"))
+    assert all(len(a.seeds) >= 2 for a in arms if not a.claim.startswith(("1", "2")))
+    sweeps = {g: [a for a in arms if a.sweep == g] for g in ("muon", "adam")}
+    assert all(len(v) >= 3 for v in sweeps.values())
