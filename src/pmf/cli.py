@@ -1,4 +1,4 @@
-"""``pmf`` command line: train, sample, eval, toy, import-official. Parses text into typed values and calls the
+"""``pmf`` command line: train, sample, eval, toy, import-official, export. Parses text into typed values and calls the
 library; no module below receives an argparse Namespace."""
 
 from __future__ import annotations
@@ -12,19 +12,40 @@ import torch
 
 
 def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
-    """A network from an export directory/file, or from a run directory (its ``export/`` folder, EMA chosen by
-    ``ema``, default the run's ``sample.ema``). Returns (net, meta)."""
+    """A network and its sampling defaults ``(net, meta)`` from any of:
+    a run directory (its ``export/`` folder, EMA copy chosen by ``ema``, default the run's ``sample.ema``);
+    a Hugging Face layout folder (:mod:`pmf.hub`) or a Hub repo id ``owner/name``;
+    an export directory or its .safetensors / .json (:mod:`pmf.export`, copy ``ema``, default "model");
+    an official .pt (its size found from its keys and shapes; ``ema`` picks a top-level entry such as "ema")."""
+    from pmf import hub
     from pmf.export import load_exported
 
     p = Path(checkpoint)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (give a run directory or an export)")
-    if p.is_dir() and (p / "export").is_dir():
+    if not p.exists():  # a Hub repo id, or a clear error saying why it is neither a path nor a reachable repo
+        net, meta = hub.load_pretrained(checkpoint)
+    elif p.is_dir() and (p / "export").is_dir():
         cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else {}
         name = ema or cfg.get("sample", {}).get("ema") or "model"
         net, meta = load_exported(p / "export", name=name)
+        meta = {**meta, "ema": name}
+    elif p.is_dir() and hub.is_pretrained_folder(p):
+        net, meta = hub.load_pretrained(p)
     elif p.is_dir():
         net, meta = load_exported(p, name=ema or "model")
+    elif p.suffix in (".pt", ".pth", ".bin"):
+        from pmf.convert import infer_model, load_official
+        from pmf.model import MODELS
+
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if ema is not None:
+            if not (isinstance(state, dict) and isinstance(state.get(ema), dict)):
+                raise KeyError(f"--ema {ema}: {p} has no top-level entry {ema!r}")
+            state = state[ema]
+        model = infer_model(state)
+        net, spec = load_official(state, model=model), MODELS[model]
+        meta = {"model": model, "noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min,
+                "t_max": spec.t_max, "num_steps": 1, "ema_halflife_kimg": spec.ema_halflife_kimg,
+                "source": p.name, "imported_from_official": True}
     else:
         net, meta = load_exported(p)
     return net.to(device).eval(), meta
@@ -209,6 +230,22 @@ def cmd_toy(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Any --checkpoint (a run's EMA copy, an export, an official .pt, ...) -> the Hugging Face layout."""
+    from pmf.hub import save_pretrained
+
+    net, meta = _load_net(args.checkpoint, args.ema)
+    run = Path(args.checkpoint)
+    if (run / "export").is_dir():  # a training run: say which weights these are
+        kimg = meta.get("kimg")
+        meta = {**meta, "source": f"run '{run.resolve().name}', weights '{meta['ema']}'"
+                + (f" after {kimg:g} kimg" if isinstance(kimg, (int, float)) else "")}
+    save_pretrained(net, args.out, meta)
+    print(f"exported {args.checkpoint} ({meta.get('model') or 'PMFDiT'}, weights {meta.get('ema', 'model')}) -> "
+          f"{args.out} (config.json, model.safetensors, README.md)")
+    return 0
+
+
 def cmd_import(args) -> int:
     from pmf.convert import import_official_main
 
@@ -306,11 +343,18 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(fn=cmd_toy)
 
-    i = sub.add_parser("import-official", help="convert an official PyTorch checkpoint to our format")
+    i = sub.add_parser("import-official", help="convert an official PyTorch checkpoint to the Hugging Face layout")
     i.add_argument("input", help="official .pt file")
     i.add_argument("--model", required=True, help="size, e.g. pMF-B/16")
-    i.add_argument("--out", required=True, help="output directory")
+    i.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
     i.set_defaults(fn=cmd_import)
+
+    x = sub.add_parser("export", help="save any checkpoint (e.g. a run's EMA copy) in the Hugging Face layout")
+    x.add_argument("--checkpoint", required=True, help="run directory, export, Hugging Face folder or repo id, or "
+                   "official .pt")
+    x.add_argument("--ema", help="weights to export, e.g. ema_hl500 (default: the run's sample.ema)")
+    x.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
+    x.set_defaults(fn=cmd_export)
     return p
 
 
