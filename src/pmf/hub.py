@@ -183,11 +183,9 @@ image costs one network evaluation.
 ## Usage
 
 ```python
-from pmf.model import PMFDiT
-from pmf.pipelines import PMFPipeline  # pip install 'pixel-meanflow[diffusers]'
-
+from pmf.pipelines import PMFDiT, PMFPipeline  # pip install 'pixel-meanflow[diffusers]'
 pipe = PMFPipeline(transformer=PMFDiT.from_pretrained("THIS_REPO_OR_FOLDER"))
-images = pipe(class_labels=[0, 1, 2]).images  # the defaults above; PIL images
+images = pipe(class_labels=[0, 1, 2]).images  # PIL images, with the sampling defaults above
 ```
 
 or `pmf sample --checkpoint THIS_REPO_OR_FOLDER --out grid.png`.

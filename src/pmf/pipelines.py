@@ -1,8 +1,8 @@
 """A diffusers pipeline for pMF: :class:`PMFPipeline` (optional extra ``pixel-meanflow[diffusers]``).
 
-    from pmf.pipelines import PMFPipeline
-    pipe = PMFPipeline(transformer=PMFDiT.from_pretrained("owner/name"))  # scheduler=None: the default one
-    images = pipe(class_labels=[207, 360], num_inference_steps=1).images
+    from pmf.pipelines import PMFDiT, PMFPipeline
+    pipe = PMFPipeline(transformer=PMFDiT.from_pretrained("DIR_OR_REPO_ID"))  # scheduler=None: the default one
+    images = pipe(class_labels=[207, 360, 387], num_inference_steps=1).images
 
 The default scheduler is :class:`MeanFlowScheduler`, ours: pMF's average-velocity step
 ``z_r = z_t - (t - r) u(z_t, r, t)`` [pMF section 6] on the grid ``linspace(1, 0, N + 1)``, both in float32
@@ -47,6 +47,7 @@ from pmf.images import to_uint8
 from pmf.model import PMFDiT
 from pmf.sampler import _per_sample, check_omega
 
+__all__ = ["MeanFlowScheduler", "PMFDiT", "PMFPipeline", "PMFTransformer2DModel"]  # PMFDiT: for the 3-line example
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
