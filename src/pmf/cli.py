@@ -33,8 +33,7 @@ def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
     elif p.is_dir():
         net, meta = load_exported(p, name=ema or "model")
     elif p.suffix in (".pt", ".pth", ".bin"):
-        from pmf.convert import infer_model, load_official
-        from pmf.model import MODELS
+        from pmf.convert import infer_model, load_official, official_meta
 
         state = torch.load(p, map_location="cpu", weights_only=True)
         if ema is not None:
@@ -42,10 +41,7 @@ def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
                 raise KeyError(f"--ema {ema}: {p} has no top-level entry {ema!r}")
             state = state[ema]
         model = infer_model(state)
-        net, spec = load_official(state, model=model), MODELS[model]
-        meta = {"model": model, "noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min,
-                "t_max": spec.t_max, "num_steps": 1, "ema_halflife_kimg": spec.ema_halflife_kimg,
-                "source": p.name, "imported_from_official": True}
+        net, meta = load_official(state, model=model), official_meta(model, p.name)
     else:
         net, meta = load_exported(p)
     return net.to(device).eval(), meta

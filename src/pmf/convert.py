@@ -331,23 +331,21 @@ def _load_error(problems: list[str], sd: dict, prefix: str, model: str | None, k
 # CLI: pmf import-official IN.pt --model pMF-B/16 --out DIR
 
 
+def official_meta(model: str, source: str) -> dict:
+    """Sampling defaults and provenance of imported official weights: the registered size's noise scale and its
+    released 1-step omega / interval (:data:`pmf.model.MODELS`)."""
+    spec = MODELS[model]
+    return {"model": model, "noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min,
+            "t_max": spec.t_max, "num_steps": 1, "ema_halflife_kimg": spec.ema_halflife_kimg, "source": source,
+            "imported_from_official": True}
+
+
 def import_official_main(in_path: str, model: str, out_dir: str) -> None:
     """Import an official checkpoint and save it in the Hugging Face layout of :mod:`pmf.hub` (config.json with
     the model kwargs and the registered sampling settings, model.safetensors, a README.md model card), then print a
     one-line summary."""
     net = load_official(in_path, model=model)
-    spec = MODELS[model]
-    meta = {
-        "model": model,
-        "noise_scale": spec.noise_scale,
-        "omega": spec.omega,
-        "t_min": spec.t_min,
-        "t_max": spec.t_max,
-        "num_steps": 1,
-        "ema_halflife_kimg": spec.ema_halflife_kimg,
-        "source": os.path.basename(str(in_path)),
-        "imported_from_official": True,
-    }
+    meta = official_meta(model, os.path.basename(str(in_path)))
     save_pretrained(net, out_dir, meta)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"imported {in_path} as {model}: {n_params / 1e6:.2f}M params, v-head {'yes' if net.has_v_head else 'no'} "
