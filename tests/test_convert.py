@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 from pmf.export import load_exported
+from pmf.hub import load_pretrained
 from pmf.convert import (
     ROPE_KEY,
     import_official_main,
@@ -214,15 +215,22 @@ def test_rope_freqs_within_tolerance_is_accepted():
 # CLI body
 
 
-def test_import_official_main_exports_a_loadable_model(tmp_path, capsys):
+def test_import_official_main_writes_the_pretrained_layout(tmp_path, capsys):
     net = tiny_net(v_head=False)
     src = tmp_path / "pMF-tiny.pt"
     torch.save(ours_to_official(net.state_dict(), prefix="net."), src)
     import_official_main(str(src), TINY, str(tmp_path / "out"))
     out = capsys.readouterr().out.strip()
     assert len(out.splitlines()) == 1 and "v-head no" in out and "M params" in out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    spec = MODELS[TINY]
+    expected_meta = {"model": TINY, "noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min,
+                     "t_max": spec.t_max, "num_steps": 1, "ema_halflife_kimg": spec.ema_halflife_kimg,
+                     "source": "pMF-tiny.pt", "imported_from_official": True}
+    loaded, meta = load_pretrained(tmp_path / "out")
+    assert_same_outputs(net, loaded)
+    assert meta == expected_meta
+    # the weights file describes itself (safetensors header), so the export reader takes the folder too
     loaded, meta = load_exported(tmp_path / "out")
     assert_same_outputs(net, loaded)
-    spec = MODELS[TINY]
-    assert meta == {"noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min, "t_max": spec.t_max,
-                    "ema_halflife_kimg": spec.ema_halflife_kimg, "source": str(src)}
+    assert meta == expected_meta

@@ -9,7 +9,7 @@ import pmf
 
 PKG = Path(pmf.__file__).parent
 METHOD = {"pmf.model", "pmf.attention", "pmf.objective", "pmf.objective_lean", "pmf.sampler", "pmf.convert",
-          "pmf.perceptual", "pmf.images", "pmf.export", "pmf.atomic"}
+          "pmf.perceptual", "pmf.images", "pmf.export", "pmf.atomic", "pmf.hub"}
 SHIMS = {"pmf.evaluate", "pmf.inception"}  # former locations that re-export the stable API
 
 

@@ -133,10 +133,10 @@ def train_run(run_dir: Path, arm: Arm, seed: int, kimg: float, settings: SuiteSe
 
 def evaluate_run(run_dir: Path, settings: SuiteSettings, instantaneous_steps: int = 0) -> dict:
     """Fashion-MNIST metrics of the run's sampling EMA at its sampling omega (the Makefile's `pmf eval`)."""
-    from pmf.cli import _load_net
+    from pmf.load import load_checkpoint
     from pmf.eval.fmnist import fmnist_metrics
 
-    net, meta = _load_net(str(run_dir))
+    net, meta = load_checkpoint(str(run_dir))
     cfg = json.loads((run_dir / "config.json").read_text())
     omega = cfg["sample"]["omega"]
     common = dict(n=settings.eval_num, omega=omega, noise_scale=meta.get("noise_scale", 1.0),

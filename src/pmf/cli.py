@@ -1,4 +1,4 @@
-"""``pmf`` command line: train, sample, eval, toy, import-official. Parses text into typed values and calls the
+"""``pmf`` command line: train, sample, eval, toy, import-official, export. Parses text into typed values and calls the
 library; no module below receives an argparse Namespace."""
 
 from __future__ import annotations
@@ -12,22 +12,10 @@ import torch
 
 
 def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
-    """A network from an export directory/file, or from a run directory (its ``export/`` folder, EMA chosen by
-    ``ema``, default the run's ``sample.ema``). Returns (net, meta)."""
-    from pmf.export import load_exported
+    """``(net, meta)`` from any checkpoint form: :func:`pmf.load.load_checkpoint`."""
+    from pmf.load import load_checkpoint
 
-    p = Path(checkpoint)
-    if not p.exists():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist (give a run directory or an export)")
-    if p.is_dir() and (p / "export").is_dir():
-        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else {}
-        name = ema or cfg.get("sample", {}).get("ema") or "model"
-        net, meta = load_exported(p / "export", name=name)
-    elif p.is_dir():
-        net, meta = load_exported(p, name=ema or "model")
-    else:
-        net, meta = load_exported(p)
-    return net.to(device).eval(), meta
+    return load_checkpoint(checkpoint, ema, device)
 
 
 def _fast(net, args):
@@ -209,6 +197,22 @@ def cmd_toy(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """Any --checkpoint (a run's EMA copy, an export, an official .pt, ...) -> the Hugging Face layout."""
+    from pmf.hub import save_pretrained
+
+    net, meta = _load_net(args.checkpoint, args.ema)
+    run = Path(args.checkpoint)
+    if (run / "export").is_dir():  # a training run: say which weights these are
+        kimg = meta.get("kimg")
+        meta = {**meta, "source": f"run '{run.resolve().name}', weights '{meta['ema']}'"
+                + (f" after {kimg:g} kimg" if isinstance(kimg, (int, float)) else "")}
+    save_pretrained(net, args.out, meta)
+    print(f"exported {args.checkpoint} ({meta.get('model') or 'PMFDiT'}, weights {meta.get('ema', 'model')}) -> "
+          f"{args.out} (config.json, model.safetensors, README.md)")
+    return 0
+
+
 def cmd_import(args) -> int:
     from pmf.convert import import_official_main
 
@@ -323,11 +327,18 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(fn=cmd_toy)
 
-    i = sub.add_parser("import-official", help="convert an official PyTorch checkpoint to our format")
+    i = sub.add_parser("import-official", help="convert an official PyTorch checkpoint to the Hugging Face layout")
     i.add_argument("input", help="official .pt file")
     i.add_argument("--model", required=True, help="size, e.g. pMF-B/16")
-    i.add_argument("--out", required=True, help="output directory")
+    i.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
     i.set_defaults(fn=cmd_import)
+
+    x = sub.add_parser("export", help="save any checkpoint (e.g. a run's EMA copy) in the Hugging Face layout")
+    x.add_argument("--checkpoint", required=True, help="run directory, export, Hugging Face folder or repo id, or "
+                   "official .pt")
+    x.add_argument("--ema", help="weights to export, e.g. ema_hl500 (default: the run's sample.ema)")
+    x.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
+    x.set_defaults(fn=cmd_export)
 
     a = sub.add_parser("ablate", help="the paper's ablations, small: arms x seeds, a table and a figure per claim")
     a.add_argument("--suite", default="paper", help="declared list of arms (pmf.ablate.SUITES)")

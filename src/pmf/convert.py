@@ -35,7 +35,7 @@ from collections.abc import Mapping
 
 import torch
 
-from pmf.export import export_model
+from pmf.hub import save_pretrained
 from pmf.model import MODELS, PMFDiT, rope_2d_angles
 
 ROPE_KEY = "rope_freqs"
@@ -260,6 +260,20 @@ def _matching_sizes(sd: dict, v_head: bool) -> list[str]:
     return matches
 
 
+def infer_model(state_dict_or_path) -> str:
+    """The registered size (a key of :data:`pmf.model.MODELS`) whose keys and shapes match an official checkpoint
+    exactly; a ValueError names the candidates when there is not exactly one. Lets a bare official ``.pt`` be
+    loaded without ``--model``."""
+    sd, _ = _strip_wrapper_prefix(_read_state_dict(state_dict_or_path))
+    sd.pop(ROPE_KEY, None)
+    matches = _matching_sizes(sd, any(k.startswith(V_HEAD_PREFIXES) for k in sd))
+    if len(matches) != 1:
+        found = f"several registered sizes match ({matches})" if matches else "no registered size matches its keys"
+        raise ValueError(f"cannot tell the model size of this official checkpoint: {found}. Import it with "
+                         "'pmf import-official FILE.pt --model SIZE --out DIR' and use DIR.")
+    return matches[0]
+
+
 def load_official(state_dict_or_path, model: str | None = None, **model_kwargs) -> PMFDiT:
     """Build a :class:`PMFDiT` and load official torch weights into it with ``strict=True``.
 
@@ -317,21 +331,22 @@ def _load_error(problems: list[str], sd: dict, prefix: str, model: str | None, k
 # CLI: pmf import-official IN.pt --model pMF-B/16 --out DIR
 
 
-def import_official_main(in_path: str, model: str, out_dir: str) -> None:
-    """Import an official checkpoint and export it in our format (safetensors + JSON with the model kwargs and the
-    registered sampling settings), then print a one-line summary."""
-    net = load_official(in_path, model=model)
+def official_meta(model: str, source: str) -> dict:
+    """Sampling defaults and provenance of imported official weights: the registered size's noise scale and its
+    released 1-step omega / interval (:data:`pmf.model.MODELS`)."""
     spec = MODELS[model]
-    model_kwargs = _resolve_kwargs(model, {"v_head": net.has_v_head})
-    meta = {
-        "noise_scale": spec.noise_scale,
-        "omega": spec.omega,
-        "t_min": spec.t_min,
-        "t_max": spec.t_max,
-        "ema_halflife_kimg": spec.ema_halflife_kimg,
-        "source": str(in_path),
-    }
-    export_model(net, out_dir, model_kwargs, meta)
+    return {"model": model, "noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min,
+            "t_max": spec.t_max, "num_steps": 1, "ema_halflife_kimg": spec.ema_halflife_kimg, "source": source,
+            "imported_from_official": True}
+
+
+def import_official_main(in_path: str, model: str, out_dir: str) -> None:
+    """Import an official checkpoint and save it in the Hugging Face layout of :mod:`pmf.hub` (config.json with
+    the model kwargs and the registered sampling settings, model.safetensors, a README.md model card), then print a
+    one-line summary."""
+    net = load_official(in_path, model=model)
+    meta = official_meta(model, os.path.basename(str(in_path)))
+    save_pretrained(net, out_dir, meta)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"imported {in_path} as {model}: {n_params / 1e6:.2f}M params, v-head {'yes' if net.has_v_head else 'no'} "
-          f"-> {os.path.join(out_dir, 'model.safetensors')}")
+          f"-> {out_dir} (config.json, model.safetensors, README.md)")

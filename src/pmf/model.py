@@ -18,6 +18,8 @@ This module needs only torch (and :mod:`pmf.attention`), so it can be lifted out
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -481,3 +483,26 @@ def build_model(name: str, **overrides) -> PMFDiT:
     spec = MODELS[name]
     kw = {"noise_scale": spec.noise_scale, **spec.kwargs, **overrides}
     return PMFDiT(**kw)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constructor arguments, kept on every instance: a saved network (pmf.hub's config.json) must be rebuilt from
+# exactly the kwargs it was built with, and several of them (depth, mlp_ratio, token counts, ...) cannot be read
+# back from the modules without guessing. Added after the class so the constructor above stays as it is.
+
+
+def _keep_init_kwargs(init):
+    signature = inspect.signature(init)
+
+    @functools.wraps(init)
+    def init_and_record(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        # Every constructor kwarg, defaults included, as passed (bottleneck_dim=None stays None).
+        self.init_kwargs = dict(list(bound.arguments.items())[1:])
+
+    return init_and_record
+
+
+PMFDiT.__init__ = _keep_init_kwargs(PMFDiT.__init__)

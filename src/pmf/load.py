@@ -1,0 +1,45 @@
+"""One loader for every form a ``--checkpoint`` takes: run directory, export, Hugging Face folder or Hub repo id,
+official .pt. Returns the network in eval mode and its sampling defaults (noise scale, omega, interval, provenance)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"):
+    """A network and its sampling defaults ``(net, meta)`` from any of:
+    a run directory (its ``export/`` folder, EMA copy chosen by ``ema``, default the run's ``sample.ema``);
+    a Hugging Face layout folder (:mod:`pmf.hub`) or a Hub repo id ``owner/name``;
+    an export directory or its .safetensors / .json (:mod:`pmf.export`, copy ``ema``, default "model");
+    an official .pt (its size found from its keys and shapes; ``ema`` picks a top-level entry such as "ema")."""
+    from pmf import hub
+    from pmf.export import load_exported
+
+    p = Path(checkpoint)
+    if not p.exists():  # a Hub repo id, or a clear error saying why it is neither a path nor a reachable repo
+        net, meta = hub.load_pretrained(checkpoint)
+    elif p.is_dir() and (p / "export").is_dir():
+        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else {}
+        name = ema or cfg.get("sample", {}).get("ema") or "model"
+        net, meta = load_exported(p / "export", name=name)
+        meta = {**meta, "ema": name}
+    elif p.is_dir() and hub.is_pretrained_folder(p):
+        net, meta = hub.load_pretrained(p)
+    elif p.is_dir():
+        net, meta = load_exported(p, name=ema or "model")
+    elif p.suffix in (".pt", ".pth", ".bin"):
+        from pmf.convert import infer_model, load_official, official_meta
+
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        if ema is not None:
+            if not (isinstance(state, dict) and isinstance(state.get(ema), dict)):
+                raise KeyError(f"--ema {ema}: {p} has no top-level entry {ema!r}")
+            state = state[ema]
+        model = infer_model(state)
+        net, meta = load_official(state, model=model), official_meta(model, p.name)
+    else:
+        net, meta = load_exported(p)
+    return net.to(device).eval(), meta
