@@ -15,6 +15,7 @@ import torch
 from scipy import stats
 
 import pmf.objective as obj
+import pmf.objective_lean as lean
 from pmf.model import TimestepEmbedder, build_model
 from pmf.objective import (
     Draws,
@@ -25,14 +26,15 @@ from pmf.objective import (
     conditional_velocity,
     drop_labels,
     guided_target,
-    guided_target_lean,
+    guided_velocity,
+    lean_rows,
+    masked_omega,
     noisy_image,
     objective_at,
     per_sample_sq_error,
     pmf_loss,
     sample_draws,
     u_and_dudt,
-    u_and_dudt_lean,
 )
 
 F64 = torch.float64
@@ -123,28 +125,46 @@ class FakeNet:
         return u, v
 
 
+@torch.no_grad()  # as in pmf_loss: the target is a constant
+def guided_target_lean(net, z_t, v_t, y, d, cfg, null_label):
+    """(v_g, v_c) from the lean guidance pass (pmf.objective_lean.guidance_velocities: one inference call with a
+    conditional row for every sample and an unconditional one for each guided sample) and the target formula."""
+    guided, omega_m = masked_omega(d)
+    every, none = torch.arange(len(d.t)), torch.zeros(0, dtype=torch.long)
+    rows = lean.RowPlan(len(d.t), None, none, every, guided.nonzero().squeeze(1) if cfg.guidance else none, none)
+    v_c, v_u = lean.guidance_velocities(net, z_t, y, d.t, omega_m, rows, cfg.use_v_head, null_label)
+    v_g = guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel) if cfg.guidance else v_t
+    return v_g, v_c
+
+
 def _steps(net, x, y, d, cfg, with_v=True, impl="reference"):
-    """The objective's named steps, in the order of pmf_loss (for building partial losses)."""
-    gt, jvp = (guided_target, u_and_dudt) if impl == "reference" else (guided_target_lean, u_and_dudt_lean)
+    """The objective's named steps in the order of the official ``forward`` (guidance_fn, cond_drop, jvp), for
+    building partial losses: the reference transcription, or the lean passes with pmf_loss's row plan."""
     z_t = noisy_image(x, d.t, d.e)
     v_t = conditional_velocity(z_t, x, d.t)
-    v_g, v_c = gt(net, z_t, v_t, y, d, cfg, NULL)
-    y_in, v_g = drop_labels(y, v_t, v_g, d, NULL)
-    u, dudt, v = jvp(net, z_t, d, y_in, v_c, with_v)
+    if impl == "reference":
+        v_g, v_c = guided_target(net, z_t, v_t, y, d, cfg, NULL)
+        y_in, v_g = drop_labels(y, v_t, v_g, d, NULL)
+        u, dudt, v = u_and_dudt(net, z_t, d, y_in, v_c, with_v)
+    else:
+        v_g, v_c = guided_target_lean(net, z_t, v_t, y, d, cfg, NULL)
+        y_in, v_g = drop_labels(y, v_t, v_g, d, NULL)
+        u, dudt, v = lean.u_and_dudt(net, z_t, d, y_in, v_c, with_v, lean_rows(net, d, cfg))
     return dict(z_t=z_t, v_t=v_t, v_g=v_g, v_c=v_c, y_in=y_in, u=u, dudt=dudt, v=v)
 
 
 def _spy_jvp(monkeypatch, record):
-    """Wrap both JVP steps in pmf.objective so every call's tangent and outputs are recorded."""
-    for name in ("u_and_dudt", "u_and_dudt_lean"):
-        real = getattr(obj, name)
+    """Wrap both JVP passes (pmf.objective.u_and_dudt, pmf.objective_lean.u_and_dudt) so every call's tangent and
+    outputs are recorded, with fn = "reference" or "lean"."""
+    for module, name in ((obj, "reference"), (lean, "lean")):
+        real = module.u_and_dudt
 
-        def spy(net_, z_, d_, y_, tangent_v, with_v, _real=real, _name=name):
-            out = _real(net_, z_, d_, y_, tangent_v, with_v)
+        def spy(net_, z_, d_, y_, tangent_v, with_v, *rows, _real=real, _name=name):
+            out = _real(net_, z_, d_, y_, tangent_v, with_v, *rows)
             record.append(dict(fn=_name, tangent=tangent_v, u=out[0], dudt=out[1], v=out[2]))
             return out
 
-        monkeypatch.setattr(obj, name, spy)
+        monkeypatch.setattr(module, "u_and_dudt", spy)
 
 
 def _big_draws(cfg, B=20000, seed=0):
@@ -182,7 +202,10 @@ def test_dudt_is_the_directional_derivative(impl, monkeypatch):
     y = torch.tensor([0, 2, NULL])
     d = Draws(t, r, t == r, torch.zeros_like(z), omega, t_min, t_max, torch.zeros(3, dtype=torch.bool))
 
-    u, dudt, vv = (u_and_dudt if impl == "reference" else u_and_dudt_lean)(net, z, d, y, v, with_v=True)
+    if impl == "reference":
+        u, dudt, vv = u_and_dudt(net, z, d, y, v, with_v=True)
+    else:  # every row through the forward-mode pass (the row split is test_lean_row_split_is_exact)
+        u, dudt, vv = lean.u_and_dudt(net, z, d, y, v, True, lean.RowPlan.every_row(3, guidance=True))
 
     def f(s):
         with torch.no_grad():
@@ -236,7 +259,7 @@ def test_no_gradient_through_dudt(impl, monkeypatch):
     rec, hit = [], []
     _spy_jvp(monkeypatch, rec)
     loss, _ = pmf_loss(net, x, y, cfg, draws=d)
-    assert [r["fn"] for r in rec] == ["u_and_dudt" if impl == "reference" else "u_and_dudt_lean"]
+    assert [r["fn"] for r in rec] == [impl]
     if rec[0]["dudt"].requires_grad:
         rec[0]["dudt"].register_hook(lambda gr: hit.append(gr))
     loss.backward()
@@ -312,8 +335,8 @@ def test_lean_matches_reference():
     cfg = ObjectiveConfig()
     z_t = noisy_image(x, d.t, d.e)
     v_t = conditional_velocity(z_t, x, d.t)
-    ref, lean = guided_target(net, z_t, v_t, y, d, cfg, NULL), guided_target_lean(net, z_t, v_t, y, d, cfg, NULL)
-    for a, b in zip(ref, lean):
+    ref, fast = guided_target(net, z_t, v_t, y, d, cfg, NULL), guided_target_lean(net, z_t, v_t, y, d, cfg, NULL)
+    for a, b in zip(ref, fast):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
     def perc(x_pred, x_, gen):
@@ -673,13 +696,13 @@ def test_lean_guidance_rows(monkeypatch):
     d = _f64(sample_draws(x, y, cfg, generator=_gen(3)))
     inside = (d.t >= d.t_min) & (d.t <= d.t_max)
     assert d.drop_mask.any() and (d.fm_mask & ~d.drop_mask).any() and (~d.fm_mask & ~inside).any()
-    rows, real = [], obj.boundary_velocity
+    rows, real = [], net.forward
 
-    def spy(net_, z, *a, **k):
+    def spy(z, *a, **k):  # the guidance pass calls the network; the u / du/dt pass its trunk and heads
         rows.append(z.shape[0])
-        return real(net_, z, *a, **k)
+        return real(z, *a, **k)
 
-    monkeypatch.setattr(obj, "boundary_velocity", spy)
+    monkeypatch.setattr(net, "forward", spy)
     pmf_loss(net, x, y, cfg, draws=d)
     assert rows == [int((~d.fm_mask).sum() + (inside & ~d.drop_mask).sum())]
     assert rows[0] < 16 + int(inside.sum())  # guided_target_lean alone: B + #inside
