@@ -4,7 +4,15 @@
 
 with u_theta = (z_t - x_theta) / max(t, 0.05) (the network does that conversion), du/dt a JVP with tangent
 (v_c, 1, 0) over (z, t, r), v_g the guided target built from the auxiliary v-head, per-sample summed squared errors
-and adaptive weighting. :func:`pmf_loss` reads top to bottom like the algorithm box; each step is a named function.
+and adaptive weighting. :func:`pmf_loss` reads top to bottom like the algorithm box, one named step a line: draws
+(official ``sample_tr``, ``sample_cfg_interval``, ``sample_cfg_scale``), noisy image, ``guidance_fn``'s network
+velocities, ``cond_drop``, u and du/dt (``jax.jvp(u_fn, ...)``), the guided target, compound V, adaptive weights
+(``adp_wt_fn``), the heads' losses. ``impl`` only picks who computes the two network passes: the reference functions
+here, or :mod:`pmf.objective_lean` on the rows a host-side :class:`~pmf.objective_lean.RowPlan` names.
+
+The step reads no device value on the host (no ``.item()``, ``bool(tensor)``, ``nonzero`` or data-dependent shapes):
+the r = t rows are a pattern over the host-known batch indices, a :class:`PerSampleGenerator` draws the per-sample
+scalars on the host and the noise on the device, and everything shaped by them is planned on the host.
 
 All randomness of one evaluation is drawn up front into :class:`Draws` by :func:`sample_draws`, so a loss can be
 replayed exactly (``pmf_loss(..., draws=d)``). Draws are *per sample*: with a :class:`PerSampleGenerator` every
@@ -26,30 +34,30 @@ from pmf.objective_lean import ConstantOperandTangents, RowPlan  # noqa: F401  (
 
 @dataclass
 class ObjectiveConfig:
-    # --- time sampling [P Tab. 8; recipe 1.6] ---
+    # --- time sampling [P Tab. 8; official pmf.py: sample_tr] ---
     P_mean: float = 0.8  # logit-normal mean; positive pushes t toward 1 = noise (pMF's time convention)
     P_std: float = 0.8  # logit-normal std
-    P_std_fm: float | None = None  # std for the r = t samples only (None: P_std, the recipe); a CPU-demo knob
+    P_std_fm: float | None = None  # std for the r = t samples only (None: P_std, as official); a CPU-demo knob
     data_proportion: float = 0.5  # fraction of samples with r = t (plain flow matching); "ratio of r != t = 50%"
     fm_warmup_kimg: float = 0.0  # r = t fraction falls linearly from 1 to data_proportion over the first N kimg
-    #   (a curriculum, not in the recipe: the JVP target bootstraps from the model's own v; see objective_at)
+    #   (a curriculum, not in the paper: the JVP target bootstraps from the model's own v; see objective_at)
     tr_uniform: float = 0.0  # probability of replacing (t, r) by independent U[0, 1] draws (0.1 in the H configs)
     time_region: str = "full"  # Tab. 3b ablation: "full" | "r_eq_t" | "r_eq_0" | "boundaries" (r = t or r = 0)
     noise_scale: float = 1.0  # e = noise_scale * N(0, I); image_size / 256 in the paper
-    # --- guidance-conditioned training [recipe 1.5] ---
+    # --- guidance-conditioned training [P Alg. 2; official pmf.py: sample_cfg_scale, sample_cfg_interval] ---
     guidance: bool = True  # sample omega / interval and train on the guided target v_g; False: omega = 1, v_g = v_t
     cfg_max: float = 7.0  # omega in [1, 1 + cfg_max]
     cfg_beta: float = 1.0  # density of omega proportional to omega^-beta (1: log-uniform)
     interval: bool = True  # sample the guidance interval t_min ~ U[0, .5], t_max ~ U[.5, 1]; False: [0, 1]
     guidance_parallel: float = 1.0  # eta: weight of the guidance update's component along the conditional image
-    #   prediction (1: plain CFG, the recipe; 0: only the orthogonal part, APG, Sadat et al. 2024; see guided_velocity)
+    #   prediction (1: plain CFG, as official; 0: only the orthogonal part, APG, Sadat et al. 2024; see guided_velocity)
     class_drop: float = 0.1  # probability of the null label (and v_g = v_t) for a sample
     drop_among_fm: bool = True  # official: dropped samples are r = t samples (the first ones of the batch)
     # --- the JVP and the heads ---
     tangent: str = "predicted"  # "predicted": v_c from the model (iMF/pMF); "target": the target v_g (original MF)
     use_v_head: bool = True  # False: v from the u-head at r = t (Alg. 1); no loss_v
     impl: str = "lean"  # "lean": batched guidance, JVP through trunk + u-head only; "reference": the plain step
-    # --- loss [recipe 1.4] ---
+    # --- loss [P Eq. 12, section 4.4; official pmf.py: adp_wt_fn] ---
     norm_p: float = 1.0  # adaptive weight: l / sg((l + eps)^p)
     norm_eps: float = 0.01
     perceptual_max_t: float = 0.8  # perceptual terms only for samples with t < this (strict)
@@ -182,8 +190,10 @@ class Draws:
     drop_mask: torch.Tensor  # bool: label replaced by the null class
 
     def to(self, device) -> "Draws":
-        """On ``device``; host -> device copies do not block (nothing is read back)."""
-        return Draws(**{f.name: getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)})
+        """On ``device``. Copies to an accelerator do not block the host (nothing is read back); copies to the host
+        do (their values are about to be read)."""
+        non_blocking = torch.device(device).type != "cpu"
+        return Draws(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
 
     def on_host(self) -> bool:
         """Whether every per-sample scalar is a CPU tensor (then row plans can be read without a device sync)."""
@@ -334,7 +344,7 @@ def guided_velocity(v_t, v_c, v_u, omega_m, z_t, t, parallel: float = 1.0):
     ``parallel`` (eta) < 1 scales the part of the guidance difference D = v_c' - v_u that lies along the conditional
     image prediction x_c = z_t - t v_c' (per sample): D <- D - (1 - eta) <D, x_c> / |x_c|^2 x_c. Since x = z_t - t v,
     this is the same split of the image-space update -t D (APG, Sadat et al. 2024: the parallel part is what
-    over-saturates at high omega). eta = 1 is the recipe."""
+    over-saturates at high omega). eta = 1 is the official guidance_fn."""
     D = v_c - v_u
     if parallel != 1.0:
         x_c = (z_t - _b(t, z_t) * v_c).flatten(1)
