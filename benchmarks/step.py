@@ -252,6 +252,7 @@ def breakdown_lean(net, x, y, device, iters: int) -> dict:
     """Median milliseconds (CPU time on CPU, synchronised wall time on CUDA) of the lean step's parts and of the
     flow-matching step's forward and backward, from timers wrapped around pmf.objective's named steps."""
     import pmf.objective as O
+    import pmf.objective_lean as L
 
     on_cpu = device.type == "cpu"
 
@@ -269,12 +270,12 @@ def breakdown_lean(net, x, y, device, iters: int) -> dict:
             return out
         return run
 
-    names = {"guidance_velocities": "c: guidance (inference mode)", "u_and_dudt_lean": "c: u, du/dt, v (with grad)",
-             "_u_dudt_trunk": "c:   of which the forward-AD pass"}
-    saved = {n: getattr(O, n) for n in names}
+    names = {"guidance_velocities": "c: guidance (inference mode)", "u_and_dudt": "c: u, du/dt, v (with grad)",
+             "forward_ad_trunk": "c:   of which the forward-AD pass"}  # pmf.objective_lean's lean passes
+    saved = {n: getattr(L, n) for n in names}
     try:
         for n, label in names.items():
-            setattr(O, n, timed(label, saved[n]))
+            setattr(L, n, timed(label, saved[n]))
         cfg = ObjectiveConfig(impl="lean")
         for i in range(iters + 1):
             for kind in ("a", "c"):
@@ -290,7 +291,7 @@ def breakdown_lean(net, x, y, device, iters: int) -> dict:
                 acc.setdefault(f"{kind}: backward", []).append(t2 - t1)
     finally:
         for n in names:
-            setattr(O, n, saved[n])
+            setattr(L, n, saved[n])
     return {k: statistics.median(v[1:]) * 1e3 for k, v in sorted(acc.items())}
 
 

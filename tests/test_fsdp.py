@@ -52,8 +52,9 @@ def _perturbed_tiny(seed: int = 0):
 def _findings_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws, u_and_dudt, \
-        u_and_dudt_lean
+    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws, u_and_dudt
+    from pmf.objective_lean import RowPlan
+    from pmf.objective_lean import u_and_dudt as u_and_dudt_lean
 
     _join_group(rank, port)
     out = {}
@@ -126,13 +127,13 @@ def _findings_worker(rank, port, out_dir):
         out["muon_update_rel_err"] = results
 
         # 5 (last: a failure leaves that module's FSDP state half-way through a forward). The lean objective through
-        #    sharded nets (fresh ones, one per check). Every row gets a tangent (need_tangent=None; data_proportion=0),
+        #    sharded nets (fresh ones, one per check). Every row gets a tangent (RowPlan.every_row; data_proportion=0),
         #    so both ranks fail at the same point; a rank-dependent failure point would leave the other rank waiting
         #    in a collective.
         lean = _perturbed_tiny()
         fsdp.shard_model(lean, torch.device("cpu"))
         try:  # forward-AD dual tensors alone: FSDP2's hook function rejects them
-            u_and_dudt_lean(lean, z, d, y, tangent, with_v=True)
+            u_and_dudt_lean(lean, z, d, y, tangent, True, RowPlan.every_row(len(y), guidance=True))
             out["lean_jvp"] = "ok"
         except RuntimeError as e:
             out["lean_jvp"] = f"RuntimeError: {e}"

@@ -15,6 +15,7 @@ import torch
 from scipy import stats
 
 import pmf.objective as obj
+import pmf.objective_lean as lean
 from pmf.model import TimestepEmbedder, build_model
 from pmf.objective import (
     Draws,
@@ -25,14 +26,15 @@ from pmf.objective import (
     conditional_velocity,
     drop_labels,
     guided_target,
-    guided_target_lean,
+    guided_velocity,
+    lean_rows,
+    masked_omega,
     noisy_image,
     objective_at,
     per_sample_sq_error,
     pmf_loss,
     sample_draws,
     u_and_dudt,
-    u_and_dudt_lean,
 )
 
 F64 = torch.float64
@@ -123,28 +125,46 @@ class FakeNet:
         return u, v
 
 
+@torch.no_grad()  # as in pmf_loss: the target is a constant
+def guided_target_lean(net, z_t, v_t, y, d, cfg, null_label):
+    """(v_g, v_c) from the lean guidance pass (pmf.objective_lean.guidance_velocities: one inference call with a
+    conditional row for every sample and an unconditional one for each guided sample) and the target formula."""
+    guided, omega_m = masked_omega(d)
+    every, none = torch.arange(len(d.t)), torch.zeros(0, dtype=torch.long)
+    rows = lean.RowPlan(len(d.t), None, none, every, guided.nonzero().squeeze(1) if cfg.guidance else none, none)
+    v_c, v_u = lean.guidance_velocities(net, z_t, y, d.t, omega_m, rows, cfg.use_v_head, null_label)
+    v_g = guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel) if cfg.guidance else v_t
+    return v_g, v_c
+
+
 def _steps(net, x, y, d, cfg, with_v=True, impl="reference"):
-    """The objective's named steps, in the order of pmf_loss (for building partial losses)."""
-    gt, jvp = (guided_target, u_and_dudt) if impl == "reference" else (guided_target_lean, u_and_dudt_lean)
+    """The objective's named steps in the order of the official ``forward`` (guidance_fn, cond_drop, jvp), for
+    building partial losses: the reference transcription, or the lean passes with pmf_loss's row plan."""
     z_t = noisy_image(x, d.t, d.e)
     v_t = conditional_velocity(z_t, x, d.t)
-    v_g, v_c = gt(net, z_t, v_t, y, d, cfg, NULL)
-    y_in, v_g = drop_labels(y, v_t, v_g, d, NULL)
-    u, dudt, v = jvp(net, z_t, d, y_in, v_c, with_v)
+    if impl == "reference":
+        v_g, v_c = guided_target(net, z_t, v_t, y, d, cfg, NULL)
+        y_in, v_g = drop_labels(y, v_t, v_g, d, NULL)
+        u, dudt, v = u_and_dudt(net, z_t, d, y_in, v_c, with_v)
+    else:
+        v_g, v_c = guided_target_lean(net, z_t, v_t, y, d, cfg, NULL)
+        y_in, v_g = drop_labels(y, v_t, v_g, d, NULL)
+        u, dudt, v = lean.u_and_dudt(net, z_t, d, y_in, v_c, with_v, lean_rows(net, d, cfg))
     return dict(z_t=z_t, v_t=v_t, v_g=v_g, v_c=v_c, y_in=y_in, u=u, dudt=dudt, v=v)
 
 
 def _spy_jvp(monkeypatch, record):
-    """Wrap both JVP steps in pmf.objective so every call's tangent and outputs are recorded."""
-    for name in ("u_and_dudt", "u_and_dudt_lean"):
-        real = getattr(obj, name)
+    """Wrap both JVP passes (pmf.objective.u_and_dudt, pmf.objective_lean.u_and_dudt) so every call's tangent and
+    outputs are recorded, with fn = "reference" or "lean"."""
+    for module, name in ((obj, "reference"), (lean, "lean")):
+        real = module.u_and_dudt
 
-        def spy(net_, z_, d_, y_, tangent_v, with_v, _real=real, _name=name):
-            out = _real(net_, z_, d_, y_, tangent_v, with_v)
+        def spy(net_, z_, d_, y_, tangent_v, with_v, *rows, _real=real, _name=name):
+            out = _real(net_, z_, d_, y_, tangent_v, with_v, *rows)
             record.append(dict(fn=_name, tangent=tangent_v, u=out[0], dudt=out[1], v=out[2]))
             return out
 
-        monkeypatch.setattr(obj, name, spy)
+        monkeypatch.setattr(module, "u_and_dudt", spy)
 
 
 def _big_draws(cfg, B=20000, seed=0):
@@ -182,7 +202,10 @@ def test_dudt_is_the_directional_derivative(impl, monkeypatch):
     y = torch.tensor([0, 2, NULL])
     d = Draws(t, r, t == r, torch.zeros_like(z), omega, t_min, t_max, torch.zeros(3, dtype=torch.bool))
 
-    u, dudt, vv = (u_and_dudt if impl == "reference" else u_and_dudt_lean)(net, z, d, y, v, with_v=True)
+    if impl == "reference":
+        u, dudt, vv = u_and_dudt(net, z, d, y, v, with_v=True)
+    else:  # every row through the forward-mode pass (the row split is test_lean_row_split_is_exact)
+        u, dudt, vv = lean.u_and_dudt(net, z, d, y, v, True, lean.RowPlan.every_row(3, guidance=True))
 
     def f(s):
         with torch.no_grad():
@@ -236,7 +259,7 @@ def test_no_gradient_through_dudt(impl, monkeypatch):
     rec, hit = [], []
     _spy_jvp(monkeypatch, rec)
     loss, _ = pmf_loss(net, x, y, cfg, draws=d)
-    assert [r["fn"] for r in rec] == ["u_and_dudt" if impl == "reference" else "u_and_dudt_lean"]
+    assert [r["fn"] for r in rec] == [impl]
     if rec[0]["dudt"].requires_grad:
         rec[0]["dudt"].register_hook(lambda gr: hit.append(gr))
     loss.backward()
@@ -312,8 +335,8 @@ def test_lean_matches_reference():
     cfg = ObjectiveConfig()
     z_t = noisy_image(x, d.t, d.e)
     v_t = conditional_velocity(z_t, x, d.t)
-    ref, lean = guided_target(net, z_t, v_t, y, d, cfg, NULL), guided_target_lean(net, z_t, v_t, y, d, cfg, NULL)
-    for a, b in zip(ref, lean):
+    ref, fast = guided_target(net, z_t, v_t, y, d, cfg, NULL), guided_target_lean(net, z_t, v_t, y, d, cfg, NULL)
+    for a, b in zip(ref, fast):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
     def perc(x_pred, x_, gen):
@@ -673,13 +696,13 @@ def test_lean_guidance_rows(monkeypatch):
     d = _f64(sample_draws(x, y, cfg, generator=_gen(3)))
     inside = (d.t >= d.t_min) & (d.t <= d.t_max)
     assert d.drop_mask.any() and (d.fm_mask & ~d.drop_mask).any() and (~d.fm_mask & ~inside).any()
-    rows, real = [], obj.boundary_velocity
+    rows, real = [], net.forward
 
-    def spy(net_, z, *a, **k):
+    def spy(z, *a, **k):  # the guidance pass calls the network; the u / du/dt pass its trunk and heads
         rows.append(z.shape[0])
-        return real(net_, z, *a, **k)
+        return real(z, *a, **k)
 
-    monkeypatch.setattr(obj, "boundary_velocity", spy)
+    monkeypatch.setattr(net, "forward", spy)
     pmf_loss(net, x, y, cfg, draws=d)
     assert rows == [int((~d.fm_mask).sum() + (inside & ~d.drop_mask).sum())]
     assert rows[0] < 16 + int(inside.sum())  # guided_target_lean alone: B + #inside
@@ -807,3 +830,115 @@ def test_perceptual_term_masked_by_t():
     with pytest.raises(KeyError):
         pmf_loss(FakeNet(), x, y, cfg, draws=d, perceptual=lambda a, b, g: {"l2": a.flatten(1).sum(1),
                                                                             "lpips": a.flatten(1).sum(1)})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The lean row plan and the keyed noise
+
+
+def test_lean_row_split_is_exact():
+    """objective_lean.u_and_dudt with a host RowPlan (forward-mode pass on the r != t rows, a plain forward on the
+    others) returns the same u and v on every row and the same du/dt on the r != t rows as the pass over every row
+    (float64), and du/dt = 0 on the r = t rows. The plan comes from host tensors only (pmf_loss reads no device
+    value), and its rows are the r != t / r = t rows. (Moved from test_speed.py, where it tested the former
+    tangent_rows context variable.)"""
+    net = _net()
+    g = _gen(1)
+    B = 5
+    z, v = (torch.randn(B, 1, 8, 8, generator=g, dtype=F64) for _ in range(2))
+    t = torch.tensor([0.3, 0.6, 0.9, 0.5, 0.7], dtype=F64)
+    r = torch.tensor([0.1, 0.6, 0.2, 0.5, 0.0], dtype=F64)
+    d = Draws(t, r, t == r, torch.zeros_like(z), torch.tensor([1.0, 2.5, 6.0, 1.5, 3.0], dtype=F64),
+              torch.zeros(B, dtype=F64), torch.ones(B, dtype=F64), torch.zeros(B, dtype=torch.bool))
+    y = torch.tensor([0, 2, 3, 1, 0])
+    plan = lean_rows(net, d, ObjectiveConfig())
+    mask = t != r
+    assert plan.jvp.tolist() == mask.nonzero().squeeze(1).tolist() and plan.plain.tolist() == [1, 3]
+    full = lean.u_and_dudt(net, z, d, y, v, True, lean.RowPlan.every_row(B, guidance=True))
+    part = lean.u_and_dudt(net, z, d, y, v, True, plan)
+    torch.testing.assert_close(part[0], full[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part[2], full[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(part[1][mask], full[1][mask], rtol=1e-12, atol=1e-12)
+    assert (part[1][~mask] == 0).all() and (full[1][~mask] != 0).any()
+
+
+def test_lean_without_a_host_plan_matches_reference(monkeypatch):
+    """Draws that live on an accelerator get RowPlan.every_row (no split, nothing read back). Forced here on CPU:
+    the loss, metrics and gradients still equal the reference's (float64, 1e-10 / 1e-8)."""
+    net = _net()
+    x, y = _data(8)
+    d = _f64(sample_draws(x, y, ObjectiveConfig(class_drop=0.5), generator=_gen(6)))
+    params = list(net.parameters())
+    out = {}
+    for impl in IMPLS:
+        with monkeypatch.context() as m:
+            m.setattr(Draws, "on_host", lambda self: False)
+            if impl == "lean":
+                assert lean_rows(net, d, ObjectiveConfig()).jvp is None
+            loss, met = pmf_loss(net, x, y, ObjectiveConfig(impl=impl), draws=d)
+        out[impl] = (met, torch.autograd.grad(loss, params, allow_unused=True))
+    for k in out["reference"][0]:
+        torch.testing.assert_close(out["lean"][0][k], out["reference"][0][k], rtol=1e-10, atol=1e-12)
+    for a, b in zip(out["lean"][1], out["reference"][1]):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def _splitmix64_py(z: int) -> int:
+    """SplitMix64's output function on Python integers (mod 2^64): the independent truth for obj.splitmix64."""
+    m = (1 << 64) - 1
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    return z ^ (z >> 31)
+
+
+def test_keyed_normal_is_splitmix64_box_muller():
+    """keyed_normal against a pure-Python computation: word n of sample i is mix(mix(seed_i ^ "noise") + (n + 1)
+    gamma) (SplitMix64, mod 2^64; this also checks that int64 tensor arithmetic wraps here), and element 2n, 2n + 1
+    are the Box-Muller pair of its top two 24-bit fields. Also SplitMix64's published first output for seed 0
+    (0xE220A8397B1DCDAF)."""
+    m = (1 << 64) - 1
+    assert _splitmix64_py((0 + 0x9E3779B97F4A7C15) & m) == 0xE220A8397B1DCDAF
+    z = torch.tensor([1, -1, 2**62, -(2**63)], dtype=torch.long)
+    got = [v & m for v in obj.splitmix64(z).tolist()]
+    assert got == [_splitmix64_py(v & m) for v in z.tolist()]
+
+    seeds = [0, 12345, 2**63 - 1]
+    e = obj.keyed_normal(seeds, (1, 3, 3), "cpu", F64)
+    assert e.shape == (3, 1, 3, 3)
+    for i, s in enumerate(seeds):
+        key = _splitmix64_py(s ^ 0x6E6F697365)
+        for n in range(5):  # 9 values: 5 words, the last one's second normal unused
+            w = _splitmix64_py((key + (n + 1) * 0x9E3779B97F4A7C15) & m)
+            u1, u2 = ((w >> 40) + 0.5) * 2.0**-24, ((w >> 16) & 0xFFFFFF) * 2.0**-24
+            rad = math.sqrt(-2 * math.log(u1))
+            for k, val in enumerate((rad * math.cos(2 * math.pi * u2), rad * math.sin(2 * math.pi * u2))):
+                if 2 * n + k < 9:
+                    assert abs(e[i].flatten()[2 * n + k].item() - val) < 2e-6 * max(1.0, abs(val))
+
+
+def test_keyed_normal_distribution_and_independence():
+    """Standard normal (KS p > 1e-3 over 200 x 256 values, and per-column means of the first two elements across
+    4000 seeds within 4 standard errors); row i depends on seeds[i] only (another batch around it, another
+    position: the same values); neighbouring seeds are uncorrelated (|corr| < 4 / sqrt(n))."""
+    e = obj.keyed_normal(list(range(200)), (256,), "cpu")
+    assert stats.kstest(e.flatten().double().numpy(), "norm").pvalue > KS_P
+    col = obj.keyed_normal(list(range(1000, 5000)), (2,), "cpu").double()
+    assert (col.mean(0).abs() < 4 / math.sqrt(4000)).all()
+    again = obj.keyed_normal([7, 3, 150], (256,), "cpu")
+    assert torch.equal(again[1], e[3]) and torch.equal(again[2], e[150]) and torch.equal(again[0], e[7])
+    a, b = e[:-1].flatten().double(), e[1:].flatten().double()
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 4 / math.sqrt(a.numel())
+
+
+def test_per_sample_generator_draws_on_the_host():
+    """A PerSampleGenerator's per-sample scalars are host tensors (so the lean row plan needs no device read), its
+    noise is keyed_normal of the seeds times noise_scale, and its generators are host generators."""
+    x, y = _data(6)
+    cfg = ObjectiveConfig(noise_scale=2.0)
+    gen = PerSampleGenerator([5, 6, 7, 8, 9, 10], [10, 11, 12, 13, 14, 15], device="cpu")
+    d = sample_draws(x, y, cfg, gen)
+    assert d.on_host() and all(g.device.type == "cpu" for g in gen.generators)
+    torch.testing.assert_close(d.e, 2.0 * obj.keyed_normal([5, 6, 7, 8, 9, 10], (1, 8, 8), "cpu", F64),
+                               rtol=0, atol=0)
+    assert torch.equal(d.fm_mask, obj.fm_pattern(torch.arange(10, 16), 0.5))

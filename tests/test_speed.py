@@ -233,7 +233,7 @@ def test_speed_imports_nothing_from_the_loop():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The lean objective's speed devices (pmf.objective): exact, not approximations
+# The lean objective's speed devices (pmf.objective_lean): exact, not approximations
 
 
 def test_constant_operand_tangents_equal_generic_rules():
@@ -243,7 +243,7 @@ def test_constant_operand_tangents_equal_generic_rules():
     import torch.autograd.forward_ad as fwAD
     import torch.nn.functional as F
 
-    from pmf.objective import ConstantOperandTangents
+    from pmf.objective_lean import ConstantOperandTangents
 
     g = torch.Generator().manual_seed(0)
     x, dx = (torch.randn(2, 5, 4, generator=g, dtype=torch.float64) for _ in range(2))
@@ -269,34 +269,6 @@ def test_constant_operand_tangents_equal_generic_rules():
     (p1, t1, g1), (p2, t2, g2) = run(True), run(False)
     for a, b_ in zip(p1 + t1 + list(g1), p2 + t2 + list(g2)):
         torch.testing.assert_close(a, b_, rtol=1e-14, atol=1e-14)
-
-
-def test_tangent_rows_split_is_exact():
-    """Inside ``tangent_rows(mask)`` u_and_dudt_lean returns the same u and v for every row and the same du/dt on
-    the masked rows as without the mask (float64), and du/dt = 0 on the others."""
-    from pmf.objective import Draws, tangent_rows, u_and_dudt_lean
-
-    torch.manual_seed(0)
-    net = build_model("pMF-tiny").double()
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=torch.float64))
-    B = 5
-    z, v = (torch.randn(B, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2))
-    t = torch.tensor([0.3, 0.6, 0.9, 0.5, 0.7], dtype=torch.float64)
-    r = torch.tensor([0.1, 0.6, 0.2, 0.5, 0.0], dtype=torch.float64)
-    d = Draws(t, r, t == r, torch.zeros_like(z), torch.tensor([1.0, 2.5, 6.0, 1.5, 3.0], dtype=torch.float64),
-              torch.zeros(B, dtype=torch.float64), torch.ones(B, dtype=torch.float64), torch.zeros(B, dtype=torch.bool))
-    y = torch.tensor([0, 2, 3, 1, 0])
-    full = u_and_dudt_lean(net, z, d, y, v, True)
-    mask = t != r
-    with tangent_rows(mask):
-        part = u_and_dudt_lean(net, z, d, y, v, True)
-    torch.testing.assert_close(part[0], full[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(part[2], full[2], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(part[1][mask], full[1][mask], rtol=1e-12, atol=1e-12)
-    assert (part[1][~mask] == 0).all() and (full[1][~mask] != 0).any()
 
 
 def _sampling_inputs(net, B=4):

@@ -4,7 +4,15 @@
 
 with u_theta = (z_t - x_theta) / max(t, 0.05) (the network does that conversion), du/dt a JVP with tangent
 (v_c, 1, 0) over (z, t, r), v_g the guided target built from the auxiliary v-head, per-sample summed squared errors
-and adaptive weighting. :func:`pmf_loss` reads top to bottom like the algorithm box; each step is a named function.
+and adaptive weighting. :func:`pmf_loss` reads top to bottom like the algorithm box, one named step a line: draws
+(official ``sample_tr``, ``sample_cfg_interval``, ``sample_cfg_scale``), noisy image, ``guidance_fn``'s network
+velocities, ``cond_drop``, u and du/dt (``jax.jvp(u_fn, ...)``), the guided target, compound V, adaptive weights
+(``adp_wt_fn``), the heads' losses. ``impl`` only picks who computes the two network passes: the reference functions
+here, or :mod:`pmf.objective_lean` on the rows a host-side :class:`~pmf.objective_lean.RowPlan` names.
+
+The step reads no device value on the host (no ``.item()``, ``bool(tensor)``, ``nonzero`` or data-dependent shapes):
+the r = t rows are a pattern over the host-known batch indices, a :class:`PerSampleGenerator` draws the per-sample
+scalars on the host and the noise on the device, and everything shaped by them is planned on the host.
 
 All randomness of one evaluation is drawn up front into :class:`Draws` by :func:`sample_draws`, so a loss can be
 replayed exactly (``pmf_loss(..., draws=d)``). Draws are *per sample*: with a :class:`PerSampleGenerator` every
@@ -15,43 +23,41 @@ sample's draws depend only on its own seed and its index in the global batch, so
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, fields, replace
 from typing import Callable
 
 import torch
-import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+
+from pmf import objective_lean
+from pmf.objective_lean import ConstantOperandTangents, RowPlan  # noqa: F401  (re-exported)
 
 
 @dataclass
 class ObjectiveConfig:
-    # --- time sampling [P Tab. 8; recipe 1.6] ---
+    # --- time sampling [P Tab. 8; official pmf.py: sample_tr] ---
     P_mean: float = 0.8  # logit-normal mean; positive pushes t toward 1 = noise (pMF's time convention)
     P_std: float = 0.8  # logit-normal std
-    P_std_fm: float | None = None  # std for the r = t samples only (None: P_std, the recipe); a CPU-demo knob
+    P_std_fm: float | None = None  # std for the r = t samples only (None: P_std, as official); a CPU-demo knob
     data_proportion: float = 0.5  # fraction of samples with r = t (plain flow matching); "ratio of r != t = 50%"
     fm_warmup_kimg: float = 0.0  # r = t fraction falls linearly from 1 to data_proportion over the first N kimg
-    #   (a curriculum, not in the recipe: the JVP target bootstraps from the model's own v; see objective_at)
+    #   (a curriculum, not in the paper: the JVP target bootstraps from the model's own v; see objective_at)
     tr_uniform: float = 0.0  # probability of replacing (t, r) by independent U[0, 1] draws (0.1 in the H configs)
     time_region: str = "full"  # Tab. 3b ablation: "full" | "r_eq_t" | "r_eq_0" | "boundaries" (r = t or r = 0)
     noise_scale: float = 1.0  # e = noise_scale * N(0, I); image_size / 256 in the paper
-    # --- guidance-conditioned training [recipe 1.5] ---
+    # --- guidance-conditioned training [P Alg. 2; official pmf.py: sample_cfg_scale, sample_cfg_interval] ---
     guidance: bool = True  # sample omega / interval and train on the guided target v_g; False: omega = 1, v_g = v_t
     cfg_max: float = 7.0  # omega in [1, 1 + cfg_max]
     cfg_beta: float = 1.0  # density of omega proportional to omega^-beta (1: log-uniform)
     interval: bool = True  # sample the guidance interval t_min ~ U[0, .5], t_max ~ U[.5, 1]; False: [0, 1]
     guidance_parallel: float = 1.0  # eta: weight of the guidance update's component along the conditional image
-    #   prediction (1: plain CFG, the recipe; 0: only the orthogonal part, APG, Sadat et al. 2024; see guided_velocity)
+    #   prediction (1: plain CFG, as official; 0: only the orthogonal part, APG, Sadat et al. 2024; see guided_velocity)
     class_drop: float = 0.1  # probability of the null label (and v_g = v_t) for a sample
     drop_among_fm: bool = True  # official: dropped samples are r = t samples (the first ones of the batch)
     # --- the JVP and the heads ---
     tangent: str = "predicted"  # "predicted": v_c from the model (iMF/pMF); "target": the target v_g (original MF)
     use_v_head: bool = True  # False: v from the u-head at r = t (Alg. 1); no loss_v
     impl: str = "lean"  # "lean": batched guidance, JVP through trunk + u-head only; "reference": the plain step
-    # --- loss [recipe 1.4] ---
+    # --- loss [P Eq. 12, section 4.4; official pmf.py: adp_wt_fn] ---
     norm_p: float = 1.0  # adaptive weight: l / sg((l + eps)^p)
     norm_eps: float = 0.01
     perceptual_max_t: float = 0.8  # perceptual terms only for samples with t < this (strict)
@@ -86,41 +92,93 @@ def objective_at(cfg: ObjectiveConfig, nimg: int) -> ObjectiveConfig:
 
 
 class PerSampleGenerator:
-    """One ``torch.Generator`` per sample (EDM2's stacked generator): sample i's draws depend only on ``seeds[i]``.
-    ``indices`` are the samples' positions in the global batch (they decide which samples have r = t)."""
+    """Per-sample random streams: sample i's draws depend only on ``seeds[i]`` (and, through :func:`fm_pattern`, on
+    ``indices[i]``, its position in the global batch), so 1 process and N processes holding slices of the global batch
+    draw the same values, and a step replays from (run seed, images seen).
+
+    * the per-sample scalars (times, guidance scale and interval, dropout) come from ``generators[i]``, a host
+      ``torch.Generator`` seeded with ``seeds[i]``: a few numbers per sample, drawn on the host, so everything derived
+      from them (which rows need which network pass) is known on the host;
+    * the noise e comes from :func:`keyed_normal`, a counter-based generator keyed by the seed, for the whole batch in
+      one set of kernels on the batch's device (not one kernel per sample).
+
+    ``generators`` also serve other per-sample draws that follow (the perceptual crops). ``device`` is kept for
+    callers that name where the batch lives; the draws follow the batch itself."""
 
     def __init__(self, seeds, indices=None, device="cpu"):
-        self.generators = [torch.Generator(device=device).manual_seed(int(s) % (2**63)) for s in seeds]
-        self.indices = torch.arange(len(seeds)) if indices is None else torch.as_tensor(indices)
+        self.seeds = [int(s) % (2**63) for s in seeds]
+        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
+        self.indices = torch.arange(len(self.seeds)) if indices is None else torch.as_tensor(indices).cpu()
         self.device = torch.device(device)
 
 
 _NUM_UNIFORMS = 9  # columns: unif_mask, t_unif, r_unif, omega, t_min, t_max, drop, (2 spare for stable layout)
 _NUM_NORMALS = 2  # columns: t, r (logit-normal)
 
+# SplitMix64 (Steele, Lea, Flood 2014; the finaliser is Stafford's "Mix13"): word n of the stream with key k is
+# mix(k + (n + 1) gamma). int64 tensors wrap modulo 2^64 like the unsigned arithmetic it is defined with; >> on int64
+# is arithmetic, so each shift masks off the sign-extended bits.
+_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+_NOISE_STREAM = 0x6E6F697365  # "noise": the key of the noise stream is mix(seed ^ this), apart from other uses of seed
+
+
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
+    return (z >> k) & ((1 << (64 - k)) - 1)  # logical right shift of a 64-bit word held in int64
+
+
+def splitmix64(z: torch.Tensor) -> torch.Tensor:
+    """The SplitMix64 output function on int64 tensors (bit pattern of the uint64 result)."""
+    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
+    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
+    return z ^ _shr(z, 31)
+
+
+def keyed_normal(seeds, shape, device, dtype=torch.float32) -> torch.Tensor:
+    """(B, *shape) standard normals; row i is a fixed function of ``seeds[i]`` alone (any batch, any device kind
+    gives it the same values up to rounding of log / cos). Box-Muller on two 24-bit uniforms per 64-bit SplitMix64
+    word, u1 in (0, 1) so log u1 is finite: |e| <= 5.9, a tail mass of 4e-9 cut off."""
+    n = math.prod(shape)
+    words = (n + 1) // 2
+    keys = splitmix64(torch.tensor([_signed(s ^ _NOISE_STREAM) for s in seeds], dtype=torch.long))
+    keys = keys.to(device, non_blocking=True)  # a host -> device copy; nothing is read back
+    counter = torch.arange(1, words + 1, device=device, dtype=torch.long) * _signed(_GAMMA)
+    w = splitmix64(keys[:, None] + counter[None, :])
+    u1 = (_shr(w, 40).float() + 0.5) * 2.0**-24
+    u2 = (_shr(w, 16) & 0xFFFFFF).float() * 2.0**-24
+    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2 * math.pi) * u2
+    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)[:, :n]
+    return z.reshape(len(seeds), *shape).to(dtype)
+
 
 def _raw_draws(x: torch.Tensor, generator):
-    """(uniforms (B, 9), normals (B, 2), e0 (B, ...) ~ N(0, I), global indices (B,))."""
+    """(uniforms (B, 9), normals (B, 2), e0 (B, ...) ~ N(0, I), global indices (B,) on the host).
+
+    PerSampleGenerator: uniforms and normals on the host, e0 on x's device. Otherwise (a ``torch.Generator`` on x's
+    device, or None for the global one): everything on x's device, in one call per kind (the plain batched draws)."""
     B, dev = x.shape[0], x.device
     if isinstance(generator, PerSampleGenerator):
         if len(generator.generators) != B:
             raise ValueError(f"PerSampleGenerator has {len(generator.generators)} seeds for a batch of {B}")
-        uni, nor, e0 = [], [], []
-        for g in generator.generators:
-            uni.append(torch.rand(_NUM_UNIFORMS, generator=g, device=g.device))
-            nor.append(torch.randn(_NUM_NORMALS, generator=g, device=g.device))
-            e0.append(torch.randn(x.shape[1:], generator=g, device=g.device))
-        return (torch.stack(uni).to(dev), torch.stack(nor).to(dev), torch.stack(e0).to(dev, x.dtype),
-                generator.indices.to(dev))
+        uni = torch.stack([torch.rand(_NUM_UNIFORMS, generator=g) for g in generator.generators])
+        nor = torch.stack([torch.randn(_NUM_NORMALS, generator=g) for g in generator.generators])
+        e0 = keyed_normal(generator.seeds, x.shape[1:], dev, x.dtype)
+        return uni, nor, e0, generator.indices
     uni = torch.rand(B, _NUM_UNIFORMS, generator=generator, device=dev)
     nor = torch.randn(B, _NUM_NORMALS, generator=generator, device=dev)
     e0 = torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
-    return uni, nor, e0, torch.arange(B, device=dev)
+    return uni, nor, e0, torch.arange(B)
 
 
 @dataclass
 class Draws:
-    """Every random quantity of one loss evaluation. All (B,) except e (B, C, H, W), already noise-scaled."""
+    """Every random quantity of one loss evaluation. All (B,) except e (B, C, H, W), already noise-scaled.
+    Invariant (what :func:`sample_draws` returns): r = t on the ``fm_mask`` rows, whose interval is [0, 1].
+    The scalars may live on the host while e lives on the batch's device (:class:`PerSampleGenerator`);
+    :func:`pmf_loss` moves them over."""
 
     t: torch.Tensor
     r: torch.Tensor
@@ -132,7 +190,14 @@ class Draws:
     drop_mask: torch.Tensor  # bool: label replaced by the null class
 
     def to(self, device) -> "Draws":
-        return Draws(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+        """On ``device``. Copies to an accelerator do not block the host (nothing is read back); copies to the host
+        do (their values are about to be read)."""
+        non_blocking = torch.device(device).type != "cpu"
+        return Draws(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+
+    def on_host(self) -> bool:
+        """Whether every per-sample scalar is a CPU tensor (then row plans can be read without a device sync)."""
+        return all(getattr(self, f.name).device.type == "cpu" for f in fields(self) if f.name != "e")
 
 
 def fm_pattern(indices: torch.Tensor, proportion: float) -> torch.Tensor:
@@ -143,12 +208,16 @@ def fm_pattern(indices: torch.Tensor, proportion: float) -> torch.Tensor:
     return torch.floor((i + 1) * proportion) > torch.floor(i * proportion)
 
 
-def sample_t_r(uni, nor, indices, cfg: ObjectiveConfig):
+def fm_proportion(cfg: "ObjectiveConfig") -> float:
+    """The r = t fraction of the batch for the time region (Tab. 3b)."""
+    return {"full": cfg.data_proportion, "boundaries": cfg.data_proportion, "r_eq_t": 1.0, "r_eq_0": 0.0}[
+        cfg.time_region]
+
+
+def sample_t_r(uni, nor, fm_mask, cfg: ObjectiveConfig):
     """t, r ~ logit-normal(P_mean, P_std) independently (std ``P_std_fm`` on the r = t samples when set); optional
-    U[0, 1] replacement with prob tr_uniform; r = t on the flow-matching samples; then (t, r) = (max, min)
-    [recipe 1.6; Tab. 3b regions]."""
-    proportion = {"full": cfg.data_proportion, "boundaries": cfg.data_proportion, "r_eq_t": 1.0, "r_eq_0": 0.0}
-    fm_mask = fm_pattern(indices, proportion[cfg.time_region])
+    U[0, 1] replacement with prob tr_uniform; r = t on the flow-matching samples ``fm_mask``; then (t, r) = (max, min)
+    [official ``pmf.py: sample_tr``; Tab. 3b regions]."""
     std = cfg.P_std if cfg.P_std_fm is None else torch.where(fm_mask, cfg.P_std_fm, cfg.P_std).to(nor)
     t = torch.sigmoid(nor[:, 0] * std + cfg.P_mean)
     r = torch.sigmoid(nor[:, 1] * std + cfg.P_mean)
@@ -158,7 +227,7 @@ def sample_t_r(uni, nor, indices, cfg: ObjectiveConfig):
     t, r = torch.maximum(t, r), torch.minimum(t, r)
     if cfg.time_region in ("r_eq_0", "boundaries"):
         r = torch.where(fm_mask, t, torch.zeros_like(r))  # the other boundary of the (r, t) triangle: r = 0
-    return t, r, fm_mask
+    return t, r
 
 
 def sample_cfg_scale(u: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
@@ -180,23 +249,28 @@ def sample_cfg_interval(u_min, u_max, fm_mask, cfg: ObjectiveConfig):
     return torch.where(fm_mask, 0.0, t_min), torch.where(fm_mask, 1.0, t_max)
 
 
-def sample_drop_mask(u, fm_mask, cfg: ObjectiveConfig) -> torch.Tensor:
-    """Class dropout. Official: the first Binomial(B, p) samples of the batch, which are r = t samples, so each r = t
-    sample is dropped with probability p / data_proportion. With ``drop_among_fm`` we draw that per sample (same
-    marginal, shard-independent); otherwise each sample with probability p."""
-    if cfg.drop_among_fm and bool(fm_mask.any()) and cfg.data_proportion > 0:
+def sample_drop_mask(u, fm_mask, any_fm: bool, cfg: ObjectiveConfig) -> torch.Tensor:
+    """Class dropout [official ``pmf.py: cond_drop``]. Official: the first Binomial(B, p) samples of the batch, which
+    are r = t samples, so each r = t sample is dropped with probability p / data_proportion. With ``drop_among_fm``
+    we draw that per sample (same marginal, shard-independent); otherwise, or when the batch has no r = t sample
+    (``any_fm``, known on the host from the pattern), each sample with probability p."""
+    if cfg.drop_among_fm and any_fm and cfg.data_proportion > 0:
         p = min(1.0, cfg.class_drop / cfg.data_proportion) if cfg.time_region != "r_eq_t" else cfg.class_drop
         return fm_mask & (u < p)
     return u < cfg.class_drop
 
 
 def sample_draws(x: torch.Tensor, y: torch.Tensor | None, cfg: ObjectiveConfig, generator=None) -> Draws:
-    """All random draws of one loss evaluation, from a ``torch.Generator`` or a :class:`PerSampleGenerator`."""
+    """All random draws of one loss evaluation [official ``pmf.py: forward``: ``sample_tr``, the noise e,
+    ``sample_cfg_interval``, ``sample_cfg_scale``, ``cond_drop``'s mask], from a ``torch.Generator`` or a
+    :class:`PerSampleGenerator`. Reads no device value: the r = t rows are a pattern over the (host) indices."""
     uni, nor, e0, indices = _raw_draws(x, generator)
-    t, r, fm_mask = sample_t_r(uni, nor, indices, cfg)
+    fm_host = fm_pattern(indices, fm_proportion(cfg))
+    fm_mask = fm_host.to(uni.device, non_blocking=True)
+    t, r = sample_t_r(uni, nor, fm_mask, cfg)
     omega = sample_cfg_scale(uni[:, 3], cfg)
     t_min, t_max = sample_cfg_interval(uni[:, 4], uni[:, 5], fm_mask, cfg)
-    drop = sample_drop_mask(uni[:, 6], fm_mask, cfg)
+    drop = sample_drop_mask(uni[:, 6], fm_mask, bool(fm_host.any()), cfg)  # a host tensor: no device sync
     return Draws(t, r, fm_mask, e0 * cfg.noise_scale, omega, t_min, t_max, drop)
 
 
@@ -227,9 +301,23 @@ def boundary_velocity(net, z, t, omega, y, use_v_head: bool):
     return v if use_v_head else u
 
 
+def interval_mask(d: Draws) -> torch.Tensor:
+    """t in [t_min, t_max]: where the guidance interval applies [official ``pmf.py: guidance_fn``]. The one place
+    that tests the interval."""
+    return (d.t >= d.t_min) & (d.t <= d.t_max)
+
+
+def masked_omega(d: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+    """(guided, omega'): guided = inside the interval or an r = t sample (``guidance_fn`` gives those v_g_fm with the
+    un-masked omega); omega' = omega there, 1 elsewhere (then 1 - 1/omega' = 0 and v_g = v_t)."""
+    guided = d.fm_mask | interval_mask(d)
+    return guided, torch.where(guided, d.omega, torch.ones_like(d.omega))
+
+
 @torch.no_grad()
 def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int):
-    """(v_g, v_c): the guided velocity target and the tangent for the JVP  [P Alg. 2; official ``guidance_fn``].
+    """(v_g, v_c): the guided velocity target and the tangent for the JVP, line by line as official ``pmf.py:
+    guidance_fn`` computes them [P Alg. 2]; the specification that :func:`pmf_loss`'s two passes are tested against.
 
     v_c, v_u = v(z | y, omega), v(z | null, 1). For r = t samples, v_g = v_t + (1 - 1/omega)(v_c - v_u).
     Otherwise omega is reset to 1 outside [t_min, t_max], v_c recomputed with that masked omega', and
@@ -244,8 +332,7 @@ def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: 
                              torch.cat([y, torch.full_like(y, null_label)]), cfg.use_v_head)
     v_c, v_u = both[:B], both[B:]
     v_g_fm = guided_velocity(v_t, v_c, v_u, d.omega, z_t, d.t, cfg.guidance_parallel)
-    inside = (d.t >= d.t_min) & (d.t <= d.t_max)
-    omega_m = torch.where(inside, d.omega, torch.ones_like(d.omega))
+    omega_m = torch.where(interval_mask(d), d.omega, torch.ones_like(d.omega))
     v_c = boundary_velocity(net, z_t, d.t, omega_m, y, cfg.use_v_head)
     v_g = guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel)
     return torch.where(_b(d.fm_mask, z_t), v_g_fm, v_g), v_c
@@ -257,7 +344,7 @@ def guided_velocity(v_t, v_c, v_u, omega_m, z_t, t, parallel: float = 1.0):
     ``parallel`` (eta) < 1 scales the part of the guidance difference D = v_c' - v_u that lies along the conditional
     image prediction x_c = z_t - t v_c' (per sample): D <- D - (1 - eta) <D, x_c> / |x_c|^2 x_c. Since x = z_t - t v,
     this is the same split of the image-space update -t D (APG, Sadat et al. 2024: the parallel part is what
-    over-saturates at high omega). eta = 1 is the recipe."""
+    over-saturates at high omega). eta = 1 is the official guidance_fn."""
     D = v_c - v_u
     if parallel != 1.0:
         x_c = (z_t - _b(t, z_t) * v_c).flatten(1)
@@ -266,51 +353,38 @@ def guided_velocity(v_t, v_c, v_u, omega_m, z_t, t, parallel: float = 1.0):
     return v_t + (1 - 1 / _b(omega_m, v_t)) * D
 
 
-def masked_omega(d: Draws) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inside, omega'): whether t lies in [t_min, t_max], and omega there, 1 outside."""
-    inside = (d.t >= d.t_min) & (d.t <= d.t_max)
-    return inside, torch.where(inside, d.omega, torch.ones_like(d.omega))
-
-
 @torch.no_grad()
-def guidance_velocities(net, z_t, y, d: Draws, omega_m, cond_rows, null_rows, use_v_head: bool, null_label: int):
-    """(v_c', v_u), each (B, ...): v(z | y, omega') on the ``cond_rows`` and v(z | null, 1) on the ``null_rows``
-    (zeros elsewhere), from ONE inference-mode call through the trunk and the v-head on just those rows."""
-    i_c, i_u = cond_rows.nonzero().squeeze(1), null_rows.nonzero().squeeze(1)
-    with torch.inference_mode():  # cheaper than no_grad; the copies below make the results normal tensors again
-        out = boundary_velocity(net, torch.cat([z_t[i_c], z_t[i_u]]), torch.cat([d.t[i_c], d.t[i_u]]),
-                                torch.cat([omega_m[i_c], torch.ones_like(omega_m[i_u])]),
-                                torch.cat([y[i_c], torch.full_like(y[i_u], null_label)]), use_v_head)
-    v_c, v_u = torch.zeros_like(z_t), torch.zeros_like(z_t)  # inference tensors may not enter autograd or forward AD
-    v_c[i_c], v_u[i_u] = out[: len(i_c)], out[len(i_c):]
-    return v_c, v_u
-
-
-@torch.no_grad()
-def guided_target_lean(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int):
-    """:func:`guided_target` in one inference-mode call through the trunk and the v-head, on B + (number of samples
-    inside their interval) rows: [z | y, omega'] for every sample (omega' = omega inside [t_min, t_max], 1 outside:
-    that is v_c' for all of them) and [z | null, 1] for the samples inside only. Outside, 1 - 1/omega' = 0, so
-    v_g = v_t and v_u is not needed; flow-matching samples are always inside ([0, 1]), where omega' = omega and
-    v_c' = v_c. One formula covers every sample: v_g = v_t + (1 - 1/omega')(v_c' - v_u)."""
+def guidance_velocities(net, z_t, y, d: Draws, omega_m, cfg: ObjectiveConfig, null_label: int):
+    """(v_c', v_u) = (v(z_t | y, omega'), v(z_t | null, 1)) for every sample, in one call on 2B rows (official
+    ``pmf.py: v_fn``, with the masked omega' of ``v_cond_fn``'s second call; on r = t samples omega' = omega, so
+    these are both of ``guidance_fn``'s conditional velocities). Without guidance only v(z_t | y, omega') (v_u = 0:
+    the target is v_t)."""
     if not cfg.guidance:
-        return guided_target(net, z_t, v_t, y, d, cfg, null_label)
-    inside, omega_m = masked_omega(d)
-    v_c, v_u = guidance_velocities(net, z_t, y, d, omega_m, torch.ones_like(inside), inside, cfg.use_v_head,
-                                   null_label)
-    v_u = torch.where(_b(inside, v_u), v_u, v_c)  # outside: v_c' - v_u = 0 (its factor 1 - 1/omega' is 0 anyway)
-    return guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel), v_c
+        return boundary_velocity(net, z_t, d.t, omega_m, y, cfg.use_v_head), torch.zeros_like(z_t)
+    both = boundary_velocity(net, torch.cat([z_t, z_t]), torch.cat([d.t, d.t]),
+                             torch.cat([omega_m, torch.ones_like(omega_m)]),
+                             torch.cat([y, torch.full_like(y, null_label)]), cfg.use_v_head)
+    return both[: len(y)], both[len(y):]
 
 
 def drop_labels(y, v_t, v_g, d: Draws, null_label: int):
-    """Class dropout: dropped samples get the null label and the unguided target v_g = v_t."""
+    """Class dropout [official ``pmf.py: cond_drop``]: dropped samples get the null label and the unguided target
+    v_g = v_t."""
     return torch.where(d.drop_mask, null_label, y), torch.where(_b(d.drop_mask, v_t), v_t, v_g)
+
+
+def target_velocity(v_t, v_c, v_u, omega_m, z_t, d: Draws, cfg: ObjectiveConfig):
+    """sg(v_g): the guided velocity v_g = v_t + (1 - 1/omega')(v_c' - v_u) (``guidance_fn``; v_t without guidance),
+    and v_t on the dropped samples (``cond_drop``)."""
+    v_g = guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel) if cfg.guidance else v_t
+    return torch.where(_b(d.drop_mask, v_t), v_t, v_g).detach()
 
 
 def u_and_dudt(net, z_t, d: Draws, y, tangent_v, with_v: bool):
     """(u, du/dt, v) = jvp of (z, t, r) -> net(z, t, h = t - r, omega, t_min, t_max, y) along (v, 1, 0)
-    [MF Eq. 8: du/dt = v d_z u + d_t u]. The net sees the *un-masked* omega and the labels after dropout (official).
-    The v-head output is an auxiliary primal (no tangent needed for the loss)."""
+    [MF Eq. 8: du/dt = v d_z u + d_t u; official ``pmf.py: forward``, ``jax.jvp(u_fn, (z_t, t, r), (v_c, 1, 0))``].
+    The net sees the *un-masked* omega and the labels after dropout (official). The v-head output is an auxiliary
+    primal (no tangent needed for the loss)."""
 
     def u_fn(z, t, r):
         u, v = net(z, t, t - r, d.omega, d.t_min, d.t_max, y, heads="uv" if with_v else "u")
@@ -321,151 +395,17 @@ def u_and_dudt(net, z_t, d: Draws, y, tangent_v, with_v: bool):
     return u, dudt, (aux[0] if aux else None)
 
 
-def _tangent(x):
-    """The forward-mode tangent of ``x`` at the current dual level, or None (not a tensor, or not dual)."""
-    return fwAD.unpack_dual(x).tangent if isinstance(x, torch.Tensor) else None
-
-
-_MUL = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
-_ADD = {torch.add, torch.Tensor.add, torch.Tensor.__add__, torch.Tensor.__radd__}
-_SUB = {torch.sub, torch.Tensor.sub, torch.Tensor.__sub__}
-_DIV = {torch.div, torch.Tensor.div, torch.Tensor.__truediv__}
-
-
-class ConstantOperandTangents(TorchFunctionMode):
-    """Forward-mode rules for ops with one dual and one constant tensor operand (a weight, a gate, RoPE's cos/sin,
-    a time factor): only the non-zero tangent term is computed, under no_grad.
-
-    PyTorch's generic rules materialise the constant operand's zero tangent and run the full product rule, so a
-    linear layer costs three matmuls instead of two and ``x * w`` three products and an add (measured: the forward-AD
-    pass through trunk + u-head ran at ~1.6x the cost it has with this mode; see benchmarks/README.md). Rules:
-
-        linear(x, W, b): (x W^T + b,  dx W^T)      x * c, x / c: (.,  dx * c, dx / c)
-        x + c, x - c:    (.,  dx)                  c - x: (.,  -dx)
-
-    The tangents are built without autograd history (no_grad): the objective stops gradients through du/dt anyway
-    (a detach), so recording them would only cost time and memory. Use only where tangents are never
-    differentiated. Every other op keeps PyTorch's own rule. Results equal the generic rules' (the same products, minus
-    the zero ones)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if kwargs or len(args) < 2:
-            return func(*args, **(kwargs or {}))
-        if func is F.linear:
-            x, w, b = args[0], args[1], (args[2] if len(args) > 2 else None)
-            dx = _tangent(x)
-            if dx is None or _tangent(w) is not None or _tangent(b) is not None:
-                return func(*args)
-            out = F.linear(fwAD.unpack_dual(x).primal, w, b)
-            with torch.no_grad():
-                d_out = F.linear(dx, w)
-            return fwAD.make_dual(out, d_out)  # outside no_grad: out keeps its autograd history
-        if len(args) != 2 or not (func in _MUL or func in _ADD or func in _SUB or func in _DIV):
-            return func(*args)
-        a, b = args
-        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
-            return func(*args)
-        da, db = _tangent(a), _tangent(b)
-        if (da is None) == (db is None) or (db is not None and func in _DIV):  # both/neither dual, or c / x
-            return func(*args)
-        out = func(fwAD.unpack_dual(a).primal if da is not None else a,
-                   fwAD.unpack_dual(b).primal if db is not None else b)
-        with torch.no_grad():
-            if func in _MUL:
-                d_out = da * b if da is not None else a * db
-            elif func in _DIV:
-                d_out = da / b
-            elif func in _ADD:
-                d_out = da if da is not None else db
-            else:
-                d_out = da if da is not None else -db
-            if d_out.shape != out.shape:  # broadcast: x + c with c larger than x
-                d_out = d_out.expand(out.shape)
-            d_out = d_out.to(out.dtype)
-        return fwAD.make_dual(out, d_out)
-
-
-def _u_dudt_trunk(net, z_t, tangent_v, t, r, omega, t_min, t_max, y):
-    """(u, du/dt, trunk primal): dual numbers (z, t, r) + eps (v, 1, 0) through the trunk and the u-head."""
-    with fwAD.dual_level(), ConstantOperandTangents():
-        z, t_d, r_d = fwAD.make_dual(z_t, tangent_v), fwAD.make_dual(t, torch.ones_like(t)), \
-            fwAD.make_dual(r, torch.zeros_like(r))
-        trunk_out = net.trunk(z, t_d, t_d - r_d, omega, t_min, t_max, y)
-        u, dudt = fwAD.unpack_dual(net.to_velocity(z, t_d, net.head(trunk_out, "u")))
-        return u, dudt, fwAD.unpack_dual(trunk_out).primal
-
-
-# Rows of the batch whose du/dt the caller uses (a (B,) bool tensor), or None for all rows. pmf_loss sets it to t != r
-# around its u_and_dudt_lean call: du/dt enters the loss as (t - r) sg(du/dt), so the r = t rows (half the batch by
-# default) need no forward-mode pass. A context variable, not an argument, so the two JVP steps keep one signature.
-_TANGENT_ROWS: ContextVar[torch.Tensor | None] = ContextVar("pmf_tangent_rows", default=None)
-
-
-@contextmanager
-def tangent_rows(mask: torch.Tensor | None):
-    """Within this block, :func:`u_and_dudt_lean` computes du/dt only on the rows where ``mask`` is True (0 elsewhere)."""
-    token = _TANGENT_ROWS.set(mask)
-    try:
-        yield
-    finally:
-        _TANGENT_ROWS.reset(token)
-
-
-def u_and_dudt_lean(net, z_t, d: Draws, y, tangent_v, with_v: bool):
-    """:func:`u_and_dudt` with forward-mode AD only where a tangent is needed: dual numbers through the trunk and
-    the u-head; the v-head runs afterwards on the trunk's primal output (it needs gradients, not tangents).
-
-    Inside ``with tangent_rows(mask)`` only the masked rows run the forward-mode pass; the others run a plain forward
-    and get du/dt = 0 (the network is row-independent, so splitting the batch changes no value). The tangent rules
-    of :class:`ConstantOperandTangents` apply: du/dt carries no usable autograd history (the loss detaches it)."""
-    args = (d.t, d.r, d.omega, d.t_min, d.t_max, y)
-    need = _TANGENT_ROWS.get()
-    if need is None or bool(need.all()):
-        u, dudt, trunk = _u_dudt_trunk(net, z_t, tangent_v, *args)
-    else:
-        j, p = need.nonzero().squeeze(1), (~need).nonzero().squeeze(1)
-        us, dudts, trunks = [], [], []
-        if len(j):
-            u_j, dudt_j, trunk_j = _u_dudt_trunk(net, z_t[j], tangent_v[j], *(a[j] for a in args))
-            us.append(u_j), dudts.append(dudt_j), trunks.append(trunk_j)
-        z_p, (t_p, r_p, omega_p, lo_p, hi_p, y_p) = z_t[p], (a[p] for a in args)
-        trunk_p = net.trunk(z_p, t_p, t_p - r_p, omega_p, lo_p, hi_p, y_p)
-        u_p = net.to_velocity(z_p, t_p, net.head(trunk_p, "u"))
-        us.append(u_p), dudts.append(torch.zeros_like(u_p)), trunks.append(trunk_p)
-        inv = torch.argsort(torch.cat([j, p]))  # back to batch order
-        u, dudt, trunk = (torch.cat(xs)[inv] for xs in (us, dudts, trunks))
-    v = net.to_velocity(z_t, d.t, net.head(trunk, "v")) if with_v else None
-    return u, dudt, v
-
-
-def lean_guided_step(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int, with_v: bool):
-    """(u, du/dt, v, v_g): :func:`guided_target_lean`, :func:`drop_labels` and :func:`u_and_dudt_lean` (inside
-    ``tangent_rows(t != r)``) in one, computing fewer guidance rows. The same values, because:
-
-    * a non-dropped r = t sample's conditional guidance row v(z_t | y, omega') has exactly the inputs of its own
-      training forward (h = 0, interval [0, 1], omega' = omega, label y), so its v_c is that forward's v-head output
-      (the u-head's without a v-head), detached, not a separate inference row;
-    * dropped samples have v_g = v_t, so they need no unconditional row (and dropped r = t ones no row at all).
-
-    The inference call then has (r != t samples) + (non-dropped samples inside their interval) rows instead of
-    B + (samples inside). The tangent only matters on r != t rows (r = t rows run no forward-mode pass)."""
-    inside, omega_m = masked_omega(d)
-    reuse = d.fm_mask & ~d.drop_mask  # v_c from the training forward
-    need_u = inside & ~d.drop_mask  # v_u is used
-    # conditional rows: the r != t samples only (r = t ones: reused, or dropped and then not needed at all)
-    v_c, v_u = guidance_velocities(net, z_t, y, d, omega_m, ~d.fm_mask, need_u, cfg.use_v_head, null_label)
-    y_in = torch.where(d.drop_mask, null_label, y)
-
-    def target(v_c):
-        v_g = guided_velocity(v_t, v_c, torch.where(_b(need_u, v_u), v_u, v_c), omega_m, z_t, d.t,
-                              cfg.guidance_parallel)
-        return torch.where(_b(d.drop_mask, v_t), v_t, v_g)
-
-    tangent_v = v_c if cfg.tangent == "predicted" else target(v_c)  # final on every r != t row
-    with tangent_rows(d.t != d.r):
-        u, dudt, v = u_and_dudt_lean(net, z_t, d, y_in, tangent_v, with_v)
-    v_c = torch.where(_b(reuse, v_c), (v if with_v else u).detach(), v_c)
-    return u, dudt, v, target(v_c).detach()
+def lean_rows(net, d: Draws, cfg: ObjectiveConfig) -> RowPlan | None:
+    """The rows each lean pass computes (:mod:`pmf.objective_lean`), or None for the reference passes (``impl``
+    "reference", or a network without the trunk / head split). Read from host draws (a :class:`PerSampleGenerator`'s,
+    or any on a CPU run); draws that live on an accelerator get the plan without a split, since reading their
+    masks would stall the device."""
+    if cfg.impl != "lean" or not hasattr(net, "trunk"):
+        return None
+    if not d.on_host():
+        return RowPlan.every_row(len(d.t), cfg.guidance)
+    guided, _ = masked_omega(d)
+    return RowPlan.from_host_masks(d.t, d.r, d.t_min, d.t_max, d.fm_mask, d.drop_mask, guided, cfg.guidance)
 
 
 def compound_velocity(u, dudt, t, r):
@@ -502,30 +442,38 @@ def perceptual_term(perceptual, z_t, u, x, d: Draws, cfg: ObjectiveConfig, gener
 
 def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | None = None,
              perceptual: Callable | None = None):
-    """The pMF training loss. x: (B, C, H, W) clean images in [-1, 1]; y: (B,) labels or None (unconditional).
-    Returns (loss, metrics): loss = mean_batch(adp(loss_u) + adp(loss_v) + perceptual)."""
+    """The pMF training loss [P Alg. 2; official ``pmf.py: forward``]. x: (B, C, H, W) clean images in [-1, 1];
+    y: (B,) labels or None (unconditional). Returns (loss, metrics): loss = mean_batch(adp(loss_u) + adp(loss_v) +
+    perceptual). ``impl`` picks the network passes (reference, or the lean ones of :mod:`pmf.objective_lean`); the
+    steps and values are the same. Reads no device value on the host when the draws come from a
+    :class:`PerSampleGenerator` or live on the host (the lean rows are planned there)."""
     null_label = net.num_classes
     if y is None:
         y = torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)
-    d = draws if draws is not None else sample_draws(x, y, cfg, generator)
     use_v = cfg.use_v_head and getattr(net, "has_v_head", True)
+    # sample_tr, the noise, sample_cfg_interval, sample_cfg_scale and cond_drop's mask, all up front
+    d = draws if draws is not None else sample_draws(x, y, cfg, generator)
+    rows = lean_rows(net, d, cfg)  # None: the reference passes
+    d = d.to(x.device)
 
-    lean = cfg.impl == "lean" and hasattr(net, "trunk")  # the lean path needs the trunk / head split
-    z_t = noisy_image(x, d.t, d.e)
-    v_t = conditional_velocity(z_t, x, d.t)
-    if lean and cfg.guidance:  # the steps below, fused to share the r = t samples' forward with the guidance
-        u, dudt, v, v_g = lean_guided_step(net, z_t, v_t, y, d, cfg, null_label, use_v)
-    else:
-        v_g, v_c = guided_target(net, z_t, v_t, y, d, cfg, null_label)  # lean without guidance: one call too
-        y_in, v_g = drop_labels(y, v_t, v_g, d, null_label)
-        v_g = v_g.detach()
-        tangent_v = v_c if cfg.tangent == "predicted" else v_g
-        with tangent_rows(d.t != d.r if lean else None):  # du/dt is multiplied by t - r: the r = t rows need none
-            u, dudt, v = (u_and_dudt_lean if lean else u_and_dudt)(net, z_t, d, y_in, tangent_v.detach(), use_v)
-    V = compound_velocity(u, dudt, d.t, d.r)
+    z_t = noisy_image(x, d.t, d.e)  # z_t = (1 - t) x + t e
+    v_t = conditional_velocity(z_t, x, d.t)  # v_t = (z_t - x) / t = e - x
+    # guidance_fn, network part: v_c' = v(z_t | y, omega'), v_u = v(z_t | null, 1), without gradient
+    _, omega_m = masked_omega(d)
+    v_c, v_u = (guidance_velocities(net, z_t, y, d, omega_m, cfg, null_label) if rows is None else
+                objective_lean.guidance_velocities(net, z_t, y, d.t, omega_m, rows, use_v, null_label))
+    y_in = torch.where(d.drop_mask, null_label, y)  # cond_drop: the null label (and, below, the target v_t)
+    # jvp(u_fn, (z_t, t, r), (v_c, 1, 0)): pMF's tangent is the predicted v_c; the original MeanFlow's the target
+    tangent_v = v_c if cfg.tangent == "predicted" else target_velocity(v_t, v_c, v_u, omega_m, z_t, d, cfg)
+    u, dudt, v = (u_and_dudt(net, z_t, d, y_in, tangent_v, use_v) if rows is None else
+                  objective_lean.u_and_dudt(net, z_t, d, y_in, tangent_v, use_v, rows))
+    if rows is not None:  # the lean plan's r = t samples take v_c from this forward (same inputs as their guidance row)
+        v_c = objective_lean.with_shared_rows(v_c, v if use_v else u, rows)
+    v_g = target_velocity(v_t, v_c, v_u, omega_m, z_t, d, cfg)  # sg(v_g), v_t where dropped
+    V = compound_velocity(u, dudt, d.t, d.r)  # V = u + (t - r) sg(du/dt)
 
-    loss_u = adaptive_weight(per_sample_sq_error(V, v_g), cfg)
-    total = loss_u
+    # the heads' losses, per-sample sums with adaptive weights (adp_wt_fn), plus the perceptual terms (aux_fn)
+    total = adaptive_weight(per_sample_sq_error(V, v_g), cfg)
     metrics = {"loss_u": (V - v_g).pow(2).mean().detach()}
     if use_v:
         total = total + adaptive_weight(per_sample_sq_error(v, v_g), cfg)
