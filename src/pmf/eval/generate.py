@@ -201,7 +201,7 @@ def image_source_batches(source, resolution: int | None = 256, batch_size: int =
         shards = ShardDataset(source, resolution)
         total = len(shards) if num is None else min(num, len(shards))
         for chunk in torch.arange(rank, total, world_size).split(batch_size):
-            yield shards.get_batch(chunk.numpy())[0], None, chunk
+            yield shards.get_batch(chunk.numpy())[0].contiguous(), None, chunk
         return
     if resolution is None:
         raise ValueError("an image folder needs a resolution for the ADM center crop")

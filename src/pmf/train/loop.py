@@ -160,7 +160,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         if sharded:
             net.set_requires_gradient_sync(a == accum - 1)
         sl = slice(a * micro, (a + 1) * micro)
-        x = to_model_range(images_u8[sl].to(device, non_blocking=True))
+        x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
         y = labels[sl].to(device) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
         gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -119,18 +120,28 @@ class ShardDataset(torch.utils.data.Dataset):
         return k, index - self.first[k]
 
     def get_batch(self, index) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 (B, 3, R, R) and int64 (B,) for global indices ``index`` (any order, repeats allowed)."""
+        """uint8 (B, 3, R, R) and int64 (B,) for global indices ``index`` (any order, repeats allowed).
+
+        The images are copied once, row by row, from the maps into an HWC buffer (B, R, R, 3), and returned as its
+        (B, 3, R, R) *view*: the same values as the ImageFolder path's contiguous batch, with channels-last strides.
+        Transposing uint8 HWC -> CHW on the CPU would cost several times the copy itself (benchmarks/data.py), so the
+        training step makes the batch contiguous on the device.  In a DataLoader worker the buffer is allocated in
+        shared memory, so handing the batch to the main process copies nothing."""
         maps = self._open()
         k, j = self.locate(index)
         R = self.resolution
-        images = np.empty((len(k), R, R, 3), dtype=np.uint8)
+        shape = (len(k), R, R, 3)
+        if torch.utils.data.get_worker_info() is None:
+            buf = torch.empty(shape, dtype=torch.uint8)
+        else:
+            buf = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape))).view(shape)
+        images = buf.numpy()
         labels = np.empty(len(k), dtype=np.int64)
-        for shard in np.unique(k):
-            m = k == shard
+        for b, (shard, pos) in enumerate(zip(k.tolist(), j.tolist())):
             imgs, labs = maps[shard]
-            images[m] = imgs[j[m]]  # reads just these images' pages
-            labels[m] = labs[j[m]]
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels)
+            images[b] = imgs[pos]  # one memcpy of this image's pages
+            labels[b] = labs[pos]
+        return buf.permute(0, 3, 1, 2), torch.from_numpy(labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         images, labels = self.get_batch([int(index)])
