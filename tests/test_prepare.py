@@ -286,11 +286,22 @@ def test_training_from_shards_has_the_imagefolder_losses(clean, tmp_path):
 # One file index
 
 
+def backdate(root: Path, seconds: float = 10.0) -> None:
+    """Set every directory's mtime `seconds` into the past (as for a folder written long ago)."""
+    t = time.time() - seconds
+    for d in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        os.utime(d, (t, t))
+
+
 def test_file_index_is_cached_validated_and_shared_with_ref_stats(tmp_path, monkeypatch):
     root = tmp_path / "train"
     make_tree(root, seed=2, bad=False)
+    cache_file = tmp_path / ".train.pmf-files.json"
+    filelist.scan_image_folder(root)
+    assert not cache_file.exists()  # just written folders: their next change may not move the mtime
+    backdate(root)
     first = filelist.scan_image_folder(root)
-    assert not first.from_cache and (tmp_path / ".train.pmf-files.json").is_file()
+    assert not first.from_cache and cache_file.is_file()
 
     def no_walk(*a, **k):
         raise AssertionError("the cached index should be used, not a walk")
@@ -305,11 +316,14 @@ def test_file_index_is_cached_validated_and_shared_with_ref_stats(tmp_path, monk
     assert torch.equal(ref[5][0], folder[5][0])
     monkeypatch.undo()
     # A new file (or folder) changes its directory's mtime: the index is rebuilt and includes it.
-    time.sleep(0.01)
     Image.fromarray(np.zeros((20, 20, 3), np.uint8)).save(root / "bee" / "sub" / "new.png")
     rebuilt = filelist.scan_image_folder(root)
     assert not rebuilt.from_cache and "bee/sub/new.png" in rebuilt.files
+    backdate(root)
+    filelist.scan_image_folder(root)
     assert filelist.scan_image_folder(root).from_cache
+    (root / "cat" / "sub" / "g_nested.png").unlink()  # a removal too
+    assert "cat/sub/g_nested.png" not in filelist.scan_image_folder(root).files
 
 
 def test_ref_stats_source_reads_shards_like_the_folder(clean):

@@ -4,7 +4,8 @@ statistics (``pmf ref-stats``) all read, built once and cached.
 Walking ImageNet's 1.28 M files takes minutes on a network filesystem, and every rank did it at every start. The
 index is built by one walk and cached as JSON; a later start checks it cheaply, by the modification time of every
 directory it lists (adding, removing or renaming a file or a folder changes its parent directory's mtime), i.e. ~1000
-``stat`` calls for ImageNet instead of listing 1.28 M entries.
+``stat`` calls for ImageNet instead of listing 1.28 M entries.  An index is not cached while a directory was
+modified in the last 2 s (its next change might not move its mtime): a folder still being written is walked again.
 
 Order and contents (unchanged from the former walk of :class:`pmf.train.data.ImageFolderDataset`): ``os.walk(root)``
 top-down, directories and files sorted by name, following symlinks; classes are the non-hidden subfolders of root,
@@ -24,6 +25,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 import warnings
 from pathlib import Path
 
@@ -33,6 +35,7 @@ __all__ = ["IMG_EXTENSIONS", "FileIndex", "scan_image_folder", "index_cache_path
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 INDEX_VERSION = 1
+RACY_NS = 2_000_000_000  # 2 s: directories modified this recently are not trusted to show the next change
 
 
 @dataclasses.dataclass
@@ -121,7 +124,12 @@ def scan_image_folder(root, extensions=IMG_EXTENSIONS, cache: bool = True) -> Fi
                 continue
             if _valid(cached, root, exts):
                 return _to_index(cached, root, from_cache=True)
+    started_ns = time.time_ns()
     walk = _walk(root, exts)
+    # A directory changed within RACY_NS of the walk could change again within its mtime's granularity (1 s or
+    # coarser on some network filesystems) without a visible mtime change: such an index is not cached.
+    if cache and any(d["mtime_ns"] >= started_ns - RACY_NS for d in walk["dirs"]):
+        cache = False
     if cache:
         text = json.dumps({"version": INDEX_VERSION, "root": str(root), "extensions": list(exts), **walk},
                           separators=(",", ":"))
