@@ -66,8 +66,8 @@ class ShardDataset(torch.utils.data.Dataset):
         self.resolution = int(m["resolution"])
         if resolution is not None and int(resolution) != self.resolution:
             raise ValueError(f"{self.root} holds images prepared at {self.resolution} px but {resolution} px were "
-                             f"asked for: set data.resolution={self.resolution}, or prepare the data again with "
-                             f"--resolution {resolution}")
+                             f"asked for: set data.resolution={self.resolution} (pmf ref-stats: --resolution "
+                             f"{self.resolution}), or prepare the data again with --resolution {resolution}")
         self.classes: list[str] = list(m["classes"])
         self.shards: list[dict] = list(m["shards"])
         counts = np.array([s["count"] for s in self.shards], dtype=np.int64)
