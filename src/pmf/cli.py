@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -158,6 +159,17 @@ def cmd_ref_stats(args) -> int:
     return 0
 
 
+def cmd_prepare_data(args) -> int:
+    """ImageFolder -> ADM-center-cropped uint8 shards + dataset.json (pmf.train.prepare)."""
+    from pmf.train.prepare import prepare_data
+
+    m = prepare_data(args.source, args.out, args.resolution, workers=args.workers, shard_size=args.shard_size,
+                     quiet=args.quiet)
+    print(f"{args.out}: {m['num_images']} images, {m['num_classes']} classes, {len(m['shards'])} shards at "
+          f"{m['resolution']} px; {m['num_skipped']} files skipped ({m['num_unreadable']} unreadable)")
+    return 0
+
+
 def cmd_guidance_search(args) -> int:
     """Grid over EMA x interval x omega on --num-search samples, then --num-final samples at the best point."""
     from pmf.train import dist
@@ -302,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--workers", type=int, default=4, help="image decoding processes for a folder")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.set_defaults(fn=cmd_ref_stats)
+
+    d = sub.add_parser("prepare-data", help="ImageFolder -> center-cropped uint8 shards for data.dataset=shards")
+    d.add_argument("--source", required=True, help="image folder with one subfolder per class (e.g. ImageNet train)")
+    d.add_argument("--resolution", type=int, required=True, help="ADM center-crop size R (256, 512, ...)")
+    d.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
+    d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
+    d.add_argument("--shard-size", type=int, default=1000, help="source files per shard (one .npy each)")
+    d.add_argument("--quiet", action="store_true", help="no progress line")
+    d.set_defaults(fn=cmd_prepare_data)
 
     g = sub.add_parser("guidance-search", help="grid over omega x interval x EMA, then the full count at the best")
     g.add_argument("--checkpoint", required=True, help="run directory or export")

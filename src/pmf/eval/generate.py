@@ -20,14 +20,16 @@ Statistics, Frechet distance, Inception Score and reference files: :mod:`pmf.eva
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pmf.train.data import IMG_EXTENSIONS, center_crop_adm
+from pmf.train.data import IMG_EXTENSIONS, read_image_adm
+from pmf.train.filelist import scan_image_folder
+from pmf.train.shards import ShardDataset, is_shard_dir
 from pmf.images import to_uint8  # round(127.5 (x + 1)) clamped to [0, 255]; re-exported here
 from pmf.sampler import noise_from_seeds, sample
 from pmf.eval.stats import FeatureStats, ClassSpread, InceptionScoreStats, frechet_distance, as_mean_cov
@@ -162,13 +164,14 @@ def npz_images(path) -> torch.Tensor:
 
 
 class _ImageFiles(torch.utils.data.Dataset):
-    """Every image file under ``root`` (recursively, sorted: class folders or a flat folder), each ADM
-    center-cropped to ``resolution`` (:func:`pmf.train.data.center_crop_adm`): uint8 (3, R, R) RGB and its index."""
+    """Every image file under ``root`` (a flat folder or class folders) in the order of the one file index that
+    training also reads (:func:`pmf.train.filelist.scan_image_folder`), each ADM center-cropped to ``resolution``
+    (:func:`pmf.train.data.read_image_adm`): uint8 (3, R, R) RGB and its index."""
 
     def __init__(self, root, resolution: int):
         self.resolution = int(resolution)
-        self.paths = sorted(str(p) for p in Path(root).rglob("*")
-                            if p.suffix.lower() in IMG_EXTENSIONS and not p.name.startswith(".") and p.is_file())
+        index = scan_image_folder(root)
+        self.paths = [os.path.join(index.root, f) for f in index.files]
         if not self.paths:
             raise FileNotFoundError(f"no images with extensions {IMG_EXTENSIONS} under {root}")
 
@@ -176,16 +179,15 @@ class _ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        with Image.open(self.paths[i]) as im:
-            arr = np.asarray(center_crop_adm(im.convert("RGB"), self.resolution), dtype=np.uint8)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1), i
+        return torch.from_numpy(read_image_adm(self.paths[i], self.resolution)).permute(2, 0, 1), i
 
 
 def image_source_batches(source, resolution: int | None = 256, batch_size: int = 250, num: int | None = None,
                          rank: int = 0, world_size: int = 1, num_workers: int = 0):
     """Yield (uint8 images (b, C, H, W), None, global indices (b,)) for this rank's share (i = rank, rank + world,
-    ...) of the first ``num`` images of ``source``: an .npz of uint8 images (used as stored) or a folder of image
-    files (ADM center crop to ``resolution``, as the training data)."""
+    ...) of the first ``num`` images of ``source``: an .npz of uint8 images (used as stored), a ``pmf prepare-data``
+    output directory (its shards, at their prepared resolution), or a folder of image files (ADM center crop to
+    ``resolution``, as the training data, in the order of the training file index)."""
     source = Path(source)
     if source.is_file():
         images = npz_images(source)
@@ -195,6 +197,12 @@ def image_source_batches(source, resolution: int | None = 256, batch_size: int =
         return
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is neither an image folder nor an .npz file")
+    if is_shard_dir(source):  # `pmf prepare-data` output: already cropped, read memory-mapped
+        shards = ShardDataset(source, resolution)
+        total = len(shards) if num is None else min(num, len(shards))
+        for chunk in torch.arange(rank, total, world_size).split(batch_size):
+            yield shards.get_batch(chunk.numpy())[0].contiguous(), None, chunk
+        return
     if resolution is None:
         raise ValueError("an image folder needs a resolution for the ADM center crop")
     files = _ImageFiles(source, resolution)

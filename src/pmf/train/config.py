@@ -30,10 +30,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"  # "fashion_mnist" | "imagefolder"
-    path: str = ""  # imagefolder root (or a Fashion-MNIST folder; empty = search the usual places)
-    resolution: int = 28  # imagefolder: ADM center crop to this size
-    num_workers: int = 0  # imagefolder DataLoader workers
+    dataset: str = "fashion_mnist"  # "fashion_mnist" | "imagefolder" (JPEG decode + crop per sample) | "shards"
+    # (`pmf prepare-data` output: the same pixels, cropped once, memory-mapped; docs/data.md)
+    path: str = ""  # imagefolder root, shards: the prepare-data --out directory (or a Fashion-MNIST folder; empty =
+    # search the usual places)
+    resolution: int = 28  # imagefolder: ADM center crop to this size; shards: must equal the prepared resolution
+    num_workers: int = 0  # imagefolder / shards DataLoader workers
     class_conditional: bool = True  # False: all labels are the null class (unconditional training)
 
 

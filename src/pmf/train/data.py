@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from pmf.images import to_model_range, to_uint8  # noqa: F401 (re-exported: pixel range of the data)
+from pmf.train.filelist import IMG_EXTENSIONS, scan_image_folder
 
 __all__ = [
     "load_fashion_mnist",
@@ -38,6 +39,7 @@ __all__ = [
     "EpochSampler",
     "ImageFolderDataset",
     "center_crop_adm",
+    "read_image_adm",
     "collate_uint8",
     "ShardedLoader",
     "make_loader",
@@ -348,9 +350,6 @@ class EpochSampler:
 # ----------------------------------------------------------------------------------------------------------------------
 # ImageFolder with the ADM center crop
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-
-
 def center_crop_adm(img: Image.Image, resolution: int) -> Image.Image:
     """ADM center crop (guided-diffusion; pMF recipe 3.6): halve with BOX filtering while the short side is at least
     2 * resolution, BICUBIC-resize so the short side equals `resolution`, then cut the centered square."""
@@ -360,6 +359,15 @@ def center_crop_adm(img: Image.Image, resolution: int) -> Image.Image:
     img = img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
     left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
     return img.crop((left, top, left + resolution, top + resolution))
+
+
+def read_image_adm(path, resolution: int) -> np.ndarray:
+    """One image file -> RGB, ADM center crop -> uint8 (resolution, resolution, 3): the one decode used by training,
+    ``pmf prepare-data`` and the reference statistics.  Any mode (L, P, CMYK, RGBA, I;16 ...) goes through PIL's
+    ``convert("RGB")`` (alpha dropped); a truncated or corrupt file raises (OSError, ValueError, SyntaxError, ...)."""
+    with Image.open(path) as im:
+        im = im.convert("RGB")  # forces the full decode: truncated/corrupt data raises here
+    return np.array(center_crop_adm(im, resolution), dtype=np.uint8)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
@@ -374,18 +382,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root, resolution: int, extensions=IMG_EXTENSIONS):
         self.root = Path(root)
         self.resolution = int(resolution)
-        exts = tuple(e.lower() for e in extensions)
-        self.classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        index = scan_image_folder(self.root, extensions)  # the one file index (pmf.train.filelist), cached
+        self.classes = index.classes
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-        self.samples: list[tuple[str, int]] = []
-        for c in self.classes:
-            for dirpath, dirnames, filenames in os.walk(self.root / c, followlinks=True):
-                dirnames.sort()
-                for f in sorted(filenames):
-                    if not f.startswith(".") and f.lower().endswith(exts):
-                        self.samples.append((os.path.join(dirpath, f), self.class_to_idx[c]))
+        self.samples: list[tuple[str, int]] = index.class_samples()
         if not self.samples:
-            raise FileNotFoundError(f"no images with extensions {exts} under {self.root}/<class>/")
+            raise FileNotFoundError(f"no images with extensions {tuple(extensions)} under {self.root}/<class>/")
         self.skipped: dict[str, str] = {}  # reported record: path -> error
         self._bad: set[str] = set()  # paths this process knows to be unreadable (skipped without a retry)
 
@@ -397,10 +399,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def _read(self, path: str) -> torch.Tensor:
-        with Image.open(path) as im:
-            im = im.convert("RGB")  # forces the full decode: truncated/corrupt data raises here
-        arr = np.asarray(center_crop_adm(im, self.resolution), dtype=np.uint8)  # (H, W, 3)
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
+        arr = read_image_adm(path, self.resolution)  # (H, W, 3)
+        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (3, H, W)
 
     def record_skipped(self, path: str, error: str) -> None:
         self._bad.add(path)
@@ -453,6 +453,8 @@ class _BatchFetch(torch.utils.data.Dataset):
         if isinstance(self.data, tuple):  # in-memory tensors: one gather
             images, labels = self.data
             return images[idx], labels[idx], {}
+        if hasattr(self.data, "get_batch"):  # memory-mapped shards (pmf.train.shards): one gather per shard
+            return (*self.data.get_batch(idx.numpy()), {})
         bad: dict[str, str] = {}
         samples = []
         for i in idx.tolist():
@@ -485,7 +487,8 @@ def _passthrough(batch):
 class ShardedLoader:
     """Endless iterator of this rank's ``(images uint8 (B, C, H, W), labels int64 (B,))`` batches.
 
-    `data` is a map-style dataset returning (uint8 image, label), e.g. :class:`ImageFolderDataset`, or a pair of
+    `data` is a map-style dataset returning (uint8 image, label), e.g. :class:`ImageFolderDataset` or
+    :class:`pmf.train.shards.ShardDataset` (batches gathered from its memory maps), or a pair of
     in-memory tensors ``(images, labels)`` such as :func:`load_fashion_mnist` returns.  Order comes from
     :class:`EpochSampler`; ``nimg`` counts global images *delivered to the caller* (not prefetched), so
     ``state_dict()`` taken between steps resumes with exactly the next batch.  With ``num_workers > 0`` a torch

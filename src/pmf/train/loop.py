@@ -28,6 +28,7 @@ from pmf.train.checkpoint import load_latest, save_training_state
 from pmf.train.config import RunConfig, to_json
 from pmf.images import to_model_range, to_uint8
 from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
+from pmf.train.shards import ShardDataset, is_shard_dir
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
@@ -74,7 +75,7 @@ def model_kwargs(cfg: RunConfig) -> dict:
 
 
 def load_dataset(cfg: RunConfig):
-    """(data, num_classes): Fashion-MNIST as in-memory uint8 tensors, or an ImageFolder dataset."""
+    """(data, num_classes): Fashion-MNIST as in-memory uint8 tensors, an ImageFolder dataset, or prepared shards."""
     if cfg.data.dataset == "fashion_mnist":
         return load_fashion_mnist("train", root=cfg.data.path or None), 10
     if cfg.data.dataset == "imagefolder":
@@ -82,7 +83,12 @@ def load_dataset(cfg: RunConfig):
             raise ValueError("data.dataset=imagefolder needs data.path=/path/to/train (one folder per class)")
         ds = ImageFolderDataset(cfg.data.path, cfg.data.resolution)
         return ds, len(ds.classes)
-    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist or imagefolder")
+    if cfg.data.dataset == "shards":  # `pmf prepare-data` output, memory-mapped (pmf.train.shards)
+        if not cfg.data.path:
+            raise ValueError("data.dataset=shards needs data.path=/path/to/shards (the pmf prepare-data --out dir)")
+        ds = ShardDataset(cfg.data.path, cfg.data.resolution)
+        return ds, len(ds.classes)
+    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist, imagefolder or shards")
 
 
 def dataset_size(cfg: RunConfig) -> tuple[int, str]:
@@ -97,7 +103,12 @@ def dataset_size(cfg: RunConfig) -> tuple[int, str]:
             return n, f"files listed under {cfg.data.path} (no image decoded)"
         return IMAGENET_TRAIN_SIZE, (f"ImageNet-1k train size {IMAGENET_TRAIN_SIZE:,} assumed: data.path "
                                      f"{cfg.data.path or '(empty)'} is not present, nothing was read")
-    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist or imagefolder")
+    if cfg.data.dataset == "shards":
+        if cfg.data.path and is_shard_dir(cfg.data.path):
+            return len(ShardDataset(cfg.data.path)), f"manifest of {cfg.data.path} (no image read)"
+        return IMAGENET_TRAIN_SIZE, (f"ImageNet-1k train size {IMAGENET_TRAIN_SIZE:,} assumed: data.path "
+                                     f"{cfg.data.path or '(empty)'} holds no dataset.json, nothing was read")
+    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist, imagefolder or shards")
 
 
 def run_plan(cfg: RunConfig, world: int, n_data: int) -> dict:
@@ -151,7 +162,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         if sharded:
             net.set_requires_gradient_sync(a == accum - 1)
         sl = slice(a * micro, (a + 1) * micro)
-        x = to_model_range(images_u8[sl].to(device, non_blocking=True))
+        x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
         y = labels[sl].to(device) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
         gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)
