@@ -11,6 +11,8 @@ A ratio below 1 against ``blur2x`` means the samples are closer to the test set 
 ``FD within`` is the distance left after moving each class's feature mean onto the test set's class mean (the rest
 of FD comes from where the class means lie).
 Reruns with the same --run-dir resume training; use a fresh directory per configuration.
+At start it prints the CPU's capability (SIMD level, native bf16 or not) and, once the first log record is written,
+the training speed in images/s, so a slow machine shows itself within the first minute.
 """
 
 from __future__ import annotations
@@ -19,7 +21,26 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+
+def train_with_start_report(cmd: list[str], run_dir: Path) -> None:
+    """Run the training command; print the images/s of the first new log record as soon as it appears."""
+    log = run_dir / "log.jsonl"
+    seen = len(log.read_text().splitlines()) if log.exists() else 0  # a resumed run: skip the old records
+    proc = subprocess.Popen(cmd)
+    reported = False
+    while proc.poll() is None:
+        time.sleep(1.0)
+        lines = log.read_text().splitlines() if log.exists() else []
+        if not reported and len(lines) > seen:
+            rec = json.loads(lines[seen])
+            if "img_per_s" in rec:
+                print(f"training at {rec['img_per_s']:.0f} img/s (at {rec.get('kimg', 0):.0f} kimg)", flush=True)
+            reported = True
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd)
 
 
 def main() -> int:
@@ -37,7 +58,10 @@ def main() -> int:
              "--quiet"]
     for s in a.set:
         train += ["--set", s]
-    subprocess.run(train, check=True)
+    from pmf.train.speed import cpu_capability
+
+    print(f"CPU: {cpu_capability()}", flush=True)
+    train_with_start_report(train, Path(a.run_dir))
     out = Path(a.run_dir) / "bench-metrics.json"
     subprocess.run([py, "-m", "pmf", "eval", "--checkpoint", a.run_dir, "--num", str(a.num), "--steps",
                     *map(str, a.steps), "--out", str(out)], check=True, stdout=subprocess.DEVNULL)

@@ -2,7 +2,7 @@
 
     python benchmarks/step.py [--model pMF-T/7-28] [--batch 64] [--device cpu|cuda] [--iters 10] [--warmup 2]
                               [--threads N] [--sample-batch N] [--profile] [--breakdown] [--bf16] [--compile]
-                              [--json OUT]
+                              [--no-optimizer | --optimizer-only] [--json OUT]
 
 Configurations, each forward + backward of the loss only (no optimizer step, gradients set to None before each),
 on the same batch and the same random draws per iteration:
@@ -32,6 +32,12 @@ with --bf16 also our path and the baseline under bf16 autocast (the baseline's s
 --compile our path through ``speed.InferenceNet`` (``torch.compile`` with inductor weight freezing: what
 ``pmf sample / eval --compile [--precision bf16]`` run).
 
+Optimizer step: the Muon + Adam step (``build_optimizer``, the official recipe's optimizer) of the same network
+with Newton-Schulz in bf16 and in fp32, round-robin on the same gradients, with the CPU's capability
+(``speed.cpu_capability``: SIMD level, native bf16 or not) and the dtype the default picks on this device. On a CPU
+without native bf16 the bf16 step is many times slower (emulated bf16 matmuls); on GPUs and CPUs with AVX512-BF16 /
+AMX it is the faster one.
+
 --breakdown times the lean step's named parts (guidance, the forward-AD pass, ...); --profile prints the top 15 ops
 of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
 """
@@ -47,13 +53,15 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import torch
 
 from pmf.model import Attention, build_model
 from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
 from pmf.sampler import sample
-from pmf.train.speed import InferenceNet, autocast_context, maybe_compile
+from pmf.train.optim import OptimConfig, build_optimizer
+from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype, maybe_compile
 
 CONFIGS = {  # name: (label, objective impl or None for flow matching, attention backend)
     "a": ("flow matching (sdpa)", None, "sdpa"),
@@ -309,6 +317,31 @@ def profile_lean(net, x, y, device, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=sort, row_limit=rows)
 
 
+def optimizer_step_times(net, device, iters: int, warmup: int) -> dict:
+    """Median ms of ``opt.step()`` (Muon + Adam, default OptimConfig) with Newton-Schulz in bf16 and in fp32, on
+    fixed random gradients; each dtype on its own copy of the network, timed round-robin."""
+    steps = {}
+    for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        model = copy.deepcopy(net)
+        g = torch.Generator(device="cpu").manual_seed(2)
+        for prm in model.parameters():
+            prm.grad = (1e-3 * torch.randn(prm.shape, generator=g)).to(device)
+        opt = build_optimizer(model, OptimConfig())
+        muon = getattr(opt, "muon", opt)
+        muon.ns_dtype = dtype  # what the default would pick is printed separately
+
+        def step(i, opt=opt):
+            opt.step()
+
+        steps[name] = step
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the slow-bf16 warning: this measures it
+        wall, cpu = time_round_robin(steps, iters, warmup, device)
+    return {"median_wall_ms": {k: statistics.median(v) * 1e3 for k, v in wall.items()},
+            "median_cpu_ms": {k: statistics.median(v) * 1e3 for k, v in cpu.items()},
+            "default_ns_dtype": str(internal_dtype(device)).replace("torch.", "")}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="pMF-T/7-28")
@@ -326,6 +359,8 @@ def main() -> int:
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling throughput")
     p.add_argument("--sampling-only", action="store_true", help="only the sampling throughput")
+    p.add_argument("--no-optimizer", action="store_true", help="skip the optimizer step (bf16 vs fp32 Newton-Schulz)")
+    p.add_argument("--optimizer-only", action="store_true", help="only the optimizer step (bf16 vs fp32 Newton-Schulz)")
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -340,16 +375,17 @@ def main() -> int:
         return 0
 
     names = ["a", "b", "b'", "c"] + (["c16"] if args.bf16 else []) + (["cC"] if args.compile else [])
-    names = [] if args.sampling_only else names
+    names = [] if args.sampling_only or args.optimizer_only else names
     net, x, y = make_net_and_batch(args.model, args.batch, device)
     n_params = sum(p.numel() for p in net.parameters())
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{args.model}  batch {args.batch}  {n_params / 1e6:.2f}M params  device {device} ({dev_name})  "
           f"threads {torch.get_num_threads()}  torch {torch.__version__}")
     result = {"model": args.model, "batch": args.batch, "device": str(device), "device_name": dev_name,
-              "threads": torch.get_num_threads(), "torch": torch.__version__}
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "cpu_capability": cpu_capability()}
+    print(f"CPU capability: {result['cpu_capability']}")
     show_cpu = device.type == "cpu"
-    if not args.sampling_only:
+    if names:
         print("forward + backward of the loss only (no optimizer step); medians of "
               f"{args.iters} round-robin iterations after {args.warmup} warm-up")
 
@@ -403,7 +439,21 @@ def main() -> int:
             "memory_method": "cuda max_memory_allocated delta" if device.type == "cuda"
             else "subprocess VmHWM (reset after set-up) minus VmRSS before the steps, MALLOC_MMAP_THRESHOLD_=65536"})
 
-    if not args.no_sampling:
+    if not (args.no_optimizer or args.sampling_only):
+        o = optimizer_step_times(net, device, args.iters, args.warmup)
+        w, c = o["median_wall_ms"], o["median_cpu_ms"]
+        print(f"\noptimizer step (Muon + Adam), Newton-Schulz dtype; medians of {args.iters} after {args.warmup} "
+              f"warm-up; CPU {result['cpu_capability']}")
+        for k in ("bf16", "fp32"):
+            row = f"  NS {k:5s}{w[k]:9.1f} ms wall"
+            row += f"{c[k]:9.1f} ms cpu" if show_cpu else ""
+            print(row)
+        print(f"  bf16 / fp32 = {w['bf16'] / w['fp32']:.2f} (wall)" + (f", {c['bf16'] / c['fp32']:.2f} (cpu)"
+                                                                        if show_cpu else "")
+              + f";  the default on {device.type} runs NS in {o['default_ns_dtype']}")
+        result["optimizer_step"] = o
+
+    if not (args.no_sampling or args.optimizer_only):
         s = sampling_throughput(args, device)
         base_key = "baseline (einsum attention, no_grad)"
         print(f"\n1-NFE sampling, batch {s['batch']}, omega 2; images/s by wall time"
@@ -416,7 +466,7 @@ def main() -> int:
         print("  target: ours >= 1.5x baseline")
         result["sampling"] = s
 
-    if args.breakdown:
+    if args.breakdown and not args.optimizer_only:
         parts = breakdown_lean(net, x, y, device, args.iters)
         unit = "CPU ms" if device.type == "cpu" else "ms"
         print(f"\nwhere the time goes ({unit}, medians of {args.iters}):")
@@ -424,7 +474,7 @@ def main() -> int:
             print(f"  {k:40s}{v:9.1f}")
         result["breakdown_ms"] = parts
 
-    if args.profile:
+    if args.profile and not args.optimizer_only:
         table = profile_lean(net, x, y, device)
         print("\nlean step (c), top ops:\n" + table)
         result["profile_lean"] = table

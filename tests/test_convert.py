@@ -13,11 +13,12 @@ from pmf.convert import (
     ROPE_KEY,
     import_official_main,
     load_official,
+    official_kwargs_to_ours,
     official_to_ours,
     ours_to_official,
     rope_freqs,
 )
-from pmf.model import MODELS, build_model, rope_2d_angles
+from pmf.model import MODELS, PMFDiT, build_model, rope_2d_angles
 
 TINY = "pMF-tiny"  # grid 4 (N = 16), hidden 32, 2 heads (head_dim 16), depth 3, aux 1
 
@@ -234,3 +235,64 @@ def test_import_official_main_writes_the_pretrained_layout(tmp_path, capsys):
     loaded, meta = load_exported(tmp_path / "out")
     assert_same_outputs(net, loaded)
     assert meta == expected_meta
+
+# ----------------------------------------------------------------------------------------------------------------
+# The official constructor's kwargs (models/pmfDiT.py, pmfDiT.__init__ on the torch branch)
+
+# A small network spelled with EVERY kwarg of the official constructor, at its official default where the size
+# does not matter (tokens 8 / 4 / 4 / 2-per-endpoint, init constants 1.0 / 1.0 / 0.32).
+OFFICIAL_SMALL = dict(input_size=8, patch_size=2, in_channels=1, hidden_size=32, depth=3, num_heads=2,
+                      mlp_ratio=8 / 3, num_classes=3, aux_head_depth=1, num_class_tokens=8, num_time_tokens=4,
+                      num_cfg_tokens=4, num_interval_tokens=2, token_init_constant=1.0, embedding_init_constant=1.0,
+                      weight_init_constant=0.32, eval_mode=True)
+
+
+def _official_layout_net(**official):
+    """Our network built as the official constructor would build it (v-head dropped by eval_mode), perturbed."""
+    with pytest.warns(UserWarning, match="init_constant"):
+        kw = official_kwargs_to_ours(official)
+    torch.manual_seed(0)
+    net = PMFDiT(**kw)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    return net.eval()
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_load_official_accepts_the_official_constructor_kwargs_unchanged(k):
+    """Official-layout weights + the official kwargs as given to pmfDiT(...): t_min/t_max tokens (1, k, D) and
+    pos_embed (1, 8 + 4 + 2k + 4 + N, D) as the official constructor makes them; the load reproduces the outputs;
+    the init-only constants are ignored with a warning naming them."""
+    official_kwargs = {**OFFICIAL_SMALL, "num_interval_tokens": k}
+    net = _official_layout_net(**official_kwargs)
+    sd = ours_to_official(net.state_dict(), prefix="net.")
+    assert tuple(sd["net.t_min_tokens"].shape) == tuple(sd["net.t_max_tokens"].shape) == (1, k, 32)
+    assert tuple(sd["net.pos_embed"].shape) == (1, 8 + 4 + 2 * k + 4 + 16, 32)
+    with pytest.warns(UserWarning, match="token_init_constant=1.0, embedding_init_constant=1.0, weight_init_cons"):
+        loaded = load_official(sd, **official_kwargs)
+    assert not loaded.has_v_head
+    assert_same_outputs(net, loaded)
+
+
+def test_official_b16_kwargs_give_the_registry_b16():
+    """pmfDiT_B_16 = partial(pmfDiT, input_size=256, depth=16, hidden_size=768, patch_size=16, num_heads=12,
+    aux_head_depth=8) (official models/pmfDiT.py), eval_mode=True: the same shapes as our pMF-B/16 without v-head,
+    with the official token shapes."""
+    kw = official_kwargs_to_ours(dict(input_size=256, depth=16, hidden_size=768, patch_size=16, num_heads=12,
+                                      aux_head_depth=8, eval_mode=True))
+    with torch.device("meta"):
+        ours, registry = PMFDiT(**kw), build_model("pMF-B/16", v_head=False)
+    shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    assert shapes == {k: tuple(v.shape) for k, v in registry.state_dict().items()}
+    assert shapes["t_min_tokens"] == shapes["t_max_tokens"] == (1, 2, 768)
+    assert shapes["pos_embed"] == (1, 20 + 256, 768)
+
+
+def test_official_kwargs_errors_list_the_problem():
+    with pytest.raises(TypeError, match=r"\['depht', 'hiden_size'\]"):
+        official_kwargs_to_ours({"depht": 3, "hiden_size": 32, "depth": 3})
+    with pytest.raises(ValueError, match="eval_mode=True, v_head=True disagree"):
+        official_kwargs_to_ours({"eval_mode": True, "v_head": True})
+    assert official_kwargs_to_ours({"eval": False}) == {"v_head": True}  # the JAX branch's name
+    assert official_kwargs_to_ours({"eval_mode": False, "v_head": True, "depth": 3}) == {"v_head": True, "depth": 3}

@@ -93,6 +93,64 @@ def test_paper_param_counts_and_token_layout(name):
     assert not hasattr(net, "v_heads") and not hasattr(net, "v_final_layer")
 
 
+# The official constructor's default kwargs, as written in ``models/pmfDiT.py`` (``pmfDiT.__init__``, torch branch;
+# the JAX main branch's dataclass fields have the same names and values).
+OFFICIAL_DEFAULTS = dict(input_size=256, patch_size=16, in_channels=3, hidden_size=768, depth=16, num_heads=12,
+                         mlp_ratio=8 / 3, num_classes=1000, aux_head_depth=8, num_class_tokens=8, num_time_tokens=4,
+                         num_cfg_tokens=4, num_interval_tokens=2)
+
+
+def _official_token_shapes(kw: dict) -> dict:
+    """Token parameter shapes by the official constructor's formulas: t_min/t_max (1, num_interval_tokens, D) each,
+    pos_embed over num_patches + class + cfg + 2 * interval + time tokens."""
+    D, n = kw["hidden_size"], (kw["input_size"] // kw["patch_size"]) ** 2
+    k = kw["num_interval_tokens"]
+    prefix = kw["num_class_tokens"] + kw["num_cfg_tokens"] + 2 * k + kw["num_time_tokens"]
+    return {"class_tokens": (1, kw["num_class_tokens"], D), "omega_tokens": (1, kw["num_cfg_tokens"], D),
+            "t_min_tokens": (1, k, D), "t_max_tokens": (1, k, D), "time_tokens": (1, kw["num_time_tokens"], D),
+            "pos_embed": (1, prefix + n, D)}
+
+
+@pytest.mark.parametrize("how", ["official defaults", "PMFDiT()", "pMF-B/16"])
+def test_token_layout_matches_the_official_constructor(how):
+    """num_interval_tokens is per endpoint, as in the official pmfDiT: the official defaults, our defaults and the
+    pMF-B/16 registry entry all give t_min/t_max tokens (1, 2, 768) and pos_embed (1, 20 + 256, 768), and the same
+    parameter count as each other."""
+    with torch.device("meta"):
+        net = {"official defaults": lambda: PMFDiT(**OFFICIAL_DEFAULTS, v_head=False),
+               "PMFDiT()": lambda: PMFDiT(v_head=False),
+               "pMF-B/16": lambda: build_model("pMF-B/16", v_head=False)}[how]()
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    for key, shape in _official_token_shapes(OFFICIAL_DEFAULTS).items():
+        assert shapes[key] == shape, key
+    assert shapes["t_min_tokens"] == (1, 2, 768) and shapes["pos_embed"] == (1, 276, 768)
+    assert net.num_prefix == 20
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 1) == PAPER_PARAMS_M["pMF-B/16"]
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_num_interval_tokens_is_per_endpoint(k):
+    """k interval tokens per endpoint: 2k interval slots in the prefix, each endpoint's embedding added to its own k
+    tokens (an odd k, refused under the old "total" meaning, works)."""
+    net = tiny(num_interval_tokens=k)
+    kw = {**model_mod.MODELS["pMF-tiny"].kwargs, "num_class_tokens": 8, "num_cfg_tokens": 4, "num_time_tokens": 4,
+          "num_interval_tokens": k}
+    assert {n: tuple(p.shape) for n, p in net.named_parameters() if n in _official_token_shapes(kw)} == \
+        _official_token_shapes(kw)
+    assert net.num_prefix == 16 + 2 * k
+    z, _, h, om, lo, hi, y = conds(net, [0.3, 0.8])
+    base = net.embed(z, h, om, lo, hi, y)
+    moved = (net.embed(z, h, om, lo + 0.1, hi, y) - base).abs().amax(dim=(0, 2)) > 0
+    assert moved.nonzero().flatten().tolist() == list(range(12, 12 + k))  # t_min's slots only
+
+
+def test_xs_registry_entry_keeps_its_six_token_prefix():
+    """The CPU demo size keeps class 2 | omega 1 | t_min 1 | t_max 1 | time 1 = 6 prefix tokens."""
+    with torch.device("meta"):
+        net = build_model("pMF-XS/7-28")
+    assert net.num_prefix == 6 and tuple(net.t_min_tokens.shape) == (1, 1, 96)
+
+
 @pytest.mark.parametrize("name", list(WITH_V_HEAD_M))
 def test_param_counts_with_v_head(name):
     """Training-time counts with the auxiliary v-head (8 duplicated blocks + final layer): 175.5 / 511.8 / 1113.9M."""

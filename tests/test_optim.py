@@ -4,6 +4,7 @@ lr schedule keyed to images, and EMA half-life algebra independent of batch size
 import io
 import copy
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from pmf.model import build_model
+from pmf.train import speed
 from pmf.train.optim import (
     EMA,
     EMASpec,
@@ -149,7 +151,9 @@ def test_batched_muon_matches_torch_muon_and_shares_its_state():
     torch.manual_seed(0)
     net_a, kw = _stack_of_linears(), dict(lr=0.02, weight_decay=0.0, adjust_lr_fn="original")
     net_b = copy.deepcopy(net_a)
-    opt_a, opt_b = torch.optim.Muon(net_a.parameters(), **kw), BatchedMuon(net_b.parameters(), **kw)
+    # ns_dtype=bf16 as torch's (the default would be float32 on a CPU without native bf16)
+    opt_a, opt_b = torch.optim.Muon(net_a.parameters(), **kw), BatchedMuon(net_b.parameters(), **kw,
+                                                                            ns_dtype=torch.bfloat16)
     for _ in range(3):
         for pa, pb in zip(net_a.parameters(), net_b.parameters()):
             pa.grad = torch.randn_like(pa)
@@ -165,6 +169,71 @@ def test_batched_muon_matches_torch_muon_and_shares_its_state():
     fresh.load_state_dict(sd)
     assert all(torch.equal(fresh.state[p]["momentum_buffer"], opt_a.state[q]["momentum_buffer"])
                for p, q in zip(fresh.param_groups[0]["params"], opt_a.param_groups[0]["params"]))
+
+
+@pytest.fixture
+def cpu_features(monkeypatch):
+    """Set what torch reports about the CPU (``torch.cpu.get_capabilities``): ``cpu_features(avx512_bf16=False)``.
+    The capability cache and the one-time warning are reset around the test."""
+    monkeypatch.setattr(speed, "_warned_slow_bf16", False)
+    monkeypatch.setattr(speed, "bf16_matmul_slowdown", lambda: 66.0)  # the measurement, not what is tested here
+    speed.cpu_native_bf16.cache_clear()
+
+    def set_features(**features):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, **features})
+        speed.cpu_native_bf16.cache_clear()
+
+    yield set_features
+    speed.cpu_native_bf16.cache_clear()
+
+
+def _muon_step_dtypes(monkeypatch, **kw) -> tuple[set, list[torch.Tensor]]:
+    """One BatchedMuon step on the stack of linears: (dtypes Newton-Schulz ran in, parameter updates)."""
+    torch.manual_seed(0)
+    net = _stack_of_linears()
+    opt = BatchedMuon(net.parameters(), lr=0.02, weight_decay=0.0, adjust_lr_fn="original", **kw)
+    seen, orig = set(), BatchedMuon.orthogonalize
+
+    def spy(self, mats, group):
+        out = orig(self, mats, group)
+        seen.update(o.dtype for o in out)
+        return out
+
+    monkeypatch.setattr(BatchedMuon, "orthogonalize", spy)
+    before = [p.detach().clone() for p in net.parameters()]
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    monkeypatch.setattr(BatchedMuon, "orthogonalize", orig)
+    return seen, [p.detach() - b for p, b in zip(net.parameters(), before)]
+
+
+def test_muon_newton_schulz_runs_in_fp32_on_a_cpu_without_bf16(cpu_features, monkeypatch):
+    """The default ns_dtype follows the capability: float32 on a CPU reported without AVX512-BF16 / AMX-BF16,
+    bfloat16 on one with it (and on CUDA whatever the CPU); the two updates agree within bf16 rounding, and the
+    float32 one is the closer to a float64 Newton-Schulz."""
+    cpu_features(avx512_bf16=False, amx_bf16=False)
+    dtypes32, upd32 = _muon_step_dtypes(monkeypatch)
+    assert dtypes32 == {torch.float32}
+    assert speed.internal_dtype("cuda") == torch.bfloat16 and speed.internal_dtype("cpu") == torch.float32
+    monkeypatch.setattr(speed, "bf16_matmul_slowdown", lambda: 0.3)  # what a native-bf16 CPU measures
+    cpu_features(avx512_bf16=True)
+    dtypes16, upd16 = _muon_step_dtypes(monkeypatch)
+    assert dtypes16 == {torch.bfloat16}
+    _, upd64 = _muon_step_dtypes(monkeypatch, ns_dtype=torch.float64)
+    for u32, u16, u64 in zip(upd32, upd16, upd64):
+        assert float((u16 - u32).norm() / u32.norm()) < 3e-2  # bf16 (8-bit mantissa) through 5 iterations
+        assert float((u32 - u64).norm() / u64.norm()) < 1e-4 < float((u16 - u64).norm() / u64.norm())
+
+
+def test_explicit_bf16_newton_schulz_warns_once_on_a_cpu_without_bf16(cpu_features, monkeypatch):
+    cpu_features(avx512_bf16=False)
+    with pytest.warns(RuntimeWarning, match=r"Newton-Schulz in bf16.*66\.0x the float32 time"):
+        dtypes, _ = _muon_step_dtypes(monkeypatch, ns_dtype=torch.bfloat16)
+    assert dtypes == {torch.bfloat16}  # asked for: obeyed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _muon_step_dtypes(monkeypatch, ns_dtype=torch.bfloat16)  # once per process
 
 
 # ----------------------------------------------------------------------------------------------------------------

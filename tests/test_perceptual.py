@@ -22,6 +22,7 @@ from pmf.perceptual import (
     build_perceptual,
     convnext_state_to_hf,
     crop_params_from_uniforms,
+    crop_uniforms,
     load_convnext,
     load_lpips,
     paired_random_resized_crop,
@@ -70,66 +71,98 @@ def _images(B, C=3, H=16, W=16, seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Crop
+# Crop (official utils/auxloss_util.py: paired_random_resized_crop)
 
 
-def _torchvision_rule(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """torchvision RandomResizedCrop.get_params written as its scalar loop, fed from the same uniforms u (10, 4)."""
-    area = H * W
+def _official_rule(u, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """The official ``sample_params`` written as scalar Python, fed from the same 4 uniforms: one draw, sides
+    rounded (half to even) and clipped to [1, H] / [1, W], top and left uniform integers over the valid range."""
+    target = H * W * (scale[0] + (scale[1] - scale[0]) * float(u[0]))
     lr = (math.log(ratio[0]), math.log(ratio[1]))
-    for a in range(10):
-        target = area * (scale[0] + (scale[1] - scale[0]) * float(u[a, 0]))
-        aspect = math.exp(lr[0] + (lr[1] - lr[0]) * float(u[a, 1]))
-        w, h = int(round(math.sqrt(target * aspect))), int(round(math.sqrt(target / aspect)))
-        if 0 < w <= W and 0 < h <= H:
-            return [int(float(u[a, 2]) * (H - h + 1)), int(float(u[a, 3]) * (W - w + 1)), h, w]
-    r = W / H
-    if r < min(ratio):
-        w, h = W, int(round(W / min(ratio)))
-    elif r > max(ratio):
-        h, w = H, int(round(H * max(ratio)))
-    else:
-        w, h = W, H
-    return [(H - h) // 2, (W - w) // 2, h, w]
+    aspect = math.exp(lr[0] + (lr[1] - lr[0]) * float(u[1]))
+    w = min(max(round(math.sqrt(target * aspect)), 1), W)
+    h = min(max(round(math.sqrt(target / aspect)), 1), H)
+    return [int(float(u[2]) * (H - h + 1)), int(float(u[3]) * (W - w + 1)), h, w]
 
 
 @pytest.mark.parametrize("H,W", [(16, 16), (28, 28), (12, 40), (40, 9), (256, 256)])
-def test_crop_params_follow_torchvision_rule(H, W):
-    """The vectorised rule equals the scalar torchvision loop (10 attempts, first accepted, centre-crop fallback)
-    on 3000 random draws; boxes lie inside the image with aspect within [3/4, 4/3] up to rounding."""
-    u = torch.rand(3000, 10, 4, generator=torch.Generator().manual_seed(H * W))
+def test_crop_params_follow_the_official_rule(H, W):
+    """The vectorised rule equals the scalar official one on 3000 random draws; boxes lie inside the image."""
+    u = torch.rand(3000, 4, generator=torch.Generator().manual_seed(H * W), dtype=torch.float64)
     got = crop_params_from_uniforms(u, H, W)
-    want = torch.tensor([_torchvision_rule(u[i], H, W) for i in range(len(u))])
+    want = torch.tensor([_official_rule(u[i], H, W) for i in range(len(u))])
     assert torch.equal(got, want)
     top, left, h, w = got.T
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
-    assert (h > 0).all() and (w > 0).all()
+    assert (h >= 1).all() and (w >= 1).all()
 
 
-def test_crop_fallback_is_center_crop():
-    """When no attempt fits, torchvision's fallback: the centred box with the aspect ratio clamped to [3/4, 4/3]."""
-    u = torch.zeros(2, 10, 4)
-    u[..., 0], u[..., 1] = 0.999, 0.999  # area ~ 100%, ratio 4/3: never fits any image's width
-    assert crop_params_from_uniforms(u, 20, 20).tolist() == [[0, 0, 20, 20]] * 2  # square: the whole image
-    assert crop_params_from_uniforms(u, 10, 100).tolist() == [[0, 43, 10, 13]] * 2  # wide: h = H, w = round(4/3 H)
-    u[..., 1] = 0.001
-    assert crop_params_from_uniforms(u, 100, 10).tolist() == [[43, 0, 13, 10]] * 2  # tall
+def test_crop_params_distribution():
+    """20000 boxes on a 256 x 256 image: the area fraction h w / (H W) has the CDF of U(0.08, 1) (below 0.7, where
+    no side can be clipped), log(w / h) that of U(log 3/4, log 4/3) (on those boxes), top / left are uniform over
+    the valid range, every box lies inside the image, and near-whole-image draws are clipped (not redrawn)."""
+    H = W = 256
+    n = 20000
+    top, left, h, w = sample_crop_params(n, H, W, torch.Generator().manual_seed(0)).double().T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= H).all() and (left + w <= W).all()
+    frac = h * w / (H * W)
+    for q in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+        assert abs((frac <= q).double().mean().item() - (q - 0.08) / 0.92) < 0.015, q
+    small = frac < 0.7
+    log_aspect = torch.log(w[small] / h[small])
+    lo, hi = math.log(3 / 4), math.log(4 / 3)
+    for q in torch.linspace(lo, hi, 9)[1:-1].tolist():
+        assert abs((log_aspect <= q).double().mean().item() - (q - lo) / (hi - lo)) < 0.02, q
+    for pos, side in ((top, h), (left, w)):
+        room = side <= H - 100  # uniform on {0..H-side}, >= 101 values: pos / (H - side) is ~U(0, 1) to 0.005
+        rel = pos[room] / (H - side[room])
+        for q in (0.25, 0.5, 0.75):
+            assert abs((rel <= q).double().mean().item() - q) < 0.02
+    assert ((h == H) | (w == W)).sum() > 0  # clipped sides occur (torchvision would redraw instead)
 
 
-def test_paired_crop_is_the_same_box_and_matches_a_manual_crop():
-    """Both images get the same box per sample: cropping x and x + 0.5 differ by exactly 0.5 everywhere (bicubic
-    weights sum to 1) while the samples' boxes differ; the output equals slicing the sampled box and resizing it
-    with antialiased bicubic."""
+def test_paired_crop_uses_one_box_for_both_images():
+    """Both images get the same box per sample: crops of x and x + 0.5 differ by exactly 0.5 everywhere (the
+    weights sum to 1), crops of x and x are equal, and the samples' boxes differ."""
     a = _images(6, seed=1)
-    gen = PerSampleGenerator([11, 12, 13, 14, 15, 16])
-    a_c, b_c = paired_random_resized_crop(a, a + 0.5, CROP, gen)
+    a_c, b_c = paired_random_resized_crop(a, a + 0.5, CROP, PerSampleGenerator([11, 12, 13, 14, 15, 16]))
     torch.testing.assert_close(b_c - a_c, torch.full_like(a_c, 0.5), atol=1e-5, rtol=0)
+    a_c2, b_c2 = paired_random_resized_crop(a, a.clone(), CROP, PerSampleGenerator([11, 12, 13, 14, 15, 16]))
+    assert torch.equal(a_c2, b_c2) and torch.equal(a_c2, a_c)
     params = sample_crop_params(6, 16, 16, PerSampleGenerator([11, 12, 13, 14, 15, 16]))
     assert len({tuple(p) for p in params.tolist()}) > 1
-    for i, (t, l, h, w) in enumerate(params.tolist()):
-        ref = F.interpolate(a[i : i + 1, :, t : t + h, l : l + w], size=(CROP, CROP), mode="bicubic",
-                            antialias=True, align_corners=False)
-        torch.testing.assert_close(a_c[i : i + 1], ref, atol=1e-6, rtol=0)
+    assert torch.equal(resized_crop(a, params, CROP), a_c)
+
+
+@pytest.mark.parametrize("H,W", [(224, 224), (28, 28), (256, 256), (20, 30)])
+def test_full_image_box_reproduces_the_input_up_to_resampling(H, W):
+    """A whole-image box is the input resampled: exactly the input at 224 x 224 (the cubic kernel is 1 at 0 and 0
+    at +-1, +-2), and torch's own antialiased bicubic resize (Keys a = -0.5, renormalised at the borders) elsewhere.
+    scale = (1, 1) with the image's own aspect makes the sampled box the whole image."""
+    x = torch.randn(3, 2, H, W, generator=torch.Generator().manual_seed(H), dtype=torch.float64)
+    a, b = paired_random_resized_crop(x, x.clone(), 224, torch.Generator().manual_seed(1), scale=(1.0, 1.0),
+                                      ratio=(W / H, W / H))
+    ref = x if (H, W) == (224, 224) else F.interpolate(x, size=(224, 224), mode="bicubic", antialias=True,
+                                                        align_corners=False)
+    torch.testing.assert_close(a, ref, atol=1e-12, rtol=0)
+    assert torch.equal(a, b)
+
+
+def test_interior_crop_of_a_linear_ramp_is_the_ramp_at_half_pixel_centres():
+    """Keys' cubic reproduces linear functions, so away from the image border the crop of I(y, x) = a y + b x + c
+    is the ramp sampled at the box's half-pixel centres, top + (i + 0.5) h / S - 0.5: checks the box's position
+    and scale, per sample. Enlarging: exact for any box. Shrinking (the kernel widened by h / S): exact when h / S
+    is an integer (then the taps lie symmetrically around each centre), here 2."""
+    H, W, S = 64, 80, 24
+    yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float64), torch.arange(W, dtype=torch.float64), indexing="ij")
+    img = (0.3 * yy - 0.7 * xx + 2.0).expand(2, 1, H, W)
+    params = torch.tensor([[8, 20, 48, 48], [20, 9, 7, 11]])  # 48 x 48 -> 24: shrink; 7 x 11 -> 24: enlarge
+    out = resized_crop(img, params, S)
+    i = torch.arange(S, dtype=torch.float64)
+    for b, (top, left, h, w) in enumerate(params.tolist()):
+        ys, xs = top + (i + 0.5) * h / S - 0.5, left + (i + 0.5) * w / S - 0.5
+        want = 0.3 * ys[:, None] - 0.7 * xs[None, :] + 2.0
+        torch.testing.assert_close(out[b, 0], want, atol=1e-10, rtol=0)
 
 
 def test_crop_reproducible_per_sample_and_independent_of_batch_position():
@@ -147,11 +180,34 @@ def test_crop_reproducible_per_sample_and_independent_of_batch_position():
     assert torch.equal(sample_crop_params(8, 16, 16, g()), sample_crop_params(8, 16, 16, g()))
 
 
+def test_crop_stream_is_not_the_objectives_stream():
+    """The crop uniforms of a sample are not the first uniforms its generator gives the objective (same seed, but
+    a salted, separate host stream), so the crop is independent of the sample's t, r and masks."""
+    seeds = list(range(100, 164))
+    u_crop = crop_uniforms(64, PerSampleGenerator(seeds))
+    u_obj = torch.stack([torch.rand(4, generator=g, dtype=torch.float64)
+                         for g in PerSampleGenerator(seeds).generators])
+    assert abs(torch.corrcoef(torch.stack([u_crop[:, 0], u_obj[:, 0]]))[0, 1].item()) < 0.4
+    assert not torch.isclose(u_crop, u_obj).any()
+
+
+def test_crop_never_reads_the_images_device():
+    """Nothing in the crop reads a device value on the host: the whole paired crop runs on meta tensors (which
+    hold no data, so any .item() / .tolist() / .cpu() of them would raise)."""
+    a = torch.empty(4, 3, 32, 32, device="meta")
+    a_c, b_c = paired_random_resized_crop(a, a, 224, PerSampleGenerator([1, 2, 3, 4]))
+    assert a_c.shape == b_c.shape == (4, 3, 224, 224) and a_c.device.type == "meta"
+    paired_random_resized_crop(a, a, 224, torch.Generator().manual_seed(0))
+    paired_random_resized_crop(a, a, 224, None)
+
+
 def test_crop_is_differentiable_wrt_the_prediction():
+    """Gradients reach the box and the kernel's reach around it (at most 2 pixels when enlarging), nothing else."""
     x = _images(2).requires_grad_(True)
     params = torch.tensor([[1, 2, 9, 11], [0, 0, 16, 16]])
     resized_crop(x, params, CROP).square().sum().backward()
-    assert x.grad[0, :, 1:10, 2:13].abs().sum() > 0 and x.grad[0, :, 12:].abs().sum() == 0  # only the box
+    assert x.grad[0, :, 1:10, 2:13].abs().sum() > 0
+    assert x.grad[0, :, 12:].abs().sum() == 0 and x.grad[0, :, :, 15:].abs().sum() == 0
     assert x.grad[1].abs().min() > 0
 
 

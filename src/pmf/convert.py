@@ -28,9 +28,11 @@ would also need a msgpack/orbax reader, which this package does not depend on.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -46,6 +48,13 @@ V_HEAD_PREFIXES = ("v_heads.", "v_final_layer.")
 WRAPPER_PREFIXES = ("net.", "module.", "_orig_mod.")
 # Top-level keys under which training scripts commonly nest the state dict.
 NESTING_KEYS = ("ema", "model_ema", "ema_model", "state_dict", "model", "net")
+
+# The official constructor's kwargs (``models/pmfDiT.py``: ``pmfDiT.__init__`` on the torch branch, the dataclass
+# fields of ``pmfDiT`` on the JAX main branch) that PMFDiT does not take under the same name. The *_init_constant
+# ones only scale the random initialisation, which the loaded weights replace, so they are accepted and ignored.
+# ``eval_mode`` (torch) / ``eval`` (JAX) build the network without its v-head: our ``v_head=False``.
+OFFICIAL_INIT_ONLY_KWARGS = ("token_init_constant", "embedding_init_constant", "weight_init_constant")
+OFFICIAL_EVAL_KWARGS = ("eval_mode", "eval")
 
 # Every nn.Linear of PMFDiT (ours), as a regex over the module path. The official port wraps each one as
 # <path>._flax_linear.
@@ -212,8 +221,44 @@ def _read_state_dict(obj) -> dict[str, torch.Tensor]:
     raise ValueError("checkpoint is nested too deeply to find its state dict")
 
 
+def official_kwargs_to_ours(official_kwargs: Mapping) -> dict:
+    """The official ``pmfDiT(**kwargs)`` constructor kwargs -> PMFDiT kwargs.
+
+    Every architecture kwarg of the official constructor has the same name and meaning in PMFDiT (including
+    ``num_interval_tokens``, tokens *per endpoint*), and PMFDiT's own extras (v_head, bottleneck_dim, ...) pass
+    through. ``eval_mode`` / ``eval`` become ``v_head=not eval_mode``; the init-only constants are dropped with a
+    warning saying so. Any other name is an error that lists it.
+    """
+    ours = set(inspect.signature(PMFDiT.__init__).parameters) - {"self"}
+    kwargs, ignored = {}, []
+    unknown = sorted(k for k in official_kwargs if k not in ours and k not in OFFICIAL_INIT_ONLY_KWARGS
+                     and k not in OFFICIAL_EVAL_KWARGS)
+    if unknown:
+        raise TypeError(f"unknown PMFDiT / official pmfDiT kwarg(s) {unknown}; PMFDiT takes {sorted(ours)}, and the "
+                        f"official {list(OFFICIAL_INIT_ONLY_KWARGS + OFFICIAL_EVAL_KWARGS)} are also accepted")
+    for key, value in official_kwargs.items():
+        if key in OFFICIAL_INIT_ONLY_KWARGS:
+            ignored.append(f"{key}={value!r}")
+        elif key not in OFFICIAL_EVAL_KWARGS:
+            kwargs[key] = value
+    # has the network a v-head? eval_mode / eval say "no" when true; all that are given must agree
+    says = {f"{k}={official_kwargs[k]!r}": not official_kwargs[k] for k in OFFICIAL_EVAL_KWARGS if k in official_kwargs}
+    if says and "v_head" in official_kwargs:
+        says[f"v_head={official_kwargs['v_head']!r}"] = bool(official_kwargs["v_head"])
+    if len(set(says.values())) > 1:
+        raise ValueError(f"{', '.join(says)} disagree on whether the network has a v-head; give one of them")
+    if says:
+        kwargs["v_head"] = next(iter(says.values()))
+    if ignored:
+        warnings.warn(f"ignored official kwarg(s) {', '.join(ignored)}: they only scale the random initialisation, "
+                      "which the loaded weights replace", stacklevel=3)
+    return kwargs
+
+
 def _resolve_kwargs(model: str | None, model_kwargs: dict) -> dict:
-    """PMFDiT kwargs: a registered size's kwargs (as in pmf.model.build_model), then explicit overrides."""
+    """PMFDiT kwargs: a registered size's kwargs (as in pmf.model.build_model), then explicit overrides, which may be
+    given in the official constructor's spelling (:func:`official_kwargs_to_ours`)."""
+    model_kwargs = official_kwargs_to_ours(model_kwargs)
     if model is None:
         return dict(model_kwargs)
     if model not in MODELS:
@@ -280,7 +325,9 @@ def load_official(state_dict_or_path, model: str | None = None, **model_kwargs) 
     state_dict_or_path: a state dict in the official layout, or a path to a ``.pt`` (loaded with weights_only=True;
         a state dict nested under one of NESTING_KEYS is found).
     model: a registered size (e.g. "pMF-B/16") whose kwargs are used; ``model_kwargs`` override them (or are the
-        full PMFDiT kwargs when ``model`` is None).
+        full PMFDiT kwargs when ``model`` is None). The official constructor's kwargs are accepted unchanged, e.g.
+        ``load_official(sd, input_size=256, patch_size=16, hidden_size=768, depth=16, num_heads=12,
+        aux_head_depth=8, eval_mode=True)`` (see :func:`official_kwargs_to_ours`).
     ``v_head`` is inferred from the presence of ``v_heads.*`` / ``v_final_layer.*`` keys unless given (the
     released inference checkpoints have none). Every key is mapped and every shape checked *before* the model is
     built; all problems are raised together in one ValueError. Returns the model in eval mode, on CPU, in float32

@@ -3,6 +3,12 @@
 Weights only, plus the PMFDiT kwargs that rebuild the network and a ``meta`` dict (noise_scale, recommended omega /
 t_min / t_max, provenance). We use safetensors because loading it cannot run code, and any framework can read it
 without torch's pickle format. Written atomically (:mod:`pmf.atomic`).
+
+The JSON carries ``format_version`` (:data:`FORMAT_VERSION`); files without one are version 1 and are converted on
+read by :func:`upgrade_model_kwargs`:
+
+  1: ``num_interval_tokens`` was the *total* over t_min and t_max (always even; default 4).
+  2: ``num_interval_tokens`` is per endpoint, as in the official ``models/pmfDiT.py`` (default 2).
 """
 
 from __future__ import annotations
@@ -18,6 +24,26 @@ from safetensors.torch import load_file, save_file
 
 from pmf.atomic import atomic_path, atomic_write_text
 from pmf.model import PMFDiT
+
+FORMAT_VERSION = 2  # of the exported JSON, the training state and the run directory (see the module docstring)
+
+
+def upgrade_model_kwargs(model_kwargs: dict, version: int) -> dict:
+    """PMFDiT kwargs written by format ``version`` -> the current meaning. Returns a new dict.
+
+    Version 1 counted ``num_interval_tokens`` over both endpoints; it is halved (a missing key meant 4 in total, now
+    the default 2 per endpoint, so nothing changes). A version newer than this code's is an error.
+    """
+    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
+        raise ValueError(f"format_version {version!r} is not one this pmf reads (1..{FORMAT_VERSION}): written by a "
+                         "newer pmf? Upgrade pmf to load it")
+    kwargs = dict(model_kwargs)
+    if version < 2 and "num_interval_tokens" in kwargs:
+        total = kwargs["num_interval_tokens"]
+        if total % 2:
+            raise ValueError(f"a version-1 num_interval_tokens must be even (a total over t_min and t_max), got {total}")
+        kwargs["num_interval_tokens"] = total // 2
+    return kwargs
 
 # ----------------------------------------------------------------------------------------------------------------
 # Exported inference weights
@@ -50,7 +76,8 @@ def _fit_problems(model_kwargs: dict, state_dict: dict) -> list[str]:
 
 def export_model(net: nn.Module, out_dir: str | os.PathLike, model_kwargs: dict, meta: dict | None = None,
                  name: str = "model") -> Path:
-    """Write ``out_dir/{name}.safetensors`` (the state dict) and ``out_dir/{name}.json`` ({"model_kwargs", "meta"}),
+    """Write ``out_dir/{name}.safetensors`` (the state dict) and ``out_dir/{name}.json`` ({"format_version",
+    "model_kwargs", "meta"}),
     each atomically. Returns the safetensors path.
 
     ``model_kwargs`` must rebuild ``net`` exactly (this is checked) and be JSON-serialisable. The same JSON is also
@@ -58,7 +85,8 @@ def export_model(net: nn.Module, out_dir: str | os.PathLike, model_kwargs: dict,
     """
     net = _unwrap(net)
     try:
-        config_text = json.dumps({"model_kwargs": model_kwargs, "meta": meta or {}}, indent=2)
+        config_text = json.dumps({"format_version": FORMAT_VERSION, "model_kwargs": model_kwargs, "meta": meta or {}},
+                                 indent=2)
     except TypeError as e:
         raise TypeError(f"model_kwargs and meta must be JSON-serialisable: {e}") from None
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -84,7 +112,8 @@ def load_exported(path_or_dir: str | os.PathLike, name: str = "model", **overrid
     ``(net in eval mode on CPU, meta)``.
 
     ``path_or_dir`` is the export directory, or the .safetensors / .json path. ``overrides`` replace stored kwargs
-    that do not change the weights' shapes (e.g. ``attn_backend="math"``).
+    that do not change the weights' shapes (e.g. ``attn_backend="math"``). Exports of an older format are converted
+    (:func:`upgrade_model_kwargs`).
     """
     weights, config_path = _export_paths(path_or_dir, name)
     if config_path.exists():
@@ -95,6 +124,7 @@ def load_exported(path_or_dir: str | os.PathLike, name: str = "model", **overrid
         if header is None:
             raise FileNotFoundError(f"{config_path} is missing and {weights} carries no pmf_config metadata")
         config = json.loads(header)
-    net = PMFDiT(**{**config["model_kwargs"], **overrides})
+    model_kwargs = upgrade_model_kwargs(config["model_kwargs"], config.get("format_version", 1))
+    net = PMFDiT(**{**model_kwargs, **overrides})
     net.load_state_dict(load_file(weights, device="cpu"), strict=True)
     return net.eval(), config.get("meta", {})

@@ -31,10 +31,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pmf.atomic import atomic_path, atomic_write_text
-from pmf.export import _fit_problems, _unwrap
+from pmf.export import FORMAT_VERSION, _fit_problems, _unwrap  # one format version for exports and this layout
 from pmf.model import MODELS, PMFDiT
 
-FORMAT_VERSION = 1  # of this layout; a reader refuses a newer one instead of misreading it
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 PAPER_URL = "https://arxiv.org/abs/2601.22158"
 OFFICIAL_CODE_URL = "https://github.com/Lyy-iiis/pMF"
@@ -96,7 +95,8 @@ def save_pretrained(self: PMFDiT, save_directory: str | os.PathLike, meta: dict 
     if problems := _fit_problems(kwargs, state):  # cannot happen for a PMFDiT unless its modules were edited
         raise ValueError("the recorded constructor kwargs do not describe this network:\n  " + "\n  ".join(problems))
     folder = Path(save_directory)
-    header = json.dumps({"model_kwargs": kwargs, "meta": config["meta"], "pmf_format_version": FORMAT_VERSION})
+    header = json.dumps({"model_kwargs": kwargs, "meta": config["meta"], "pmf_format_version": FORMAT_VERSION,
+                         "format_version": FORMAT_VERSION})  # the key pmf.export.load_exported reads
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(state, tmp, metadata={"format": "pt", "pmf_config": header})
     atomic_write_text(folder / CONFIG_NAME, config_text + "\n")

@@ -9,6 +9,8 @@ Token sequence (recipe section 8.2.1), 20 prefix tokens then N patch tokens:
 
     [class(8) | omega(4) | t_min(2) | t_max(2) | time(4) | patches(N)]
 
+(official defaults num_class_tokens=8, num_cfg_tokens=4, num_interval_tokens=2 *per endpoint*, num_time_tokens=4).
+
 Shared trunk of ``depth - aux_head_depth`` blocks, then a u-head and (training only) a v-head of
 ``aux_head_depth`` blocks each, each with its own final layer. Parameter names follow the official PyTorch
 checkpoint minus its ``_flax_linear`` / ``_flax_embedding`` wrappers, so :mod:`pmf.convert` is a short, explicit map.
@@ -252,7 +254,8 @@ class FinalLayer(nn.Module):
 class PMFDiT(nn.Module):
     """pmfDiT. ``net(z, t, h, omega, t_min, t_max, y) -> (u, v)``.
 
-    Args use the official hyperparameter names; extra ones:
+    Args use the official hyperparameter names and meanings (``num_interval_tokens`` = k tokens for t_min and k
+    for t_max, so the prefix is class + cfg + 2k + time = 8 + 4 + 4 + 4 = 20 by default); extra ones:
       bottleneck_dim: patch-embed bottleneck width d' (None: 128 if hidden_size <= 1024 else 256; 0: no bottleneck).
       v_head: build the training-only auxiliary v-head (the last ``aux_head_depth`` blocks, duplicated).
       prediction: "x" (the paper), "u" (direct u-prediction), or a pre-conditioned x form "linear" | "edm" | "scm".
@@ -275,7 +278,7 @@ class PMFDiT(nn.Module):
         num_class_tokens: int = 8,
         num_time_tokens: int = 4,
         num_cfg_tokens: int = 4,
-        num_interval_tokens: int = 4,
+        num_interval_tokens: int = 2,
         bottleneck_dim: int | None = None,
         v_head: bool = True,
         prediction: str = "x",
@@ -293,8 +296,6 @@ class PMFDiT(nn.Module):
             raise ValueError("head_dim = hidden_size/num_heads must be an integer multiple of 4 (2-D RoPE)")
         if not 0 <= aux_head_depth <= depth:
             raise ValueError(f"aux_head_depth {aux_head_depth} must lie in [0, depth={depth}]")
-        if num_interval_tokens % 2:
-            raise ValueError("num_interval_tokens must be even (half for t_min, half for t_max)")
         if bottleneck_dim is None:
             bottleneck_dim = 128 if hidden_size <= 1024 else 256
         mlp_hidden = int(hidden_size * mlp_ratio)
@@ -306,14 +307,15 @@ class PMFDiT(nn.Module):
         self.noise_scale, self.sigma_data, self.omega_max = noise_scale, sigma_data, omega_max
         self.grid = input_size // patch_size
         self.num_patches = self.grid**2
-        self.num_prefix = num_class_tokens + num_cfg_tokens + num_interval_tokens + num_time_tokens
+        # num_interval_tokens is per endpoint, as in the official constructor: t_min and t_max get k tokens each.
+        self.num_prefix = num_class_tokens + num_cfg_tokens + 2 * num_interval_tokens + num_time_tokens
         D = hidden_size
 
         # Learned token blocks, one per condition group; the group's embedding is broadcast-added.
         self.class_tokens = nn.Parameter(torch.empty(1, num_class_tokens, D))
         self.omega_tokens = nn.Parameter(torch.empty(1, num_cfg_tokens, D))
-        self.t_min_tokens = nn.Parameter(torch.empty(1, num_interval_tokens // 2, D))
-        self.t_max_tokens = nn.Parameter(torch.empty(1, num_interval_tokens // 2, D))
+        self.t_min_tokens = nn.Parameter(torch.empty(1, num_interval_tokens, D))
+        self.t_max_tokens = nn.Parameter(torch.empty(1, num_interval_tokens, D))
         self.time_tokens = nn.Parameter(torch.empty(1, num_time_tokens, D))
         self.pos_embed = nn.Parameter(torch.empty(1, self.num_prefix + self.num_patches, D))  # over ALL tokens
 
@@ -463,7 +465,7 @@ MODELS: dict[str, ModelSpec] = {
     # t_min 1 | t_max 1 | time 1): on 16 patch tokens the official 20 would be most of the sequence's cost.
     "pMF-XS/7-28": ModelSpec(dict(input_size=28, patch_size=7, in_channels=1, hidden_size=96, depth=4, num_heads=3,
                                   num_classes=10, aux_head_depth=2, bottleneck_dim=32, num_class_tokens=2,
-                                  num_cfg_tokens=1, num_interval_tokens=2, num_time_tokens=1), 1.0, 4.0, 0.0, 1.0),
+                                  num_cfg_tokens=1, num_interval_tokens=1, num_time_tokens=1), 1.0, 4.0, 0.0, 1.0),
     "pMF-T/7-28": ModelSpec(dict(input_size=28, patch_size=7, in_channels=1, hidden_size=128, depth=6, num_heads=4,
                                  num_classes=10, aux_head_depth=2, bottleneck_dim=32), 1.0, 3.0, 0.0, 1.0),
     "pMF-T/4-28": ModelSpec(dict(input_size=28, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,

@@ -8,13 +8,13 @@
 :class:`PerceptualLoss` is the hook :func:`pmf.objective.perceptual_term` calls as
 ``perceptual(x_pred, x, generator) -> {"lpips": (B,), "convnext": (B,)}``; the objective then masks samples with
 t >= ``perceptual_max_t``, applies adaptive weighting and the weights 0.4 / 0.1. One crop per sample is shared by
-both terms: the official ``auxloss_fn`` crops the pair once and runs LPIPS and ConvNeXt on that pair (read from
-third-party descriptions of ``utils/auxloss_util.py``; that file was not available to us).
+both terms: the official ``auxloss_fn`` (``utils/auxloss_util.py``) crops the pair once and runs LPIPS and
+ConvNeXt on that pair.
 
-The crop follows torchvision's ``RandomResizedCrop`` rule (10 attempts, then a centre crop), as the paper's name
-for it says. [uncertain] A third-party PyTorch port of the official JAX ``paired_random_resized_crop`` draws a
-single box per sample and clamps its sides to the image instead; the distributions differ slightly for areas near
-the whole image.
+The crop is the official ``paired_random_resized_crop``: ONE draw per sample (area fraction ~ U(0.08, 1), log-uniform
+aspect in [3/4, 4/3], sides rounded and clipped to the image, top/left uniform), not torchvision's 10-attempt rule;
+both images are resampled with the same box to 224 x 224 by the cubic, antialiased ``jax.image.scale_and_translate``
+the official ``_resample_crop_to_square`` calls (:func:`resample_weights` reproduces it as two matrices).
 
 Both backbones are written here (no torchvision, no transformers) and load published weights from local files:
 
@@ -25,10 +25,11 @@ Both backbones are written here (no torchvision, no transformers) and load publi
   loaded from the Hugging Face checkpoint ``facebook/convnextv2-base-22k-224`` (``convnextv2.*`` keys) through an
   explicit key map, :func:`convnext_key_to_hf`.
 
-Randomness: crops come from the generator the objective passes. With a :class:`pmf.objective.PerSampleGenerator`
-each sample draws its own 40 uniforms from its own stream (after the objective's draws), so its crop depends only on
-its seed, never on its batch position or the batch size. A plain ``torch.Generator`` (or None: the global RNG)
-draws a (B, 10, 4) block: reproducible for a given batch, but a sample's crop then depends on its position.
+Randomness: crop parameters are drawn on the host (CPU), so choosing a crop never reads a device value (no
+synchronisation). With a :class:`pmf.objective.PerSampleGenerator` sample i draws its 4 uniforms from a CPU
+generator seeded from its own seed, so its crop depends only on that seed, never on its batch position or the batch
+size. A plain CPU ``torch.Generator`` (or None: the global CPU RNG) draws a (B, 4) block: reproducible for a given
+batch, but a sample's crop then depends on its position (:func:`crop_uniforms`).
 """
 
 from __future__ import annotations
@@ -57,94 +58,141 @@ class PerceptualConfig:
     lpips_vgg_path: str = ""  # torchvision VGG16 ImageNet weights (vgg16-397923af.pth), see load_lpips
     lpips_lin_path: str = ""  # LPIPS v0.1 linear heads (LPIPS repo weights/v0.1/vgg.pth)
     convnext_path: str = ""  # facebook/convnextv2-base-22k-224: model.safetensors / pytorch_model.bin / its folder
-    crop_size: int = 224  # paired RandomResizedCrop output side [recipe 3.5; official out_size=224]
+    crop_size: int = 224  # paired crop output side [official auxloss_util.py: out_size=224]
     crop_scale: tuple = (0.08, 1.0)  # crop area fraction ~ U(0.08, 1) [recipe 3.5]
     crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio, log-uniform [recipe 3.5]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Paired RandomResizedCrop
+# Paired RandomResizedCrop (official ``utils/auxloss_util.py``: ``paired_random_resized_crop``)
 
-CROP_ATTEMPTS = 10  # torchvision's RandomResizedCrop tries 10 random boxes, then falls back to a center crop
-_CROP_UNIFORMS = 4  # per attempt: area fraction, log aspect ratio, top, left
+_CROP_UNIFORMS = 4  # per sample: area fraction, log aspect ratio, top, left
+_MASK64 = (1 << 64) - 1
+_CROP_SALT = 0x5EED_C409  # keeps the crop stream apart from the objective's draws made from the same seed
 
 
-def crop_uniforms(batch: int, generator=None, device="cpu") -> torch.Tensor:
-    """(B, 10, 4) U[0, 1) draws for the crop parameters. Every sample always draws all 40 numbers (whatever attempt
-    succeeds), so the streams stay aligned. PerSampleGenerator: sample i from ``generator.generators[i]``."""
+def _mix64(x: int) -> int:
+    """splitmix64's finaliser: a host integer seed -> a well-mixed 63-bit seed (a plain function of x)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & ((1 << 63) - 1)
+
+
+def _host_generator(g: torch.Generator) -> torch.Generator:
+    """A CPU generator for the crop draws of device generator ``g``, seeded from host-side state only (its seed and,
+    where torch exposes it, its Philox offset), so no device value is read."""
+    try:
+        offset = int(g.get_offset())
+    except (AttributeError, RuntimeError):
+        offset = 0
+    return torch.Generator().manual_seed(_mix64(_mix64(g.initial_seed() ^ _CROP_SALT) ^ offset))
+
+
+def crop_uniforms(batch: int, generator=None) -> torch.Tensor:
+    """(B, 4) float64 U[0, 1) draws for the crop parameters, made on the host (CPU) so that choosing a crop never
+    reads a device tensor (no host-device synchronisation).
+
+    PerSampleGenerator: sample i draws from a CPU generator seeded from ``generators[i].initial_seed()`` (mixed with
+    a salt), so its crop depends only on its seed, not on its batch position or the batch size, and whichever device
+    the per-sample generators live on. A CPU ``torch.Generator`` is drawn from directly; a device one is replaced by
+    a CPU generator seeded from its host-side state (:func:`_host_generator`); None: the global CPU RNG."""
     if isinstance(generator, PerSampleGenerator):
         if len(generator.generators) != batch:
             raise ValueError(f"PerSampleGenerator has {len(generator.generators)} seeds for a batch of {batch}")
-        rows = [torch.rand(CROP_ATTEMPTS, _CROP_UNIFORMS, generator=g, device=g.device) for g in generator.generators]
-        return torch.stack(rows).cpu()  # one device -> host copy for the whole batch
-    dev = generator.device if isinstance(generator, torch.Generator) else device
-    return torch.rand(batch, CROP_ATTEMPTS, _CROP_UNIFORMS, generator=generator, device=dev).cpu()
+        gens = [torch.Generator().manual_seed(_mix64(g.initial_seed() ^ _CROP_SALT)) for g in generator.generators]
+        return torch.stack([torch.rand(_CROP_UNIFORMS, generator=g, dtype=torch.float64) for g in gens])
+    if isinstance(generator, torch.Generator) and generator.device.type != "cpu":
+        generator = _host_generator(generator)
+    return torch.rand(batch, _CROP_UNIFORMS, generator=generator, dtype=torch.float64)
 
 
 def crop_params_from_uniforms(u: torch.Tensor, height: int, width: int, scale=(0.08, 1.0),
                               ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
-    """torchvision's ``RandomResizedCrop.get_params`` rule, vectorised, from given uniforms u (B, 10, 4).
-    Returns (B, 4) int64 rows (top, left, h, w).
+    """The official rule (``utils/auxloss_util.py``: ``paired_random_resized_crop``, ``sample_params``), one draw
+    per sample, from given uniforms u (B, 4). Returns (B, 4) int64 rows (top, left, h, w):
 
-    Attempt k: area = H W U(scale), aspect = exp(U(log ratio)), w = round(sqrt(area aspect)),
-    h = round(sqrt(area / aspect)) (round half to even, as Python's round); accepted if 0 < w <= W and 0 < h <= H,
-    then top ~ U{0..H-h}, left ~ U{0..W-w}. The first accepted attempt wins. If none is, the largest centred box
-    whose aspect ratio is clamped into [ratio] is used. Same distribution as torchvision; the random stream differs
-    (torchvision draws lazily with torch.randint from the global RNG)."""
+        area = H W U(scale),  aspect = exp(U(log ratio[0], log ratio[1]))
+        w = clip(round(sqrt(area aspect)), 1, W),  h = clip(round(sqrt(area / aspect)), 1, H)   (round half to even)
+        top ~ U{0..H-h},  left ~ U{0..W-w}
+
+    Unlike torchvision's RandomResizedCrop there are no retries and no centre-crop fallback: a side longer than the
+    image is clipped to it (so near-whole-image draws give boxes whose aspect lies outside ``ratio``). Computed in
+    float64 (the official code uses float32; the two differ only when sqrt lands within float32 rounding of a .5)."""
     u = u.double()
     lo, hi = math.log(ratio[0]), math.log(ratio[1])
-    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # (B, 10)
-    aspect = torch.exp(lo + (hi - lo) * u[..., 1])
-    w = torch.round(torch.sqrt(area * aspect))
-    h = torch.round(torch.sqrt(area / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    # floor(u (n + 1)) is uniform on {0..n}; the clamp only guards u -> 1 in floating point
-    top = torch.minimum(torch.floor(u[..., 2] * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(u[..., 3] * (width - w + 1)), width - w)
-    first = ok.to(torch.int8).argmax(dim=1, keepdim=True)  # index of the first accepted attempt (0 if none)
-    pick = lambda a: a.gather(1, first).squeeze(1)  # noqa: E731
-    params = torch.stack([pick(top), pick(left), pick(h), pick(w)], dim=1)
-
-    # centre-crop fallback (depends only on H, W): clamp the image's own aspect ratio into [ratio]
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        fw, fh = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        fh, fw = height, int(round(height * max(ratio)))
-    else:
-        fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=torch.float64)
-    params = torch.where(ok.any(dim=1, keepdim=True), params, fallback)
-    return params.long()
+    area = height * width * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+    aspect = torch.exp(lo + (hi - lo) * u[:, 1])
+    w = torch.round(torch.sqrt(area * aspect)).clamp(1, width)
+    h = torch.round(torch.sqrt(area / aspect)).clamp(1, height)
+    # floor(u (n + 1)) is uniform on {0..n}; the min only guards u -> 1 in floating point
+    top = torch.minimum(torch.floor(u[:, 2] * (height - h + 1)), height - h)
+    left = torch.minimum(torch.floor(u[:, 3] * (width - w + 1)), width - w)
+    return torch.stack([top, left, h, w], dim=1).long()
 
 
 def sample_crop_params(batch: int, height: int, width: int, generator=None, scale=(0.08, 1.0),
-                       ratio=(3 / 4, 4 / 3), device="cpu") -> torch.Tensor:
-    """(B, 4) int64 (top, left, h, w) RandomResizedCrop boxes, one per sample (see :func:`crop_uniforms`)."""
-    return crop_params_from_uniforms(crop_uniforms(batch, generator, device), height, width, scale, ratio)
+                       ratio=(3 / 4, 4 / 3)) -> torch.Tensor:
+    """(B, 4) int64 CPU (top, left, h, w) boxes, one per sample (see :func:`crop_uniforms`)."""
+    return crop_params_from_uniforms(crop_uniforms(batch, generator), height, width, scale, ratio)
+
+
+def _keys_cubic(x: torch.Tensor) -> torch.Tensor:
+    """Keys' cubic convolution kernel with a = -0.5 (the kernel of ``jax.image`` "cubic" and of PIL's bicubic)."""
+    x = x.abs()
+    near = ((1.5 * x - 2.5) * x) * x + 1.0
+    far = ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0
+    return torch.where(x < 1, near, torch.where(x < 2, far, torch.zeros_like(x)))
+
+
+def resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int) -> torch.Tensor:
+    """(B, out_size, in_size) weights that map one image axis to ``out_size`` samples of the window
+    [start, start + length) (in pixels, per sample), as ``jax.image.scale_and_translate(method="cubic",
+    antialias=True)`` with scale = out/length and translation = -start * scale, the official resampling.
+
+    Output sample i sits at input coordinate s_i = (i + 0.5) length / out + start - 0.5 (half-pixel centres). Its
+    weights are the Keys kernel at |s_i - j| / k, k = max(length / out, 1) (widened when shrinking: the
+    antialiasing), normalised to sum 1 over the input pixels j (so a kernel reaching past the image edge is
+    renormalised) and zero when s_i lies outside [-0.5, in - 0.5]. Pixels outside the window but inside the image
+    do contribute near the window's edges, as in the official code."""
+    dtype = start.dtype
+    inv = length / out_size  # (B,)
+    i = torch.arange(out_size, device=start.device, dtype=dtype)
+    j = torch.arange(in_size, device=start.device, dtype=dtype)
+    s = (i[None, :] + 0.5) * inv[:, None] + start[:, None] - 0.5  # (B, out)
+    k = torch.clamp(inv, min=1.0)[:, None, None]
+    w = _keys_cubic((s[:, :, None] - j[None, None, :]) / k)  # (B, out, in)
+    total = w.sum(dim=2, keepdim=True)
+    w = torch.where(total.abs() > 1000 * torch.finfo(torch.float32).eps, w / torch.where(total != 0, total, 1), 0)
+    inside = (s >= -0.5) & (s <= in_size - 0.5)
+    return w * inside[:, :, None]
 
 
 def resized_crop(img: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
-    """img (B, ...C, H, W) -> (B, ...C, size, size): sample b's box params[b] = (top, left, h, w), bicubic resize
-    with antialiasing (F.interpolate; its antialiased bicubic is Keys' a = -0.5 kernel, as PIL and jax.image use)
-    with half-pixel centres. Differentiable w.r.t. img. No clamping to [-1, 1] (torchvision clamps only uint8)."""
-    lead = img.shape[1:-2]
-    out = []
-    for b, (top, left, h, w) in enumerate(params.tolist()):
-        box = img[b, ..., top : top + h, left : left + w].reshape(1, -1, h, w)  # (1, prod(lead), h, w)
-        out.append(F.interpolate(box, size=(size, size), mode="bicubic", antialias=True, align_corners=False))
-    return torch.cat(out).reshape(img.shape[0], *lead, size, size)
+    """img (B, ...C, H, W) -> (B, ...C, size, size): sample b's box params[b] = (top, left, h, w) resampled to
+    size x size by :func:`resample_weights` (cubic, antialiased, as the official ``_resample_crop_to_square``).
+    Two batched matmuls, no per-sample Python loop and no host read of device values: ``params`` (on the host) is
+    copied to img's device. Differentiable w.r.t. img. No clamping to [-1, 1]."""
+    B, H, W = img.shape[0], img.shape[-2], img.shape[-1]
+    wdtype = torch.float64 if img.dtype == torch.float64 else torch.float32
+    p = params.to(device=img.device, dtype=wdtype, non_blocking=True)
+    wy = resample_weights(p[:, 0], p[:, 2], H, size).to(img.dtype)  # (B, S, H)
+    wx = resample_weights(p[:, 1], p[:, 3], W, size).to(img.dtype)  # (B, S, W)
+    x = img.reshape(B, -1, H, W)
+    out = wy[:, None] @ x @ wx[:, None].transpose(-1, -2)  # (B, K, S, S)
+    return out.reshape(*img.shape[:-2], size, size)
 
 
 def paired_random_resized_crop(a: torch.Tensor, b: torch.Tensor, size: int = 224, generator=None,
                                scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """The same RandomResizedCrop box for a[i] and b[i] (a different box per i), each resized to size x size.
-    a, b: (B, C, H, W). Returns (a', b'); gradients flow to whichever input requires them."""
+    """The same box for a[i] and b[i] (one draw per sample, a different box per i), each resampled to size x size:
+    the official ``paired_random_resized_crop``. a, b: (B, C, H, W). Returns (a', b'); gradients flow to whichever
+    input requires them."""
     if a.shape != b.shape:
         raise ValueError(f"paired crop needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     B, _, H, W = a.shape
-    params = sample_crop_params(B, H, W, generator, scale, ratio, device=a.device)
-    pair = resized_crop(torch.stack([a, b], dim=1), params, size)  # (B, 2, C, S, S): one resize call per sample
+    params = sample_crop_params(B, H, W, generator, scale, ratio)
+    pair = resized_crop(torch.stack([a, b], dim=1), params, size)  # (B, 2, C, S, S): one resample for the pair
     return pair[:, 0], pair[:, 1]
 
 

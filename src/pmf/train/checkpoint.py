@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pmf.atomic import atomic_path, atomic_save, atomic_write_text  # noqa: F401 (re-exported)
-from pmf.export import export_model, load_exported  # noqa: F401 (re-exported)
+from pmf.export import FORMAT_VERSION, export_model, load_exported  # noqa: F401 (re-exported)
 
 STATE_DIR = "checkpoints"
 _STATE_RE = re.compile(r"^state-(\d{9,})\.pt$")
@@ -36,8 +36,10 @@ def _state_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep: int = 2) -> Path:
-    """Write ``{**state, "step": step}`` to run_dir/checkpoints/state-{step:09d}.pt atomically. Then delete all but
-    the ``keep`` files with the highest steps, and any temp files left by writes that crashed. Returns the path.
+    """Write ``{**state, "step": step, "format_version": FORMAT_VERSION}`` to run_dir/checkpoints/state-{step:09d}.pt
+    atomically; the version says how the run's config is to be read (:func:`pmf.export.upgrade_model_kwargs`). Then
+    delete all but the ``keep`` files with the highest steps, and any temp files left by writes that crashed. Returns
+    the path.
 
     We keep more than one file so that :func:`load_latest` can fall back if the newest one is damaged anyway (for
     example by a disk fault after the write). ``state`` must be loadable with ``weights_only=True``: tensors,
@@ -49,7 +51,7 @@ def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep
         raise ValueError(f"state['step'] = {state['step']} disagrees with step = {step}")
     ckpt_dir = Path(run_dir) / STATE_DIR
     path = ckpt_dir / f"state-{step:09d}.pt"
-    atomic_save({**state, "step": step}, path)
+    atomic_save({**state, "step": step, "format_version": FORMAT_VERSION}, path)
     for _, old in _state_files(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
     for stale in ckpt_dir.glob(".state-*.tmp"):  # a previous process died mid-write; we are the only writer
@@ -58,7 +60,8 @@ def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep
 
 
 def load_latest(run_dir: str | os.PathLike, weights_only: bool = True) -> dict | None:
-    """The newest readable training state in run_dir/checkpoints (a dict with "step"), or None if there is none.
+    """The newest readable training state in run_dir/checkpoints (a dict with "step" and "format_version", 1 for a
+    file written before versions were stored), or None if there is none.
 
     If the newest file cannot be read, it warns and tries the previous one. If files exist but none can be read,
     it raises instead of returning None. Returning None would let the trainer start again from step 0 and
@@ -71,6 +74,7 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True) -> dict |
             state = torch.load(path, map_location="cpu", weights_only=weights_only)
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}, not a dict")
+            state.setdefault("format_version", 1)  # written before versions were stored
             return state
         except Exception as e:  # truncated zip, bad pickle, wrong type: all mean "cannot resume from this file"
             failures.append(f"{path}: {type(e).__name__}: {e}")

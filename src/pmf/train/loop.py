@@ -23,7 +23,7 @@ from pmf.train import dist
 
 from pmf.train import fsdp
 from pmf.atomic import atomic_write_text
-from pmf.export import export_model
+from pmf.export import FORMAT_VERSION, export_model, upgrade_model_kwargs
 from pmf.train.checkpoint import load_latest, save_training_state
 from pmf.train.config import RunConfig, to_json
 from pmf.images import to_model_range, to_uint8
@@ -34,7 +34,7 @@ from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
 from pmf.train.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
 from pmf.perceptual import build_perceptual
-from pmf.train.speed import autocast_context, maybe_compile
+from pmf.train.speed import autocast_context, cpu_capability, maybe_compile
 from pmf.sampler import noise_from_seeds, sample
 
 # Config keys that may change between a run and its resumption (they do not change the training trajectory).
@@ -345,10 +345,15 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
                "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
     check_resume_config(run_dir, cfg)
+    if device.type == "cpu" and not quiet:  # a CPU without native bf16 trains far slower in bf16: say which this is
+        dist.print0(f"CPU: {cpu_capability()}")
+    state = load_latest(run_dir)  # full tensors in both modes; every rank reads the file
+    if state is not None and state["format_version"] < FORMAT_VERSION:  # an older pmf's run: read its overrides
+        cfg.model.overrides = upgrade_model_kwargs(cfg.model.overrides, state["format_version"])  # in its meaning
+        kwargs = model_kwargs(cfg)
     torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
     net = PMFDiT(**kwargs).to(device)
     nimg, step, nonfinite_run, nonfinite_total = 0, 0, 0, 0
-    state = load_latest(run_dir)  # full tensors in both modes; every rank reads the file
     if state is not None:
         net.load_state_dict(state["net"], strict=True)
     dist.broadcast_module_(net)
