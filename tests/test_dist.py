@@ -132,10 +132,13 @@ def assert_runs_match(one: Path, two: Path, steps: list[int]) -> tuple[dict, dic
     return a, b
 
 
-def assert_close_per_tensor(got: dict, want: dict, what: str, rtol: float = 1e-5) -> None:
+def assert_close_per_tensor(got: dict, want: dict, what: str, rtol: float = 1e-4) -> None:
     """||got - want|| <= rtol ||want|| per tensor. Not element-wise: the gradient mean is summed in another order
     on 2 ranks, and Muon's orthogonalisation lifts that rounding noise in near-null gradient directions to
-    lr-sized updates of single elements (measured: 1e-4 element-wise, 1e-6 per tensor)."""
+    lr-sized updates of single elements. Per tensor, after 3 steps of tiny-test, measured 1e-6 to 2.8e-5 depending
+    on the seed and the noise draws (largest in the zero-initialised final layer, whose small weights make the
+    relative error large); 1.6e-5 with Newton-Schulz in fp32, so it is not bf16 rounding alone. A real parity bug
+    (a wrong slice, draw or average) moves weights by O(1) relative."""
     assert set(got) == set(want), what
     for k, w in want.items():
         err = float((got[k].double() - w.double()).norm() / w.double().norm().clamp_min(1e-12))

@@ -44,6 +44,9 @@ __all__ = [
 # Config
 
 
+NS_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # optim.muon_ns_precision
+
+
 @dataclass
 class OptimConfig:
     name: str = "muon"  # "muon": Muon on matrices + Adam on the rest (official); "adam": Adam on all (Fig. 3a)
@@ -54,6 +57,7 @@ class OptimConfig:
     nesterov_adam: bool = True  # optax adam(nesterov=True): bias-corrected Nesterov first moment
     muon_momentum: float = 0.95  # Muon's Nesterov momentum beta
     muon_ns_steps: int = 5  # Newton-Schulz iterations (coefficients 3.4445, -4.7750, 2.0315)
+    muon_ns_precision: str = "auto"  # "auto": bf16 on GPUs and native-bf16 CPUs, else fp32 | "bf16" | "fp32"
     warmup_kimg: float = 0.0  # linear warmup from 0 to lr over this many thousand images (official 0)
     schedule: str = "constant"  # "constant" | "cosine" (after warmup)
     total_kimg: float = 0.0  # cosine: lr reaches min_lr_ratio * lr at this many thousand images
@@ -344,6 +348,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         return NesterovAdam(list(model.named_parameters()), **adam_kw)
     if cfg.name != "muon":
         raise ValueError(f"optimizer name must be 'muon' or 'adam', got {cfg.name!r}")
+    if cfg.muon_ns_precision not in NS_DTYPES:
+        raise ValueError(f"optim.muon_ns_precision must be one of {', '.join(NS_DTYPES)}, got {cfg.muon_ns_precision!r}")
     if not hasattr(torch.optim, "Muon"):
         raise RuntimeError(f"torch.optim.Muon needs torch >= 2.9 (found {torch.__version__}); use name='adam'")
     muon_params, adam_params = param_groups(model)
@@ -358,6 +364,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         ns_coefficients=(3.4445, -4.7750, 2.0315),
         eps=cfg.eps,  # optax normalises by ||X||_F + eps with the same eps as Adam (torch default 1e-7)
         ns_steps=cfg.muon_ns_steps,
+        ns_dtype=NS_DTYPES[cfg.muon_ns_precision],
         # sqrt(max(1, rows / cols)) of a torch (out, in) weight = optax's sqrt(max(1, fan_out / fan_in)).
         adjust_lr_fn="original",
     )
