@@ -125,7 +125,7 @@ def save_npz(path, images: torch.Tensor, labels: torch.Tensor) -> Path:
     return Path(path)
 
 
-def _npz_member(zf: zipfile.ZipFile, keys, path) -> str | None:
+def _npz_member(zf: zipfile.ZipFile, keys) -> str | None:
     names = set(zf.namelist())
     return next((k for k in keys if f"{k}.npy" in names), None)
 
@@ -134,7 +134,7 @@ def npz_sample_keys(path) -> tuple[str, str | None]:
     """(images key, labels key or None) of a sample archive: ``arr_0`` / ``arr_1`` (ADM, pmf) or ``images`` /
     ``labels`` (pmf before the ADM layout)."""
     with zipfile.ZipFile(path) as zf:
-        key = _npz_member(zf, (IMAGES_KEY, LEGACY_KEYS[0]), path)
+        key = _npz_member(zf, (IMAGES_KEY, LEGACY_KEYS[0]))
         if key is None:
             raise KeyError(f"{path} holds {sorted(n.removesuffix('.npy') for n in zf.namelist())}; expected uint8 "
                            f"images under '{IMAGES_KEY}' (ADM layout) or '{LEGACY_KEYS[0]}'")
