@@ -13,7 +13,8 @@ install:
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
 	  echo "note: could not apt-get install dataset-fashion-mnist; pmf will download Fashion-MNIST instead"; fi
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.9"
-	$(PIP) install -q -e ".[test,tensorboard]"
+	$(PIP) install -q -e ".[test,tensorboard,hub,diffusers]"
+	$(PIP) install -q --no-deps "torch-fidelity==0.4.0"  # the FID cross-check; --no-deps: no torchvision / CUDA torch
 
 # The main job: train the Fashion-MNIST preset on CPU for ~10 minutes, then the 1-/2-step metrics and a grid.
 demo: install

@@ -122,3 +122,25 @@ def test_load_inception_strict(tmp_path, model, monkeypatch):
         torch.save(bad, path)
         with pytest.raises(ValueError, match="not the FID Inception"):
             inc.load_inception(path)
+
+
+def test_spatial_features_are_mixed_6d_branch1x1_first_7_channels_nhwc(model):
+    """sFID's features (ADM: ``mixed_6/conv:0``, ``[..., :7]``, flattened NHWC) are the post-ReLU output of
+    Mixed_6d's 1x1 branch inside the ordinary forward pass, captured here with a hook; extract() returns the same
+    pool features as forward() and the unbiased logits."""
+    g = torch.Generator().manual_seed(3)
+    u8 = torch.randint(0, 256, (2, 3, 40, 40), dtype=torch.uint8, generator=g)
+    seen = {}
+    hook = model.Mixed_6d.branch1x1.register_forward_hook(lambda m, i, o: seen.setdefault("out", o.clone()))
+    try:
+        pool, logits = model(u8)
+    finally:
+        hook.remove()
+    out = model.extract(u8)
+    assert seen["out"].shape == (2, 192, 17, 17) and out["spatial"].shape == (2, inc.SPATIAL_DIM) == (2, 2023)
+    want = seen["out"][:, :7].permute(0, 2, 3, 1).reshape(2, -1)  # (h, w, c) order: index (h * 17 + w) * 7 + c
+    torch.testing.assert_close(out["spatial"], want, rtol=0, atol=0)
+    assert out["spatial"][1, (5 * 17 + 2) * 7 + 4] == seen["out"][1, 4, 5, 2]
+    assert (out["spatial"] >= 0).all()  # after the ReLU, as the TF graph's mixed_6/conv
+    torch.testing.assert_close(out["pool"], pool, rtol=0, atol=0)
+    torch.testing.assert_close(out["logits"], logits - model.fc.bias, rtol=1e-5, atol=1e-6)

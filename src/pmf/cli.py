@@ -48,8 +48,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from pmf.images import to_uint8
-    from pmf.images import save_grid, save_npz
+    import contextlib
+
+    from pmf.images import npz_sample_writer, save_grid, to_uint8
     from pmf.sampler import noise_from_seeds, sample
 
     net, meta = _load_net(args.checkpoint, args.ema, args.device)
@@ -60,31 +61,64 @@ def cmd_sample(args) -> int:
     shape = (net.in_channels, net.input_size, net.input_size)
     classes = _class_list(args.classes, net.num_classes)
     out = Path(args.out)
-    if args.num:
-        n = args.num
-        labels = torch.tensor([classes[i % len(classes)] for i in range(n)])  # class-balanced
-    else:
-        rows = args.rows
-        n = rows * len(classes)
-        labels = torch.tensor([classes[i % len(classes)] for i in range(n)])
+    n = args.num if args.num else args.rows * len(classes)
+    labels = torch.tensor([classes[i % len(classes)] for i in range(n)])  # class-balanced
+    to_npz = out.suffix == ".npz"
+    # an .npz is written batch by batch in the ADM layout (arr_0 uint8 N x H x W x C, arr_1 labels), so 50k samples
+    # never sit in memory; a grid keeps its few images
+    writer_cm = (npz_sample_writer(out, n, net.input_size, net.input_size, net.in_channels) if to_npz
+                 else contextlib.nullcontext())
     images = []
-    for start in range(0, n, args.batch_size):
-        idx = list(range(start, min(n, start + args.batch_size)))
-        noise = noise_from_seeds([args.seed * 10**7 + i for i in idx], shape, noise_scale, args.device)
-        x = sample(net, noise, labels[idx].to(args.device), args.steps, omega, t_min, t_max, args.instantaneous)
-        images.append(to_uint8(x.float().cpu()))
-    images = torch.cat(images)
-    if out.suffix == ".npz":
-        save_npz(out, images, labels)
-    else:
-        save_grid(images, out, nrow=len(classes), scale=max(1, 112 // net.input_size))
+    with writer_cm as writer:
+        for start in range(0, n, args.batch_size):
+            idx = list(range(start, min(n, start + args.batch_size)))
+            noise = noise_from_seeds([args.seed * 10**7 + i for i in idx], shape, noise_scale, args.device)
+            x = sample(net, noise, labels[idx].to(args.device), args.steps, omega, t_min, t_max, args.instantaneous)
+            batch = to_uint8(x.float().cpu())
+            if to_npz:
+                writer.write(batch, labels[idx])
+            else:
+                images.append(batch)
+    if not to_npz:
+        save_grid(torch.cat(images), out, nrow=len(classes), scale=max(1, 112 // net.input_size))
     print(f"wrote {n} samples ({args.steps} step(s), omega {omega}, interval [{t_min}, {t_max}]) to {out}")
+    return 0
+
+
+def cmd_eval_samples(args) -> int:
+    """``pmf eval --samples FILE.npz``: FID, sFID, IS, precision and recall of a sample archive (one process)."""
+    from pmf.eval.samples import evaluate_samples, fmnist_extractor_and_reference, inception_extractor, load_reference
+
+    if args.checkpoint:
+        raise ValueError("give either --samples (evaluate a sample file) or --checkpoint (generate), not both")
+    if args.extractor == "fmnist":
+        if args.ref_stats:
+            raise ValueError("the fmnist extractor's reference is the Fashion-MNIST test set: drop --ref-stats")
+        extractor, reference = fmnist_extractor_and_reference(args.device, args.batch_size)
+    else:
+        if not args.ref_stats:
+            raise ValueError("--extractor inception needs a reference: --ref-stats NPZ (ADM's "
+                             "VIRTUAL_imagenet256_labeled.npz, JiT's jit_in256_stats.npz, or `pmf ref-stats` output)")
+        extractor = inception_extractor(args.inception, args.device)
+        reference = load_reference(args.ref_stats, extractor, args.batch_size, args.device)
+    res = evaluate_samples(args.samples, extractor, reference, args.batch_size, args.num, k=args.k,
+                           device=args.device)
+    res["samples"] = str(args.samples)
+    text = json.dumps(res, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
     return 0
 
 
 def cmd_eval(args) -> int:
     """Metrics of 1-, 2-, 4-step (``--steps``) samples: the Fashion-MNIST CNN distance and class accuracy (default),
-    or Inception FID and IS against ``--ref-stats``. Runs under torchrun too (generation split over ranks)."""
+    or Inception FID and IS against ``--ref-stats``. Runs under torchrun too (generation split over ranks). With
+    ``--samples FILE.npz`` it evaluates a stored sample archive instead (:func:`cmd_eval_samples`)."""
+    if args.samples:
+        return cmd_eval_samples(args)
+    if not args.checkpoint:
+        raise ValueError("give --checkpoint (a run or export to sample from) or --samples FILE.npz")
     from pmf.train import dist
     from pmf.eval.generate import evaluate_generator
     from pmf.eval.metrics import setup_metric
@@ -134,10 +168,10 @@ def cmd_eval(args) -> int:
 
 
 def cmd_ref_stats(args) -> int:
-    """Reference statistics (mu, sigma) of real images in the Inception pool features, as an .npz."""
+    """Reference statistics of real images in the Inception features, as an .npz: pool (mu, sigma) and spatial
+    (mu_s, sigma_s) statistics and the pool features of the first --pr-num images (precision / recall)."""
     from pmf.train import dist
-    from pmf.eval.generate import reference_stats, save_ref_stats
-    from pmf.eval.inception import load_inception
+    from pmf.eval.samples import inception_extractor, reference_from_source, save_reference
 
     if not Path(args.images).exists():
         raise FileNotFoundError(f"--images {args.images} does not exist (an image folder or an .npz of uint8 images)")
@@ -145,14 +179,15 @@ def cmd_ref_stats(args) -> int:
     dist.init("cuda" if args.device.startswith("cuda") else "cpu")
     device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
     try:
-        model = load_inception(args.inception, device=device)
-        stats = reference_stats(args.images, model.features_and_logits, args.resolution, args.batch_size, args.num,
-                                args.workers)
-        mu, sigma = stats.mean_cov()
+        extractor = inception_extractor(args.inception, device)
+        ref = reference_from_source(args.images, extractor, args.resolution, args.batch_size, args.num, args.workers,
+                                    keep=args.pr_num, device=device)
         if dist.is_main():
-            save_ref_stats(args.out, mu, sigma, num=stats.count)
-            print(f"wrote {args.out}: mu {mu.shape}, sigma {sigma.shape} from {stats.count:.0f} images of "
-                  f"{args.images}")
+            save_reference(args.out, ref)
+            kept = ref.features.shape[0] if ref.features is not None else 0
+            print(f"wrote {args.out}: mu {ref.mu.shape}, sigma {ref.sigma.shape}, mu_s {ref.mu_s.shape}, sigma_s "
+                  f"{ref.sigma_s.shape} from {ref.num:.0f} images of {args.images}; pool features of the first "
+                  f"{kept} (precision / recall)")
     finally:
         if started:
             dist.shutdown()
@@ -263,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train)
 
-    def guidance_args(q):
-        q.add_argument("--checkpoint", required=True, help="run directory or export (.safetensors / directory)")
+    def guidance_args(q, checkpoint_required: bool = True):
+        q.add_argument("--checkpoint", required=checkpoint_required,
+                       help="run directory or export (.safetensors / directory)")
         q.add_argument("--ema", help="EMA copy to use, e.g. ema_hl500 (default: the run's sample.ema)")
         q.add_argument("--omega", type=float, help="guidance scale (default: the checkpoint's recommended one)")
         q.add_argument("--interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="guidance interval")
@@ -293,17 +329,25 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fmnist: Fashion-MNIST CNN distance + class accuracy; inception: FID + IS (ImageNet)")
         q.add_argument("--inception", help="FID Inception weights pt_inception-2015-12-05-6726825d.pth "
                        "(default: $PMF_INCEPTION)")
-        q.add_argument("--ref-stats", help="reference statistics .npz (mu, sigma) for --extractor inception")
+        q.add_argument("--ref-stats", help="reference .npz for --extractor inception: statistics (mu, sigma; also "
+                       "mu_s, sigma_s and features from `pmf ref-stats`; JiT's jit_in256_stats.npz) or an ADM "
+                       "reference batch (VIRTUAL_imagenet256_labeled.npz: images arr_0 plus mu/sigma/mu_s/sigma_s)")
 
-    e = sub.add_parser("eval", help="Frechet distance (Fashion-MNIST CNN, or Inception FID + IS) of 1/2/4-step samples")
-    guidance_args(e)
+    e = sub.add_parser("eval", help="Frechet distance (Fashion-MNIST CNN, or Inception FID + IS) of 1/2/4-step samples; "
+                       "with --samples FILE.npz: FID, sFID, IS, precision and recall of a sample archive")
+    guidance_args(e, checkpoint_required=False)
     metric_args(e)
-    e.add_argument("--num", type=int, help="number of samples (default 10000 fmnist, 50000 inception)")
+    e.add_argument("--samples", help="evaluate this sample archive (.npz: arr_0 uint8 N x H x W x C, optional arr_1 "
+                   "labels; or images / labels) instead of generating: FID, sFID, IS, precision, recall")
+    e.add_argument("--k", type=int, default=3, help="--samples: k of the k-NN manifolds of precision / recall")
+    e.add_argument("--num", type=int, help="number of samples (default 10000 fmnist, 50000 inception; --samples: "
+                   "the whole file)")
     e.add_argument("--steps", nargs="+", default=["1", "2", "4"], help="step counts, e.g. --steps 1 2 4")
     e.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/metrics.json)")
     e.set_defaults(fn=cmd_eval)
 
-    r = sub.add_parser("ref-stats", help="Inception reference statistics (mu, sigma) of real images as an .npz")
+    r = sub.add_parser("ref-stats", help="Inception reference statistics of real images as an .npz: mu, sigma (FID), "
+                       "mu_s, sigma_s (sFID), features (precision / recall)")
     r.add_argument("--images", required=True, help="image folder (ADM center crop) or .npz of uint8 images")
     r.add_argument("--out", required=True, help="output .npz")
     r.add_argument("--inception", help="FID Inception weights pt_inception-2015-12-05-6726825d.pth "
@@ -311,6 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resolution", type=int, default=256, help="center-crop size for an image folder")
     r.add_argument("--num", type=int, help="use only the first N images (sorted paths / archive order)")
     r.add_argument("--batch-size", type=int, default=250)
+    r.add_argument("--pr-num", type=int, default=10_000,
+                   help="keep the pool features of the first N images for precision / recall (ADM: 10000; 0: none)")
     r.add_argument("--workers", type=int, default=4, help="image decoding processes for a folder")
     r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     r.set_defaults(fn=cmd_ref_stats)

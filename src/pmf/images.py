@@ -1,14 +1,19 @@
-"""Pixels and image files: the [-1, 1] <-> uint8 conversions, sample grids (PNG) and sample archives (NPZ)."""
+"""Pixels and image files: the [-1, 1] <-> uint8 conversions, sample grids (PNG) and sample archives (NPZ, the
+ADM evaluator's layout: ``arr_0`` images, ``arr_1`` labels)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from pmf.atomic import atomic_path
 
 
 def to_model_range(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -50,11 +55,156 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Sample archives (.npz): the ADM layout arr_0 = uint8 images (N, H, W, C), arr_1 = int labels (N,), written and
+# read in batches, so 50k 512 x 512 samples (39 GB) never sit in memory at once.
+
+IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # guided-diffusion's sampler and the ADM evaluator (np.savez positional)
+LEGACY_KEYS = ("images", "labels")  # what pmf wrote before; still read
+
+
+class NpzSampleWriter:
+    """Appends uint8 batches to ``arr_0.npy`` inside an open zip; see :func:`npz_sample_writer`."""
+
+    def __init__(self, zf: zipfile.ZipFile, num: int, height: int, width: int, channels: int):
+        self.num, self.shape = int(num), (int(num), int(height), int(width), int(channels))
+        self.count = 0
+        self.labels = np.zeros(self.num, dtype=np.int64)
+        self._zf = zf
+        self._f = zf.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True)
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                  "shape": self.shape}
+        np.lib.format.write_array_header_2_0(self._f, header)
+
+    def write(self, images: torch.Tensor, labels) -> None:
+        """images uint8 (B, C, H, W) (the pmf layout; stored as (B, H, W, C)), labels (B,)."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (
+                self.shape[3], self.shape[1], self.shape[2]):
+            raise ValueError(f"expected uint8 images (B, {self.shape[3]}, {self.shape[1]}, {self.shape[2]}), got "
+                             f"{images.dtype} {tuple(images.shape)}")
+        b = images.shape[0]
+        if self.count + b > self.num:
+            raise ValueError(f"the archive was opened for {self.num} samples; {self.count + b} written")
+        labels = np.asarray(torch.as_tensor(labels).cpu(), dtype=np.int64).reshape(-1)
+        if labels.shape != (b,):
+            raise ValueError(f"need one label per image: {b} images, {labels.size} labels")
+        self._f.write(np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy()).tobytes())
+        self.labels[self.count : self.count + b] = labels
+        self.count += b
+
+    def _finish(self) -> None:
+        self._f.close()
+        if self.count != self.num:
+            raise ValueError(f"the archive was opened for {self.num} samples but {self.count} were written")
+        with self._zf.open(f"{LABELS_KEY}.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array(f, self.labels)
+
+
+@contextlib.contextmanager
+def npz_sample_writer(path, num: int, height: int, width: int, channels: int):
+    """Write ``num`` samples to ``path`` batch by batch (``writer.write(images, labels)``), in the ADM layout:
+    ``arr_0`` uint8 (N, H, W, C), ``arr_1`` int64 (N,), uncompressed, as ``np.savez(path, images, labels)`` would
+    write them (readable by ``np.load``, the ADM evaluator and its ports). Atomic: the file appears complete, with
+    exactly ``num`` samples, or not at all."""
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        writer = NpzSampleWriter(zf, num, height, width, channels)
+        try:
+            yield writer
+        finally:
+            if not writer._f.closed:
+                writer._f.close()
+        writer._finish()
+
+
 def save_npz(path, images: torch.Tensor, labels: torch.Tensor) -> Path:
-    """``images`` uint8 (N, H, W, C) and ``labels`` int64 (N,), the ADM / JiT sample-archive layout."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, images=images.permute(0, 2, 3, 1).cpu().numpy(), labels=labels.cpu().numpy())
-    os.replace(tmp, path)
-    return path
+    """uint8 ``images`` (N, C, H, W) and ``labels`` (N,) as an .npz in the ADM layout (``arr_0`` (N, H, W, C) uint8,
+    ``arr_1`` (N,) int64; :func:`npz_sample_writer`)."""
+    n, c, h, w = images.shape
+    with npz_sample_writer(path, n, h, w, c) as writer:
+        writer.write(images, labels)
+    return Path(path)
+
+
+def _npz_member(zf: zipfile.ZipFile, keys) -> str | None:
+    names = set(zf.namelist())
+    return next((k for k in keys if f"{k}.npy" in names), None)
+
+
+def npz_sample_keys(path) -> tuple[str, str | None]:
+    """(images key, labels key or None) of a sample archive: ``arr_0`` / ``arr_1`` (ADM, pmf) or ``images`` /
+    ``labels`` (pmf before the ADM layout)."""
+    with zipfile.ZipFile(path) as zf:
+        key = _npz_member(zf, (IMAGES_KEY, LEGACY_KEYS[0]))
+        if key is None:
+            raise KeyError(f"{path} holds {sorted(n.removesuffix('.npy') for n in zf.namelist())}; expected uint8 "
+                           f"images under '{IMAGES_KEY}' (ADM layout) or '{LEGACY_KEYS[0]}'")
+        label_key = LABELS_KEY if key == IMAGES_KEY else LEGACY_KEYS[1]
+        return key, (label_key if f"{label_key}.npy" in zf.namelist() else None)
+
+
+def _check_image_array(shape, dtype, path) -> tuple[int, ...]:
+    """(N, H, W, C) of a stored image array; grey (N, H, W) counts as C = 1."""
+    if dtype != np.uint8:
+        raise TypeError(f"{path}: images must be uint8 [0, 255], got {dtype} (convert with pmf.images.to_uint8)")
+    shape = tuple(shape) + ((1,) if len(shape) == 3 else ())
+    if len(shape) != 4 or shape[-1] not in (1, 3):
+        raise ValueError(f"{path}: expected images (N, H, W, 1 or 3), got {tuple(shape)}")
+    return shape
+
+
+def _read_npy_header(f, path):
+    """(shape, fortran_order, dtype) from an open .npy stream positioned at its start."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    if version == (2, 0):
+        return np.lib.format.read_array_header_2_0(f)
+    raise ValueError(f"{path}: .npy format version {version} is not supported (re-save it with np.savez)")
+
+
+def npz_sample_shape(path) -> tuple[int, int, int, int]:
+    """(N, H, W, C) of the images in a sample archive, from the .npy header alone."""
+    key, _ = npz_sample_keys(path)
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        shape, _, dtype = _read_npy_header(f, path)
+    return _check_image_array(shape, dtype, path)
+
+
+def iter_npz_samples(path, batch_size: int = 500, num: int | None = None):
+    """Yield (uint8 images (b, C, H, W), labels (b,) int64 or None) of the first ``num`` samples of an archive in
+    either layout, reading the .npy member inside the zip sequentially (memory: one batch)."""
+    key, label_key = npz_sample_keys(path)
+    labels = None
+    if label_key is not None:
+        with np.load(path) as f:
+            labels = torch.from_numpy(f[label_key].astype(np.int64).reshape(-1))
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        shape, fortran, dtype = _read_npy_header(f, path)
+        n, h, w, c = _check_image_array(shape, dtype, path)
+        if labels is not None and labels.shape[0] != n:
+            raise ValueError(f"{path}: {n} images but {labels.shape[0]} labels")
+        total = n if num is None else min(int(num), n)
+        if fortran:  # not what np.save writes for C-contiguous arrays; read it whole
+            arr = np.load(path)[key].reshape(n, h, w, c)
+        for start in range(0, total, batch_size):
+            b = min(batch_size, total - start)
+            if fortran:
+                chunk = np.ascontiguousarray(arr[start : start + b])
+            else:
+                raw = f.read(b * h * w * c)
+                if len(raw) != b * h * w * c:
+                    raise ValueError(f"{path}: the image array ends early (truncated file?)")
+                chunk = np.frombuffer(raw, dtype=np.uint8).reshape(b, h, w, c)
+            images = torch.from_numpy(chunk.copy()).permute(0, 3, 1, 2).contiguous()
+            yield images, (None if labels is None else labels[start : start + b])
+
+
+def load_npz_samples(path, num: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """All (or the first ``num``) samples of an archive in either layout: uint8 (N, C, H, W), labels (N,) or None."""
+    parts = list(iter_npz_samples(path, batch_size=4096, num=num))
+    if not parts:
+        n, h, w, c = npz_sample_shape(path)
+        return torch.zeros(0, c, h, w, dtype=torch.uint8), None
+    images = torch.cat([p[0] for p in parts])
+    labels = None if parts[0][1] is None else torch.cat([p[1] for p in parts])
+    return images, labels

@@ -31,6 +31,7 @@ from pmf.train.data import IMG_EXTENSIONS, read_image_adm
 from pmf.train.filelist import scan_image_folder
 from pmf.train.shards import ShardDataset, is_shard_dir
 from pmf.images import to_uint8  # round(127.5 (x + 1)) clamped to [0, 255]; re-exported here
+from pmf.images import iter_npz_samples, load_npz_samples, npz_sample_shape
 from pmf.sampler import noise_from_seeds, sample
 from pmf.eval.stats import FeatureStats, ClassSpread, InceptionScoreStats, frechet_distance, as_mean_cov
 
@@ -147,20 +148,9 @@ def compute_stats(
 
 
 def npz_images(path) -> torch.Tensor:
-    """uint8 (N, C, H, W) from an .npz sample archive: key ``images`` (pmf) or ``arr_0`` (ADM), stored as
-    (N, H, W, C) with C = 1 or 3 (or (N, H, W) grey)."""
-    with np.load(path) as f:
-        key = "images" if "images" in f else "arr_0" if "arr_0" in f else None
-        if key is None:
-            raise KeyError(f"{path} holds {sorted(f.keys())}; expected uint8 images under 'images' or 'arr_0'")
-        arr = f[key]
-    if arr.dtype != np.uint8:
-        raise TypeError(f"{path}: images must be uint8, got {arr.dtype}")
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-        raise ValueError(f"{path}: expected images (N, H, W, 1 or 3), got {arr.shape}")
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    """uint8 (N, C, H, W) from an .npz sample archive in either layout: ``arr_0`` (ADM, pmf) or ``images`` (older
+    pmf files), stored as (N, H, W, C) with C = 1 or 3 (or (N, H, W) grey); see :mod:`pmf.images`."""
+    return load_npz_samples(path)[0]
 
 
 class _ImageFiles(torch.utils.data.Dataset):
@@ -189,11 +179,15 @@ def image_source_batches(source, resolution: int | None = 256, batch_size: int =
     output directory (its shards, at their prepared resolution), or a folder of image files (ADM center crop to
     ``resolution``, as the training data, in the order of the training file index)."""
     source = Path(source)
-    if source.is_file():
-        images = npz_images(source)
-        total = images.shape[0] if num is None else min(num, images.shape[0])
-        for chunk in torch.arange(rank, total, world_size).split(batch_size):
-            yield images[chunk], None, chunk
+    if source.is_file():  # read in blocks of batch_size * world_size; each rank keeps its indices of the block
+        total = npz_sample_shape(source)[0] if num is None else min(num, npz_sample_shape(source)[0])
+        start = 0
+        for images, _ in iter_npz_samples(source, batch_size * world_size, total):
+            idx = torch.arange(start, start + images.shape[0])
+            mine = idx % world_size == rank
+            if bool(mine.any()):
+                yield images[mine], None, idx[mine]
+            start += images.shape[0]
         return
     if not source.is_dir():
         raise FileNotFoundError(f"{source} is neither an image folder nor an .npz file")

@@ -18,7 +18,8 @@ Input: uint8 [0, 255] or float [-1, 1] images (B, C, H, W), C = 1 (repeated to R
    ``F.interpolate(mode="bilinear", align_corners=False)`` (half-pixel centres, no antialias) as in pytorch-fid;
 3. normalised to (v - 128) / 128, what the TF graph feeds the network (pytorch-fid's 2 v / 255 - 1 differs by <0.4%).
 
-Output: pool features (B, 2048) (the "pool_3" FID features) and logits (B, 1008). The Inception Score uses
+Output: pool features (B, 2048) (the "pool_3" FID features) and logits (B, 1008); :meth:`InceptionV3FID.extract`
+adds the 2023 spatial features of sFID (``mixed_6/conv``, first 7 channels; :meth:`InceptionV3FID.trunk`). The Inception Score uses
 ``pool @ fc.weight^T`` *without* the fc bias, as the original IS code, the ADM evaluator and torch-fidelity do
 (:meth:`InceptionV3FID.features_and_logits`).
 """
@@ -38,6 +39,8 @@ ENV_VAR = "PMF_INCEPTION"  # a default path for --inception
 RESOLUTION = 299
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008  # 1000 ImageNet classes + 8 unused outputs of the 2015 graph (index 0 = "background")
+SPATIAL_CHANNELS = 7  # sFID: the first 7 channels of mixed_6/conv (ADM evaluator)
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS  # 2023 spatial features per image
 
 
 class BasicConv2d(nn.Module):
@@ -172,10 +175,15 @@ def _resize_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
 
     tf1:   s_i = i * n_in / n_out                          (TF1 ResizeBilinear, align_corners = False)
     torch: s_i = max((i + 0.5) * n_in / n_out - 0.5, 0)    (F.interpolate bilinear, align_corners = False)
+
+    TF1 computes s_i and the weight s_i - floor(s_i) in float32 (``image_resizer_state.h``: a float scale; as
+    torch-fidelity's ``interpolate_bilinear_2d_like_tensorflow1x``); so does the tf1 mode here. In float64 the
+    weights would differ by up to ~1e-4 at 512 px, moving resized pixels by up to 0.01 levels.
     """
     i = torch.arange(n_out, dtype=torch.float64)
     if mode == "tf1":
-        s = i * (n_in / n_out)
+        s32 = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)
+        s = (s32 - s32.floor()).double() + s32.floor().double()  # the float32 coordinate, its float32 fraction
     elif mode == "torch":
         s = ((i + 0.5) * (n_in / n_out) - 0.5).clamp(min=0.0)
     else:
@@ -237,15 +245,31 @@ class InceptionV3FID(nn.Module):
 
     def pool_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised (B, 3, 299, 299) -> pool_3 features (B, 2048)."""
+        return self.trunk(x)[0]
+
+    def trunk(self, x: torch.Tensor, spatial: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised (B, 3, 299, 299) -> (pool_3 features (B, 2048), spatial features (B, 2023) or None).
+
+        Spatial features (sFID, Nash et al. 2021, as the ADM evaluator defines them): the TF graph's
+        ``mixed_6/conv:0`` tensor, i.e. the output (after BatchNorm and ReLU) of the 1x1 branch of the 7th mixed
+        block, which is Mixed_6d here (the graph counts mixed, mixed_1, ... mixed_10 = Mixed_5b ... Mixed_7c), cut
+        to its first 7 channels and flattened in the graph's NHWC order, 17 x 17 x 7 = 2023 values
+        (guided-diffusion ``evaluations/evaluator.py``: ``_create_feature_graph``, ``spatial[..., :7]``). The order
+        matters only for comparing with stored statistics (ADM's ``mu_s`` / ``sigma_s``): a Frechet distance is
+        unchanged by permuting coordinates."""
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = F.max_pool2d(x, 3, stride=2)  # (B, 64, 73, 73)
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))  # (B, 192, 71, 71)
         x = F.max_pool2d(x, 3, stride=2)  # (B, 192, 35, 35)
         x = self.Mixed_5d(self.Mixed_5c(self.Mixed_5b(x)))  # (B, 288, 35, 35)
         x = self.Mixed_6a(x)  # (B, 768, 17, 17)
-        x = self.Mixed_6e(self.Mixed_6d(self.Mixed_6c(self.Mixed_6b(x))))  # (B, 768, 17, 17)
+        x = self.Mixed_6c(self.Mixed_6b(x))  # (B, 768, 17, 17)
+        s = None
+        if spatial:  # Mixed_6d's 1x1 branch once more (1% of the network's cost), first 7 channels, NHWC order
+            s = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS].permute(0, 2, 3, 1).flatten(1)  # (B, 2023)
+        x = self.Mixed_6e(self.Mixed_6d(x))  # (B, 768, 17, 17)
         x = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x)))  # (B, 2048, 8, 8)
-        return x.mean((2, 3))  # global average pool: (B, 2048)
+        return x.mean((2, 3)), s  # global average pool: (B, 2048)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 or [-1, 1] images (B, 1|3, H, W) -> (pool features (B, 2048), logits (B, 1008) with the fc bias)."""
@@ -260,6 +284,14 @@ class InceptionV3FID(nn.Module):
         globally for bitwise-fp32 features."""
         pool = self.pool_features(self.preprocess(images))
         return pool, pool @ self.fc.weight.T
+
+    @torch.no_grad()
+    def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Everything the ADM evaluator measures, in one pass: ``pool`` (B, 2048) (FID, precision / recall),
+        ``logits`` (B, 1008) without the fc bias (Inception Score) and ``spatial`` (B, 2023) (sFID); see
+        :meth:`trunk`."""
+        pool, spatial = self.trunk(self.preprocess(images), spatial=True)
+        return {"pool": pool, "logits": pool @ self.fc.weight.T, "spatial": spatial}
 
 
 def load_inception(path=None, device="cpu", resize: str = "tf1") -> InceptionV3FID:

@@ -22,6 +22,7 @@ import torch
 
 IS_SPLITS = 10  # Inception Score splits (official JAX pipeline, torch-fidelity)
 IS_SEED = 2020  # seed of the fixed permutation that assigns samples to splits (ditto)
+ADM_IS_SPLIT_SIZE = 5000  # the ADM evaluator's Inception Score: consecutive splits of 5000 samples, in file order
 
 # ----------------------------------------------------------------------------------------------------------------
 # Streaming first and second moments
@@ -208,6 +209,16 @@ def is_split_assignment(n: int, splits: int = IS_SPLITS, seed: int = IS_SEED) ->
     return out
 
 
+def adm_is_split_assignment(n: int, split_size: int = ADM_IS_SPLIT_SIZE) -> np.ndarray:
+    """(n,) int64: the split of each sample index as the ADM evaluator forms them (guided-diffusion
+    ``evaluations/evaluator.py``: ``compute_inception_score``): consecutive runs of ``split_size`` samples in file
+    order, the last one shorter when ``split_size`` does not divide n (10 splits for 50k samples). ADM reports the
+    mean over splits only."""
+    if n < 1:
+        raise ValueError("need at least one sample for an Inception Score")
+    return np.arange(n, dtype=np.int64) // split_size
+
+
 class InceptionScoreStats(_SummedBuffer):
     """Streaming Inception Score over ``n`` samples with global indices 0..n-1, in float64.
 
@@ -217,11 +228,21 @@ class InceptionScoreStats(_SummedBuffer):
     so per split s the state is [n_s, sum_i sum_k p_ik log p_ik, sum_i p_i (K)]: one float64 buffer (splits, K + 2)
     that adds across batches and ranks (:meth:`all_reduce_`). The reported score is the mean over splits, with the
     standard deviation (ddof = 0, as ``np.std``) over splits.
+
+    ``split_of``: another assignment of sample indices to splits, e.g. :func:`adm_is_split_assignment` (then
+    ``splits`` and ``seed`` are not used).
     """
 
-    def __init__(self, n: int, num_classes: int, splits: int = IS_SPLITS, seed: int = IS_SEED, device="cpu"):
+    def __init__(self, n: int, num_classes: int, splits: int = IS_SPLITS, seed: int = IS_SEED, device="cpu",
+                 split_of: np.ndarray | None = None):
+        if split_of is None:
+            split_of = is_split_assignment(n, splits, seed)
+        split_of = np.asarray(split_of, dtype=np.int64)
+        if split_of.shape != (n,) or split_of.min() < 0:
+            raise ValueError(f"split_of must give a split index >= 0 for each of the {n} samples")
+        splits = int(split_of.max()) + 1
         self.n, self.num_classes, self.splits = n, num_classes, splits
-        self.split_of = torch.from_numpy(is_split_assignment(n, splits, seed))  # (n,) on CPU
+        self.split_of = torch.from_numpy(split_of)  # (n,) on CPU
         self.buffer = torch.zeros(splits, 2 + num_classes, dtype=torch.float64, device=device)
 
     def update(self, logits: torch.Tensor, indices: torch.Tensor) -> "InceptionScoreStats":
