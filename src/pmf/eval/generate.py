@@ -24,7 +24,6 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from pmf.train.data import IMG_EXTENSIONS, read_image_adm
