@@ -214,3 +214,42 @@ def test_torchrun_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path,
     assert [r["step"] for r in log] == [r["step"] for r in ref]
     for key in ("loss", "loss_u", "grad_norm"):  # 2 ranks sum the gradient mean in another order: rtol as test_dist
         np.testing.assert_allclose([r[key] for r in log], [r[key] for r in ref], rtol=1e-5, err_msg=key)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A signal to the whole process group (a scheduler, Ctrl-C) with DataLoader workers
+
+
+def test_group_sigterm_with_data_workers_still_checkpoints_and_exits(tmp_path):
+    """SIGTERM to every process of the job, DataLoader workers included: the workers outlive it (else the DataLoader
+    raises "worker killed by signal" in the middle of the final checkpoint) and are shut down at exit (no hang)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for c, name in enumerate(["cat", "dog"]):
+        (root / name).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    run_dir = tmp_path / "run"
+    sets = ["model.overrides={input_size: 16, patch_size: 4, in_channels: 3, num_classes: 2, hidden_size: 32, "
+            "depth: 2, num_heads: 2, aux_head_depth: 1, bottleneck_dim: 8}", "data.dataset=imagefolder",
+            f"data.path={root}", "data.resolution=16", "data.num_workers=1", "train.batch_size=4",
+            "train.total_kimg=0.4", "train.log_every_kimg=0.004", "train.sample_every_kimg=0",
+            "train.ckpt_every_kimg=1000", "train.threads=1", "train.device=cpu"]
+    cmd = [sys.executable, "-m", "pmf", "train", "--preset", "tiny-test", "--run-dir", str(run_dir), "--quiet"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        wait_for_steps(proc, run_dir, 2)
+        os.killpg(proc.pid, signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
+    assert "killed by signal" not in err
+    state = load_latest(run_dir)
+    assert 2 <= state["step"] < 100 and (run_dir / "export" / "model.safetensors").exists()

@@ -73,3 +73,17 @@ def stop_on_signals():
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def ignore_stop_signals(worker_id: int | None = None) -> None:
+    """DataLoader ``worker_init_fn``: data workers outlive the stop signals meant for the trainer. A scheduler signals
+    every process of the job (Ctrl-C the whole foreground group); a worker killed by it would make the DataLoader raise
+    in the main process in the middle of its final checkpoint. SIGINT and SIGUSR1 are ignored; the first SIGTERM is
+    ignored and the next one terminates, so the main process can still end a worker with ``terminate()``
+    (pmf.train.data shuts its workers down cleanly at exit)."""
+    for s in SIGNALS:
+        signal.signal(s, _ignore_first_sigterm if s == signal.SIGTERM else signal.SIG_IGN)
+
+
+def _ignore_first_sigterm(signum, frame) -> None:
+    signal.signal(signum, signal.SIG_DFL)

@@ -16,7 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
-from pmf.errors import RunDirBusy
+from pmf.errors import PmfError, RunDirBusy
 
 LOCK_NAME = ".lock"
 
@@ -48,8 +48,12 @@ class RunLock:
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PmfError(f"cannot create the run directory's lock {self.path} ({e.strerror or e}); choose a "
+                           "writable --run-dir") from e
         try:
             previous = os.pread(fd, 256, 0).decode("utf-8", "replace")
             pid, host = _parse(previous)
