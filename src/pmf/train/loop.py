@@ -6,6 +6,7 @@ a resumed run continues exactly as an uninterrupted one, on 1 or N processes (``
 train ...``), with replicated (``train.parallel=ddp``) or FSDP2-sharded (``fsdp``) weights; the training state on
 disk is the same full-tensor layout in both modes. Only rank 0 writes files. ``--dry-run`` prints the resolved config
 and the run's size (steps, batches, parameters) without reading data or allocating the model. docs/scale-out.md.
+Preemption signals, the run-directory lock, checked checkpoints and exit statuses: docs/robustness.md.
 """
 
 from __future__ import annotations
