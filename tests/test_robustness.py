@@ -264,7 +264,8 @@ def test_resumable_settings_are_declared_in_the_dataclasses():
 def test_lr_1e6_exits_3_and_a_rerun_with_a_lower_lr_is_accepted_and_trains_on(tmp_path, capsys):
     """lr = 1e6 ruins the weights in its first step (finite), the next ones are non-finite: exit 3 with a checkpoint.
     The rerun with a lower lr is accepted (lr is resumable) and trains on from that checkpoint; from weights this
-    ruined it diverges again and says so, and --restart starts over and finishes."""
+    ruined it diverges again and says so (also when it reaches the end with non-finite last steps), and --restart
+    starts over and finishes."""
     run_dir = tmp_path / "run"
     assert cli_train(run_dir, "optim.lr=1e6", "train.max_nonfinite=2") == EXIT_DIVERGED
     out = capsys.readouterr().out
@@ -277,6 +278,10 @@ def test_lr_1e6_exits_3_and_a_rerun_with_a_lower_lr_is_accepted_and_trains_on(tm
     after = load_latest(run_dir)
     assert after["step"] > stopped["step"] and read_log(run_dir)[-1]["lr"] == 1e-3
     assert rc == EXIT_DIVERGED and after["nonfinite_run"] == 4  # the ruined weights give NaN again: honest status
+    # Allowing more non-finite steps reaches the end, but a run whose last steps trained nothing is not a success.
+    assert cli_train(run_dir, "optim.lr=1e-3", "train.max_nonfinite=20") == EXIT_DIVERGED
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == 8 and summary["stop_reason"].startswith("done, but the last")
     assert cli_train(run_dir, "optim.lr=1e-3", extra=["--restart"]) == 0
     assert load_latest(run_dir)["step"] == 8 and load_latest(run_dir)["nonfinite_total"] == 0
 

@@ -541,6 +541,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
             next_ckpt = nimg + cfg.train.ckpt_every_kimg * 1000
     if pbar is not None:
         pbar.close()
+    if stop_reason == "done" and nonfinite_run > 0:  # reached the end, but its last steps trained nothing
+        stop_reason = f"done, but the last {nonfinite_run} steps were non-finite"
     checkpoint()
     grid("latest")
     final_net, final_emas = net_state(), {name: ema_state(name) for name in ema.names}
