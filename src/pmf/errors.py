@@ -22,3 +22,12 @@ class PmfError(Exception):
 
 class RunDirBusy(PmfError):
     """Another live process holds the run directory's lock."""
+
+
+def exit_status(stop_reason: str) -> int:
+    """The process exit status for a stop reason (docs/robustness.md)."""
+    if stop_reason.startswith("preempted"):
+        return EXIT_PREEMPTED
+    if "non-finite" in stop_reason:
+        return EXIT_DIVERGED
+    return EXIT_OK

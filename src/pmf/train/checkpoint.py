@@ -15,6 +15,7 @@ import hashlib
 import math
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
@@ -161,8 +162,33 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside
                           stacklevel=2)
     if files:
         raise NoReadableState(f"no readable training state in {Path(run_dir) / STATE_DIR} ("
-                           + "; ".join(failures) + "); pass --restart to start again from step 0, or restore a "
-                           "state file")
+                              + "; ".join(failures) + "); pass --restart to start again from step 0, or restore a "
+                              "state file")
     return None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory's history
+
+
+def set_aside_previous_run(run_dir: Path) -> list[str]:
+    """``--restart``: move the states and the log of the run in ``run_dir`` aside (``*.old-TIMESTAMP``), so the new
+    run starts from step 0 and nothing of the old one is deleted. Exports and grids are overwritten later."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in (STATE_DIR, "log.jsonl", "summary.json"):
+        p = run_dir / name
+        if p.exists():
+            target = p.with_name(f"{p.stem}.old-{stamp}{p.suffix}")
+            p.rename(target)
+            moved.append(target.name)
+    return moved
+
+
+def refuse_silent_restart(run_dir: Path) -> None:
+    """No training state but a log or an export of an earlier run: starting from step 0 would overwrite them."""
+    found = [n for n in ("log.jsonl", "export", "summary.json") if (run_dir / n).exists()]
+    if found:
+        raise PmfError(f"{run_dir} holds {', '.join(found)} of an earlier run but no training state in "
+                       f"{run_dir / STATE_DIR}; pass --restart to train again from step 0 (the old log and states are "
+                       "moved aside, the exports overwritten), or use a new --run-dir")

@@ -24,9 +24,9 @@ from pmf.train import dist
 
 from pmf.train import fsdp
 from pmf.atomic import atomic_write_text
-from pmf.errors import EXIT_DIVERGED, EXIT_OK, EXIT_PREEMPTED, PmfError
+from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
 from pmf.export import export_model
-from pmf.train.checkpoint import STATE_DIR, load_latest, save_training_state
+from pmf.train.checkpoint import load_latest, refuse_silent_restart, save_training_state, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, to_json
 from pmf.train.preempt import stop_on_signals
 from pmf.train.runlock import lock_run_dir
@@ -251,38 +251,6 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, state_config: str | None 
             raise ConfigMismatch(f"{run_dir} holds a run with a different configuration (per {where}): "
                                  + "; ".join(diffs) + ". Use a new --run-dir, or rerun with the original settings "
                                  "to resume (or --restart to start again from step 0).")
-
-
-def set_aside_previous_run(run_dir: Path) -> list[str]:
-    """``--restart``: move the states and the log of the run in ``run_dir`` aside (``*.old-TIMESTAMP``), so the new
-    run starts from step 0 and nothing of the old one is deleted. Exports and grids are overwritten later."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for name in (STATE_DIR, "log.jsonl", "summary.json"):
-        p = run_dir / name
-        if p.exists():
-            target = p.with_name(f"{p.stem}.old-{stamp}{p.suffix}")
-            p.rename(target)
-            moved.append(target.name)
-    return moved
-
-
-def refuse_silent_restart(run_dir: Path) -> None:
-    """No training state but a log or an export of an earlier run: starting from step 0 would overwrite them."""
-    found = [n for n in ("log.jsonl", "export", "summary.json") if (run_dir / n).exists()]
-    if found:
-        raise PmfError(f"{run_dir} holds {', '.join(found)} of an earlier run but no training state in "
-                       f"{run_dir / STATE_DIR}; pass --restart to train again from step 0 (the old log and states are "
-                       "moved aside, the exports overwritten), or use a new --run-dir")
-
-
-def exit_status(stop_reason: str) -> int:
-    """The process exit status for a stop reason (pmf.errors; docs/robustness.md)."""
-    if stop_reason.startswith("preempted"):
-        return EXIT_PREEMPTED
-    if "non-finite" in stop_reason:
-        return EXIT_DIVERGED
-    return EXIT_OK
 
 
 def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: RunConfig, nimg: int) -> None:
