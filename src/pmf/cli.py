@@ -73,12 +73,10 @@ def _check_ref_stats(path) -> None:
     from pmf.eval.inception import FEATURE_DIM
     from pmf.eval.stats import load_ref_stats
 
-    if path is None:
-        return
+    if path is None or not Path(path).exists():
+        return  # setup_metric names a missing file itself, also before any sample is generated
     try:
         mu, _ = load_ref_stats(path)
-    except FileNotFoundError:
-        raise
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         raise PmfError(f"--ref-stats {path} cannot be read ({type(e).__name__}: {msg}); recompute it with "
