@@ -54,7 +54,10 @@ def atomic_path(path: str | os.PathLike):
 def atomic_save(obj, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)``, atomically: ``path`` holds either its previous content or all of ``obj``."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch's zip writer reports a failed write (disk full, quota) as a RuntimeError
+            raise OSError(f"writing {path} failed ({e}); check free disk space and quotas") from e
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -1,22 +1,78 @@
-"""``pmf`` command line: train, sample, eval, toy, import-official, export. Parses text into typed values and calls the
-library; no module below receives an argparse Namespace."""
+"""``pmf`` command line: train, sample, eval, toy, import-official, export, ablate, prepare-data. Parses text into
+typed values and calls the library; no module below receives an argparse Namespace.
+
+Expected failures (bad settings or arguments, missing or damaged files, a busy run directory, a full disk, a missing
+GPU) end with one line naming the file or key and the fix, and exit status 2; ``--debug`` prints the traceback too.
+Unexpected exceptions keep their traceback. Exit statuses: :mod:`pmf.errors`, docs/robustness.md."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
+import traceback
+import zipfile
 from pathlib import Path
 
 import torch
 
+from pmf.errors import EXIT_USAGE, PmfError
+
 
 def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
-    """``(net, meta)`` from any checkpoint form: :func:`pmf.load.load_checkpoint`."""
+    """``(net, meta)`` from any checkpoint form (:func:`pmf.load.load_checkpoint`); a damaged file is one line."""
+    from safetensors import SafetensorError
+
+    from pmf.hub import HubUnavailableError
     from pmf.load import load_checkpoint
 
-    return load_checkpoint(checkpoint, ema, device)
+    try:
+        return load_checkpoint(checkpoint, ema, device)
+    except (HubUnavailableError, FileNotFoundError, PmfError):
+        raise  # already say what is missing and what to do
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise PmfError(f"cannot load the export {checkpoint} ({type(e).__name__}: {msg}); it is missing or damaged: "
+                       "re-export it by rerunning `pmf train` on its run directory, or pick another --checkpoint / "
+                       "--ema") from e
+
+
+def _check_args(args, num=None) -> None:
+    """Sampling arguments and the device, before any network is loaded (pmf.train.validate)."""
+    from pmf.train.validate import ConfigError, device_problem, sampling_problems
+
+    t_min, t_max = args.interval if getattr(args, "interval", None) else (None, None)
+    steps = getattr(args, "steps", None)
+    problems = sampling_problems(args.omega, t_min, t_max, steps if isinstance(steps, int) else None, num)
+    if (why := device_problem(args.device, "--device")) is not None:
+        problems.append(why)
+    batch_size = getattr(args, "batch_size", None)
+    if batch_size is not None and batch_size < 1:
+        problems.append(f"--batch-size={batch_size} must be >= 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def _check_ref_stats(path) -> None:
+    """--ref-stats must be readable and hold statistics of the Inception pool features (F = 2048), checked before
+    any sample is generated."""
+    from pmf.eval.inception import FEATURE_DIM
+    from pmf.eval.stats import load_ref_stats
+
+    if path is None or not Path(path).exists():
+        return  # setup_metric names a missing file itself, also before any sample is generated
+    try:
+        mu, _ = load_ref_stats(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise PmfError(f"--ref-stats {path} cannot be read ({type(e).__name__}: {msg}); recompute it with "
+                       "`pmf ref-stats` or fetch it again") from e
+    if mu.shape[0] != FEATURE_DIM:
+        raise PmfError(f"--ref-stats {path} holds {mu.shape[0]}-dimensional statistics but the Inception extractor's "
+                       f"features are {FEATURE_DIM}-dimensional; use statistics of the FID Inception pool features "
+                       "(`pmf ref-stats`)")
 
 
 def _fast(net, args):
@@ -43,8 +99,9 @@ def cmd_train(args) -> int:
     from pmf.train.loop import train
 
     cfg = load_config(args.preset, args.config, args.set or [])
-    train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet)
-    return 0
+    summary = train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet,
+                    restart=args.restart)
+    return summary.get("exit_status", 0)  # 3: stopped by non-finite steps; 75: stopped by a signal (pmf.errors)
 
 
 def cmd_sample(args) -> int:
@@ -53,6 +110,9 @@ def cmd_sample(args) -> int:
     from pmf.images import npz_sample_writer, save_grid, to_uint8
     from pmf.sampler import noise_from_seeds, sample
 
+    _check_args(args, num=args.num)
+    if args.rows < 1:
+        raise PmfError(f"--rows={args.rows} must be >= 1")
     net, meta = _load_net(args.checkpoint, args.ema, args.device)
     net = _fast(net, args)
     omega = args.omega if args.omega is not None else meta.get("omega", 1.0)
@@ -61,7 +121,7 @@ def cmd_sample(args) -> int:
     shape = (net.in_channels, net.input_size, net.input_size)
     classes = _class_list(args.classes, net.num_classes)
     out = Path(args.out)
-    n = args.num if args.num else args.rows * len(classes)
+    n = args.num if args.num is not None else args.rows * len(classes)  # --num 0 is refused by _check_args
     labels = torch.tensor([classes[i % len(classes)] for i in range(n)])  # class-balanced
     to_npz = out.suffix == ".npz"
     # an .npz is written batch by batch in the ADM layout (arr_0 uint8 N x H x W x C, arr_1 labels), so 50k samples
@@ -123,6 +183,12 @@ def cmd_eval(args) -> int:
     from pmf.eval.generate import evaluate_generator
     from pmf.eval.metrics import setup_metric
 
+    _check_args(args, num=args.num)
+    steps = [int(s) for tok in args.steps for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"
+    if not steps or min(steps) < 1:
+        raise PmfError(f"--steps {' '.join(map(str, args.steps))}: every step count must be >= 1")
+    if args.extractor == "inception":
+        _check_ref_stats(args.ref_stats)
     started = not torch.distributed.is_initialized()
     dist.init("cuda" if args.device.startswith("cuda") else "cpu")
     device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
@@ -131,7 +197,6 @@ def cmd_eval(args) -> int:
         net = _fast(net, args)
         omega = args.omega if args.omega is not None else meta.get("omega", 1.0)
         t_min, t_max = args.interval if args.interval else (meta.get("t_min", 0.0), meta.get("t_max", 1.0))
-        steps = [int(s) for tok in args.steps for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"
         noise_scale = meta.get("noise_scale", 1.0)
         if args.extractor == "fmnist":
             from pmf.eval.fmnist import fmnist_metrics, get_fmnist_classifier
@@ -173,8 +238,17 @@ def cmd_ref_stats(args) -> int:
     from pmf.train import dist
     from pmf.eval.samples import inception_extractor, reference_from_source, save_reference
 
+    from pmf.train.validate import ConfigError, device_problem
+
     if not Path(args.images).exists():
         raise FileNotFoundError(f"--images {args.images} does not exist (an image folder or an .npz of uint8 images)")
+    problems = [f"--{k.replace('_', '-')}={v} must be >= 1" for k, v in
+                (("num", args.num), ("batch_size", args.batch_size), ("resolution", args.resolution)) if v is not None
+                and v < 1]
+    if (why := device_problem(args.device, "--device")) is not None:
+        problems.append(why)
+    if problems:
+        raise ConfigError("; ".join(problems))
     started = not torch.distributed.is_initialized()
     dist.init("cuda" if args.device.startswith("cuda") else "cpu")
     device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
@@ -210,7 +284,25 @@ def cmd_guidance_search(args) -> int:
     from pmf.train import dist
     from pmf.eval.metrics import setup_metric
     from pmf.eval.guidance_search import guidance_search, parse_interval
+    from pmf.train.validate import ConfigError, device_problem, sampling_problems
 
+    problems = [p for w in args.omegas for p in sampling_problems(omega=w)]
+    for text in args.intervals:
+        try:
+            lo, hi = parse_interval(text)
+        except ValueError as e:
+            problems.append(f"--intervals {text}: {e}")
+            continue
+        problems += [p.replace("--interval", f"--intervals {text}:") for p in sampling_problems(t_min=lo, t_max=hi)]
+    problems += [f"--{k.replace('_', '-')}={v} must be >= 1" for k, v in
+                 (("num_search", args.num_search), ("num_final", args.num_final), ("steps", args.steps),
+                  ("batch_size", args.batch_size)) if v is not None and v < 1]
+    if (why := device_problem(args.device, "--device")) is not None:
+        problems.append(why)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if args.extractor == "inception":
+        _check_ref_stats(args.ref_stats)
     started = not torch.distributed.is_initialized()
     dist.init("cuda" if args.device.startswith("cuda") else "cpu")
     device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
@@ -296,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, help="stop cleanly with a checkpoint after this much wall-clock time")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and run size, then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--restart", action="store_true",
+                   help="train again from step 0 in a run directory that has a log, exports or states (the old log "
+                        "and states are moved aside, the exports overwritten)")
     t.set_defaults(fn=cmd_train)
 
     def guidance_args(q, checkpoint_required: bool = True):
@@ -418,16 +513,51 @@ def build_parser() -> argparse.ArgumentParser:
                    "perceptual.lpips_vgg_path=vgg16-397923af.pth")
     a.add_argument("--dry-run", action="store_true", help="list the arms, overrides and estimated CPU time")
     a.set_defaults(fn=cmd_ablate)
+
+    for sp in sub.choices.values():
+        sp.add_argument("--debug", action="store_true", help="print the traceback of an expected error too")
     return p
+
+
+def _expected_errors() -> tuple:
+    """Exception types that mean bad input or a bad environment, not a bug: reported in one line."""
+    from safetensors import SafetensorError
+
+    return (PmfError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, SafetensorError)
+
+
+def error_line(e: BaseException) -> str:
+    """One line for an expected failure: what and where (file, key), and the fix."""
+    if isinstance(e, KeyError) and e.args:
+        text = str(e.args[0])
+    elif isinstance(e, OSError) and e.errno is not None:
+        where = e.filename or ""
+        hint = {errno.ENOSPC: "free disk space or choose another directory",
+                errno.EDQUOT: "free space within your quota or choose another directory",
+                errno.EACCES: "check the permissions, or choose another path",
+                errno.EPERM: "check the permissions, or choose another path",
+                errno.EROFS: "the filesystem is read-only: choose another path",
+                errno.ENOENT: "check the path",
+                errno.EFBIG: "the file exceeds a size limit (ulimit -f): raise it or free space"}.get(e.errno, "")
+        text = f"{e.strerror or e}" + (f": {where}" if where else "") + (f" ({hint})" if hint else "")
+    else:
+        text = str(e) or type(e).__name__
+        if isinstance(e, (EOFError, zipfile.BadZipFile)):
+            text = f"a file is truncated or not the expected archive ({type(e).__name__}: {text})"
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("PMF_DEBUG") == "1"
     try:
         return args.fn(args)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        print(f"pmf {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except _expected_errors() as e:
+        if debug:
+            traceback.print_exc()
+        print(f"pmf {args.command}: error: {error_line(e)}" + ("" if debug else " (--debug for the traceback)"),
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -1,25 +1,86 @@
 """Training state for resuming: ``run_dir/checkpoints/state-{step:09d}.pt``.
 
 Whatever the trainer needs to resume (model, EMA, optimizer, RNG, config, step), written atomically with
-``torch.save`` (:mod:`pmf.atomic`). Only the newest ``keep`` files are kept. Restarting is rerunning the command:
-:func:`load_latest` returns the newest readable file. Exported inference weights, kept apart from training state
-(design habit 5), are :mod:`pmf.export`.
+``torch.save`` (:mod:`pmf.atomic`). Each state carries a SHA-256 of its payload (every tensor's dtype, shape and
+bytes, every number and string; :func:`payload_digest`) under ``"sha256"``; the file is read back and checked before
+older states are deleted, and :func:`load_latest` skips, with a message, a file that cannot be read or whose digest
+does not match (bit rot, a partial copy), and returns the newest good one. Rotation deletes only states older than
+the one just written and verified. Restarting is rerunning the command. Exported inference weights, kept apart from
+training state (design habit 5), are :mod:`pmf.export`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 import os
 import re
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+from pmf.errors import PmfError
 from pmf.atomic import atomic_path, atomic_save, atomic_write_text  # noqa: F401 (re-exported)
 from pmf.export import FORMAT_VERSION, export_model, load_exported  # noqa: F401 (re-exported)
 
 STATE_DIR = "checkpoints"
 _STATE_RE = re.compile(r"^state-(\d{9,})\.pt$")
+DIGEST_KEY = "sha256"  # the payload digest stored in each state (not part of the payload)
+DAMAGED_SUFFIX = ".damaged"  # an unreadable state is renamed aside with this suffix (kept for inspection)
+
+
+class DamagedState(RuntimeError):
+    """A state file that was read but whose digest does not match its payload."""
+
+
+class NoReadableState(PmfError, RuntimeError):
+    """State files exist but none can be used."""
+
+
+def payload_digest(obj) -> str:
+    """SHA-256 over a nested state: dict keys (sorted), list order, tensors (dtype, shape, raw bytes), numbers,
+    strings, bools, None. Independent of the file format, so it checks what was loaded, not how it was stored."""
+    h = hashlib.sha256()
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+        elif isinstance(x, dict):
+            h.update(f"D{len(x)}".encode())
+            for k in sorted(x, key=repr):
+                walk(k)
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}".encode())
+            for v in x:
+                walk(v)
+        elif isinstance(x, float):
+            h.update(b"F" + (repr(x) if math.isfinite(x) else str(x)).encode())
+        elif isinstance(x, (bool, int, str, bytes)) or x is None:
+            h.update(f"{type(x).__name__}:{x!r}".encode())
+        else:
+            raise TypeError(f"cannot digest a {type(x).__name__} in a training state")
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def verify_state(state: dict, path: str | os.PathLike = "state") -> None:
+    """Raise :class:`DamagedState` when ``state``'s stored digest does not match its payload. A state without a
+    digest (written before digests existed) passes with a warning."""
+    stored = state.get(DIGEST_KEY)
+    if stored is None:
+        warnings.warn(f"{path} carries no checksum (written by an older pmf); it is not verified", stacklevel=3)
+        return
+    actual = payload_digest({k: v for k, v in state.items() if k != DIGEST_KEY})
+    if actual != stored:
+        raise DamagedState(f"checksum mismatch (stored {stored[:12]}..., content {actual[:12]}...): the file was "
+                           "damaged after it was written")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -35,11 +96,15 @@ def _state_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted((int(m.group(1)), p) for m, p in found if m)
 
 
-def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep: int = 2) -> Path:
-    """Write ``{**state, "step": step, "format_version": FORMAT_VERSION}`` to run_dir/checkpoints/state-{step:09d}.pt
-    atomically; the version says how the run's config is to be read (:func:`pmf.export.upgrade_model_kwargs`). Then
-    delete all but the ``keep`` files with the highest steps, and any temp files left by writes that crashed. Returns
-    the path.
+def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep: int = 2,
+                        verify: bool = True) -> Path:
+    """Write ``{**state, "step": step, "format_version": FORMAT_VERSION, "sha256": digest}`` to
+    run_dir/checkpoints/state-{step:09d}.pt atomically (the version says how the run's config is to be read,
+    :func:`pmf.export.upgrade_model_kwargs`);
+    read it back and check the digest (``verify``; memory-mapped, so no second copy in RAM); then delete the older
+    states beyond the ``keep`` newest (this one included) and any temp files left by writes that crashed. States with
+    a higher step (left by a run that resumed from an older state because they were damaged) are not touched.
+    Returns the path.
 
     We keep more than one file so that :func:`load_latest` can fall back if the newest one is damaged anyway (for
     example by a disk fault after the write). ``state`` must be loadable with ``weights_only=True``: tensors,
@@ -51,21 +116,32 @@ def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep
         raise ValueError(f"state['step'] = {state['step']} disagrees with step = {step}")
     ckpt_dir = Path(run_dir) / STATE_DIR
     path = ckpt_dir / f"state-{step:09d}.pt"
-    atomic_save({**state, "step": step, "format_version": FORMAT_VERSION}, path)
-    for _, old in _state_files(run_dir)[:-keep]:
+    payload = {k: v for k, v in state.items() if k != DIGEST_KEY}
+    payload["step"] = step
+    payload["format_version"] = FORMAT_VERSION
+    atomic_save({**payload, DIGEST_KEY: payload_digest(payload)}, path)
+    if verify:  # the newest verified state is this one: only then may older ones go
+        try:
+            verify_state(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
+        except Exception as e:
+            raise OSError(f"training state {path} did not read back intact ({type(e).__name__}: {e}); the older "
+                          "states were kept") from e
+    older = [p for s, p in _state_files(run_dir) if s < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         old.unlink(missing_ok=True)
     for stale in ckpt_dir.glob(".state-*.tmp"):  # a previous process died mid-write; we are the only writer
         stale.unlink(missing_ok=True)
     return path
 
 
-def load_latest(run_dir: str | os.PathLike, weights_only: bool = True) -> dict | None:
-    """The newest readable training state in run_dir/checkpoints (a dict with "step" and "format_version", 1 for a
-    file written before versions were stored), or None if there is none.
+def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside: bool = False) -> dict | None:
+    """The newest readable, verified training state in run_dir/checkpoints (a dict with "step" and "format_version",
+    1 for a file written before versions were stored), or None if there is none.
 
-    If the newest file cannot be read, it warns and tries the previous one. If files exist but none can be read,
-    it raises instead of returning None. Returning None would let the trainer start again from step 0 and
-    overwrite the run.
+    If the newest file cannot be read or fails its checksum (:func:`verify_state`), it warns and tries the previous
+    one; with ``set_aside`` (the single writer, rank 0) it also renames the bad file to ``*.pt.damaged``, so that
+    rotation and later resumes no longer see it. If files exist but none is good, it raises instead of returning
+    None: returning None would let the trainer start again from step 0 and overwrite the run.
     """
     files = _state_files(run_dir)
     failures = []
@@ -74,15 +150,49 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True) -> dict |
             state = torch.load(path, map_location="cpu", weights_only=weights_only)
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}, not a dict")
+            verify_state(state, path)
             state.setdefault("format_version", 1)  # written before versions were stored
             return state
-        except Exception as e:  # truncated zip, bad pickle, wrong type: all mean "cannot resume from this file"
+        except Exception as e:  # truncated zip, bad pickle, wrong type, bad digest: cannot resume from this file
             failures.append(f"{path}: {type(e).__name__}: {e}")
-            warnings.warn(f"cannot read training state {path} ({type(e).__name__}: {e}); trying an older one",
+            aside = ""
+            if set_aside:
+                try:
+                    path.rename(path.with_name(path.name + DAMAGED_SUFFIX))
+                    aside = f"; renamed to {path.name + DAMAGED_SUFFIX}"
+                except OSError:
+                    pass
+            warnings.warn(f"cannot use training state {path} ({type(e).__name__}: {e}){aside}; trying an older one",
                           stacklevel=2)
     if files:
-        raise RuntimeError("no readable training state in " + str(Path(run_dir) / STATE_DIR) + ":\n  "
-                           + "\n  ".join(failures))
+        raise NoReadableState(f"no readable training state in {Path(run_dir) / STATE_DIR} ("
+                              + "; ".join(failures) + "); pass --restart to start again from step 0, or restore a "
+                              "state file")
     return None
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The run directory's history
+
+
+def set_aside_previous_run(run_dir: Path) -> list[str]:
+    """``--restart``: move the states and the log of the run in ``run_dir`` aside (``*.old-TIMESTAMP``), so the new
+    run starts from step 0 and nothing of the old one is deleted. Exports and grids are overwritten later."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for name in (STATE_DIR, "log.jsonl", "summary.json"):
+        p = run_dir / name
+        if p.exists():
+            target = p.with_name(f"{p.stem}.old-{stamp}{p.suffix}")
+            p.rename(target)
+            moved.append(target.name)
+    return moved
+
+
+def refuse_silent_restart(run_dir: Path) -> None:
+    """No training state but a log or an export of an earlier run: starting from step 0 would overwrite them."""
+    found = [n for n in ("log.jsonl", "export", "summary.json") if (run_dir / n).exists()]
+    if found:
+        raise PmfError(f"{run_dir} holds {', '.join(found)} of an earlier run but no training state in "
+                       f"{run_dir / STATE_DIR}; pass --restart to train again from step 0 (the old log and states are "
+                       "moved aside, the exports overwritten), or use a new --run-dir")

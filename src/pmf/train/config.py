@@ -20,6 +20,10 @@ from pmf.train.optim import OptimConfig
 from pmf.perceptual import PerceptualConfig
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
+# Field metadata of settings that may change when a run is resumed: they do not change what the training state
+# holds (its tensors, their shapes and meaning), only how the run goes on from it (check_resume_config in
+# pmf.train.loop). A section marked so is resumable as a whole. Other modules' config dataclasses use the same literal.
+RESUMABLE = {"resumable": True}
 
 
 @dataclass
@@ -32,36 +36,43 @@ class ModelConfig:
 class DataConfig:
     dataset: str = "fashion_mnist"  # "fashion_mnist" | "imagefolder" (JPEG decode + crop per sample) | "shards"
     # (`pmf prepare-data` output: the same pixels, cropped once, memory-mapped; docs/data.md)
-    path: str = ""  # imagefolder root, shards: the prepare-data --out directory (or a Fashion-MNIST folder; empty =
-    # search the usual places)
+    path: str = field(default="", metadata=RESUMABLE)  # imagefolder root, shards: the prepare-data --out directory
+    #   (or a Fashion-MNIST folder; empty = search the usual places)
     resolution: int = 28  # imagefolder: ADM center crop to this size; shards: must equal the prepared resolution
-    num_workers: int = 0  # imagefolder / shards DataLoader workers
+    num_workers: int = field(default=0, metadata=RESUMABLE)  # imagefolder / shards DataLoader workers
     class_conditional: bool = True  # False: all labels are the null class (unconditional training)
 
 
 @dataclass
 class TrainConfig:
-    total_kimg: float = 1000.0  # length of the run in thousands of training images
+    total_kimg: float = field(default=1000.0, metadata=RESUMABLE)  # length of the run in thousands of training images
     batch_size: int = 128  # global batch (all processes together)
     accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide by world_size * accum_steps)
     seed: int = 0  # all randomness derives from (seed, images seen, sample index)
     ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.train.optim.EMASpec)
     ema_ramp: float = 0.05  # EDM ramp-up of the half-life: min(half-life, ramp * images seen)
-    grad_clip: float = 0.0  # max global grad norm; 0 = off (official: off)
-    max_nonfinite: int = 10  # stop (with a checkpoint) after this many non-finite steps in a row
-    log_every_kimg: float = 2.0  # JSONL / TensorBoard log interval
-    sample_every_kimg: float = 50.0  # 1-NFE sample grid interval (PNG); 0 = only at the end
-    ckpt_every_kimg: float = 50.0  # training-state checkpoint interval
-    ckpt_every_minutes: float = 5.0  # ... and at least this often in wall-clock time
-    check_every_kimg: float = 100.0  # cross-rank parameter-consistency check interval (multi-process only)
-    device: str = "auto"  # "auto" | "cpu" | "cuda"
-    compile: bool = False  # torch.compile the loss function (pmf.train.speed.maybe_compile: eager fallback on failure)
+    grad_clip: float = field(default=0.0, metadata=RESUMABLE)  # max global grad norm; 0 = off (official: off)
+    max_nonfinite: int = field(default=10, metadata=RESUMABLE)  # stop (with a checkpoint) after this many non-finite
+    #   steps in a row
+    log_every_kimg: float = field(default=2.0, metadata=RESUMABLE)  # JSONL / TensorBoard log interval
+    sample_every_kimg: float = field(default=50.0, metadata=RESUMABLE)  # 1-NFE sample grid interval (PNG); 0 = only at
+    #   the end
+    ckpt_every_kimg: float = field(default=50.0, metadata=RESUMABLE)  # training-state checkpoint interval
+    ckpt_every_minutes: float = field(default=5.0, metadata=RESUMABLE)  # ... and at least this often in wall-clock time
+    check_every_kimg: float = field(default=100.0, metadata=RESUMABLE)  # cross-rank parameter-consistency check
+    #   interval (multi-process only)
+    device: str = field(default="auto", metadata=RESUMABLE)  # "auto" | "cpu" | "cuda"
+    compile: bool = field(default=False, metadata=RESUMABLE)  # torch.compile the loss function
+    #   (pmf.train.speed.maybe_compile: eager fallback on failure)
     precision: str = "fp32"  # "fp32" | "bf16" autocast of the forward passes (params, grads, optimizer in fp32)
-    threads: int = 0  # torch CPU threads; 0 = torch's default
-    consistency_check: bool = True  # check parameters agree across ranks at start and periodically
-    parallel: str = "ddp"  # "ddp": bare module + explicit gradient all-reduce; "fsdp": FSDP2 shards (docs/scale-out.md)
-    fsdp_reshard_after_forward: bool = True  # fsdp: free each block's gathered weights after its forward (less memory,
-    # one more all-gather per block in backward); False keeps them until the backward (ZeRO-2-like)
+    threads: int = field(default=0, metadata=RESUMABLE)  # torch CPU threads; 0 = torch's default
+    consistency_check: bool = field(default=True, metadata=RESUMABLE)  # check parameters agree across ranks at start
+    #   and periodically
+    parallel: str = field(default="ddp", metadata=RESUMABLE)  # "ddp": bare module + explicit gradient all-reduce;
+    #   "fsdp": FSDP2 shards (docs/scale-out.md)
+    fsdp_reshard_after_forward: bool = field(default=True, metadata=RESUMABLE)  # fsdp: free each block's gathered
+    #   weights after its forward (less memory, one more all-gather per block in backward); False keeps them until
+    #   the backward (ZeRO-2-like)
 
     def __post_init__(self):
         if self.parallel not in ("ddp", "fsdp"):
@@ -97,8 +108,8 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    sample: SampleConfig = field(default_factory=SampleConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig, metadata=RESUMABLE)
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=RESUMABLE)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,7 +173,13 @@ def set_value(cfg: RunConfig, dotted: str, value) -> None:
         if part not in types:
             raise KeyError(f"unknown config key {'.'.join(parts[:i + 1])!r}; valid here: {', '.join(types)}")
         if i == len(parts) - 1:
-            setattr(node, part, _coerce(value, types[part]))
+            try:
+                coerced = _coerce(value, types[part])
+            except (TypeError, ValueError) as e:
+                tp = getattr(types[part], "__name__", str(types[part]))
+                raise ValueError(f"{dotted}={value!r} is not a valid {tp} ({e}); give e.g. {dotted}="
+                                 f"{getattr(node, part)!r}") from None
+            setattr(node, part, coerced)
         else:
             node = getattr(node, part)
     if dataclasses.is_dataclass(node) and hasattr(node, "__post_init__"):
@@ -205,6 +222,32 @@ def load_config(preset: str | None = None, config_file: str | None = None, overr
         key, value = item.split("=", 1)
         set_value(cfg, key.strip(), yaml.safe_load(value) if value.strip() else value)
     return cfg
+
+
+def config_differences(old: dict, new: RunConfig) -> list[str]:
+    """"section.key: old -> new" for every setting of ``new`` that differs from the saved config ``old`` (a
+    :func:`to_dict` dict, e.g. config.json), except fields (or whole sections) marked with :data:`RESUMABLE` metadata.
+    Keys present on one side only count as differences."""
+    diffs = []
+
+    def walk(node, old_d: dict, prefix: str):
+        types = {f.name: f for f in dataclasses.fields(node)}
+        as_json = json.loads(json.dumps(dataclasses.asdict(node)))  # tuples -> lists, as in config.json
+        for key in sorted(set(types) | set(old_d)):
+            f = types.get(key)
+            if f is not None and f.metadata.get("resumable"):
+                continue
+            value = getattr(node, key) if f is not None else None
+            if f is not None and dataclasses.is_dataclass(value):
+                sub = old_d.get(key)
+                walk(value, sub if isinstance(sub, dict) else {}, f"{prefix}{key}.")
+                continue
+            new_v = as_json[key] if f is not None else None
+            if old_d.get(key) != new_v:
+                diffs.append(f"{prefix}{key}: {old_d.get(key)!r} -> {new_v!r}")
+
+    walk(new, old, "")
+    return diffs
 
 
 def to_dict(cfg) -> dict:

@@ -12,6 +12,7 @@ Imports only torch, numpy, PIL and the standard library (design.md section 2).
 
 from __future__ import annotations
 
+import atexit
 import gzip
 import hashlib
 import os
@@ -19,6 +20,7 @@ import tempfile
 import threading
 import urllib.request
 import warnings
+import weakref
 from functools import lru_cache
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from PIL import Image
 
 from pmf.images import to_model_range, to_uint8  # noqa: F401 (re-exported: pixel range of the data)
 from pmf.train.filelist import IMG_EXTENSIONS, scan_image_folder
+from pmf.train.preempt import ignore_stop_signals
 
 __all__ = [
     "load_fashion_mnist",
@@ -484,6 +487,16 @@ def _passthrough(batch):
     return batch
 
 
+def _shutdown_workers(loader_ref) -> None:
+    """At interpreter exit, before multiprocessing's own exit handler (registered earlier, so run later) would
+    terminate the workers and wait for them without a time limit: end them the DataLoader's way (a sentinel each,
+    bounded joins)."""
+    loader = loader_ref()
+    it = getattr(loader, "_iterator", None) if loader is not None else None
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
+
+
 class ShardedLoader:
     """Endless iterator of this rank's ``(images uint8 (B, C, H, W), labels int64 (B,))`` batches.
 
@@ -519,7 +532,9 @@ class ShardedLoader:
                 self._dataloader = torch.utils.data.DataLoader(
                     self._fetch, sampler=_Positions(self), batch_size=None, collate_fn=_passthrough,
                     num_workers=self.num_workers, pin_memory=self.pin_memory,
-                    prefetch_factor=self.prefetch_factor, persistent_workers=True)
+                    prefetch_factor=self.prefetch_factor, persistent_workers=True,
+                    worker_init_fn=ignore_stop_signals)  # a preempted run stops after its step (pmf.train.preempt)
+                atexit.register(_shutdown_workers, weakref.ref(self._dataloader))
             batches = iter(self._dataloader)
         for images, labels, bad in batches:
             if bad and isinstance(self.data, ImageFolderDataset):

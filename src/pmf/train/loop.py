@@ -6,6 +6,7 @@ a resumed run continues exactly as an uninterrupted one, on 1 or N processes (``
 train ...``), with replicated (``train.parallel=ddp``) or FSDP2-sharded (``fsdp``) weights; the training state on
 disk is the same full-tensor layout in both modes. Only rank 0 writes files. ``--dry-run`` prints the resolved config
 and the run's size (steps, batches, parameters) without reading data or allocating the model. docs/scale-out.md.
+Preemption signals, the run-directory lock, checked checkpoints and exit statuses: docs/robustness.md.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ from pmf.train import dist
 
 from pmf.train import fsdp
 from pmf.atomic import atomic_write_text
+from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
 from pmf.export import FORMAT_VERSION, export_model, upgrade_model_kwargs
-from pmf.train.checkpoint import load_latest, save_training_state
-from pmf.train.config import RunConfig, to_json
+from pmf.train.checkpoint import load_latest, refuse_silent_restart, save_training_state, set_aside_previous_run
+from pmf.train.config import RunConfig, config_differences, to_json
+from pmf.train.preempt import stop_on_signals
+from pmf.train.runlock import lock_run_dir
+from pmf.train.validate import check_writable_dir, validate_config
 from pmf.images import to_model_range, to_uint8
 from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
 from pmf.train.shards import ShardDataset, is_shard_dir
@@ -36,13 +41,6 @@ from pmf.train.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_
 from pmf.perceptual import build_perceptual
 from pmf.train.speed import autocast_context, cpu_capability, maybe_compile
 from pmf.sampler import noise_from_seeds, sample
-
-# Config keys that may change between a run and its resumption (they do not change the training trajectory).
-RESUMABLE_CHANGES = {"train.total_kimg", "train.log_every_kimg", "train.sample_every_kimg", "train.ckpt_every_kimg",
-                     "train.ckpt_every_minutes", "train.check_every_kimg", "train.device", "train.threads",
-                     "train.compile", "data.num_workers", "data.path", "eval", "sample",
-                     # same arithmetic and the same checkpoint layout in both modes (tests/test_fsdp.py)
-                     "train.parallel", "train.fsdp_reshard_after_forward"}
 
 # Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k
 # train set for data.dataset=imagefolder when data.path is not present [recipe 3.6: 1,281,167 images].
@@ -238,25 +236,32 @@ class Logger:
             self.tb.close()
 
 
-def check_resume_config(run_dir: Path, cfg: RunConfig) -> None:
-    """A run directory belongs to one configuration: refuse to resume with a different one (except the keys in
-    RESUMABLE_CHANGES), naming the differences."""
+class ConfigMismatch(PmfError, ValueError):
+    """The run directory holds a run with other settings."""
+
+
+def check_resume_config(run_dir: Path, cfg: RunConfig, state_config: str | None = None) -> None:
+    """A run directory belongs to one configuration: refuse to resume with a different one, naming the differences.
+    The references are run_dir/config.json and the resolved config stored in the training state (``state_config``,
+    JSON); either may be missing (the state's config is then the reference). Settings marked resumable in the
+    config dataclasses (pmf.train.config.RESUMABLE: lr, intervals, total_kimg, max_nonfinite, ...) may change."""
     path = run_dir / "config.json"
-    if not path.exists():
-        return
-    old, new = json.loads(path.read_text()), json.loads(to_json(cfg))
-    diffs = []
-    for section in new:
-        if section in RESUMABLE_CHANGES:
-            continue
-        for key in set(new[section]) | set(old.get(section, {})):
-            if f"{section}.{key}" in RESUMABLE_CHANGES:
-                continue
-            if old.get(section, {}).get(key) != new[section].get(key):
-                diffs.append(f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {new[section].get(key)!r}")
-    if diffs:
-        raise ValueError(f"{run_dir} holds a run with a different configuration:\n  " + "\n  ".join(diffs)
-                         + "\nUse a new --run-dir, or rerun with the original settings to resume.")
+    refs = []
+    if path.exists():
+        try:
+            refs.append((str(path), json.loads(path.read_text())))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            if state_config is None:
+                raise ConfigMismatch(f"{path} is not valid JSON ({e}) and no training state carries the config; "
+                                     "restore it, or pass --restart to start again") from None
+    if state_config is not None:
+        refs.append(("the training state", json.loads(state_config)))
+    for where, old in refs:
+        diffs = config_differences(old, cfg)
+        if diffs:
+            raise ConfigMismatch(f"{run_dir} holds a run with a different configuration (per {where}): "
+                                 + "; ".join(diffs) + ". Use a new --run-dir, or rerun with the original settings "
+                                 "to resume (or --restart to start again from step 0).")
 
 
 def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: RunConfig, nimg: int) -> None:
@@ -311,11 +316,16 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
 
 
 def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = None, dry_run: bool = False,
-          quiet: bool = False) -> dict:
-    """Train (or resume) the run in ``run_dir``. Returns a summary dict. ``minutes`` stops cleanly, with a
-    checkpoint, once that much wall-clock time has passed (the run then resumes when the command is rerun)."""
+          quiet: bool = False, restart: bool = False) -> dict:
+    """Train (or resume) the run in ``run_dir``. Returns a summary dict; its ``exit_status`` is the command's
+    (pmf.errors). ``minutes`` stops cleanly, with a checkpoint, once that much wall-clock time has passed (the run
+    then resumes when the command is rerun). SIGTERM / SIGINT / SIGUSR1 stop after the current step with a
+    checkpoint and the exports (:mod:`pmf.train.preempt`). Rank 0 holds ``run_dir/.lock`` throughout
+    (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside."""
     t_start = time.time()
     run_dir = Path(run_dir)
+    validate_config(cfg)  # every setting, before any work (also for --dry-run)
+    check_writable_dir(run_dir)
     device = resolve_device(cfg.train.device)
     if cfg.train.parallel == "fsdp":
         fsdp.check_objective(cfg.objective.impl)
@@ -325,6 +335,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         return dry_run_report(cfg, kwargs, device)
 
     dist.init(device.type)
+    lock = lock_run_dir(run_dir)  # before anything in run_dir is read; a second run on it is refused
+    try:
+        with stop_on_signals() as stop:
+            return _train_locked(cfg, run_dir, minutes, quiet, restart, stop, t_start, device, kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, t_start, device, kwargs) -> dict:
     world, rank = dist.world_size(), dist.rank()
     G, accum = cfg.train.batch_size, cfg.train.accum_steps
     if G % (world * accum):
@@ -344,13 +364,24 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
                "parallel": cfg.train.parallel, "total_kimg": cfg.train.total_kimg,
                "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
-    check_resume_config(run_dir, cfg)
+    if restart:
+        if dist.is_main():
+            moved = set_aside_previous_run(run_dir)
+            print(f"--restart: training {run_dir} from step 0" + (f"; moved aside: {', '.join(moved)}" if moved else ""),
+                  flush=True)
+        dist.barrier()
+    # Full tensors in both modes; every rank reads the file; checksums verified, a damaged file skipped (rank 0 renames
+    # it *.damaged).
+    state = load_latest(run_dir, set_aside=dist.is_main())
+    if state is None and not restart:
+        refuse_silent_restart(run_dir)
+    if not restart:
+        check_resume_config(run_dir, cfg, state.get("config") if state is not None else None)
+    if state is not None and state.get("format_version", 1) < FORMAT_VERSION:  # an older pmf's run: its overrides
+        cfg.model.overrides = upgrade_model_kwargs(cfg.model.overrides, state.get("format_version", 1))  # in its meaning
+        kwargs = model_kwargs(cfg)
     if device.type == "cpu" and not quiet:  # a CPU without native bf16 trains far slower in bf16: say which this is
         dist.print0(f"CPU: {cpu_capability()}")
-    state = load_latest(run_dir)  # full tensors in both modes; every rank reads the file
-    if state is not None and state["format_version"] < FORMAT_VERSION:  # an older pmf's run: read its overrides
-        cfg.model.overrides = upgrade_model_kwargs(cfg.model.overrides, state["format_version"])  # in its meaning
-        kwargs = model_kwargs(cfg)
     torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
     net = PMFDiT(**kwargs).to(device)
     nimg, step, nonfinite_run, nonfinite_total = 0, 0, 0, 0
@@ -400,7 +431,8 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
               "ema": ema_state()}
         if dist.is_main():
             save_training_state(run_dir, {**st, "loader": loader.state_dict(), "nimg": nimg,
-                                          "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total}, step)
+                                          "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
+                                          "config": to_json(cfg)}, step)
         dist.barrier()
 
     def skipped_files() -> int:
@@ -479,7 +511,11 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         now = time.time()
         time_up = minutes is not None and now - t_start > minutes * 60
         ckpt_due = nimg >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
-        time_up, ckpt_due = dist.any_rank(time_up, ckpt_due)
+        # A stop signal on any rank stops every rank after this same step (pmf.train.preempt).
+        time_up, ckpt_due, preempted = dist.any_rank(time_up, ckpt_due, stop.requested)
+        if preempted:  # the checkpoint and exports after the loop save this step
+            stop_reason = f"preempted ({stop.signal_name or 'signal on another rank'})"
+            break
         if time_up:  # the checkpoint after the loop saves this step
             stop_reason = "time budget"
             break
@@ -489,16 +525,25 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
             next_ckpt = nimg + cfg.train.ckpt_every_kimg * 1000
     if pbar is not None:
         pbar.close()
+    if stop_reason == "done" and nonfinite_run > 0:  # reached the end, but its last steps trained nothing
+        stop_reason = f"done, but the last {nonfinite_run} steps were non-finite"
     checkpoint()
     grid("latest")
     final_net, final_emas = net_state(), {name: ema_state(name) for name in ema.names}
     if dist.is_main():
         export_all(final_net, final_emas, run_dir, kwargs, cfg, nimg)
     logger.close()
-    summary.update({"kimg": nimg / 1000, "step": step, "stop_reason": stop_reason, "nonfinite_total": nonfinite_total,
+    summary.update({"kimg": nimg / 1000, "step": step, "stop_reason": stop_reason,
+                    "exit_status": exit_status(stop_reason), "nonfinite_total": nonfinite_total,
                     "skipped_files": skipped_files(),
                     "seconds": time.time() - t_start, "last_metrics": res.metrics if res is not None else {}})
     if dist.is_main():
         atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.print0(f"stopped ({stop_reason}) at {nimg / 1000:.1f} kimg, step {step}; grid {run_dir / 'samples-latest.png'}")
+    if summary["exit_status"] == EXIT_DIVERGED:
+        dist.print0(f"exit status {EXIT_DIVERGED}: lower optim.lr (or raise train.max_nonfinite) and rerun to continue "
+                    f"from step {step}, or rerun with --restart if the weights are ruined")
+    elif stop_reason != "done":
+        dist.print0(f"rerun the same command to continue (exit status {summary['exit_status']})")
+    dist.barrier()  # every rank leaves after rank 0 wrote everything (a launcher may kill the others on a non-zero exit)
     return summary

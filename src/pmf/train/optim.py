@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -50,18 +50,23 @@ NS_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}  # opt
 @dataclass
 class OptimConfig:
     name: str = "muon"  # "muon": Muon on matrices + Adam on the rest (official); "adam": Adam on all (Fig. 3a)
-    lr: float = 1e-3  # peak learning rate, shared by the Muon and the Adam parts (official: constant 1e-3)
+    # The learning rate and its schedule may change when a run resumes (pmf.train.config.RESUMABLE).
+    lr: float = field(default=1e-3, metadata={"resumable": True})  # peak learning rate, shared by the Muon and the
+    #   Adam parts (official: constant 1e-3)
     betas: tuple[float, float] = (0.9, 0.95)  # Adam (b1, b2); the official run sets b2 = 0.95
     eps: float = 1e-8  # Adam denominator eps; also Muon's Frobenius-normalisation eps, as in optax
     weight_decay: float = 0.0  # decoupled (AdamW-style, times lr) for both parts; official 0
     nesterov_adam: bool = True  # optax adam(nesterov=True): bias-corrected Nesterov first moment
     muon_momentum: float = 0.95  # Muon's Nesterov momentum beta
     muon_ns_steps: int = 5  # Newton-Schulz iterations (coefficients 3.4445, -4.7750, 2.0315)
-    muon_ns_precision: str = "auto"  # "auto": bf16 on GPUs and native-bf16 CPUs, else fp32 | "bf16" | "fp32"
-    warmup_kimg: float = 0.0  # linear warmup from 0 to lr over this many thousand images (official 0)
-    schedule: str = "constant"  # "constant" | "cosine" (after warmup)
-    total_kimg: float = 0.0  # cosine: lr reaches min_lr_ratio * lr at this many thousand images
-    min_lr_ratio: float = 0.0  # cosine floor as a fraction of lr
+    muon_ns_precision: str = field(default="auto", metadata={"resumable": True})  # Newton-Schulz dtype: "auto"
+    #   (bf16 on GPUs and native-bf16 CPUs, else fp32) | "bf16" | "fp32"
+    warmup_kimg: float = field(default=0.0, metadata={"resumable": True})  # linear warmup from 0 to lr over this
+    #   many thousand images (official 0)
+    schedule: str = field(default="constant", metadata={"resumable": True})  # "constant" | "cosine" (after warmup)
+    total_kimg: float = field(default=0.0, metadata={"resumable": True})  # cosine: lr reaches min_lr_ratio * lr at
+    #   this many thousand images
+    min_lr_ratio: float = field(default=0.0, metadata={"resumable": True})  # cosine floor as a fraction of lr
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,162 @@
+"""Checks of a resolved run configuration and of sampling arguments, before any work is done.
+
+Everything here reads no data and allocates nothing, so ``pmf train --dry-run`` runs the same checks as a real run.
+A failure is a :class:`ConfigError` naming the key, the bad value and the fix; all problems of a config are reported
+together, on one line.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from pmf.errors import PmfError
+
+
+class ConfigError(PmfError, ValueError):
+    """A setting or argument that cannot work."""
+
+
+def pmfdit_kwargs() -> list[str]:
+    """The keyword arguments PMFDiT accepts (model.overrides must use these)."""
+    from pmf.model import PMFDiT
+
+    return [n for n, p in inspect.signature(PMFDiT.__init__).parameters.items()
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def device_problem(name: str, key: str) -> str | None:
+    """Why the torch device ``name`` cannot be used here, or None. "auto" always works."""
+    if name == "auto":
+        return None
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"{key}={name!r} is not a device; use auto, cpu, cuda or cuda:N"
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU build" if torch.version.cuda is None else "no CUDA device is visible"
+            return f"{key}={name!r} but CUDA is not available ({why}); use {key}=cpu (or auto)"
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            return f"{key}={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist"
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        return f"{key}={name!r} but MPS is not available; use {key}=cpu"
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        return f"{key}={name!r}: unsupported device type; use auto, cpu or cuda"
+    return None
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def sampling_problems(omega=None, t_min=None, t_max=None, steps=None, num=None, prefix="--") -> list[str]:
+    """Problems of sampling arguments (None = not given): omega finite, 0 <= t_min <= t_max <= 1, steps >= 1,
+    num >= 1. ``prefix`` names them as command-line flags ("--") or config keys ("sample.")."""
+    out = []
+    if omega is not None and not _finite(omega):
+        out.append(f"{prefix}omega={omega} must be a finite number (e.g. 1.0: no guidance)")
+    if t_min is not None or t_max is not None:
+        lo, hi = (0.0 if t_min is None else t_min), (1.0 if t_max is None else t_max)
+        name = "--interval" if prefix == "--" else f"{prefix}t_min/{prefix}t_max"
+        if not (_finite(lo) and _finite(hi) and 0.0 <= lo <= hi <= 1.0):
+            out.append(f"{name} {lo} {hi} must satisfy 0 <= t_min <= t_max <= 1 (e.g. 0.1 0.7)")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        out.append(f"{prefix}steps={steps} must be >= 1")
+    if num is not None and num < 1:
+        out.append(f"{prefix}num={num} must be >= 1 (the number of samples)")
+    return out
+
+
+def config_problems(cfg) -> list[str]:
+    """Every problem of a resolved RunConfig, as "key=value: what is wrong; the fix"."""
+    from pmf.model import MODELS
+    from pmf.train.optim import EMASpec
+
+    p = []
+    t, d, s, e = cfg.train, cfg.data, cfg.sample, cfg.eval
+
+    def positive(key, value, integer=False):
+        ok = _finite(value) and value > 0 and (not integer or float(value).is_integer())
+        if not ok:
+            p.append(f"{key}={value!r} must be a positive {'integer' if integer else 'number'}")
+
+    def non_negative(key, value):
+        if not (_finite(value) and value >= 0):
+            p.append(f"{key}={value!r} must be >= 0")
+
+    positive("train.total_kimg", t.total_kimg)
+    positive("train.batch_size", t.batch_size, integer=True)
+    positive("train.accum_steps", t.accum_steps, integer=True)
+    if t.batch_size > 0 and t.accum_steps > 0 and t.batch_size % t.accum_steps:
+        p.append(f"train.batch_size={t.batch_size} must be divisible by train.accum_steps={t.accum_steps}")
+    positive("train.max_nonfinite", t.max_nonfinite, integer=True)
+    for key in ("log_every_kimg", "ckpt_every_kimg", "ckpt_every_minutes", "check_every_kimg"):
+        positive(f"train.{key}", getattr(t, key))
+    for key in ("sample_every_kimg", "grad_clip", "ema_ramp", "threads"):
+        non_negative(f"train.{key}", getattr(t, key))
+    if (why := device_problem(t.device, "train.device")) is not None:
+        p.append(why)
+    ema_names = []
+    for spec in t.ema:
+        try:
+            ema_names.append(EMASpec.parse(spec).name)
+        except ValueError as err:
+            p.append(f"train.ema: {err}")
+    if s.ema and s.ema not in ema_names:
+        p.append(f"sample.ema={s.ema!r} is not one of train.ema's copies ({', '.join(ema_names) or 'none'}); use one "
+                 "of them, or '' for the raw weights")
+    p += sampling_problems(s.omega, s.t_min, s.t_max, s.steps, prefix="sample.")
+    positive("eval.num_samples", e.num_samples, integer=True)
+    positive("eval.batch_size", e.batch_size, integer=True)
+    if not e.steps or any(not isinstance(k, int) or k < 1 for k in e.steps):
+        p.append(f"eval.steps={e.steps!r} must be a list of step counts >= 1")
+    positive("data.resolution", d.resolution, integer=True)
+    non_negative("data.num_workers", d.num_workers)
+    if d.dataset not in ("fashion_mnist", "imagefolder"):
+        p.append(f"data.dataset={d.dataset!r} must be fashion_mnist or imagefolder")
+    if not (_finite(cfg.optim.lr) and cfg.optim.lr > 0):
+        p.append(f"optim.lr={cfg.optim.lr!r} must be a positive number")
+    positive("objective.noise_scale", cfg.objective.noise_scale)
+    if cfg.model.name not in MODELS:
+        p.append(f"model.name={cfg.model.name!r} is not registered; use one of {', '.join(MODELS)}")
+    overrides = cfg.model.overrides or {}
+    if not isinstance(overrides, dict):
+        p.append(f"model.overrides={overrides!r} must be a mapping of PMFDiT keyword arguments")
+    else:
+        known = pmfdit_kwargs()
+        unknown = sorted(k for k in overrides if k not in known)
+        if unknown:
+            p.append(f"model.overrides has unknown PMFDiT argument(s) {', '.join(map(repr, unknown))}; known: "
+                     f"{', '.join(known)}")
+        for k in ("hidden_size", "depth", "num_heads", "input_size", "patch_size"):
+            if k in overrides and not (isinstance(overrides[k], int) and overrides[k] > 0):
+                p.append(f"model.overrides.{k}={overrides[k]!r} must be a positive integer")
+    return p
+
+
+def validate_config(cfg) -> None:
+    """Raise :class:`ConfigError` listing every problem of ``cfg`` (one line)."""
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid settings: " + "; ".join(problems))
+
+
+def check_writable_dir(path: str | os.PathLike, flag: str = "--run-dir") -> None:
+    """Raise :class:`ConfigError` unless ``path`` is a writable directory or can be created as one (its nearest
+    existing ancestor is a writable directory). Creates nothing."""
+    path = Path(path).absolute()
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ConfigError(f"{flag} {path}: {probe} is a file, not a directory; choose another {flag}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        what = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
+        raise ConfigError(f"{flag} {path} {what}; choose a writable directory or fix its permissions")
