@@ -117,8 +117,8 @@ def config_problems(cfg) -> list[str]:
         p.append(f"eval.steps={e.steps!r} must be a list of step counts >= 1")
     positive("data.resolution", d.resolution, integer=True)
     non_negative("data.num_workers", d.num_workers)
-    if d.dataset not in ("fashion_mnist", "imagefolder"):
-        p.append(f"data.dataset={d.dataset!r} must be fashion_mnist or imagefolder")
+    if d.dataset not in ("fashion_mnist", "imagefolder", "shards"):
+        p.append(f"data.dataset={d.dataset!r} must be fashion_mnist, imagefolder or shards")
     if not (_finite(cfg.optim.lr) and cfg.optim.lr > 0):
         p.append(f"optim.lr={cfg.optim.lr!r} must be a positive number")
     positive("objective.noise_scale", cfg.objective.noise_scale)
