@@ -54,7 +54,8 @@ def cmd_train(args) -> int:
     from pmf.train.loop import train
 
     cfg = load_config(args.preset, args.config, args.set or [])
-    train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet)
+    train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet,
+          plan_devices=args.plan_devices, plan_device_memory=args.plan_device_memory)
     return 0
 
 
@@ -228,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--minutes", type=float, help="stop cleanly with a checkpoint after this much wall-clock time")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and run size, then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--plan-devices", type=int, metavar="N",
+                   help="--dry-run: plan for N devices (default: WORLD_SIZE, else 1)")
+    t.add_argument("--plan-device-memory", type=float, metavar="GIB",
+                   help="--dry-run: memory of one device in GiB (default: the visible GPU's, else this host's RAM)")
     t.set_defaults(fn=cmd_train)
 
     def guidance_args(q):

@@ -21,7 +21,7 @@ import torch
 
 from pmf.train import dist
 
-from pmf.train import fsdp
+from pmf.train import fsdp, plan
 from pmf.atomic import atomic_write_text
 from pmf.export import export_model
 from pmf.train.checkpoint import load_latest, save_training_state
@@ -266,11 +266,14 @@ def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: Ru
         export_model(infer, run_dir / "export", infer_kwargs, meta, name=name)
 
 
-def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
-    """``--dry-run``: print the resolved config and the run's derived numbers; read no data, allocate nothing (the
-    model is built on the meta device to count parameters), join no process group. The world size is torchrun's
-    WORLD_SIZE (set it by hand to plan a launch: ``WORLD_SIZE=64 pmf train --dry-run ...``)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devices: int | None = None,
+                   plan_device_memory: float | None = None) -> dict:
+    """``--dry-run``: print the resolved config and the run's derived numbers; read no data, allocate nothing on the
+    device (the model is built on the meta device to count parameters; the memory plan measures small instances on
+    the CPU, :mod:`pmf.train.plan`), join no process group. The world size is ``plan_devices``, else torchrun's
+    WORLD_SIZE (set it by hand to plan a launch: ``WORLD_SIZE=64 pmf train --dry-run ...``), else 1; the memory of
+    a device is ``plan_device_memory`` GiB, else the visible GPU's, else this host's RAM (a CPU run)."""
+    world = plan_devices or int(os.environ.get("WORLD_SIZE", "1"))
     n_data, source = dataset_size(cfg)
     summary = {"model": cfg.model.name, "device": str(device), **run_plan(cfg, world, n_data),
                "dataset_size_source": source,
@@ -279,7 +282,16 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
         summary["params_M"] = round(sum(p.numel() for p in PMFDiT(**kwargs).parameters()) / 1e6, 3)
         infer = {**kwargs, "v_head": False}
         summary["params_M_inference"] = round(sum(p.numel() for p in PMFDiT(**infer).parameters()) / 1e6, 3)
-    notes = []
+    n_gpu, gpu_gib, gpu_name = plan.local_devices()
+    if plan_device_memory:
+        mem, name = plan_device_memory, "planned"
+    elif n_gpu and device.type == "cuda":
+        mem, name = gpu_gib, gpu_name
+    else:
+        mem, name = plan.host_memory_gib(), "host RAM (CPU run)"
+    dplan = plan.device_plan(cfg, kwargs, world, mem, name)
+    summary.update({k: dplan[k] for k in ("est_peak_gib_per_device", "fits")}, device_plan=dplan)
+    notes = [] if dplan["fits"] else [f"does not fit: {plan.format_plan(dplan)}. Knobs: {dplan['advice']}"]
     terms = sorted(k for k, v in (cfg.objective.perceptual_weights or {}).items() if v > 0)
     if terms:
         need = {"lpips": ("lpips_vgg_path", "lpips_lin_path"), "convnext": ("convnext_path",)}
@@ -300,9 +312,10 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
 
 
 def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = None, dry_run: bool = False,
-          quiet: bool = False) -> dict:
+          quiet: bool = False, plan_devices: int | None = None, plan_device_memory: float | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``. Returns a summary dict. ``minutes`` stops cleanly, with a
-    checkpoint, once that much wall-clock time has passed (the run then resumes when the command is rerun)."""
+    checkpoint, once that much wall-clock time has passed (the run then resumes when the command is rerun).
+    ``plan_devices`` / ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`)."""
     t_start = time.time()
     run_dir = Path(run_dir)
     device = resolve_device(cfg.train.device)
@@ -311,7 +324,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     autocast_context(device.type, cfg.train.precision)  # rejects an unknown precision before any work
     kwargs = model_kwargs(cfg)
     if dry_run:
-        return dry_run_report(cfg, kwargs, device)
+        return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
 
     dist.init(device.type)
     world, rank = dist.world_size(), dist.rank()
