@@ -9,6 +9,8 @@ from pmf.model import build_model
 from pmf.objective import ObjectiveConfig, pmf_loss
 from pmf.train.plan import loss_saved_bytes
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _perturbed_tiny(seed=0):
     torch.manual_seed(seed)
