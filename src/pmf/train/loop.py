@@ -33,7 +33,7 @@ from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
 from pmf.train.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
 from pmf.perceptual import build_perceptual
-from pmf.train.speed import autocast_context, maybe_compile
+from pmf.train.speed import autocast_context, is_out_of_memory, maybe_compile, set_tf32
 from pmf.sampler import noise_from_seeds, sample
 
 # Config keys that may change between a run and its resumption (they do not change the training trajectory).
@@ -41,7 +41,9 @@ RESUMABLE_CHANGES = {"train.total_kimg", "train.log_every_kimg", "train.sample_e
                      "train.ckpt_every_minutes", "train.check_every_kimg", "train.device", "train.threads",
                      "train.compile", "data.num_workers", "data.path", "eval", "sample",
                      # same arithmetic and the same checkpoint layout in both modes (tests/test_fsdp.py)
-                     "train.parallel", "train.fsdp_reshard_after_forward"}
+                     "train.parallel", "train.fsdp_reshard_after_forward",
+                     # memory / speed knobs: the same arithmetic (checkpointing) or the same fp32 contract (TF32)
+                     "train.activation_checkpointing", "train.tf32"}
 
 # Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k
 # train set for data.dataset=imagefolder when data.path is not present [recipe 3.6: 1,281,167 images].
@@ -335,6 +337,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
         torch.set_num_threads(cfg.train.threads)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal arithmetic stalls CPU steps for seconds
+    set_tf32(device, cfg.train.tf32)
 
     data, num_classes = load_dataset(cfg)
     if cfg.data.class_conditional and kwargs["num_classes"] != num_classes:
@@ -349,6 +352,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     check_resume_config(run_dir, cfg)
     torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
     net = PMFDiT(**kwargs).to(device)
+    net.activation_checkpointing = cfg.train.activation_checkpointing
     nimg, step, nonfinite_run, nonfinite_total = 0, 0, 0, 0
     state = load_latest(run_dir)  # full tensors in both modes; every rank reads the file
     if state is not None:
@@ -435,7 +439,12 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     while nimg < total_nimg:
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, nimg / 1000))
-        res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual, loss_fn)
+        try:
+            res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual, loss_fn)
+        except Exception as e:
+            if is_out_of_memory(e):  # say what did not fit and what to turn, not just the allocator's line
+                raise plan.out_of_memory_error(e, cfg, kwargs, world, device) from e
+            raise
         nimg += G
         step += 1
         if res.finite:

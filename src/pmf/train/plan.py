@@ -3,7 +3,8 @@
 ``pmf train ... --dry-run`` calls :func:`device_plan`. The estimate of the peak memory of one device is a sum of
 
 - **weights, gradients**: the training network's parameters (v-head included) in float32 (autocast never changes
-  them); under ``train.parallel=fsdp`` a 1/world shard each, plus the largest block gathered in full;
+  them; under bf16 autocast the weights also have a bf16 copy); under ``train.parallel=fsdp`` a 1/world shard each,
+  plus the largest block gathered in full;
 - **optimizer state**: bytes per parameter *measured* by building ``train.optim``'s optimizer on a tiny model and
   taking one step (Muon keeps one buffer per matrix, Adam two per tensor; whatever the optimizer is, it is counted);
 - **EMA copies**: ``len(train.ema)`` float32 copies of the parameters (sharded under FSDP);
@@ -45,8 +46,11 @@ FRAGMENTATION = 0.10  # caching-allocator slack on top of the activations
 def saved_tensor_bytes(fn, exclude=()) -> tuple[object, int]:
     """(fn(), bytes of the distinct storages autograd saved for the backward while ``fn`` ran and still holds when
     it returns: a graph that ``fn`` built and dropped again frees its saved tensors, and they are not counted).
-    Storages of the tensors in ``exclude`` (the parameters: they exist anyway) are not counted."""
+    Storages of the tensors in ``exclude`` (the parameters: they exist anyway) are not counted, nor tensors of a
+    parameter's shape (the bf16 copies autocast makes of the weights: a per-step constant, counted by the caller, not
+    per-sample activations)."""
     skip = {t.untyped_storage().data_ptr() for t in exclude}
+    weight_shapes = {tuple(t.shape) for t in exclude} | {tuple(t.shape)[::-1] for t in exclude if t.ndim == 2}
     saved: list[weakref.ref] = []
 
     def pack(t):
@@ -58,7 +62,7 @@ def saved_tensor_bytes(fn, exclude=()) -> tuple[object, int]:
     sizes: dict[int, int] = {}
     for ref in saved:
         t = ref()
-        if t is None:
+        if t is None or tuple(t.shape) in weight_shapes:
             continue
         try:
             st = t.untyped_storage()
@@ -283,8 +287,10 @@ def estimate_memory(cfg, kwargs: dict, world: int, micro: int) -> dict:
                                       getattr(cfg.train, "activation_checkpointing", False))
     perc = perceptual_memory(cfg.objective, cfg.perceptual, cfg.train.precision)
     activations = micro * (act["saved"] + perc["per_sample"])
+    # Under bf16 autocast the weights' bf16 copies (autocast's cast cache) live through forward and backward.
+    casts = 2 * n["total"] / shard if str(cfg.train.precision).lower() in ("bf16", "bfloat16") else 0
     terms = {
-        "weights": 4 * n["total"] / shard + gathered / 2,
+        "weights": 4 * n["total"] / shard + gathered / 2 + casts,
         "gradients": 4 * n["total"] / shard + gathered / 2,
         "optimizer_state": (opt["matrix"] * n["matrix"] + opt["other"] * n["other"]) / shard,
         "ema_copies": len(cfg.train.ema) * 4 * n["total"] / shard,
@@ -351,6 +357,31 @@ def format_plan(plan: dict) -> str:
     return (f"plan for {plan['devices']} device(s) of {plan['device_memory_gib']} GiB: micro-batch "
             f"{plan['micro_batch_per_device']} x {plan['accum_steps']} accumulation steps, est. peak "
             f"{plan['est_peak_gib_per_device']} GiB per device ({terms} GiB)")
+
+
+class PlannedOutOfMemoryError(RuntimeError):
+    """A device ran out of memory; the message carries the plan's numbers and the knobs to turn."""
+
+
+def out_of_memory_error(err: BaseException, cfg, kwargs: dict, world: int, device) -> PlannedOutOfMemoryError:
+    """The error to raise (``from err``) when a training step runs out of device memory: what was allocated, the
+    plan's estimate for this device, and the knobs (micro-batch, activation checkpointing, precision, FSDP)."""
+    device = torch.device(device)
+    used = ""
+    if device.type == "cuda":
+        mem = torch.cuda.get_device_properties(device).total_memory / GIB
+        used = (f" ({torch.cuda.max_memory_allocated(device) / GIB:.1f} GiB peak allocated of {mem:.1f} GiB, "
+                f"{torch.cuda.memory_reserved(device) / GIB:.1f} GiB reserved)")
+    else:
+        mem = host_memory_gib()
+    try:
+        p = device_plan(cfg, kwargs, world, mem, str(device))
+        detail = f"{format_plan(p)}. Knobs: {knobs_advice(p)}"
+    except Exception as plan_err:  # noqa: BLE001  (the plan must never hide the original error)
+        detail = f"(no plan: {type(plan_err).__name__}: {plan_err})"
+    first = str(err).splitlines()[0][:300] if str(err) else type(err).__name__
+    return PlannedOutOfMemoryError(f"out of memory on {device}{used}: {first}\n{detail}\n"
+                                   f"Check a configuration before launching: pmf train ... --dry-run")
 
 
 def local_devices() -> tuple[int, float, str]:
