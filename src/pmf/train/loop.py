@@ -187,17 +187,44 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     return StepResult(metrics, finite, grad_norm)
 
 
+GRID_MAX_IMAGES = 64  # training grids stay small: rank 0 samples them between steps, at any model size
+GRID_CHUNK = 16  # images per network call while sampling a grid
+GRID_WIDTH_PX = 640  # about this wide on disk: small images are enlarged, large ones averaged down
+
+
+def grid_layout(num_classes: int) -> tuple[list[int], int]:
+    """(classes of the columns, rows) of a training grid: every class when there are at most 16, else 8 classes
+    spread evenly over the label set (0, C/8, 2C/8, ...); as many rows (fixed seeds) as keep it <= 64 images, at
+    most 8."""
+    cols = num_classes if num_classes <= 16 else 8
+    classes = [(j * num_classes) // cols for j in range(cols)]
+    return classes, max(1, min(8, GRID_MAX_IMAGES // cols))
+
+
 @torch.no_grad()
-def sample_grid(net, cfg: RunConfig, num_classes: int, path, rows: int = 8) -> Path:
-    """1-NFE grid: columns are classes, rows are fixed seeds (``sample.grid_seed``), so grids are comparable."""
-    n = rows * num_classes
-    labels = torch.arange(n) % num_classes
+def sample_grid(net, cfg: RunConfig, num_classes: int, path) -> Path:
+    """1-NFE grid of at most 64 images: columns are classes spread over the label set, rows are fixed seeds
+    (``sample.grid_seed``), so grids are comparable across a run. Sampled in chunks of 16 under the training
+    precision (``train.precision``), written about 640 pixels wide."""
+    classes, rows = grid_layout(num_classes)
+    n = rows * len(classes)
+    labels = torch.tensor(classes).repeat(rows)  # row-major: image i is (row i // cols, column i % cols)
     shape = (net.in_channels, net.input_size, net.input_size)
     dev = next(net.parameters()).device
     noise = noise_from_seeds([cfg.sample.grid_seed * 100000 + i for i in range(n)], shape,
-                             cfg.objective.noise_scale, dev)
-    x = sample(net, noise, labels.to(dev), cfg.sample.steps, cfg.sample.omega, cfg.sample.t_min, cfg.sample.t_max)
-    return save_grid(to_uint8(x.float().cpu()), path, nrow=num_classes, scale=max(1, 112 // net.input_size))
+                             cfg.objective.noise_scale, "cpu")
+    chunks = []
+    for i in range(0, n, GRID_CHUNK):
+        with autocast_context(dev.type, cfg.train.precision):
+            x = sample(net, noise[i:i + GRID_CHUNK].to(dev), labels[i:i + GRID_CHUNK].to(dev), cfg.sample.steps,
+                       cfg.sample.omega, cfg.sample.t_min, cfg.sample.t_max)
+        chunks.append(x.float().cpu())
+    x = torch.cat(chunks)
+    down = math.ceil(len(classes) * net.input_size / GRID_WIDTH_PX)
+    if down > 1:  # average-pool large images down so the PNG stays a few hundred pixels wide
+        x = torch.nn.functional.avg_pool2d(x, down, ceil_mode=True)
+    width = len(classes) * (x.shape[-1] + 2) + 2  # save_grid's 2-px borders
+    return save_grid(to_uint8(x), path, nrow=len(classes), scale=max(1, GRID_WIDTH_PX // width))
 
 
 class Logger:
