@@ -157,3 +157,29 @@ def test_guidance_range_warning(net):
 def test_num_steps_zero_raises(net):
     with pytest.raises(ValueError):
         sample(net, _noise(), Y, num_steps=0)
+
+
+def test_noise_depends_only_on_its_seed_threads_and_prefetch(monkeypatch):
+    """Threaded per-sample draws and the background prefetch of pmf.sampler give every sample the noise its seed
+    gives alone, bit for bit, whatever the batch or the number of threads; the prefetch draws off the main thread."""
+    import threading
+
+    import pmf.sampler as sampler
+
+    seeds = [11, 3, 10**7 + 5, 42, 7, 8, 9, 1234567]
+    alone = torch.stack([torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(s)) for s in seeds]) * 2.0
+    assert torch.equal(sampler.noise_from_seeds(seeds, (3, 4, 4), 2.0), alone)
+    monkeypatch.setattr(sampler, "NOISE_THREADS", 1)
+    assert torch.equal(sampler.noise_from_seeds(seeds[::-1], (3, 4, 4), 2.0), alone.flip(0))
+    monkeypatch.setattr(sampler, "NOISE_THREADS", 3)
+    threads = []
+    fill = sampler._fill_noise
+
+    def spy(*args):
+        threads.append(threading.current_thread() is threading.main_thread())
+        return fill(*args)
+
+    monkeypatch.setattr(sampler, "_fill_noise", spy)
+    batches = list(sampler.noise_batches([seeds[:3], seeds[3:5], seeds[5:]], (3, 4, 4), 2.0))
+    assert torch.equal(torch.cat(batches), alone) and [b.shape[0] for b in batches] == [3, 2, 3]
+    assert threads and not any(threads)

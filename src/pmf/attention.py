@@ -11,10 +11,11 @@ network, so attention must carry tangents. Three backends:
   ``jvp`` uses the closed-form tangent of softmax attention. With S = q k^T / sqrt(d), P = softmax(S), O = P v:
 
       dS = (dq k^T + q dk^T) / sqrt(d)
-      dO = P dv + (P * dS) v - rowsum(P * dS) * O
+      dO = P dv + (P * (dS - rowsum(P * dS))) v        (the softmax tangent dP = P * (dS - rowsum(P * dS)))
 
-  ``P dv`` runs on the fused kernel; the two ``P * dS`` terms need P itself and are computed once, in float32, only
-  when a tangent is asked for. The reverse pass uses the fused kernel's backward: on CPU (float32 / float64, no
+  ``P dv`` runs on the fused kernel; the centred term needs P itself and is computed in float32, only when a tangent
+  is asked for. The centred form never touches the rounded output O: the equivalent ``(P * dS) v - rowsum(P * dS) O``
+  subtracts two nearly equal terms and, under bf16 autocast, multiplies by O as the bf16 kernel rounded it. The reverse pass uses the fused kernel's backward: on CPU (float32 / float64, no
   autocast) the forward calls the CPU flash kernel directly and keeps its logsumexp, so the backward runs the
   kernel's own backward op; elsewhere the backward recomputes the fused forward under autograd and differentiates it.
 """
@@ -66,16 +67,17 @@ class _JvpSDPA(torch.autograd.Function):
         out, lse = output
         ctx.mark_non_differentiable(lse)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.save_for_forward(q, k, v, out)
+        ctx.save_for_forward(q, k, v)
         ctx.kernel_dtype = out.dtype  # what the fused kernel ran in: autocast may have cast mixed q, k, v
 
     @staticmethod
     def jvp(ctx, dq, dk, dv):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
+        out_dtype = ctx.kernel_dtype
         scale = 1.0 / math.sqrt(q.shape[-1])
         f = _softmax_dtype(q)
         # P in float32 (or float64), recomputed here so the primal forward never materialises it. Autocast off: it
-        # would run these einsums in bf16/fp16, and rowsum(P * dS) * O is a difference of nearly equal terms.
+        # would run these einsums in bf16/fp16.
         with torch.autocast(q.device.type, enabled=False):
             probs = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, k.to(f)), dim=-1)
             dS = torch.zeros_like(probs)
@@ -83,9 +85,9 @@ class _JvpSDPA(torch.autograd.Function):
                 dS = dS + torch.einsum("bhqd,bhkd->bhqk", dq.to(f) * scale, k.to(f))
             if dk is not None:
                 dS = dS + torch.einsum("bhqd,bhkd->bhqk", q.to(f) * scale, dk.to(f))
-            p_ds = probs * dS  # (B, H, L, L)
-            d_out = torch.einsum("bhqk,bhkd->bhqd", p_ds, v.to(f)) - p_ds.sum(-1, keepdim=True) * out.to(f)
-        d_out = d_out.to(out.dtype)
+            d_probs = probs * (dS - (probs * dS).sum(-1, keepdim=True))  # (B, H, L, L), centred: no O needed
+            d_out = torch.einsum("bhqk,bhkd->bhqd", d_probs, v.to(f))
+        d_out = d_out.to(out_dtype)
         if dv is not None:
             d_out = d_out + F.scaled_dot_product_attention(q, k, dv)  # P dv on the fused kernel
         return d_out, None

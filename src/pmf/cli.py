@@ -100,7 +100,7 @@ def cmd_train(args) -> int:
 
     cfg = load_config(args.preset, args.config, args.set or [])
     summary = train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet,
-                    restart=args.restart)
+                    restart=args.restart, plan_devices=args.plan_devices, plan_device_memory=args.plan_device_memory)
     return summary.get("exit_status", 0)  # 3: stopped by non-finite steps; 75: stopped by a signal (pmf.errors)
 
 
@@ -391,6 +391,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--restart", action="store_true",
                    help="train again from step 0 in a run directory that has a log, exports or states (the old log "
                         "and states are moved aside, the exports overwritten)")
+    t.add_argument("--plan-devices", type=int, metavar="N",
+                   help="--dry-run: plan for N devices (default: WORLD_SIZE, else 1)")
+    t.add_argument("--plan-device-memory", type=float, metavar="GIB",
+                   help="--dry-run: memory of one device in GiB (default: the visible GPU's, else this host's RAM)")
     t.set_defaults(fn=cmd_train)
 
     def guidance_args(q, checkpoint_required: bool = True):

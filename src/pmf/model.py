@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.autograd.forward_ad as fwAD
+import torch.utils.checkpoint
 
 from pmf.attention import attention
 
@@ -393,10 +395,32 @@ class PMFDiT(nn.Module):
         )
         return seq.expand(B, -1, -1) + self.pos_embed
 
+    # Activation checkpointing (``train.activation_checkpointing``): a flag, not a constructor argument, so exports
+    # and checkpoints do not change. Each block runs under non-reentrant torch.utils.checkpoint when gradients are
+    # being recorded: it keeps only its input and recomputes its activations in the backward.
+    activation_checkpointing: bool = False
+
     def run_blocks(self, blocks: nn.ModuleList, x: torch.Tensor) -> torch.Tensor:
+        ckpt = self.activation_checkpointing and torch.is_grad_enabled()
         for blk in blocks:
-            x = blk(x, self.rope_cos, self.rope_sin)
+            x = self._checkpointed_block(blk, x) if ckpt else blk(x, self.rope_cos, self.rope_sin)
         return x
+
+    def _checkpointed_block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
+        """One block under checkpointing. A forward-mode dual input (the lean JVP of du/dt) cannot go through the
+        checkpoint as it is (the recomputation, outside the dual level, would save fewer tensors than the original
+        forward): its tangent is computed by a dual pass without autograd history (the objective never
+        differentiates du/dt), and the primal goes through the checkpoint. Costs one more primal forward per block
+        on the JVP rows. Under ``torch.func.jvp`` (objective.impl=reference) the functorch-wrapped input goes through
+        the checkpoint directly (same gradients: tests/test_checkpointing.py)."""
+        primal, tangent = fwAD.unpack_dual(x)
+        if tangent is None:
+            return torch.utils.checkpoint.checkpoint(blk, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+        with torch.no_grad():
+            d_out = fwAD.unpack_dual(blk(fwAD.make_dual(primal.detach(), tangent), self.rope_cos,
+                                         self.rope_sin)).tangent
+        out = torch.utils.checkpoint.checkpoint(blk, primal, self.rope_cos, self.rope_sin, use_reentrant=False)
+        return fwAD.make_dual(out, d_out)
 
     def trunk(self, z, t, h, omega, t_min, t_max, y) -> torch.Tensor:
         """Shared trunk output (B, 20 + N, D)."""

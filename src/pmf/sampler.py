@@ -11,7 +11,11 @@ not depend on batch size or position.
 
 from __future__ import annotations
 
+import os
 import warnings
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
 import torch
 
@@ -21,12 +25,50 @@ def _per_sample(value, batch: int, ref: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32, device=ref.device).expand(batch).contiguous()
 
 
+NOISE_THREADS = min(8, os.cpu_count() or 1)  # CPU threads drawing the per-sample noise of one batch
+
+
+def _fill_noise(out: torch.Tensor, seeds, rows) -> None:
+    """out[i] = N(0, I) from a CPU generator seeded with seeds[i], for i in rows (in place)."""
+    for i in rows:
+        torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(int(seeds[i])), out=out[i])
+
+
+def _noise_cpu(seeds, shape, noise_scale: float, pin: bool) -> torch.Tensor:
+    seeds = list(seeds)
+    out = torch.empty(len(seeds), *shape, pin_memory=pin)
+    parts = min(NOISE_THREADS, len(seeds))
+    if parts <= 1:
+        _fill_noise(out, seeds, range(len(seeds)))
+    else:  # rows are independent (one generator each); torch releases the GIL while it draws
+        with ThreadPoolExecutor(parts) as pool:
+            list(pool.map(lambda k: _fill_noise(out, seeds, range(k, len(seeds), parts)), range(parts)))
+    return out.mul_(noise_scale)
+
+
 def noise_from_seeds(seeds, shape: tuple[int, ...], noise_scale: float = 1.0, device="cpu") -> torch.Tensor:
-    """z_1 = noise_scale * N(0, I), one ``torch.Generator`` per sample seed: (len(seeds), *shape)."""
-    out = torch.empty(len(seeds), *shape)
-    for i, s in enumerate(seeds):
-        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(s)))
-    return (out * noise_scale).to(device)
+    """z_1 = noise_scale * N(0, I), one CPU ``torch.Generator`` per sample seed: (len(seeds), *shape). Sample i's
+    noise depends only on seeds[i] (not on the batch, the device or the number of threads drawing it); rows are
+    drawn by up to :data:`NOISE_THREADS` threads."""
+    cuda = torch.device(device).type == "cuda"
+    return _noise_cpu(seeds, shape, noise_scale, pin=cuda).to(device, non_blocking=cuda)
+
+
+def noise_batches(seed_batches, shape: tuple[int, ...], noise_scale: float = 1.0, device="cpu", ahead: int = 2):
+    """Yield :func:`noise_from_seeds` of each seed list in ``seed_batches``, drawn in a background thread up to
+    ``ahead`` batches before they are used, so the device samples one batch while the CPU draws the next (the
+    draw is ~200 images/s per thread at 256 px). Same values as :func:`noise_from_seeds`."""
+    cuda = torch.device(device).type == "cuda"
+    batches = iter(seed_batches)
+    with ThreadPoolExecutor(1) as worker:
+        pending = deque(worker.submit(_noise_cpu, list(s), shape, noise_scale, cuda)
+                        for s in islice(batches, max(1, ahead)))
+        while pending:
+            noise = pending.popleft().result()
+            nxt = next(batches, None)
+            if nxt is not None:
+                pending.append(worker.submit(_noise_cpu, list(nxt), shape, noise_scale, cuda))
+            yield noise.to(device, non_blocking=cuda)
 
 
 def step(net, z, t, r, y, omega=1.0, t_min=0.0, t_max=1.0, instantaneous: bool = False) -> torch.Tensor:

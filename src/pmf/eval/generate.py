@@ -31,7 +31,7 @@ from pmf.train.filelist import scan_image_folder
 from pmf.train.shards import ShardDataset, is_shard_dir
 from pmf.images import to_uint8  # round(127.5 (x + 1)) clamped to [0, 255]; re-exported here
 from pmf.images import iter_npz_samples, load_npz_samples, npz_sample_shape
-from pmf.sampler import noise_from_seeds, sample
+from pmf.sampler import noise_batches, noise_from_seeds, sample
 from pmf.eval.stats import FeatureStats, ClassSpread, InceptionScoreStats, frechet_distance, as_mean_cov
 
 SEED_STRIDE = 10**7  # per-sample seed = seed * SEED_STRIDE + index: runs with different `seed` never share noise
@@ -84,9 +84,10 @@ def generate(
         raise ValueError(f"need seed >= 0 and n <= {SEED_STRIDE} so per-sample seeds stay distinct")
     labels_all = class_balanced_labels(n, num_classes)
     indices = torch.arange(rank, n, world_size)
-    for chunk in indices.split(batch_size):
-        seeds = (seed * SEED_STRIDE + chunk).tolist()
-        noise = noise_from_seeds(seeds, tuple(shape), noise_scale, device=device)
+    chunks = indices.split(batch_size)
+    # noise drawn per sample seed in a background thread, a batch ahead of the sampler (pmf.sampler.noise_batches)
+    noises = noise_batches(((seed * SEED_STRIDE + c).tolist() for c in chunks), tuple(shape), noise_scale, device)
+    for chunk, noise in zip(chunks, noises):
         y = labels_all[chunk]
         x = sample(net, noise, y.to(device), num_steps=num_steps, omega=omega, t_min=t_min, t_max=t_max,
                    instantaneous=instantaneous)

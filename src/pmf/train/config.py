@@ -65,6 +65,11 @@ class TrainConfig:
     compile: bool = field(default=False, metadata=RESUMABLE)  # torch.compile the loss function
     #   (pmf.train.speed.maybe_compile: eager fallback on failure)
     precision: str = "fp32"  # "fp32" | "bf16" autocast of the forward passes (params, grads, optimizer in fp32)
+    tf32: bool = field(default=True, metadata=RESUMABLE)  # CUDA: fp32 matmuls / convolutions on TF32 tensor cores
+    #   (10-bit mantissa inputs); false: true fp32
+    activation_checkpointing: bool = field(default=False, metadata=RESUMABLE)  # recompute each transformer block in
+    #   the backward (non-reentrant torch.utils.checkpoint): keeps only block inputs, about one extra forward of
+    #   compute (pmf.train.plan)
     threads: int = field(default=0, metadata=RESUMABLE)  # torch CPU threads; 0 = torch's default
     consistency_check: bool = field(default=True, metadata=RESUMABLE)  # check parameters agree across ranks at start
     #   and periodically
@@ -199,23 +204,81 @@ def apply_mapping(cfg: RunConfig, mapping: dict, prefix: str = "") -> None:
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    """Preset names; files starting with an underscore are shared bases (``base:``), not presets."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
+    """A config file's mapping with its ``base:`` (a file name without ``.yaml``, looked up next to the file, then
+    in the preset folder) merged underneath it, recursively: the file's own keys win, section by section."""
+    path = Path(path)
+    if path in _seen:
+        raise ValueError(f"config files include each other in a loop: {' -> '.join(map(str, (*_seen, path)))}")
+    mapping = yaml.safe_load(path.read_text()) or {}
+    base = mapping.pop("base", None)
+    if base is None:
+        return mapping
+    for folder in (path.parent, PRESET_DIR):
+        if (folder / f"{base}.yaml").exists():
+            return _deep_merge(read_yaml_with_base(folder / f"{base}.yaml", (*_seen, path)), mapping)
+    raise FileNotFoundError(f"{path}: base {base!r} not found as {base}.yaml next to it or in {PRESET_DIR}")
+
+
+# Config keys whose value ``registry`` means "the model registry's value for model.name" (pmf.model.MODELS): the
+# noise scale and the released 1-NFE sampling settings live there once.
+REGISTRY_KEYS = {
+    ("objective", "noise_scale"): lambda spec: spec.noise_scale,
+    ("sample", "omega"): lambda spec: spec.omega,
+    ("sample", "t_min"): lambda spec: spec.t_min,
+    ("sample", "t_max"): lambda spec: spec.t_max,
+    ("sample", "ema"): lambda spec: f"ema_hl{spec.ema_halflife_kimg:g}" if spec.ema_halflife_kimg else "",
+}
+
+
+def resolve_registry_values(mapping: dict) -> dict:
+    """Replace the ``registry`` placeholders of :data:`REGISTRY_KEYS` with the values of
+    ``MODELS[mapping["model"]["name"]]``; any other ``registry`` value is an error naming the allowed keys."""
+    from pmf.model import MODELS
+
+    name = (mapping.get("model") or {}).get("name", ModelConfig.name)
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in mapping.items()}
+    for section, values in out.items():
+        if not isinstance(values, dict):
+            continue
+        for key, value in values.items():
+            if value != "registry":
+                continue
+            if (section, key) not in REGISTRY_KEYS:
+                raise ValueError(f"{section}.{key}: 'registry' is allowed only for "
+                                 f"{', '.join('.'.join(k) for k in REGISTRY_KEYS)}")
+            if name not in MODELS:
+                raise KeyError(f"{section}.{key}: 'registry' needs a registered model.name, got {name!r}")
+            values[key] = REGISTRY_KEYS[(section, key)](MODELS[name])
+    return out
 
 
 def load_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Defaults <- preset YAML (``pmf/configs/NAME.yaml``) or a YAML file <- ``key=value`` overrides."""
+    """Defaults <- preset YAML (``pmf/configs/NAME.yaml``, with its ``base:`` file underneath) or a YAML file <-
+    ``key=value`` overrides. ``registry`` values are taken from the model registry (:data:`REGISTRY_KEYS`)."""
     cfg = RunConfig()
     if preset and config_file:
         raise ValueError("give --preset or --config, not both")
     path = None
     if preset:
         path = PRESET_DIR / f"{preset}.yaml"
-        if not path.exists():
+        if not path.exists() or preset.startswith("_"):
             raise FileNotFoundError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
     elif config_file:
         path = Path(config_file)
     if path is not None:
-        apply_mapping(cfg, yaml.safe_load(path.read_text()) or {})
+        apply_mapping(cfg, resolve_registry_values(read_yaml_with_base(path)))
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")

@@ -22,7 +22,7 @@ import torch
 
 from pmf.train import dist
 
-from pmf.train import fsdp
+from pmf.train import fsdp, plan
 from pmf.atomic import atomic_write_text
 from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
 from pmf.export import FORMAT_VERSION, export_model, upgrade_model_kwargs
@@ -39,7 +39,7 @@ from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
 from pmf.train.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
 from pmf.perceptual import build_perceptual
-from pmf.train.speed import autocast_context, cpu_capability, maybe_compile
+from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, maybe_compile, set_tf32
 from pmf.sampler import noise_from_seeds, sample
 
 # Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k
@@ -194,17 +194,44 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     return StepResult(metrics, finite, grad_norm)
 
 
+GRID_MAX_IMAGES = 64  # training grids stay small: rank 0 samples them between steps, at any model size
+GRID_CHUNK = 16  # images per network call while sampling a grid
+GRID_WIDTH_PX = 640  # about this wide on disk: small images are enlarged, large ones averaged down
+
+
+def grid_layout(num_classes: int) -> tuple[list[int], int]:
+    """(classes of the columns, rows) of a training grid: every class when there are at most 16, else 8 classes
+    spread evenly over the label set (0, C/8, 2C/8, ...); as many rows (fixed seeds) as keep it <= 64 images, at
+    most 8."""
+    cols = num_classes if num_classes <= 16 else 8
+    classes = [(j * num_classes) // cols for j in range(cols)]
+    return classes, max(1, min(8, GRID_MAX_IMAGES // cols))
+
+
 @torch.no_grad()
-def sample_grid(net, cfg: RunConfig, num_classes: int, path, rows: int = 8) -> Path:
-    """1-NFE grid: columns are classes, rows are fixed seeds (``sample.grid_seed``), so grids are comparable."""
-    n = rows * num_classes
-    labels = torch.arange(n) % num_classes
+def sample_grid(net, cfg: RunConfig, num_classes: int, path) -> Path:
+    """1-NFE grid of at most 64 images: columns are classes spread over the label set, rows are fixed seeds
+    (``sample.grid_seed``), so grids are comparable across a run. Sampled in chunks of 16 under the training
+    precision (``train.precision``), written about 640 pixels wide."""
+    classes, rows = grid_layout(num_classes)
+    n = rows * len(classes)
+    labels = torch.tensor(classes).repeat(rows)  # row-major: image i is (row i // cols, column i % cols)
     shape = (net.in_channels, net.input_size, net.input_size)
     dev = next(net.parameters()).device
     noise = noise_from_seeds([cfg.sample.grid_seed * 100000 + i for i in range(n)], shape,
-                             cfg.objective.noise_scale, dev)
-    x = sample(net, noise, labels.to(dev), cfg.sample.steps, cfg.sample.omega, cfg.sample.t_min, cfg.sample.t_max)
-    return save_grid(to_uint8(x.float().cpu()), path, nrow=num_classes, scale=max(1, 112 // net.input_size))
+                             cfg.objective.noise_scale, "cpu")
+    chunks = []
+    for i in range(0, n, GRID_CHUNK):
+        with autocast_context(dev.type, cfg.train.precision):
+            x = sample(net, noise[i:i + GRID_CHUNK].to(dev), labels[i:i + GRID_CHUNK].to(dev), cfg.sample.steps,
+                       cfg.sample.omega, cfg.sample.t_min, cfg.sample.t_max)
+        chunks.append(x.float().cpu())
+    x = torch.cat(chunks)
+    down = math.ceil(len(classes) * net.input_size / GRID_WIDTH_PX)
+    if down > 1:  # average-pool large images down so the PNG stays a few hundred pixels wide
+        x = torch.nn.functional.avg_pool2d(x, down, ceil_mode=True)
+    width = len(classes) * (x.shape[-1] + 2) + 2  # save_grid's 2-px borders
+    return save_grid(to_uint8(x), path, nrow=len(classes), scale=max(1, GRID_WIDTH_PX // width))
 
 
 class Logger:
@@ -282,11 +309,14 @@ def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: Ru
         export_model(infer, run_dir / "export", infer_kwargs, meta, name=name)
 
 
-def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
-    """``--dry-run``: print the resolved config and the run's derived numbers; read no data, allocate nothing (the
-    model is built on the meta device to count parameters), join no process group. The world size is torchrun's
-    WORLD_SIZE (set it by hand to plan a launch: ``WORLD_SIZE=64 pmf train --dry-run ...``)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devices: int | None = None,
+                   plan_device_memory: float | None = None) -> dict:
+    """``--dry-run``: print the resolved config and the run's derived numbers; read no data, allocate nothing on the
+    device (the model is built on the meta device to count parameters; the memory plan measures small instances on
+    the CPU, :mod:`pmf.train.plan`), join no process group. The world size is ``plan_devices``, else torchrun's
+    WORLD_SIZE (set it by hand to plan a launch: ``WORLD_SIZE=64 pmf train --dry-run ...``), else 1; the memory of
+    a device is ``plan_device_memory`` GiB, else the visible GPU's, else this host's RAM (a CPU run)."""
+    world = plan_devices or int(os.environ.get("WORLD_SIZE", "1"))
     n_data, source = dataset_size(cfg)
     summary = {"model": cfg.model.name, "device": str(device), **run_plan(cfg, world, n_data),
                "dataset_size_source": source,
@@ -295,7 +325,16 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
         summary["params_M"] = round(sum(p.numel() for p in PMFDiT(**kwargs).parameters()) / 1e6, 3)
         infer = {**kwargs, "v_head": False}
         summary["params_M_inference"] = round(sum(p.numel() for p in PMFDiT(**infer).parameters()) / 1e6, 3)
-    notes = []
+    n_gpu, gpu_gib, gpu_name = plan.local_devices()
+    if plan_device_memory:
+        mem, name = plan_device_memory, "planned"
+    elif n_gpu and device.type == "cuda":
+        mem, name = gpu_gib, gpu_name
+    else:
+        mem, name = plan.host_memory_gib(), "host RAM (CPU run)"
+    dplan = plan.device_plan(cfg, kwargs, world, mem, name)
+    summary.update({k: dplan[k] for k in ("est_peak_gib_per_device", "fits")}, device_plan=dplan)
+    notes = [] if dplan["fits"] else [f"does not fit: {plan.format_plan(dplan)}. Knobs: {dplan['advice']}"]
     terms = sorted(k for k, v in (cfg.objective.perceptual_weights or {}).items() if v > 0)
     if terms:
         need = {"lpips": ("lpips_vgg_path", "lpips_lin_path"), "convnext": ("convnext_path",)}
@@ -316,12 +355,14 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device) -> dict:
 
 
 def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = None, dry_run: bool = False,
-          quiet: bool = False, restart: bool = False) -> dict:
+          quiet: bool = False, restart: bool = False, plan_devices: int | None = None,
+          plan_device_memory: float | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``. Returns a summary dict; its ``exit_status`` is the command's
     (pmf.errors). ``minutes`` stops cleanly, with a checkpoint, once that much wall-clock time has passed (the run
     then resumes when the command is rerun). SIGTERM / SIGINT / SIGUSR1 stop after the current step with a
     checkpoint and the exports (:mod:`pmf.train.preempt`). Rank 0 holds ``run_dir/.lock`` throughout
-    (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside."""
+    (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside. ``plan_devices`` /
+    ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`)."""
     t_start = time.time()
     run_dir = Path(run_dir)
     validate_config(cfg)  # every setting, before any work (also for --dry-run)
@@ -332,7 +373,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     autocast_context(device.type, cfg.train.precision)  # rejects an unknown precision before any work
     kwargs = model_kwargs(cfg)
     if dry_run:
-        return dry_run_report(cfg, kwargs, device)
+        return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
 
     dist.init(device.type)
     lock = lock_run_dir(run_dir)  # before anything in run_dir is read; a second run on it is refused
@@ -353,6 +394,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         torch.set_num_threads(cfg.train.threads)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal arithmetic stalls CPU steps for seconds
+    set_tf32(device, cfg.train.tf32)
 
     data, num_classes = load_dataset(cfg)
     if cfg.data.class_conditional and kwargs["num_classes"] != num_classes:
@@ -384,6 +426,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         dist.print0(f"CPU: {cpu_capability()}")
     torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
     net = PMFDiT(**kwargs).to(device)
+    net.activation_checkpointing = cfg.train.activation_checkpointing
     nimg, step, nonfinite_run, nonfinite_total = 0, 0, 0, 0
     if state is not None:
         net.load_state_dict(state["net"], strict=True)
@@ -470,7 +513,12 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     while nimg < total_nimg:
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, nimg / 1000))
-        res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual, loss_fn)
+        try:
+            res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual, loss_fn)
+        except Exception as e:
+            if is_out_of_memory(e):  # say what did not fit and what to turn, not just the allocator's line
+                raise plan.out_of_memory_error(e, cfg, kwargs, world, device) from e
+            raise
         nimg += G
         step += 1
         if res.finite:

@@ -149,6 +149,28 @@ def autocast_context(device_type: str, dtype: str | None = None):
     return _autocast(device_type, target)
 
 
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() \
+        else 0
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """A device out-of-memory error, whichever layer raised it (eager allocator, a compiled kernel's launcher)."""
+    while e is not None:
+        if isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e)):
+            return True
+        e = e.__cause__
+    return False
+
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores (``train.tf32``: inputs rounded to 10
+    mantissa bits, float32 accumulation; several times faster than true fp32 on A100 / H100). Nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+        torch.backends.cudnn.allow_tf32 = bool(enabled)
+
+
 def _generators(args, kwargs) -> list[torch.Generator]:
     """The torch.Generators among a call's arguments: plain, in a list/tuple, or in a ``.generators`` list (the
     objective's PerSampleGenerator)."""
@@ -197,6 +219,8 @@ class _EagerFallback:
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say why; real errors recur eagerly)
+            if is_out_of_memory(e):  # not a compiler failure: eager would run out of memory too
+                raise
             self._fall_back(e)
             rng.restore()
             return self.eager(*args, **kwargs)
@@ -206,8 +230,9 @@ class _EagerFallback:
     def _fall_back(self, e: Exception):
         self.state = "eager"
         msg = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-        warnings.warn(f"torch.compile of {self.name} failed ({msg}); running eagerly from now on",
-                      RuntimeWarning, stacklevel=3)
+        if _rank() == 0:  # once (the state changes to "eager"), on rank 0 only
+            warnings.warn(f"torch.compile of {self.name} failed ({msg}); running eagerly from now on",
+                          RuntimeWarning, stacklevel=3)
 
 
 class _Wrapper(nn.Module):
