@@ -31,7 +31,7 @@ from pmf.train.filelist import scan_image_folder
 from pmf.train.shards import ShardDataset, is_shard_dir
 from pmf.images import to_uint8  # round(127.5 (x + 1)) clamped to [0, 255]; re-exported here
 from pmf.images import iter_npz_samples, load_npz_samples, npz_sample_shape
-from pmf.sampler import noise_batches, noise_from_seeds, sample
+from pmf.sampler import noise_batches, sample
 from pmf.eval.stats import FeatureStats, ClassSpread, InceptionScoreStats, frechet_distance, as_mean_cov
 
 SEED_STRIDE = 10**7  # per-sample seed = seed * SEED_STRIDE + index: runs with different `seed` never share noise
