@@ -385,8 +385,127 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
             lock.release()
 
 
+@dataclass
+class Run:
+    """What a training run changes and saves: the network, optimizer, EMA copies, data position and counters. Its
+    methods gather full (unsharded) state dicts under FSDP (a collective on every rank, tensors on rank 0) and write
+    the training state, the sample grid and the exports; restart = rerun, through :meth:`load_state_dict`."""
+
+    cfg: RunConfig
+    run_dir: Path
+    device: torch.device
+    kwargs: dict  # PMFDiT constructor arguments
+    net: PMFDiT
+    opt: torch.optim.Optimizer
+    ema: EMA
+    loader: ShardedLoader
+    sharded: bool  # FSDP2 over more than one process
+    nimg: int = 0  # images seen
+    step: int = 0
+    nonfinite_run: int = 0  # non-finite steps in a row
+    nonfinite_total: int = 0
+
+    def net_state(self) -> dict:
+        return fsdp.full_model_state_dict(self.net) if self.sharded else self.net.state_dict()
+
+    def ema_state(self, which: str | None = None) -> dict:
+        sd = self.ema.state_dict() if which is None else self.ema.weights(which)
+        return fsdp.gather_full(sd) if self.sharded else sd
+
+    def state_dict(self) -> dict:
+        opt = fsdp.gather_full(self.opt.state_dict()) if self.sharded else self.opt.state_dict()
+        return {"net": self.net_state(), "optimizer": opt, "ema": self.ema_state(), "loader": self.loader.state_dict(),
+                "nimg": self.nimg, "nonfinite_run": self.nonfinite_run, "nonfinite_total": self.nonfinite_total,
+                "config": to_json(self.cfg)}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Everything but the network's weights, which are loaded before sharding and the optimizer's creation."""
+        if self.sharded:
+            fsdp.load_full_optimizer_state_dict(self.opt, state["optimizer"])
+            self.ema.load_state_dict(fsdp.shard_like(state["ema"], self.ema.state_dict()))
+        else:
+            self.opt.load_state_dict(state["optimizer"])
+            self.ema.load_state_dict(state["ema"])
+        self.loader.load_state_dict(state["loader"])
+        self.nimg, self.step = int(state["nimg"]), int(state["step"])
+        self.nonfinite_run, self.nonfinite_total = int(state["nonfinite_run"]), int(state["nonfinite_total"])
+
+    def checkpoint(self) -> None:
+        """The training state, written by rank 0 (every rank takes part in the gather)."""
+        state = self.state_dict()
+        if dist.is_main():
+            save_training_state(self.run_dir, state, self.step)
+        dist.barrier()
+
+    def grid(self, tag: str, num_classes: int) -> None:
+        """The bounded 1-NFE sample grid of ``sample.ema`` (or the raw weights) as samples-{tag}.png."""
+        which = self.cfg.sample.ema
+        if self.sharded:  # gather on every rank; rank 0 samples with an unsharded copy
+            sd = self.ema_state(which) if which else self.net_state()
+            if dist.is_main():
+                model = PMFDiT(**self.kwargs).to(self.device)
+                model.load_state_dict(sd, strict=True)
+        elif dist.is_main():
+            model = self.ema.model(which, like=self.net) if which else self.net
+        if dist.is_main():
+            model.eval()
+            sample_grid(model, self.cfg, num_classes, self.run_dir / f"samples-{tag}.png")
+            self.net.train()
+
+    def export(self) -> None:
+        final_net, final_emas = self.net_state(), {name: self.ema_state(name) for name in self.ema.names}
+        if dist.is_main():
+            export_all(final_net, final_emas, self.run_dir, self.kwargs, self.cfg, self.nimg)
+
+
+def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
+    """The training state to resume from (None: start at step 0), after ``--restart`` moved an old run aside, a
+    silent restart over an existing run was refused, and the config was checked against the run's. Damaged states
+    are skipped (rank 0 renames them *.damaged); every rank reads the file. An older pmf's state has its model
+    overrides read in their old meaning (:func:`pmf.export.upgrade_model_kwargs`)."""
+    if restart:
+        if dist.is_main():
+            moved = set_aside_previous_run(run_dir)
+            print(f"--restart: training {run_dir} from step 0" + (f"; moved aside: {', '.join(moved)}" if moved else ""),
+                  flush=True)
+        dist.barrier()
+    state = load_latest(run_dir, set_aside=dist.is_main())
+    if state is None and not restart:
+        refuse_silent_restart(run_dir)
+    if not restart:
+        check_resume_config(run_dir, cfg, state.get("config") if state is not None else None)
+    if state is not None and state.get("format_version", 1) < FORMAT_VERSION:
+        cfg.model.overrides = upgrade_model_kwargs(cfg.model.overrides, state.get("format_version", 1))
+    return state
+
+
+def build_run(cfg: RunConfig, run_dir: Path, device: torch.device, data, state: dict | None) -> Run:
+    """Network (same initial weights on every rank, or the state's), sharding, optimizer, EMA and data stream."""
+    world, kwargs = dist.world_size(), model_kwargs(cfg)
+    torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
+    net = PMFDiT(**kwargs).to(device)
+    net.activation_checkpointing = cfg.train.activation_checkpointing
+    if state is not None:
+        net.load_state_dict(state["net"], strict=True)
+    dist.broadcast_module_(net)
+    if cfg.train.consistency_check:  # before sharding: fully_shard keeps each rank's chunk of its own copy
+        dist.check_consistency(net, "initial parameters")
+    sharded = cfg.train.parallel == "fsdp" and world > 1
+    if sharded:
+        fsdp.shard_model(net, device, cfg.train.fsdp_reshard_after_forward)
+    opt = fsdp.build_sharded_optimizer(net, cfg.optim) if sharded else build_optimizer(net, cfg.optim)
+    ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies under FSDP
+    loader = ShardedLoader(data, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank(), world_size=world,
+                           num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
+    run = Run(cfg, run_dir, device, kwargs, net, opt, ema, loader, sharded)
+    if state is not None:
+        run.load_state_dict(state)
+        dist.print0(f"resumed {run_dir} at {run.nimg / 1000:.1f} kimg (step {run.step})")
+    return run
+
+
 def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, t_start, device, kwargs) -> dict:
-    world, rank = dist.world_size(), dist.rank()
+    world = dist.world_size()
     G, accum = cfg.train.batch_size, cfg.train.accum_steps
     if G % (world * accum):
         raise ValueError(f"train.batch_size={G} must be divisible by world_size*accum_steps={world * accum}")
@@ -400,60 +519,21 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     if cfg.data.class_conditional and kwargs["num_classes"] != num_classes:
         raise ValueError(f"model has num_classes={kwargs['num_classes']} but the data has {num_classes} classes; "
                          f"set model.overrides={{num_classes: {num_classes}}}")
+    grid_classes = num_classes if cfg.data.class_conditional else 1
     total_nimg = int(round(cfg.train.total_kimg * 1000))  # round: e.g. 320 epochs = 409973.44 kimg
     n_data = len(data[1]) if isinstance(data, tuple) else len(data)
     summary = {"run_dir": str(run_dir), "world_size": world, "device": str(device), "model": cfg.model.name,
                "parallel": cfg.train.parallel, "total_kimg": cfg.train.total_kimg,
                "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
-    if restart:
-        if dist.is_main():
-            moved = set_aside_previous_run(run_dir)
-            print(f"--restart: training {run_dir} from step 0" + (f"; moved aside: {', '.join(moved)}" if moved else ""),
-                  flush=True)
-        dist.barrier()
-    # Full tensors in both modes; every rank reads the file; checksums verified, a damaged file skipped (rank 0 renames
-    # it *.damaged).
-    state = load_latest(run_dir, set_aside=dist.is_main())
-    if state is None and not restart:
-        refuse_silent_restart(run_dir)
-    if not restart:
-        check_resume_config(run_dir, cfg, state.get("config") if state is not None else None)
-    if state is not None and state.get("format_version", 1) < FORMAT_VERSION:  # an older pmf's run: its overrides
-        cfg.model.overrides = upgrade_model_kwargs(cfg.model.overrides, state.get("format_version", 1))  # in its meaning
-        kwargs = model_kwargs(cfg)
+    state = open_run_dir(cfg, run_dir, restart)
     if device.type == "cpu" and not quiet:  # a CPU without native bf16 trains far slower in bf16: say which this is
         dist.print0(f"CPU: {cpu_capability()}")
-    torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
-    net = PMFDiT(**kwargs).to(device)
-    net.activation_checkpointing = cfg.train.activation_checkpointing
-    nimg, step, nonfinite_run, nonfinite_total = 0, 0, 0, 0
-    if state is not None:
-        net.load_state_dict(state["net"], strict=True)
-    dist.broadcast_module_(net)
-    if cfg.train.consistency_check:  # before sharding: fully_shard keeps each rank's chunk of its own copy
-        dist.check_consistency(net, "initial parameters")
-    sharded = cfg.train.parallel == "fsdp" and world > 1
-    if sharded:
-        fsdp.shard_model(net, device, cfg.train.fsdp_reshard_after_forward)
-    opt = fsdp.build_sharded_optimizer(net, cfg.optim) if sharded else build_optimizer(net, cfg.optim)
-    ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies under FSDP
+    run = build_run(cfg, run_dir, device, data, state)
+    del state
+    net, opt, ema = run.net, run.opt, run.ema
     perceptual = build_perceptual(cfg.perceptual, cfg.objective.perceptual_weights, device)  # frozen; not saved
     loss_fn = maybe_compile(pmf_loss, cfg.train.compile)
-    loader = ShardedLoader(data, G, seed=cfg.train.seed, rank=rank, world_size=world,
-                           num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    if state is not None:
-        if sharded:
-            fsdp.load_full_optimizer_state_dict(opt, state["optimizer"])
-            ema.load_state_dict(fsdp.shard_like(state["ema"], ema.state_dict()))
-        else:
-            opt.load_state_dict(state["optimizer"])
-            ema.load_state_dict(state["ema"])
-        loader.load_state_dict(state["loader"])
-        nimg, step = int(state["nimg"]), int(state["step"])
-        nonfinite_run, nonfinite_total = int(state["nonfinite_run"]), int(state["nonfinite_total"])
-        dist.print0(f"resumed {run_dir} at {nimg / 1000:.1f} kimg (step {step})")
-        del state
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", to_json(cfg) + "\n")
@@ -461,104 +541,74 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     logger = Logger(run_dir, dist.is_main())
     summary["params_M"] = round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
 
-    # Full (unsharded) state dicts; under FSDP a collective on every rank, the tensors only on rank 0.
-    def net_state():
-        return fsdp.full_model_state_dict(net) if sharded else net.state_dict()
-
-    def ema_state(which=None):
-        sd = ema.state_dict() if which is None else ema.weights(which)
-        return fsdp.gather_full(sd) if sharded else sd
-
-    def checkpoint():
-        st = {"net": net_state(), "optimizer": fsdp.gather_full(opt.state_dict()) if sharded else opt.state_dict(),
-              "ema": ema_state()}
-        if dist.is_main():
-            save_training_state(run_dir, {**st, "loader": loader.state_dict(), "nimg": nimg,
-                                          "nonfinite_run": nonfinite_run, "nonfinite_total": nonfinite_total,
-                                          "config": to_json(cfg)}, step)
-        dist.barrier()
-
     def skipped_files() -> int:
         # Unreadable ImageFolder files this process met (each warned about once); rank 0's count on N processes.
         return data.num_skipped if isinstance(data, ImageFolderDataset) else 0
 
-    def grid(tag):
-        which = cfg.sample.ema
-        if sharded:  # gather on every rank; rank 0 samples with an unsharded copy
-            sd = ema_state(which) if which else net_state()
-            if dist.is_main():
-                model = PMFDiT(**kwargs).to(device)
-                model.load_state_dict(sd, strict=True)
-        elif dist.is_main():
-            model = ema.model(which, like=net) if which else net
-        if dist.is_main():
-            model.eval()
-            sample_grid(model, cfg, num_classes if cfg.data.class_conditional else 1, run_dir / f"samples-{tag}.png")
-            net.train()
-
-    next_log = nimg + cfg.train.log_every_kimg * 1000
-    next_grid = nimg + cfg.train.sample_every_kimg * 1000 if cfg.train.sample_every_kimg > 0 else float("inf")
-    next_ckpt = nimg + cfg.train.ckpt_every_kimg * 1000
-    next_check = nimg + cfg.train.check_every_kimg * 1000
+    next_log = run.nimg + cfg.train.log_every_kimg * 1000
+    next_grid = run.nimg + cfg.train.sample_every_kimg * 1000 if cfg.train.sample_every_kimg > 0 else float("inf")
+    next_ckpt = run.nimg + cfg.train.ckpt_every_kimg * 1000
+    next_check = run.nimg + cfg.train.check_every_kimg * 1000
     last_ckpt_time = time.time()
     pbar = None
     if dist.is_main() and not quiet:
         from tqdm import tqdm
 
-        pbar = tqdm(total=total_nimg, initial=nimg, unit="img", unit_scale=True, dynamic_ncols=True, smoothing=0.05)
+        pbar = tqdm(total=total_nimg, initial=run.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
+                    smoothing=0.05)
     stop_reason = "done"
     res = None  # stays None when a finished run is rerun (the loop body never runs)
-    t_loop, nimg_loop, window = time.time(), nimg, []
-    it = iter(loader)
-    while nimg < total_nimg:
+    t_loop, nimg_loop, window = time.time(), run.nimg, []
+    it = iter(run.loader)
+    while run.nimg < total_nimg:
         images_u8, labels = next(it)
-        set_lr(opt, lr_at(cfg.optim, nimg / 1000))
+        set_lr(opt, lr_at(cfg.optim, run.nimg / 1000))
         try:
-            res = train_step(net, opt, images_u8, labels, cfg, nimg, device, perceptual, loss_fn)
+            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn)
         except Exception as e:
             if is_out_of_memory(e):  # say what did not fit and what to turn, not just the allocator's line
-                raise plan.out_of_memory_error(e, cfg, kwargs, world, device) from e
+                raise plan.out_of_memory_error(e, cfg, run.kwargs, world, device) from e
             raise
-        nimg += G
-        step += 1
+        run.nimg += G
+        run.step += 1
         if res.finite:
-            nonfinite_run = 0
-            ema.update(net, G, nimg)
+            run.nonfinite_run = 0
+            ema.update(net, G, run.nimg)
         else:
-            nonfinite_run += 1
-            nonfinite_total += 1
-            dist.print0(f"non-finite step at {nimg / 1000:.2f} kimg (grad norm {res.grad_norm}); skipped "
-                        f"({nonfinite_run} in a row)")
-            if nonfinite_run >= cfg.train.max_nonfinite:
-                stop_reason = f"{nonfinite_run} non-finite steps in a row"
+            run.nonfinite_run += 1
+            run.nonfinite_total += 1
+            dist.print0(f"non-finite step at {run.nimg / 1000:.2f} kimg (grad norm {res.grad_norm}); skipped "
+                        f"({run.nonfinite_run} in a row)")
+            if run.nonfinite_run >= cfg.train.max_nonfinite:
+                stop_reason = f"{run.nonfinite_run} non-finite steps in a row"
                 break
         window.append(res.metrics.get("loss", float("nan")))
         if pbar is not None:
             pbar.update(G)
             # loss_u (raw MSE of V against v_g) moves visibly; the adaptively weighted loss sits near its number of
             # terms by construction (each term is l / sg(l + eps)).
-            pbar.set_postfix(loss_u=f"{res.metrics.get('loss_u', float('nan')):.4f}", step=step, refresh=False)
-        if nimg >= next_log or nimg >= total_nimg:
+            pbar.set_postfix(loss_u=f"{res.metrics.get('loss_u', float('nan')):.4f}", step=run.step, refresh=False)
+        if run.nimg >= next_log or run.nimg >= total_nimg:
             elapsed = time.time() - t_loop
-            rec = {"kimg": nimg / 1000, "step": step, **res.metrics, "loss_avg": sum(window) / len(window),
+            rec = {"kimg": run.nimg / 1000, "step": run.step, **res.metrics, "loss_avg": sum(window) / len(window),
                    "grad_norm": res.grad_norm, "lr": opt.param_groups[0]["lr"],
-                   "img_per_s": (nimg - nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": nonfinite_total,
+                   "img_per_s": (run.nimg - nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": run.nonfinite_total,
                    "skipped_files": skipped_files(), "time_s": time.time() - t_start}
             logger.log(rec)
             window, next_log = [], next_log + cfg.train.log_every_kimg * 1000
-        if world > 1 and cfg.train.consistency_check and nimg >= next_check:
+        if world > 1 and cfg.train.consistency_check and run.nimg >= next_check:
             # Under FSDP this compares only replicated tensors; train_step checks every step that the sharded
             # gradients were reduce-scattered (fsdp.check_gradients_reduced).
-            dist.check_consistency(net, f"parameters at {nimg / 1000:.1f} kimg")
+            dist.check_consistency(net, f"parameters at {run.nimg / 1000:.1f} kimg")
             next_check += cfg.train.check_every_kimg * 1000
-        if nimg >= next_grid:
-            grid(f"{nimg // 1000:06d}kimg")
+        if run.nimg >= next_grid:
+            run.grid(f"{run.nimg // 1000:06d}kimg", grid_classes)
             next_grid += cfg.train.sample_every_kimg * 1000
         # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (one collective per
         # step), or one rank stops or enters checkpoint()'s barrier while the others wait in another collective.
         now = time.time()
         time_up = minutes is not None and now - t_start > minutes * 60
-        ckpt_due = nimg >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
+        ckpt_due = run.nimg >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
         # A stop signal on any rank stops every rank after this same step (pmf.train.preempt).
         time_up, ckpt_due, preempted = dist.any_rank(time_up, ckpt_due, stop.requested)
         if preempted:  # the checkpoint and exports after the loop save this step
@@ -568,29 +618,33 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
             stop_reason = "time budget"
             break
         if ckpt_due:
-            checkpoint()
+            run.checkpoint()
             last_ckpt_time = time.time()
-            next_ckpt = nimg + cfg.train.ckpt_every_kimg * 1000
+            next_ckpt = run.nimg + cfg.train.ckpt_every_kimg * 1000
     if pbar is not None:
         pbar.close()
-    if stop_reason == "done" and nonfinite_run > 0:  # reached the end, but its last steps trained nothing
-        stop_reason = f"done, but the last {nonfinite_run} steps were non-finite"
-    checkpoint()
-    grid("latest")
-    final_net, final_emas = net_state(), {name: ema_state(name) for name in ema.names}
-    if dist.is_main():
-        export_all(final_net, final_emas, run_dir, kwargs, cfg, nimg)
+    if stop_reason == "done" and run.nonfinite_run > 0:  # reached the end, but its last steps trained nothing
+        stop_reason = f"done, but the last {run.nonfinite_run} steps were non-finite"
+    run.checkpoint()
+    run.grid("latest", grid_classes)
+    run.export()
     logger.close()
-    summary.update({"kimg": nimg / 1000, "step": step, "stop_reason": stop_reason,
-                    "exit_status": exit_status(stop_reason), "nonfinite_total": nonfinite_total,
-                    "skipped_files": skipped_files(),
+    return finish(run, summary, stop_reason, res, skipped_files(), t_start)
+
+
+def finish(run: Run, summary: dict, stop_reason: str, res, skipped_files: int, t_start: float) -> dict:
+    """summary.json and the closing lines: why the run stopped and what to do next."""
+    summary.update({"kimg": run.nimg / 1000, "step": run.step, "stop_reason": stop_reason,
+                    "exit_status": exit_status(stop_reason), "nonfinite_total": run.nonfinite_total,
+                    "skipped_files": skipped_files,
                     "seconds": time.time() - t_start, "last_metrics": res.metrics if res is not None else {}})
     if dist.is_main():
-        atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    dist.print0(f"stopped ({stop_reason}) at {nimg / 1000:.1f} kimg, step {step}; grid {run_dir / 'samples-latest.png'}")
+        atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    dist.print0(f"stopped ({stop_reason}) at {run.nimg / 1000:.1f} kimg, step {run.step}; "
+                f"grid {run.run_dir / 'samples-latest.png'}")
     if summary["exit_status"] == EXIT_DIVERGED:
         dist.print0(f"exit status {EXIT_DIVERGED}: lower optim.lr (or raise train.max_nonfinite) and rerun to continue "
-                    f"from step {step}, or rerun with --restart if the weights are ruined")
+                    f"from step {run.step}, or rerun with --restart if the weights are ruined")
     elif stop_reason != "done":
         dist.print0(f"rerun the same command to continue (exit status {summary['exit_status']})")
     dist.barrier()  # every rank leaves after rank 0 wrote everything (a launcher may kill the others on a non-zero exit)
