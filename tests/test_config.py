@@ -1,4 +1,4 @@
-"""Run configuration (pmf.train.config) and the official presets: every recipe number of pmf-recipe.md section 3.4 is in
+"""Run configuration (pmf.train.config) and the official presets: every number of the official configs is in
 the pmf-* YAML files with a comment citing its source, agrees with the model registry, and ``--dry-run`` prints
 the run's derived numbers (steps per epoch = floor(1,281,167 / 1024) = 1251) without data or a real model."""
 
@@ -14,10 +14,10 @@ from pmf.cli import main as cli_main
 from pmf.train.config import PRESET_DIR, list_presets, load_config
 from pmf.model import MODELS
 
-IMAGENET_TRAIN = 1_281_167  # [recipe 3.6]
+IMAGENET_TRAIN = 1_281_167  # the ImageNet-1k train split
 
-# The recipe's per-model table [recipe 3.4] (released configs; H epochs from the paper, see the YAML comments) and
-# the recount of inference parameters in millions [recipe 2.3].
+# The recipe's per-model table (released configs; H epochs from the paper, see the YAML comments) and
+# the recount of inference parameters in millions (pMF Tab. 6/7).
 RECIPE = {
     #                 model       res  P_mean noise beta  t_thr  unif  ep   omega t_min t_max ema   params_M
     "pmf-b16-in256": ("pMF-B/16", 256, 0.8, 1.0, 1.0, 0.8, 0.0, 320, 8.5, 0.1, 0.7, 2000, 118.2),
@@ -42,23 +42,23 @@ def test_official_preset_matches_the_recipe_and_the_registry(preset):
     assert cfg.model.name == name and cfg.model.overrides == {}
     assert spec.kwargs["input_size"] == cfg.data.resolution == res and spec.kwargs["patch_size"] == res // 16
     assert (cfg.data.dataset, cfg.data.class_conditional) == ("imagefolder", True)
-    # objective [recipe 1.4-1.6, 3.4, 3.5]
+    # objective [official pmf.py, configs, utils/auxloss_util.py]
     assert (o.P_mean, o.P_std, o.tr_uniform, o.data_proportion) == (p_mean, 0.8, unif, 0.5)
     assert o.noise_scale == spec.noise_scale == noise
     assert (o.guidance, o.interval, o.cfg_max, o.cfg_beta, o.class_drop) == (True, True, 7.0, beta, 0.1)
     assert (o.tangent, o.use_v_head, o.drop_among_fm, o.time_region) == ("predicted", True, True, "full")
     assert (o.norm_p, o.norm_eps) == (1.0, 0.01)
     assert o.perceptual_weights == {"lpips": 0.4, "convnext": 0.1} and o.perceptual_max_t == t_thr
-    # optimizer [recipe 3.1, 3.2]
+    # optimizer [P Tab. 8; official utils/trainstate_util.py]
     op = cfg.optim
     assert (op.name, op.lr, tuple(op.betas), op.eps, op.weight_decay) == ("muon", 1e-3, (0.9, 0.95), 1e-8, 0.0)
     assert (op.nesterov_adam, op.muon_momentum, op.muon_ns_steps) == (True, 0.95, 5)
     assert (op.warmup_kimg, op.schedule) == (0.0, "constant")
-    # run length, batch, EMA [recipe 3.1, 3.3]
+    # run length, batch, EMA [P Tab. 8; official utils/ema_util.py]
     assert t.batch_size == 1024 and t.grad_clip == 0.0 and t.parallel == "ddp"
     assert t.total_kimg == pytest.approx(epochs * IMAGENET_TRAIN / 1000, abs=1e-6)
     assert t.ema == ["hl500", "hl1000", "hl2000"] and t.ema_ramp == 0.05
-    # sampling: the released eval settings, also in the registry [recipe 3.4]
+    # sampling: the released eval settings, also in the registry [official eval configs]
     assert (s.omega, s.t_min, s.t_max, s.steps) == (omega, t_min, t_max, 1)
     assert (spec.omega, spec.t_min, spec.t_max, spec.ema_halflife_kimg) == (omega, t_min, t_max, ema_hl)
     assert s.ema == f"ema_hl{ema_hl}"
@@ -66,8 +66,8 @@ def test_official_preset_matches_the_recipe_and_the_registry(preset):
 
 @pytest.mark.parametrize("preset", sorted(RECIPE))
 def test_every_preset_value_has_a_comment_citing_its_source(preset):
-    """Each ``key: value`` line of the preset and of its ``base:`` file carries a comment that cites the recipe /
-    paper / released configs, or says the setting is ours."""
+    """Each ``key: value`` line of the preset and of its ``base:`` file carries a comment that cites its source (the
+    paper or the official code and configs), or says the setting is ours."""
     own = (PRESET_DIR / f"{preset}.yaml").read_text()
     base = re.search(r"^base: (\S+)", own, re.M)
     text = ((PRESET_DIR / f"{base.group(1)}.yaml").read_text() if base else "") + own
@@ -76,7 +76,8 @@ def test_every_preset_value_has_a_comment_citing_its_source(preset):
     for line in leaves:
         assert "#" in line, f"no comment: {line}"
         comment = line.split("#", 1)[1]
-        assert re.search(r"recipe \d|\bours\b|P Tab|configs|data\.path", comment), f"no source cited: {line}"
+        assert re.search(r"official|\bours\b|P Tab|P App|P Sec|configs|registry|data\.path", comment), \
+            f"no source cited: {line}"
 
 
 def _dry_run(args, capsys) -> tuple[dict, dict]:
@@ -91,7 +92,7 @@ def _dry_run(args, capsys) -> tuple[dict, dict]:
 @pytest.mark.parametrize("preset", sorted(RECIPE))
 def test_dry_run_of_official_preset(preset, tmp_path, capsys, monkeypatch):
     """No data, no process group, the model only on the meta device. steps_per_epoch is the floor of
-    1,281,167 / 1024 (= 1251, recipe 3.6); the run length is exact in images: steps_total = ceil(images / 1024)."""
+    1,281,167 / 1024 (= 1251); the run length is exact in images: steps_total = ceil(images / 1024)."""
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     _, res, *_, epochs, _, _, _, _, params_m = RECIPE[preset]
     run_dir = tmp_path / "never"
@@ -104,9 +105,9 @@ def test_dry_run_of_official_preset(preset, tmp_path, capsys, monkeypatch):
     assert summary["epochs"] == pytest.approx(epochs)
     assert summary["world_size"] == 1
     assert summary["accum_steps"] * summary["micro_batch_per_device"] == 1024  # the preset's accumulation
-    assert summary["params_M_inference"] == pytest.approx(params_m, abs=0.1)  # recipe 2.3 recount
+    assert summary["params_M_inference"] == pytest.approx(params_m, abs=0.1)  # recount from the official code
     assert summary["params_M"] > summary["params_M_inference"]  # + the training-only v-head
-    assert summary["ema_beta_per_step"]["ema_hl500"] == pytest.approx(0.998581, abs=1e-6)  # recipe 3.3
+    assert summary["ema_beta_per_step"]["ema_hl500"] == pytest.approx(0.998581, abs=1e-6)  # official utils/ema_util.py
     assert any("perceptual" in n for n in summary["notes"])
 
 

@@ -64,7 +64,7 @@ TIMES = [0.0, 0.01, 0.04, 0.05, 0.3, 0.75, 1.0]  # includes t < 0.05, where the 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# parameter counts (recipe 2.3, derived from the official code)
+# parameter counts (pMF Tab. 6/7, recounted from the official code)
 
 PAPER_PARAMS_M = {  # eval model (no v-head), bottleneck patch embed
     "pMF-B/16": 118.2, "pMF-L/16": 410.3, "pMF-H/16": 955.5,
@@ -82,7 +82,7 @@ def _count_m(name, **kw) -> float:
 
 @pytest.mark.parametrize("name", list(PAPER_PARAMS_M))
 def test_paper_param_counts_and_token_layout(name):
-    """Generator parameters (v_head=False) equal the paper-derived counts to 0.1M (recipe 2.3); every paper size has
+    """Generator parameters (v_head=False) equal the paper-derived counts to 0.1M (pMF Tab. 6/7); every paper size has
     20 prefix tokens + 16x16 = 256 patch tokens, pos-embed over all 276, and SwiGLU hidden int(8/3 D) (x8 for H)."""
     net, count = _count_m(name, v_head=False)
     assert count == PAPER_PARAMS_M[name]
@@ -291,7 +291,7 @@ def test_u_prediction_returns_raw_output():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# conditioning semantics and token layout (recipe 8.2.1-2)
+# conditioning semantics and token layout (official `models/pmfDiT.py`)
 
 
 def test_t_enters_only_through_the_division():
@@ -338,7 +338,7 @@ def test_embedders_receive_h_one_minus_inverse_omega_and_interval():
 
 def test_timestep_embedding_closed_form():
     """Embedder input s -> Linear-SiLU-Linear of [cos(s f_k), sin(s f_k)], f_k = exp(-ln(1e4) k / 128), k < 128,
-    cos first and no x1000 (recipe 8.2.3)."""
+    cos first and no x1000 (official `models/embedder.py`)."""
     net = tiny()
     emb = net.h_embedder
     s = torch.tensor([0.0, 0.25, 0.9], dtype=F64)
@@ -401,7 +401,7 @@ def test_null_class_row():
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 2-D RoPE (recipe 8.2.7)
+# 2-D RoPE (official `models/pmfDiT.py`)
 
 
 def _complex_rope(x, ang):

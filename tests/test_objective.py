@@ -1,4 +1,4 @@
-"""pmf.objective: the pMF loss as the official code implements it (recipe sections 1.4-1.6).
+"""pmf.objective: the pMF loss as the official code implements it (official `pmf.py`: `sample_tr`, `guidance_fn`, `cond_drop`, `forward`).
 
 Every test checks against an independent truth: finite differences, closed-form distributions (Kolmogorov-Smirnov
 with a fixed seed, p > 1e-3), a fake network whose velocities are known in closed form, or the algebra of the loss
@@ -465,7 +465,7 @@ def test_draws_tr_uniform():
 
 @pytest.mark.parametrize("beta", [1.0, 2.0])
 def test_draws_omega(beta):
-    """omega on [1, 1 + s], density ~ omega^-beta (recipe 1.5), s = 7: beta = 1 gives CDF ln w / ln(1 + s);
+    """omega on [1, 1 + s], density ~ omega^-beta (official `pmf.py`: `sample_cfg_scale`), s = 7: beta = 1 gives CDF ln w / ln(1 + s);
     beta = 2 gives CDF (1 - 1/w) / (1 - 1/(1 + s))."""
     s = 7.0
     w = _big_draws(ObjectiveConfig(cfg_beta=beta, cfg_max=s)).omega.double().numpy()
@@ -478,7 +478,7 @@ def test_draws_omega(beta):
 
 
 def test_draws_interval():
-    """t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] on r != t samples; exactly [0, 1] on r = t samples (recipe 1.5)."""
+    """t_min ~ U[0, 0.5], t_max ~ U[0.5, 1] on r != t samples; exactly [0, 1] on r = t samples (official `pmf.py`: `guidance_fn`)."""
     d = _big_draws(ObjectiveConfig())
     fm = d.fm_mask
     assert (d.t_min[fm] == 0).all() and (d.t_max[fm] == 1).all()

@@ -63,7 +63,7 @@ def test_every_pmfdit_param_in_exactly_one_group():
               "u_final_layer.linear.weight", "v_final_layer.linear.weight"]:
         assert n in muon_names
 
-    # The label-embedding table is 2-D in torch but 3-D in Flax, hence Adam (recipe 3.2).
+    # The label-embedding table is 2-D in torch but 3-D in Flax, hence Adam (official `utils/trainstate_util.py`).
     assert "y_embedder.embedding_table.weight" in adam_names
     assert dict(adam)["y_embedder.embedding_table.weight"].ndim == 2
     for n in ["class_tokens", "time_tokens", "pos_embed", "x_embedder.proj1.weight", "x_embedder.proj2.weight",

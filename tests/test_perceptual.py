@@ -1,5 +1,5 @@
 """pmf.perceptual: paired RandomResizedCrop, LPIPS-VGG16, ConvNeXt-V2 feature loss, the hook in pmf_loss
-(recipe 3.5 and 1.4 item 8). Backbones have random weights (no downloads); crops are tiny (32 px) and the ConvNeXt
+(official `utils/auxloss_util.py`). Backbones have random weights (no downloads); crops are tiny (32 px) and the ConvNeXt
 and VGG widths small, so the suite runs in seconds. Full-size modules are built on the meta device (shapes only)."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""pmf.sampler: z_r = z_t - (t - r) u(z_t, r, t) (recipe 1.7): identity at t = r, the 1-NFE output is the u-head's
+"""pmf.sampler: z_r = z_t - (t - r) u(z_t, r, t) (official `pmf.py`: `generate`): identity at t = r, the 1-NFE output is the u-head's
 image output, N steps are N calls of `step` on linspace(1, 0, N + 1), the equivalent interpolation form, per-sample
 seeds independent of the batch, and the guidance-range warning."""
 

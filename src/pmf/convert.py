@@ -1,4 +1,4 @@
-"""Official pMF PyTorch checkpoints <-> :class:`pmf.model.PMFDiT` (recipe section 8.1).
+"""Official pMF PyTorch checkpoints <-> :class:`pmf.model.PMFDiT` (official torch branch, `models/pmfDiT.py`).
 
 Our parameter names are the official torch names minus two wrappers the authors' Flax-to-torch port adds:
 
@@ -15,14 +15,14 @@ loads with ``strict=True``.
 
 ``rope_freqs`` is a buffer derived from the grid and head_dim, so we drop it. Before dropping it we check that it
 holds exactly the interleaved 2-D RoPE that :func:`pmf.model.rope_2d_angles` implements. A checkpoint whose RoPE
-differs (another layout, or the real-valued buffer left by the official ``Module.to(dtype)`` trap, recipe 8.2.12)
+differs (another layout, or the real-valued buffer left by the official ``Module.to(dtype)`` trap of the torch branch)
 would otherwise load and then produce wrong images without any error.
 
 Out of scope: the authors' JAX "full" checkpoints (with v-head and EMA). Converting them would need a Flax pytree ->
 torch-name pass before :func:`official_to_ours`. That pass would make ``net/`` the root and turn ``shared_blocks_0``
 into ``shared_blocks.0`` and ``mlp/layers_{0,2}`` into ``mlp.{0,2}``. It would transpose Dense ``kernel (in, out)``
 into ``weight (out, in)``, turn Conv ``kernel (kh, kw, in, out)`` into ``weight (out, in, kh, kw)`` and RMSNorm
-``kernel`` into ``weight``, and squeeze ``embedding_table/embedding (1, K+1, D)`` to ``(K+1, D)`` (recipe 8.1). It
+``kernel`` into ``weight``, and squeeze ``embedding_table/embedding (1, K+1, D)`` to ``(K+1, D)`` (official torch branch layout). It
 would also need a msgpack/orbax reader, which this package does not depend on.
 """
 
@@ -128,7 +128,7 @@ def _rope_problem(value: torch.Tensor, grid: int | None = None, head_dim: int | 
     if not value.is_complex():
         return (
             f"'{ROPE_KEY}' is real ({value.dtype}), not complex: the checkpoint was probably saved after the official "
-            "model's Module.to(dtype), which discards RoPE's imaginary part (recipe 8.2.12)"
+            "model's Module.to(dtype), which discards RoPE's imaginary part"
         )
     err = (value.to(torch.complex128) - rope_freqs(grid, head_dim).to(torch.complex128)).abs().max().item()
     if not err <= ROPE_ATOL:

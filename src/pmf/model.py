@@ -5,7 +5,7 @@ A DiT variant with in-context conditioning. The network sees the noisy image z_t
 only through the x -> u conversion ``u = (z - x) / max(t, 0.05)`` [pMF Eq. 11], done in one place,
 :func:`velocity_from_output`.
 
-Token sequence (recipe section 8.2.1), 20 prefix tokens then N patch tokens:
+Token sequence (official torch branch, `models/pmfDiT.py`), 20 prefix tokens then N patch tokens:
 
     [class(8) | omega(4) | t_min(2) | t_max(2) | time(4) | patches(N)]
 
@@ -100,7 +100,7 @@ def velocity_from_output(z: torch.Tensor, t: torch.Tensor, out: torch.Tensor, c_
 
 
 class RMSNorm(nn.Module):
-    """x * rsqrt(mean(x^2) + eps) * weight over the last dim; no bias (recipe 8.2.5)."""
+    """x * rsqrt(mean(x^2) + eps) * weight over the last dim; no bias (official torch branch, `models/`)."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -112,7 +112,7 @@ class RMSNorm(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar -> sinusoidal 256-d [cos, sin] (no x1000, max period 1e4) -> Linear -> SiLU -> Linear (recipe 8.2.3)."""
+    """Scalar -> sinusoidal 256-d [cos, sin] (no x1000, max period 1e4) -> Linear -> SiLU -> Linear (official `models/embedder.py`)."""
 
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()
@@ -157,7 +157,7 @@ class PatchEmbed(nn.Module):
 
 
 def rope_2d_angles(grid: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
-    """Angles (N, head_dim/2) of the 2-D axial RoPE (recipe 8.2.7).
+    """Angles (N, head_dim/2) of the 2-D axial RoPE (official torch branch, `models/pmfDiT.py`).
 
     d = head_dim // 2; freqs = 1 / theta^(arange(0, d, 2) / d) (head_dim/4 of them). Patch (row i, col j) gets
     concat(i * freqs, j * freqs): the first head_dim/4 channel pairs rotate with the row, the rest with the column.
@@ -179,7 +179,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class Attention(nn.Module):
     """Bias-free MHSA; QK-RMSNorm over head_dim (one scale shared by heads) *before* RoPE; RoPE on the last N
-    (patch) tokens only; float32 softmax (recipe 8.2.6)."""
+    (patch) tokens only; float32 softmax (official torch branch, `models/`)."""
 
     def __init__(self, dim: int, num_heads: int, backend: str = "jvp_sdpa"):
         super().__init__()
@@ -434,7 +434,7 @@ class PMFDiT(nn.Module):
         return self.unpatchify(x)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, p*p*C), each token ordered (p_row, p_col, c) -> (B, C, H, W)  (recipe 8.2.9)."""
+        """(B, N, p*p*C), each token ordered (p_row, p_col, c) -> (B, C, H, W)  (official `unpatchify`)."""
         B, p, g, C = x.shape[0], self.patch_size, self.grid, self.in_channels
         x = x.reshape(B, g, g, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(B, C, g * p, g * p)
@@ -460,7 +460,7 @@ class PMFDiT(nn.Module):
 @dataclass(frozen=True)
 class ModelSpec:
     """A named size: constructor kwargs plus the official noise scale and recommended 1-NFE sampling settings
-    (recipe section 3.4; eval omega, CFG interval, EMA half-life in kimg)."""
+    (official configs/pMF_*_config.yml and eval configs; eval omega, CFG interval, EMA half-life in kimg)."""
 
     kwargs: dict
     noise_scale: float = 1.0

@@ -1,5 +1,5 @@
 """Perceptual losses of pMF: LPIPS-VGG16 and a ConvNeXt-V2 feature distance on paired random crops
-[P section 4.4, App. A.1; recipe 3.5 and 1.4 item 8; official ``utils/auxloss_util.py``, ``models/convnext.py``].
+[P section 4.4, App. A.1; official ``utils/auxloss_util.py``, ``models/convnext.py``].
 
     x_pred, x  --paired RandomResizedCrop (one crop per sample, same for both)-->  x_pred', x'   (B, 3, 224, 224)
     L_lpips(b)    = sum_l mean_hw  w_l . (n_l(x_pred') - n_l(x'))^2        n_l = unit-normalised VGG16 relu features
@@ -53,14 +53,14 @@ from pmf.objective import PerSampleGenerator
 class PerceptualConfig:
     """Where the perceptual backbones' weights are and how pairs are cropped. Which terms run, their lambdas and the
     t gate are the objective's (``objective.perceptual_weights`` = {lpips: 0.4, convnext: 0.1} and
-    ``objective.perceptual_max_t`` in the official presets [P Tab. 8; recipe 3.4 / 3.5]): one source of truth."""
+    ``objective.perceptual_max_t`` in the official presets [P Tab. 8; official configs]): one source of truth."""
 
     lpips_vgg_path: str = ""  # torchvision VGG16 ImageNet weights (vgg16-397923af.pth), see load_lpips
     lpips_lin_path: str = ""  # LPIPS v0.1 linear heads (LPIPS repo weights/v0.1/vgg.pth)
     convnext_path: str = ""  # facebook/convnextv2-base-22k-224: model.safetensors / pytorch_model.bin / its folder
     crop_size: int = 224  # paired crop output side [official auxloss_util.py: out_size=224]
-    crop_scale: tuple = (0.08, 1.0)  # crop area fraction ~ U(0.08, 1) [recipe 3.5]
-    crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio, log-uniform [recipe 3.5]
+    crop_scale: tuple = (0.08, 1.0)  # crop area fraction ~ U(0.08, 1) [official `utils/auxloss_util.py`]
+    crop_ratio: tuple = (3 / 4, 4 / 3)  # aspect ratio, log-uniform [official `utils/auxloss_util.py`]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -526,7 +526,7 @@ class PerceptualLoss(nn.Module):
     x_pred, x: (B, C, H, W) in [-1, 1], C = 3 or 1 (grayscale is repeated to 3 channels). One paired
     RandomResizedCrop per sample feeds both terms. The target x is a constant: its crop and features are computed
     without a graph (saves the target's activations), so gradients reach only x_pred. ConvNeXt sees [-1, 1]
-    without ImageNet normalisation, as the official code feeds it (recipe 3.5). Backbones are frozen and stay in
+    without ImageNet normalisation, as the official code feeds it (`utils/auxloss_util.py`). Backbones are frozen and stay in
     eval mode whatever ``train()`` is called with."""
 
     def __init__(self, lpips: LPIPS | None = None, convnext: ConvNeXtV2 | None = None, crop_size: int = 224,

@@ -1,4 +1,4 @@
-"""Few-step sampling with an average-velocity network (pMF section 6; recipe section 1.7).
+"""Few-step sampling with an average-velocity network (pMF Sec. 6; official `pmf.py`: `generate`).
 
 One step from time t to r < t: ``z_r = z_t - (t - r) * u(z_t, r, t)``, one network call, u-head only. With the time
 grid ``linspace(1, 0, N + 1)`` this is the whole sampler for 1 and N steps alike; 1 step (t = 1, r = 0) returns

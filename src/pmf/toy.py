@@ -1,6 +1,6 @@
 """The paper's toy study: x-prediction vs u-prediction as the ambient dimension grows (pMF section 5, Fig. 2).
 
-Setting (recipe 4.1, after JiT section 3.3 / recipe 6.3): 2-D data (a Swiss roll by default) is embedded linearly in
+Setting (pMF Fig. 2 and Sec. 5, after JiT Sec. 3.3): 2-D data (a Swiss roll by default) is embedded linearly in
 D dimensions by a fixed column-orthonormal D x 2 matrix P (``x_D = x_2 P^T``); a MeanFlow model, a 7-layer ReLU MLP
 with 256 hidden units, is trained with the *same* pMF objective (:func:`pmf.objective.pmf_loss`) either as
 x-prediction (the net outputs x, converted by ``u = (z - x) / max(t, 0.05)``) or as u-prediction (the net outputs u);
@@ -21,7 +21,7 @@ t-conditioning, iMF-style), adaptive-weight power 0.5, a third of the lr and twi
 D = 2 (x-prediction: 2.0x), though its outer arm stays fuzzier than x-prediction's (nearest-neighbour distance 0.136
 vs 0.044); the same settings leave u-prediction at D = 512 as bad as before (5.7x, off-manifold 20.6).
 
-Choices the paper does not report (recipe 4.1: "Not reported: steps, optimizer, time sampler and noise"), made here
+Choices the paper does not report (pMF does not report the steps, optimizer, time sampler or noise), made here
 and tuned on a 2-core CPU for the "quick" preset (:data:`PRESETS`; the whole 2 x 4 grid takes ~6 min there):
 
 * "7-layer" = 7 linear layers on the u path: input -> 256, five 256 -> 256, 256 -> D, ReLU between them. The

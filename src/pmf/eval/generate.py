@@ -7,7 +7,7 @@ folder is needed. The feature extractor is injected: any callable ``uint8 (B, C,
 For ImageNet that callable wraps an Inception network loaded from a user-given path; for Fashion-MNIST it is the
 small CNN in :mod:`pmf.eval.fmnist`.
 
-Protocol (recipe section 5): class-balanced labels ``y_i = i mod num_classes`` (50 per class for 50k ImageNet),
+Protocol (pMF Sec. 6; official `pmf.py`): class-balanced labels ``y_i = i mod num_classes`` (50 per class for 50k ImageNet),
 per-sample seeds ``seed * 10**7 + i`` so an image depends on neither batch size nor rank, Frechet distance in
 float64. Multi-process: give each rank ``rank, world_size`` in :func:`generate`, then call
 ``stats.all_reduce_()`` before :meth:`FeatureStats.mean_cov`; in one process that call does nothing.

@@ -7,7 +7,7 @@ concatenation of per-epoch permutations ``perm(seed, 0), perm(seed, 1), ...``; t
 ``stream[nimg : nimg + G]`` and rank r takes the r-th contiguous slice of it.  So a restart, a new world size or a
 new global batch size continue from exactly the same image.
 
-Imports only torch, numpy, PIL and the standard library (design.md section 2).
+Imports only torch, numpy, PIL and the standard library (so the data path can be read and reused alone).
 """
 
 from __future__ import annotations
@@ -354,7 +354,7 @@ class EpochSampler:
 # ImageFolder with the ADM center crop
 
 def center_crop_adm(img: Image.Image, resolution: int) -> Image.Image:
-    """ADM center crop (guided-diffusion; pMF recipe 3.6): halve with BOX filtering while the short side is at least
+    """ADM center crop (guided-diffusion `image_datasets.py`: `center_crop_arr`, as the official pMF data): halve with BOX filtering while the short side is at least
     2 * resolution, BICUBIC-resize so the short side equals `resolution`, then cut the centered square."""
     while min(img.size) >= 2 * resolution:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)

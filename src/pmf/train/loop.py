@@ -43,7 +43,7 @@ from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, 
 from pmf.sampler import noise_from_seeds, sample
 
 # Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k
-# train set for data.dataset=imagefolder when data.path is not present [recipe 3.6: 1,281,167 images].
+# train set for data.dataset=imagefolder when data.path is not present [the ImageNet-1k train split: 1,281,167 images].
 FASHION_MNIST_TRAIN_SIZE = 60_000
 IMAGENET_TRAIN_SIZE = 1_281_167
 

@@ -1,6 +1,6 @@
 """Optimizer (Muon for matrices, Nesterov Adam for the rest), learning-rate schedule, and EMA.
 
-The official recipe (pmf-recipe.md sections 3.2 and 3.3) calls ``optax.contrib.muon(lr, adam_b2=0.95)``:
+The official code (`utils/trainstate_util.py`, `utils/ema_util.py`) calls ``optax.contrib.muon(lr, adam_b2=0.95)``:
 
 * every 2-D array gets Muon: Nesterov momentum 0.95, 5 quintic Newton-Schulz steps, update scaled by
   sqrt(max(1, fan_out / fan_in)), no weight decay, times lr;
