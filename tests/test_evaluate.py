@@ -537,10 +537,19 @@ def test_cli_eval_inception_path_writes_metrics(tmp_path, monkeypatch):
         assert m[key] == pytest.approx(value, rel=1e-9), key
     key = f"{metric.fd_key}_2step"
     assert want_v[key] != pytest.approx(want[key], rel=1e-6)
-    # the demo's defaults: Fashion-MNIST extractor, 1, 2 and 4 steps; the old comma form still parses
+    # the defaults: Fashion-MNIST extractor; steps, count and batch from the run's eval section (else 1 2 4, the
+    # extractor's count, 256); the old comma form still parses
     args = build_parser().parse_args(["eval", "--checkpoint", str(run)])
-    assert args.extractor == "fmnist" and args.steps == ["1", "2", "4"] and args.num is None
+    assert args.extractor == "fmnist" and args.steps is None and args.num is None and args.batch_size is None
     assert build_parser().parse_args(["eval", "--checkpoint", "x", "--steps", "1,2"]).steps == ["1,2"]
+    (run / "config.json").write_text(json.dumps({"sample": {"ema": "ema_hl500"},
+                                                 "eval": {"num_samples": 12, "steps": [2], "batch_size": 5}}))
+    short = [a for a in argv if a not in ("--num", "20", "--steps", "1", "2", "--batch-size", "7")]
+    assert main(short) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n"] == 12 and m["steps"] == [2]
+    want = evaluate_generator(net, metric, 12, (2,), omega=1.0, batch_size=5)
+    assert m[f"{metric.fd_key}_2step"] == pytest.approx(want[f"{metric.fd_key}_2step"], rel=1e-9)
 
 
 def test_cli_sample_precision_and_compile_flags(tmp_path):

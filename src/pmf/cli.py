@@ -105,6 +105,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_sample(args) -> int:
+    args.batch_size = 256 if args.batch_size is None else args.batch_size
     import contextlib
 
     from pmf.images import npz_sample_writer, save_grid, to_uint8
@@ -147,6 +148,7 @@ def cmd_sample(args) -> int:
 
 def cmd_eval_samples(args) -> int:
     """``pmf eval --samples FILE.npz``: FID, sFID, IS, precision and recall of a sample archive (one process)."""
+    args.batch_size = 256 if args.batch_size is None else args.batch_size
     from pmf.eval.samples import evaluate_samples, fmnist_extractor_and_reference, inception_extractor, load_reference
 
     if args.checkpoint:
@@ -184,9 +186,15 @@ def cmd_eval(args) -> int:
     from pmf.eval.metrics import setup_metric
 
     _check_args(args, num=args.num)
-    steps = [int(s) for tok in args.steps for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"
+    # a run directory's `eval:` section (pmf.train.config.EvalConfig, set by its preset) gives the defaults
+    run_cfg_path = Path(args.checkpoint) / "config.json"
+    eval_cfg = json.loads(run_cfg_path.read_text()).get("eval", {}) if run_cfg_path.is_file() else {}
+    args.num = args.num if args.num is not None else eval_cfg.get("num_samples")
+    args.batch_size = args.batch_size if args.batch_size is not None else eval_cfg.get("batch_size", 256)
+    step_tokens = args.steps if args.steps is not None else eval_cfg.get("steps", [1, 2, 4])
+    steps = [int(s) for tok in step_tokens for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"
     if not steps or min(steps) < 1:
-        raise PmfError(f"--steps {' '.join(map(str, args.steps))}: every step count must be >= 1")
+        raise PmfError(f"--steps {' '.join(map(str, step_tokens))}: every step count must be >= 1")
     if args.extractor == "inception":
         _check_ref_stats(args.ref_stats)
     started = not torch.distributed.is_initialized()
@@ -281,6 +289,7 @@ def cmd_prepare_data(args) -> int:
 
 def cmd_guidance_search(args) -> int:
     """Grid over EMA x interval x omega on --num-search samples, then --num-final samples at the best point."""
+    args.batch_size = 256 if args.batch_size is None else args.batch_size
     from pmf.train import dist
     from pmf.eval.metrics import setup_metric
     from pmf.eval.guidance_search import guidance_search, parse_interval
@@ -405,7 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="guidance interval")
         q.add_argument("--seed", type=int, default=0)
         q.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        q.add_argument("--batch-size", type=int, default=256)
+        q.add_argument("--batch-size", type=int, help="images per batch (default 256; pmf eval of a run: its "
+                       "eval.batch_size)")
         q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                        help="bf16: autocast the network (faster on GPUs and CPUs with native bf16 matmuls)")
         q.add_argument("--compile", action="store_true",
@@ -441,7 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int, default=3, help="--samples: k of the k-NN manifolds of precision / recall")
     e.add_argument("--num", type=int, help="number of samples (default 10000 fmnist, 50000 inception; --samples: "
                    "the whole file)")
-    e.add_argument("--steps", nargs="+", default=["1", "2", "4"], help="step counts, e.g. --steps 1 2 4")
+    e.add_argument("--steps", nargs="+", help="step counts, e.g. --steps 1 2 4 (default: the run's eval.steps, else "
+                   "1 2 4)")
     e.add_argument("--out", help="write the metrics JSON here (default: RUN_DIR/metrics.json)")
     e.set_defaults(fn=cmd_eval)
 

@@ -100,9 +100,11 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 10000  # Fashion-MNIST metric sample count
-    steps: list = field(default_factory=lambda: [1, 2])
-    batch_size: int = 500
+    """Defaults of `pmf eval --checkpoint RUN` for this run (its flags override them)."""
+
+    num_samples: int = 10000  # samples per evaluation (class-balanced)
+    steps: list = field(default_factory=lambda: [1, 2, 4])  # sampling step counts to score
+    batch_size: int = 256  # images per generation / feature batch
 
 
 @dataclass
