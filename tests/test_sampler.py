@@ -183,3 +183,28 @@ def test_noise_depends_only_on_its_seed_threads_and_prefetch(monkeypatch):
     batches = list(sampler.noise_batches([seeds[:3], seeds[3:5], seeds[5:]], (3, 4, 4), 2.0))
     assert torch.equal(torch.cat(batches), alone) and [b.shape[0] for b in batches] == [3, 2, 3]
     assert threads and not any(threads)
+
+
+def test_sampler_settings_resolve_meta_and_fit_every_sampling_entry_point():
+    """SamplerSettings: the checkpoint's recommendations, each overridden where given (noise scale: meta, then the
+    network's own); its field names are keywords of every function that samples, so one object serves them all."""
+    import inspect
+
+    from pmf.eval.fmnist import fmnist_metrics
+    from pmf.eval.generate import evaluate_generator, generate
+    from pmf.sampler import SamplerSettings, sample
+
+    meta = {"omega": 3.0, "t_min": 0.1, "t_max": 0.7, "noise_scale": 2.0}
+    assert SamplerSettings.from_meta(meta) == SamplerSettings(3.0, 0.1, 0.7, 2.0, False)
+    got = SamplerSettings.from_meta(meta, omega=1.5, interval=(0.2, 0.9), instantaneous=True)
+    assert got == SamplerSettings(1.5, 0.2, 0.9, 2.0, True)
+
+    class Net:
+        noise_scale = 4.0
+
+    assert SamplerSettings.from_meta({}, net=Net()) == SamplerSettings(1.0, 0.0, 1.0, 4.0, False)
+    assert SamplerSettings.from_meta({}) == SamplerSettings()
+    names = set(SamplerSettings().kwargs())
+    for fn in (generate, evaluate_generator, fmnist_metrics):
+        assert names <= set(inspect.signature(fn).parameters), fn.__name__
+    assert names - {"noise_scale"} <= set(inspect.signature(sample).parameters)  # the caller scales the noise

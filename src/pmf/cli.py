@@ -109,16 +109,15 @@ def cmd_sample(args) -> int:
     import contextlib
 
     from pmf.images import npz_sample_writer, save_grid, to_uint8
-    from pmf.sampler import noise_from_seeds, sample
+    from pmf.sampler import SamplerSettings, noise_from_seeds, sample
 
     _check_args(args, num=args.num)
     if args.rows < 1:
         raise PmfError(f"--rows={args.rows} must be >= 1")
     net, meta = _load_net(args.checkpoint, args.ema, args.device)
     net = _fast(net, args)
-    omega = args.omega if args.omega is not None else meta.get("omega", 1.0)
-    t_min, t_max = args.interval if args.interval else (meta.get("t_min", 0.0), meta.get("t_max", 1.0))
-    noise_scale = meta.get("noise_scale", getattr(net, "noise_scale", 1.0))
+    settings = SamplerSettings.from_meta(meta, args.omega, args.interval or None, args.instantaneous, net)
+    omega, t_min, t_max, noise_scale = settings.omega, settings.t_min, settings.t_max, settings.noise_scale
     shape = (net.in_channels, net.input_size, net.input_size)
     classes = _class_list(args.classes, net.num_classes)
     out = Path(args.out)
@@ -184,6 +183,7 @@ def cmd_eval(args) -> int:
     from pmf.train import dist
     from pmf.eval.generate import evaluate_generator
     from pmf.eval.metrics import setup_metric
+    from pmf.sampler import SamplerSettings
 
     _check_args(args, num=args.num)
     # a run directory's `eval:` section (pmf.train.config.EvalConfig, set by its preset) gives the defaults
@@ -203,9 +203,7 @@ def cmd_eval(args) -> int:
     try:
         net, meta = _load_net(args.checkpoint, args.ema, device)
         net = _fast(net, args)
-        omega = args.omega if args.omega is not None else meta.get("omega", 1.0)
-        t_min, t_max = args.interval if args.interval else (meta.get("t_min", 0.0), meta.get("t_max", 1.0))
-        noise_scale = meta.get("noise_scale", 1.0)
+        settings = SamplerSettings.from_meta(meta, args.omega, args.interval or None, args.instantaneous, net)
         if args.extractor == "fmnist":
             from pmf.eval.fmnist import fmnist_metrics, get_fmnist_classifier
 
@@ -213,20 +211,19 @@ def cmd_eval(args) -> int:
             if dist.is_main():
                 get_fmnist_classifier()  # trains and caches it on first use, before the other ranks read it
             dist.barrier()
-            res = fmnist_metrics(net, n=n, steps=steps, omega=omega, t_min=t_min, t_max=t_max,
-                                 batch_size=args.batch_size, noise_scale=noise_scale, seed=args.seed, device=device,
-                                 instantaneous=args.instantaneous)
+            res = fmnist_metrics(net, n=n, steps=steps, batch_size=args.batch_size, seed=args.seed, device=device,
+                                 **settings.kwargs())
         else:
             n = args.num or 50_000
             metric = setup_metric("inception", args.inception, args.ref_stats, device, args.batch_size)
-            res = {"n": n, **evaluate_generator(net, metric, n, steps, noise_scale, omega, t_min, t_max,
-                                                args.batch_size, args.seed, device,
-                                                instantaneous=args.instantaneous), **metric.info}
+            res = {"n": n, **evaluate_generator(net, metric, n, steps, batch_size=args.batch_size, seed=args.seed,
+                                                device=device, **settings.kwargs()), **metric.info}
         run_dir = Path(args.checkpoint)
         cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
         ema = args.ema or cfg.get("sample", {}).get("ema") or "model"
-        res.update({"extractor": args.extractor, "steps": steps, "omega": omega, "t_min": t_min, "t_max": t_max,
-                    "ema": ema, "seed": args.seed, "sampler": "instantaneous" if args.instantaneous else "average"})
+        res.update({"extractor": args.extractor, "steps": steps, "omega": settings.omega, "t_min": settings.t_min,
+                    "t_max": settings.t_max, "ema": ema, "seed": args.seed,
+                    "sampler": "instantaneous" if args.instantaneous else "average"})
         if dist.is_main():
             text = json.dumps(res, indent=2)
             print(text)

@@ -11,6 +11,7 @@ not depend on batch size or position.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import deque
@@ -18,6 +19,33 @@ from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 
 import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """How a network is sampled, apart from the number of steps: the guidance scale omega and interval
+    [t_min, t_max] (network inputs), the noise scale of z_1, and the sampler (average-velocity steps, or Euler steps
+    on the instantaneous velocity v = u(z, t, t)). Its fields are the keyword names of :func:`sample`,
+    :func:`pmf.eval.generate.generate` / ``evaluate_generator`` and ``fmnist_metrics``: pass ``**settings.kwargs()``."""
+
+    omega: float = 1.0
+    t_min: float = 0.0
+    t_max: float = 1.0
+    noise_scale: float = 1.0
+    instantaneous: bool = False
+
+    @classmethod
+    def from_meta(cls, meta: dict, omega: float | None = None, interval=None, instantaneous: bool = False,
+                  net=None) -> "SamplerSettings":
+        """A checkpoint's recommended settings (its ``meta``: omega, t_min, t_max, noise_scale), each overridden
+        where given; the noise scale falls back to the network's own, then 1."""
+        t_min, t_max = interval if interval is not None else (meta.get("t_min", 0.0), meta.get("t_max", 1.0))
+        return cls(omega=float(omega if omega is not None else meta.get("omega", 1.0)), t_min=float(t_min),
+                   t_max=float(t_max), noise_scale=float(meta.get("noise_scale", getattr(net, "noise_scale", 1.0))),
+                   instantaneous=bool(instantaneous))
+
+    def kwargs(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 def _per_sample(value, batch: int, ref: torch.Tensor) -> torch.Tensor:
