@@ -14,6 +14,8 @@ from pmf.cli import main as cli_main
 from pmf.train.config import PRESET_DIR, list_presets, load_config
 from pmf.model import MODELS
 
+GFLOPS = {"pmf-b16-in256": 33, "pmf-l16-in256": 117, "pmf-h16-in256": 271, "pmf-b32-in512": 34,
+          "pmf-l32-in512": 117, "pmf-h32-in512": 272}  # pMF Sec. 6.3 / Tab. 6-7
 IMAGENET_TRAIN = 1_281_167  # the ImageNet-1k train split
 
 # The recipe's per-model table (released configs; H epochs from the paper, see the YAML comments) and
@@ -107,6 +109,10 @@ def test_dry_run_of_official_preset(preset, tmp_path, capsys, monkeypatch):
     assert summary["accum_steps"] * summary["micro_batch_per_device"] == 1024  # the preset's accumulation
     assert summary["params_M_inference"] == pytest.approx(params_m, abs=0.1)  # recount from the official code
     assert summary["params_M"] > summary["params_M_inference"]  # + the training-only v-head
+    # the paper's compute keys (pmf.compute; Sec. 6.3: Gflops as multiply-accumulates, generator only)
+    assert summary["params_generator_M"] == pytest.approx(summary["params_M_inference"], abs=1e-3)
+    assert summary["params_training_M"] == pytest.approx(summary["params_M"], abs=1e-3)
+    assert summary["gflops_per_forward"] == pytest.approx(GFLOPS[preset], rel=0.02)
     assert summary["ema_beta_per_step"]["ema_hl500"] == pytest.approx(0.998581, abs=1e-6)  # official utils/ema_util.py
     assert any("perceptual" in n for n in summary["notes"])
 

@@ -31,6 +31,7 @@ from pmf.train.config import RunConfig, config_differences, to_json
 from pmf.train.preempt import stop_on_signals
 from pmf.train.runlock import lock_run_dir
 from pmf.train.validate import check_writable_dir, validate_config
+from pmf.compute import compute_report
 from pmf.images import to_model_range, to_uint8
 from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
 from pmf.train.shards import ShardDataset, is_shard_dir
@@ -325,6 +326,8 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devi
         summary["params_M"] = round(sum(p.numel() for p in PMFDiT(**kwargs).parameters()) / 1e6, 3)
         infer = {**kwargs, "v_head": False}
         summary["params_M_inference"] = round(sum(p.numel() for p in PMFDiT(**infer).parameters()) / 1e6, 3)
+    # the paper's compute figures (Sec. 6.3): generator / training parameters, Gflops = multiply-accumulates per forward
+    summary.update(compute_report(kwargs))
     n_gpu, gpu_gib, gpu_name = plan.local_devices()
     if plan_device_memory:
         mem, name = plan_device_memory, "planned"
