@@ -112,7 +112,8 @@ class RMSNorm(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Scalar -> sinusoidal 256-d [cos, sin] (no x1000, max period 1e4) -> Linear -> SiLU -> Linear (official `models/embedder.py`)."""
+    """Scalar -> sinusoidal 256-d [cos, sin] (no x1000, max period 1e4) -> Linear -> SiLU -> Linear
+    (official `models/embedder.py`)."""
 
     def __init__(self, hidden_size: int, freq_dim: int = 256):
         super().__init__()

@@ -526,7 +526,8 @@ class PerceptualLoss(nn.Module):
     x_pred, x: (B, C, H, W) in [-1, 1], C = 3 or 1 (grayscale is repeated to 3 channels). One paired
     RandomResizedCrop per sample feeds both terms. The target x is a constant: its crop and features are computed
     without a graph (saves the target's activations), so gradients reach only x_pred. ConvNeXt sees [-1, 1]
-    without ImageNet normalisation, as the official code feeds it (`utils/auxloss_util.py`). Backbones are frozen and stay in
+    without ImageNet normalisation, as the official code feeds it
+    (`utils/auxloss_util.py`). Backbones are frozen and stay in
     eval mode whatever ``train()`` is called with."""
 
     def __init__(self, lpips: LPIPS | None = None, convnext: ConvNeXtV2 | None = None, crop_size: int = 224,
