@@ -23,8 +23,7 @@ torch-name pass before :func:`official_to_ours`. That pass would make ``net/`` t
 into ``shared_blocks.0`` and ``mlp/layers_{0,2}`` into ``mlp.{0,2}``. It would transpose Dense ``kernel (in, out)``
 into ``weight (out, in)``, turn Conv ``kernel (kh, kw, in, out)`` into ``weight (out, in, kh, kw)`` and RMSNorm
 ``kernel`` into ``weight``, and squeeze ``embedding_table/embedding (1, K+1, D)`` to ``(K+1, D)``
-(official torch branch layout). It
-would also need a msgpack/orbax reader, which this package does not depend on.
+(official torch branch layout). It would also need a msgpack/orbax reader, which this package does not depend on.
 """
 
 from __future__ import annotations

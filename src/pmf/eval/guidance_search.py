@@ -1,6 +1,5 @@
 """Guidance search (official protocol, pMF App. A.1; official `train.py`: `just_evaluate`): "FID results are
-evaluated at optimal guidance scale and
-interval". A grid over EMA copies x guidance intervals (t_min, t_max) x guidance scales omega, each point scored on
+evaluated at optimal guidance scale and interval". A grid over EMA copies x guidance intervals (t_min, t_max) x guidance scales omega, each point scored on
 ``num_search`` samples; then the full ``num_final`` samples (50k for ImageNet) at the best point, with IS.
 
 The final run uses seed ``final_seed`` (default ``seed + 1``): its samples share no noise with the search's, so the
