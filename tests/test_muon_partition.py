@@ -216,3 +216,23 @@ def test_partitioned_muon_equals_one_process(world, tmp_path):
         assert per_step == sorted(shapes)
         if case == "few" and world == 4:
             assert [] in [res[(case, name)]["seen"][0] for res in results]  # an idle rank still joins the gather
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The switch
+
+
+@pytest.mark.parametrize("flag", [None, "true", "false"])
+def test_loop_builds_the_ddp_optimizer_with_the_switch(flag, tmp_path):
+    """optim.muon_partition (default true) reaches the Muon part of the DDP-mode optimizer that build_run makes;
+    the state-dict layout does not depend on it (the flag is no group hyperparameter)."""
+    from pmf.train.config import load_config
+    from pmf.train.loop import build_run
+
+    sets = ["train.device=cpu"] + ([f"optim.muon_partition={flag}"] if flag else [])
+    cfg = load_config("tiny-test", overrides=sets)
+    data = (torch.zeros(8, 1, 8, 8, dtype=torch.uint8), torch.zeros(8, dtype=torch.int64))
+    run = build_run(cfg, tmp_path, torch.device("cpu"), data, None)
+    assert isinstance(run.opt.muon, BatchedMuon) and run.opt.muon.partition is (flag != "false")
+    keys = {k for g in run.opt.state_dict()["param_groups"] for k in g}
+    assert "partition" not in keys and "ns_dtype" not in keys
