@@ -496,7 +496,8 @@ def build_run(cfg: RunConfig, run_dir: Path, device: torch.device, data, state: 
     sharded = cfg.train.parallel == "fsdp" and world > 1
     if sharded:
         fsdp.shard_model(net, device, cfg.train.fsdp_reshard_after_forward)
-    opt = fsdp.build_sharded_optimizer(net, cfg.optim) if sharded else build_optimizer(net, cfg.optim)
+    opt = (fsdp.build_sharded_optimizer(net, cfg.optim) if sharded  # fsdp: Muon gathers each matrix (GatheredMuon)
+           else build_optimizer(net, cfg.optim, partition_ns=cfg.optim.muon_partition))
     ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies under FSDP
     loader = ShardedLoader(data, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank(), world_size=world,
                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")

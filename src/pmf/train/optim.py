@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from pmf.train import speed
+from pmf.train import ns_partition, speed
 
 __all__ = [
     "OptimConfig",
@@ -61,6 +61,10 @@ class OptimConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations (coefficients 3.4445, -4.7750, 2.0315)
     muon_ns_precision: str = field(default="auto", metadata={"resumable": True})  # Newton-Schulz dtype: "auto"
     #   (bf16 on GPUs and native-bf16 CPUs, else fp32) | "bf16" | "fp32"
+    muon_partition: bool = field(default=True, metadata={"resumable": True})  # train.parallel=ddp with W > 1
+    #   processes: each rank runs Newton-Schulz on its FLOP-balanced share of the matrices, one all-gather shares the
+    #   results (pmf.train.ns_partition); the same update as one process. false: every rank orthogonalises every
+    #   matrix. No effect in one process or under fsdp.
     warmup_kimg: float = field(default=0.0, metadata={"resumable": True})  # linear warmup from 0 to lr over this
     #   many thousand images (official 0)
     schedule: str = field(default="constant", metadata={"resumable": True})  # "constant" | "cosine" (after warmup)
@@ -283,11 +287,20 @@ class BatchedMuon(torch.optim.Muon):
     and on CPUs with native bf16, float32 on other CPUs, where bf16 matmuls are emulated: the demo model's step took
     690 ms with bf16 Newton-Schulz against 24 ms in float32 on a 2-core EPYC without AVX-512. float32 is the more
     accurate of the two, so the update differs only by bf16 rounding. An explicit ``ns_dtype=torch.bfloat16`` is
-    obeyed, with a one-time warning on such CPUs."""
+    obeyed, with a one-time warning on such CPUs.
 
-    def __init__(self, params, *args, ns_dtype: torch.dtype | None = None, **kwargs):
+    ``partition=True`` (replicated parameters on every rank of ``process_group``, e.g. DDP mode): each rank runs
+    Newton-Schulz only on its FLOP-balanced share of the matrices and one all-gather shares the results
+    (:mod:`pmf.train.ns_partition`); momentum stays replicated and the state dict is unchanged. In one process it
+    is the same code path with every matrix owned by rank 0."""
+
+    def __init__(self, params, *args, ns_dtype: torch.dtype | None = None, partition: bool = False,
+                 process_group=None, **kwargs):
         super().__init__(params, *args, **kwargs)
         self.ns_dtype = ns_dtype
+        # Not hyperparameters of a group: the state dict (and so a checkpoint) is the same with or without them.
+        self.partition = partition  # split Newton-Schulz over the ranks of process_group (replicated parameters)
+        self.process_group = process_group  # None: the default group
 
     def _full(self, update: torch.Tensor) -> torch.Tensor:
         """The whole matrix of an update (a hook: sharded subclasses gather it here)."""
@@ -324,29 +337,62 @@ class BatchedMuon(torch.optim.Muon):
                 out[i] = X[k].T if tall else X[k]
         return out
 
+    def orthogonalize_shared(self, work: list[tuple[dict, list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
+        """Newton-Schulz of every matrix of ``work`` ([(group, matrices)]), the results per group as in
+        :meth:`orthogonalize`. With ``partition`` on and W > 1 ranks, each rank orthogonalises only the matrices
+        :func:`pmf.train.ns_partition.assign_owners` gives it (balanced by FLOPs, the same on every rank) and one
+        all-gather shares the results; otherwise this rank owns every matrix and nothing is communicated. A
+        collective when partitioned: every rank must step the same matrices (in DDP mode
+        :func:`pmf.train.dist.all_reduce_grads` gives every parameter a gradient on every rank)."""
+        world, rank = ns_partition.active_world(self.partition, self.process_group)
+        flat = [(gi, m) for gi, (_, mats) in enumerate(work) for m in mats]
+        owners = ns_partition.assign_owners([ns_partition.ns_flops(m.shape, work[gi][0]["ns_steps"])
+                                             for gi, m in flat], world)
+        mine: dict[int, torch.Tensor] = {}
+        for gi, (group, _) in enumerate(work):
+            idx = [i for i, (g, _) in enumerate(flat) if g == gi and owners[i] == rank]
+            mine.update(zip(idx, self.orthogonalize([flat[i][1] for i in idx], group)))
+        devices = {m.device for _, m in flat}
+        if world > 1 and len(devices) > 1:
+            raise ValueError(f"optim.muon_partition needs every Muon matrix on one device, got {sorted(map(str, devices))}"
+                             "; set optim.muon_partition=false")
+        dev = devices.pop() if devices else torch.device("cpu")
+        shared = ns_partition.share(mine, [m.shape for _, m in flat], owners, world, rank, self.dtype_for(dev), dev,
+                                    self.process_group)  # world 1: returns this rank's results, no communication
+        out: list[list[torch.Tensor]] = [[] for _ in work]
+        for (gi, _), o in zip(flat, shared):
+            out[gi].append(o)
+        return out
+
     @torch.no_grad()
     def step(self, closure=None):
         from torch.optim._muon import _adjust_lr  # torch's rule: lr * sqrt(max(1, rows / cols)) for "original"
 
         loss = _closure_loss(closure)
+        work = []  # (group, params, momentum-updated matrices U): all groups first, so the shared NS is one collective
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
             if not params:
                 continue
-            lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
+            mu = group["momentum"]
             torch._foreach_lerp_(bufs, grads, 1 - mu)
             updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-            orthos = self.orthogonalize([self._full(u) for u in updates], group)
-            for p, u, o in zip(params, updates, orthos):
+            work.append((group, params, updates))
+        orthos = self.orthogonalize_shared([(g, [self._full(u) for u in us]) for g, _, us in work])
+        for (group, params, updates), os_ in zip(work, orthos):
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            for p, u, o in zip(params, updates, os_):
                 if wd != 0:
                     p.mul_(1 - lr * wd)
                 p.add_(self._like(o.to(p.dtype), u), alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """The official optimizer ("muon") or the all-Adam ablation ("adam", Fig. 3a) over ``model``'s parameters."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, partition_ns: bool = False) -> torch.optim.Optimizer:
+    """The official optimizer ("muon") or the all-Adam ablation ("adam", Fig. 3a) over ``model``'s parameters.
+    ``partition_ns``: the parameters are replicated on every rank of the default process group (DDP mode), so
+    Muon may split its Newton-Schulz work across the ranks (:class:`BatchedMuon` ``partition``)."""
     adam_kw = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
                    nesterov=cfg.nesterov_adam)
     if cfg.name == "adam":
@@ -370,6 +416,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
         eps=cfg.eps,  # optax normalises by ||X||_F + eps with the same eps as Adam (torch default 1e-7)
         ns_steps=cfg.muon_ns_steps,
         ns_dtype=NS_DTYPES[cfg.muon_ns_precision],
+        partition=partition_ns,
         # sqrt(max(1, rows / cols)) of a torch (out, in) weight = optax's sqrt(max(1, fan_out / fan_in)).
         adjust_lr_fn="original",
     )
