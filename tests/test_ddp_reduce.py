@@ -10,9 +10,11 @@ import torch
 from torch import nn
 
 from pmf.train import dist
+from pmf.train.config import load_config
 from pmf.train.dist import GradReducer
+from pmf.train.loop import train
 
-from test_dist import _join_group, run_two
+from test_dist import SETS, _join_group, _restore_threads, assert_runs_match, run_two  # noqa: F401 (autouse fixture)
 
 ACCUM = 3  # micro-batches per step
 STEPS = 2  # the first reduction also learns which parameters are unused; the second runs on the learned layout
@@ -186,3 +188,23 @@ def test_bucket_layout():
         assert "bucket_mb" in str(e)
     else:
         raise AssertionError("bucket_mb=0 accepted")
+
+
+ACCUM_SETS = [*SETS, "train.accum_steps=2"]
+
+
+def _train_worker(rank, port, out_dir):
+    _join_group(rank, port)
+    try:
+        train(load_config("tiny-test", overrides=ACCUM_SETS), Path(out_dir, "two"), quiet=True)
+    finally:
+        dist.shutdown()
+
+
+def test_trainer_with_accumulation_two_processes_match_one(tmp_path):
+    """The trainer's DDP step (GradReducer armed on the last of 2 micro-batches) gives the losses, grad norms and
+    weights of one process on the same global batch (tolerances of tests/test_dist.py)."""
+    run_two(_train_worker, (str(tmp_path),), timeout=150)
+    ref = train(load_config("tiny-test", overrides=ACCUM_SETS), tmp_path / "one", quiet=True)
+    assert ref["world_size"] == 1 and ref["step"] == 3
+    assert_runs_match(tmp_path / "one", tmp_path / "two", steps=[1, 2, 3])
