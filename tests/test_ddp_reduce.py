@@ -194,17 +194,27 @@ ACCUM_SETS = [*SETS, "train.accum_steps=2"]
 
 
 def _train_worker(rank, port, out_dir):
-    _join_group(rank, port)
-    try:
-        train(load_config("tiny-test", overrides=ACCUM_SETS), Path(out_dir, "two"), quiet=True)
-    finally:
-        dist.shutdown()
+    """`pmf train` as torchrun would start it: the command joins the process group and must leave it."""
+    import os
+
+    from pmf.cli import main
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    argv = ["train", "--preset", "tiny-test", "--run-dir", str(Path(out_dir, "two")), "--quiet"]
+    for s in ACCUM_SETS:
+        argv += ["--set", s]
+    status = main(argv)
+    Path(out_dir, f"exit{rank}.json").write_text(json.dumps([status, torch.distributed.is_initialized()]))
 
 
 def test_trainer_with_accumulation_two_processes_match_one(tmp_path):
     """The trainer's DDP step (GradReducer armed on the last of 2 micro-batches) gives the losses, grad norms and
-    weights of one process on the same global batch (tolerances of tests/test_dist.py)."""
+    weights of one process on the same global batch (tolerances of tests/test_dist.py); `pmf train` destroys the
+    process group it joined."""
     run_two(_train_worker, (str(tmp_path),), timeout=150)
+    assert [json.loads((tmp_path / f"exit{r}.json").read_text()) for r in (0, 1)] == [[0, False], [0, False]]
     ref = train(load_config("tiny-test", overrides=ACCUM_SETS), tmp_path / "one", quiet=True)
     assert ref["world_size"] == 1 and ref["step"] == 3
     assert_runs_match(tmp_path / "one", tmp_path / "two", steps=[1, 2, 3])
