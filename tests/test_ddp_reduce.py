@@ -218,3 +218,18 @@ def test_trainer_with_accumulation_two_processes_match_one(tmp_path):
     ref = train(load_config("tiny-test", overrides=ACCUM_SETS), tmp_path / "one", quiet=True)
     assert ref["world_size"] == 1 and ref["step"] == 3
     assert_runs_match(tmp_path / "one", tmp_path / "two", steps=[1, 2, 3])
+
+
+def test_init_binds_the_gpu_on_cuda_only(monkeypatch):
+    """Under torchrun on CUDA, init_process_group gets nccl and device_id=cuda:LOCAL_RANK; on CPU gloo and no
+    device_id (recorded instead of joining a group)."""
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda **k: calls.append(k))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append({"set_device": d}))
+    dist.init("cuda")
+    dist.init("cpu")
+    assert calls[0] == {"set_device": torch.device("cuda", 1)}
+    assert calls[1]["backend"] == "nccl" and calls[1]["device_id"] == torch.device("cuda", 1)
+    assert calls[2]["backend"] == "gloo" and "device_id" not in calls[2]
