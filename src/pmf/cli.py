@@ -95,12 +95,19 @@ def _class_list(text: str | None, num_classes: int) -> list[int]:
 
 
 def cmd_train(args) -> int:
+    from pmf.train import dist
     from pmf.train.config import load_config
     from pmf.train.loop import train
 
     cfg = load_config(args.preset, args.config, args.set or [])
-    summary = train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet,
-                    restart=args.restart, plan_devices=args.plan_devices, plan_device_memory=args.plan_device_memory)
+    started = not torch.distributed.is_initialized()  # train() joins the group under torchrun; we leave it
+    try:
+        summary = train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet,
+                        restart=args.restart, plan_devices=args.plan_devices,
+                        plan_device_memory=args.plan_device_memory)
+    finally:
+        if started:
+            dist.shutdown()
     return summary.get("exit_status", 0)  # 3: stopped by non-finite steps; 75: stopped by a signal (pmf.errors)
 
 

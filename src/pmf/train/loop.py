@@ -145,13 +145,15 @@ class StepResult:
 def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None,
                loss_fn=pmf_loss) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
-    averaged over ranks by :func:`pmf.train.dist.all_reduce_grads` (``ddp``) or by FSDP's reduce-scatter after the last
-    micro-batch (``fsdp``; the earlier ones accumulate unsharded gradients without communication).
+    averaged over ranks by :class:`pmf.train.dist.GradReducer` (``ddp``: bucketed all-reduces launched during the
+    last micro-batch's backward) or by FSDP's reduce-scatter after the last micro-batch (``fsdp``); the earlier
+    micro-batches accumulate gradients without communication.
     ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
     :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.train.speed.maybe_compile`; its forward passes run
     under ``train.precision`` autocast, the backward outside it."""
     rank = dist.rank()
     sharded = fsdp.is_sharded(net)
+    reducer = None if sharded else dist.grad_reducer(net)  # does nothing in one process
     per_rank = images_u8.shape[0]
     accum = cfg.train.accum_steps
     micro = per_rank // accum
@@ -160,6 +162,8 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     for a in range(accum):
         if sharded:
             net.set_requires_gradient_sync(a == accum - 1)
+        else:
+            reducer.start_micro_batch(last=a == accum - 1)
         sl = slice(a * micro, (a + 1) * micro)
         x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
         y = labels[sl].to(device) if cfg.data.class_conditional else None
@@ -176,7 +180,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
             unused = () if cfg.objective.use_v_head else ("v_heads.", "v_final_layer.")
             fsdp.check_gradients_reduced(net, f"gradients at {nimg / 1000:.3f} kimg", ignore_prefixes=unused)
     else:
-        dist.all_reduce_grads(net)
+        reducer.finish()  # waits for the buckets launched during backward, launches the rest
     params = [p for p in net.parameters() if p.grad is not None]
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
