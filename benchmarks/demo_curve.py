@@ -12,7 +12,7 @@ class-balanced samples in the Fashion-MNIST classifier's features with
   - ``--inst-steps`` Euler steps on the instantaneous velocity v = u(z, t, t) (``--instantaneous``): the
     flow-matching bound, what the same network gives as a many-step flow model,
 
-and the figure plots the three Frechet distances against training minutes, with the reference distances of the
+and the figure plots the three Frechet distances against images seen (kimg; minutes on a shared machine buy very different numbers of images), with the reference distances of the
 training set (the floor) and of the test set blurred 2x. The markdown table adds kimg, class accuracy (next to the
 classifier's accuracy on real test images) and the ratios to the floor.
 
@@ -72,7 +72,7 @@ def plot(rows: list, k: int, path: Path, title: str) -> None:
         ax.plot(kimg, [r[key] for r in rows], style, label=label)
     ax.axhline(rows[-1]["fd_blur2x"], color="gray", ls=":", lw=1, label="test set blurred 2x")
     ax.axhline(rows[-1]["fd_floor"], color="black", ls=":", lw=1, label="training set (floor)")
-    ax.set_xlabel(f"thousands of training images (the demo's ten minutes on an idle 2-core CPU: {DEMO_KIMG} kimg)")
+    ax.set_xlabel(f"kimg seen (idle 2-core CPU: {DEMO_KIMG} kimg = the demo's 10 minutes)")
     ax.set_ylabel(f"Frechet distance, classifier features (n={rows[-1]['n']})")
     ax.set_yscale("log")
     ax.set_title(title, fontsize=10)
@@ -141,7 +141,7 @@ def main() -> int:
     plot(rows, a.inst_steps, Path(a.png), f"{a.preset}: one-step vs multi-step FD over training")
     Path(a.md).parent.mkdir(parents=True, exist_ok=True)
     link = os.path.relpath(Path(a.png).resolve(), Path(a.md).resolve().parent)
-    Path(a.md).write_text(f"# {a.preset}: Frechet distance against training minutes\n\n![curve]({link})\n\n"
+    Path(a.md).write_text(f"# {a.preset}: Frechet distance against training images\n\n![curve]({link})\n\n"
                           + table(rows, a.inst_steps, command.strip()))
     print(f"figure {a.png}, table {a.md}")
     return 0
