@@ -12,8 +12,8 @@ class-balanced samples in the Fashion-MNIST classifier's features with
   - ``--inst-steps`` Euler steps on the instantaneous velocity v = u(z, t, t) (``--instantaneous``): the
     flow-matching bound, what the same network gives as a many-step flow model,
 
-and the figure plots the three Frechet distances against images seen (kimg; minutes on a shared machine buy very different numbers of images), with the reference distances of the
-training set (the floor) and of the test set blurred 2x. The markdown table adds kimg, class accuracy (next to the
+and the figure plots the three Frechet distances against images seen (kimg: minutes on a shared machine buy very
+different numbers of images), with the reference distances of the training set (the floor) and of the test set blurred 2x. The markdown table adds kimg, class accuracy (next to the
 classifier's accuracy on real test images) and the ratios to the floor.
 
 Points already in RUN_DIR/curve.json are not retrained or re-evaluated: rerun the command to continue after an
