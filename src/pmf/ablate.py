@@ -317,8 +317,9 @@ def plot_claim(out: Path, claim: str, rows: list[dict]) -> Path:
     return path
 
 
-def dry_run(suite: str, settings: SuiteSettings, only: list[str] | None = None, imgs_per_s: float = 200.0) -> list:
-    """Every arm with its overrides and seeds, and the estimated CPU time at ``imgs_per_s`` per one-thread run."""
+def dry_run(suite: str, settings: SuiteSettings, only: list[str] | None = None, imgs_per_s: float = 340.0) -> list:
+    """Every arm with its overrides and seeds, and the estimated CPU time at ``imgs_per_s`` per one-thread run
+    (340: the demo network at patch 7 or 14 on one thread of a 2-core AMD EPYC, 2026-12-03; patch 4 is slower)."""
     arms = [a for a in SUITES[suite]() if not only or a.name in only or a.claim.split(":")[0] in only]
     out = []
     for a in arms:
