@@ -9,7 +9,7 @@ Our parameter names are the official torch names minus two wrappers the authors'
 
 Every other key is identical. The linear layers are listed explicitly in ``_LINEARS`` (not found by scanning a
 model) so that a key spelled wrongly in a checkpoint is reported rather than guessed at. The official loader uses
-``load_state_dict(strict=False)``, which accepts a checkpoint with wrong keys without complaint (pytorch-pitfalls 6).
+``load_state_dict(strict=False)``, which accepts a checkpoint with wrong keys without complaint.
 :func:`load_official` instead maps and shape-checks every key first, reports every problem in one error, and then
 loads with ``strict=True``.
 

@@ -109,7 +109,7 @@ def train_fmnist_classifier(
     Fashion-MNIST via :mod:`pmf.train.data`. max_steps: stop early (tests). Returns (model in eval mode, info).
     """
     x_tr, y_tr, x_te, y_te = _default_data() if data is None else data
-    # Denormal arithmetic on CPU stalled some steps for seconds (pytorch-pitfalls section 7): flush them to zero.
+    # Denormal arithmetic on CPU stalled some steps for seconds: flush them to zero.
     # Process-wide and left on, as in pmf training; it changes no result beyond ~1e-38.
     torch.set_flush_denormal(True)
     torch.manual_seed(seed)  # parameter init
