@@ -132,15 +132,15 @@ def train_run(run_dir: Path, arm: Arm, seed: int, kimg: float, settings: SuiteSe
 
 
 def evaluate_run(run_dir: Path, settings: SuiteSettings, instantaneous_steps: int = 0) -> dict:
-    """Fashion-MNIST metrics of the run's sampling EMA at its sampling omega (the Makefile's `pmf eval`)."""
-    from pmf.load import load_checkpoint
+    """Fashion-MNIST metrics of the run's sampling EMA at its sampling settings, resolved as `pmf eval` does."""
     from pmf.eval.fmnist import fmnist_metrics
+    from pmf.load import load_checkpoint
+    from pmf.sampler import SamplerSettings
 
-    net, meta = load_checkpoint(str(run_dir))
-    cfg = json.loads((run_dir / "config.json").read_text())
-    omega = cfg["sample"]["omega"]
-    common = dict(n=settings.eval_num, omega=omega, noise_scale=meta.get("noise_scale", 1.0),
-                  classifier=settings.classifier)
+    net, meta = load_checkpoint(str(run_dir))  # the export's meta carries the run's sample.omega and interval
+    sampling = SamplerSettings.from_meta(meta, net=net).kwargs()
+    sampling.pop("instantaneous")
+    common = dict(n=settings.eval_num, classifier=settings.classifier, **sampling)
     res = fmnist_metrics(net, steps=list(settings.eval_steps), with_reference_points=False, **common)
     if instantaneous_steps:
         inst = fmnist_metrics(net, steps=[instantaneous_steps], instantaneous=True, with_reference_points=False,
