@@ -173,6 +173,24 @@ def test_single_file_states_are_read_memory_mapped(tmp_path):
     assert backing and backing[0].endswith("state-000000001.pt"), backing
 
 
+def test_dry_run_reports_the_strategy_and_memory_per_mode(tmp_path, monkeypatch):
+    """--dry-run on 16 planned devices: the chosen strategy, the HSDP mesh, and the per-device peak under each mode;
+    sharding over 16 devices (fsdp) needs less than over a node's 8 (hsdp), which needs less than replicas (ddp);
+    a shard group that does not divide the world is reported."""
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = load_config("pmf-b16-in256", overrides=["train.parallel=hsdp", "train.hsdp_shard_size=8",
+                                                  "objective.impl=reference", "train.device=cpu"])
+    summary = train(cfg, tmp_path / "x", dry_run=True, plan_device_memory=80)
+    assert (summary["strategy"], summary["shard_degree"], summary["hsdp_mesh"]) == ("hsdp", 8, [2, 8])
+    by_mode = summary["est_peak_gib_per_device_by_mode"]
+    assert by_mode["fsdp"] < by_mode["hsdp"] < by_mode["ddp"] and by_mode["hsdp"] == summary["est_peak_gib_per_device"]
+    cfg.train.hsdp_shard_size = 6
+    summary = train(cfg, tmp_path / "x", dry_run=True, plan_device_memory=80)
+    assert any("shard group size 6 does not divide the world size 16" in n for n in summary["notes"])
+    assert not (tmp_path / "x").exists()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Two processes: sharded initialisation and the mixed-precision policy
 

@@ -7,13 +7,14 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from pmf.compute import compute_report
 from pmf.model import PMFDiT
-from pmf.train import dist, plan
+from pmf.train import dist, fsdp, parallel, plan
 from pmf.train.config import RunConfig, to_json
 from pmf.train.data import ImageFolderDataset
 from pmf.train.optim import EMASpec, ema_beta
@@ -92,6 +93,12 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devi
         mem, name = plan.host_memory_gib(), "host RAM (CPU run)"
     dplan = plan.device_plan(cfg, kwargs, world, mem, name)
     summary.update({k: dplan[k] for k in ("est_peak_gib_per_device", "fits")}, device_plan=dplan)
+    summary["strategy"] = parallel.mode_of(cfg.train.parallel, world)
+    summary["shard_degree"] = plan.shard_degree(cfg, world)
+    if world > 1:  # the same launch under each mode: what sharding buys per device
+        summary["est_peak_gib_per_device_by_mode"] = {
+            mode: plan.device_plan(replace(cfg, train=replace(cfg.train, parallel=mode)), kwargs, world, mem,
+                                   name)["est_peak_gib_per_device"] for mode in ("ddp", "fsdp", "hsdp")}
     notes = [] if dplan["fits"] else [f"does not fit: {plan.format_plan(dplan)}. Knobs: {dplan['advice']}"]
     terms = sorted(k for k, v in (cfg.objective.perceptual_weights or {}).items() if v > 0)
     if terms:
@@ -100,8 +107,13 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devi
                    if not Path(getattr(cfg.perceptual, key) or "/nonexistent").exists()]
         notes.append(f"perceptual terms {terms} (objective.perceptual_weights) load their backbones at start"
                      + (f"; set {', '.join(missing)} first" if missing else ""))
-    if cfg.train.parallel == "fsdp" and world == 1:
-        notes.append("train.parallel=fsdp in one process runs unsharded")
+    if cfg.train.parallel in parallel.SHARDED_MODES and world == 1:
+        notes.append(f"train.parallel={cfg.train.parallel} in one process runs unsharded")
+    if cfg.train.parallel == "hsdp" and world > 1:
+        try:
+            summary["hsdp_mesh"] = list(fsdp.hsdp_mesh_shape(world, cfg.train.hsdp_shard_size))
+        except ValueError as e:
+            notes.append(str(e))
     summary["notes"] = notes
     dist.print0(to_json(cfg))
     dist.print0(json.dumps(summary, indent=2))
