@@ -6,8 +6,9 @@
 
 The model is tiny-test's architecture widened to ``--hidden`` x ``--depth`` with Muon + Adam state (after one step)
 and tiny-test's EMA copies. Prints the state size and, per form, the median seconds of save (gather + write, or DCP
-write + hashes) and load (every rank reads the file memory-mapped and cuts its chunks, or DCP reads each rank's
-shards), and the ratios full / sharded. On one machine with a shared disk the write bandwidth is the same for both
+write + hashes) and load (every rank reads the file memory-mapped, checks its digest and cuts its chunks, or the
+ranks check the shard files' hashes, split between them, and DCP reads each rank's shards; ``sharded_hash_check``
+is the hash part alone), and the ratios full / sharded. On one machine with a shared disk the write bandwidth is the same for both
 forms; what the sharded form removes is the gather to one rank and that rank's whole-state host copy (peak host
 memory on rank 0: the full state, against one shard per rank).
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pmf.train import dist, fsdp, parallel
+from pmf.train import dist, fsdp, parallel, sharded_state
 from pmf.train.checkpoint import load_latest, save_training_state
 from pmf.train.config import load_config
 from pmf.train.loop import model_kwargs
@@ -64,7 +65,7 @@ def run(args) -> None:
     if dist.is_main():
         shutil.rmtree(out, ignore_errors=True)
     dist.barrier()
-    times = {k: [] for k in ("full_save", "sharded_save", "full_load", "sharded_load")}
+    times = {k: [] for k in ("full_save", "sharded_save", "full_load", "sharded_load", "sharded_hash_check")}
 
     def timed(key, fn):
         dist.barrier()
@@ -92,6 +93,8 @@ def run(args) -> None:
         timed("sharded_save", lambda: strategy.save_training_state(out / "sharded", i + 1, net, opt, ema, rest))
         timed("full_load", full_load)
         timed("sharded_load", sharded_load)
+        timed("sharded_hash_check", lambda: sharded_state.verify_sharded_state(
+            sorted((out / "sharded" / "checkpoints").glob("state-*"))[-1]))
     size = sum(f.stat().st_size for f in (out / "full" / "checkpoints").glob("*.pt")) / max(
         1, len(list((out / "full" / "checkpoints").glob("*.pt"))))
     med = {k: statistics.median(v) for k, v in times.items()}
