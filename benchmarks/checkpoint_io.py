@@ -82,7 +82,7 @@ def run(args) -> None:
 
     def full_load():
         state = load_latest(out / "full")
-        strategy._load_full(state, net, opt, ema)
+        strategy.load_training_state(state, net, opt, ema)  # a single-file state: every rank cuts its chunks
 
     def sharded_load():
         state = load_latest(out / "sharded", lazy_sharded=True)

@@ -13,7 +13,8 @@ import torch
 
 from pmf.model import PMFDiT
 from pmf.train import dist, fsdp, parallel, sharded_state
-from pmf.train.checkpoint import DAMAGED_SUFFIX, STATE_DIR, load_latest, save_sharded_training_state
+from pmf.train.checkpoint import (DAMAGED_SUFFIX, STATE_DIR, load_latest, save_sharded_training_state,
+                                  save_training_state)
 from pmf.train.config import load_config
 from pmf.train.loop import model_kwargs, train
 
@@ -160,8 +161,7 @@ def test_sharded_state_round_trip_rotation_and_damaged_fallback(tmp_path):
 def test_single_file_states_are_read_memory_mapped(tmp_path):
     """A replicated run's state file is read with torch.load(mmap=True): its tensors live in the file's pages
     (shared by the processes of a node through the page cache), not in a private copy."""
-    cfg = load_config("tiny-test", overrides=[*SETS, "train.total_kimg=0.016"])
-    train(cfg, tmp_path / "run", quiet=True)
+    save_training_state(tmp_path / "run", {"net": {"pos_embed": torch.randn(64, 256)}}, 1)
     state = load_latest(tmp_path / "run")
     ptr = state["net"]["pos_embed"].data_ptr()
     maps = Path("/proc/self/maps")
@@ -266,11 +266,9 @@ def test_sharded_builds_and_the_bf16_policy(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 # Parity: 1 process == ddp(2) == fsdp(2) == hsdp(2x2)
 
-# ddp(2) and fsdp(2) parity also run in the default suite (tests/test_dist.py, tests/test_fsdp.py), so only hsdp
-# (~25 s) does here.
-MODES = [pytest.param("ddp", 2, [], marks=pytest.mark.slow, id="ddp"),
-         pytest.param("fsdp", 2, [], marks=pytest.mark.slow, id="fsdp"),
-         pytest.param("hsdp", 4, ["train.hsdp_shard_size=2"], id="hsdp")]
+# ~20-30 s each (make test-slow). The default suite keeps ddp(2) and fsdp(2) parity (tests/test_dist.py,
+# tests/test_fsdp.py) and the hsdp build (test_sharded_builds_and_the_bf16_policy).
+MODES = [("ddp", 2, []), ("fsdp", 2, []), ("hsdp", 4, ["train.hsdp_shard_size=2"])]
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +287,9 @@ def one_process_runs(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", SHARDED_OBJECTIVE_IMPLS)
-@pytest.mark.parametrize("mode,nproc,extra", MODES)
+@pytest.mark.parametrize("mode,nproc,extra", MODES, ids=[m[0] for m in MODES])
 def test_every_strategy_matches_one_process(mode, nproc, extra, impl, one_process_runs, tmp_path):
     """The same 3 steps (2 micro-batches each) under ddp(2), fsdp(2) and hsdp(4 processes as 2 replicas x 2
     shards): losses and grad norms at rtol 1e-5 per step, weights and EMAs per tensor at 1e-4 (assert_runs_match);
