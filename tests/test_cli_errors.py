@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import pmf.train.dryrun
 import pmf.train.loop
 from pmf.cli import main as cli_main
 from pmf.errors import EXIT_USAGE
@@ -115,7 +116,7 @@ def test_unexpected_exceptions_keep_their_traceback(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(pmf.train.loop, "run_plan", boom)
+    monkeypatch.setattr(pmf.train.dryrun, "run_plan", boom)
     with pytest.raises(ZeroDivisionError, match="a bug"):  # not turned into a one-line "expected" error
         cli_main(train_argv(tmp_path / "r"))
 

@@ -7,6 +7,12 @@ older states are deleted, and :func:`load_latest` skips, with a message, a file 
 does not match (bit rot, a partial copy), and returns the newest good one. Rotation deletes only states older than
 the one just written and verified. Restarting is rerunning the command. Exported inference weights, kept apart from
 training state (design habit 5), are :mod:`pmf.export`.
+
+Sharded runs (``train.parallel=fsdp`` / ``hsdp``) write ``state-{step:09d}/`` directories instead
+(:mod:`pmf.train.sharded_state`: every rank its own shards, per-file SHA-256 in a manifest); listing, rotation, the
+fallback past damaged states and :func:`load_latest` treat both forms alike, ordered by step. Single-file states are
+read memory-mapped (``torch.load(mmap=True)``): the N processes of a node share the page cache instead of each
+holding a private copy.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import hashlib
 import math
 import os
 import re
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -24,9 +31,11 @@ import torch
 from pmf.errors import PmfError
 from pmf.atomic import atomic_path, atomic_save, atomic_write_text  # noqa: F401 (re-exported)
 from pmf.export import FORMAT_VERSION, export_model, load_exported  # noqa: F401 (re-exported)
+from pmf.train import sharded_state
 
 STATE_DIR = "checkpoints"
 _STATE_RE = re.compile(r"^state-(\d{9,})\.pt$")
+_STATE_DIR_RE = re.compile(r"^state-(\d{9,})$")  # a sharded state (pmf.train.sharded_state)
 DIGEST_KEY = "sha256"  # the payload digest stored in each state (not part of the payload)
 DAMAGED_SUFFIX = ".damaged"  # an unreadable state is renamed aside with this suffix (kept for inspection)
 
@@ -92,8 +101,26 @@ def _state_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     ckpt_dir = Path(run_dir) / STATE_DIR
     if not ckpt_dir.is_dir():
         return []
-    found = ((_STATE_RE.match(p.name), p) for p in ckpt_dir.iterdir())
+    found = ((_STATE_DIR_RE.match(p.name) if p.is_dir() else _STATE_RE.match(p.name), p) for p in ckpt_dir.iterdir())
     return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def _remove_state(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _rotate(run_dir: str | os.PathLike, step: int, keep: int) -> None:
+    """Delete the states older than ``step`` beyond the ``keep`` newest (``step``'s included) and the temp files and
+    directories of writes that crashed (we are the only writer)."""
+    ckpt_dir = Path(run_dir) / STATE_DIR
+    older = [p for s, p in _state_files(run_dir) if s < step]
+    for old in older[:max(0, len(older) - (keep - 1))]:
+        _remove_state(old)
+    for stale in ckpt_dir.glob(".state-*.tmp"):
+        _remove_state(stale)
 
 
 def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep: int = 2,
@@ -126,19 +153,51 @@ def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep
         except Exception as e:
             raise OSError(f"training state {path} did not read back intact ({type(e).__name__}: {e}); the older "
                           "states were kept") from e
-    older = [p for s, p in _state_files(run_dir) if s < step]
-    for old in older[:max(0, len(older) - (keep - 1))]:
-        old.unlink(missing_ok=True)
-    for stale in ckpt_dir.glob(".state-*.tmp"):  # a previous process died mid-write; we are the only writer
-        stale.unlink(missing_ok=True)
+    _rotate(run_dir, step, keep)
     return path
 
 
-def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside: bool = False) -> dict | None:
+def save_sharded_training_state(run_dir: str | os.PathLike, step: int, tensors: dict, extra: dict, info: dict,
+                                keep: int = 2) -> Path:
+    """The sharded counterpart of :func:`save_training_state` (a collective: every rank calls it with its shards;
+    :func:`pmf.train.sharded_state.split_state` makes ``tensors`` and ``extra``): ``run_dir/checkpoints/
+    state-{step:09d}/``, atomically, with the format version in the manifest and in ``extra``; then rank 0 deletes
+    the older states beyond ``keep``."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    extra = {**extra, "step": step, "format_version": FORMAT_VERSION}
+    info = {**info, "format_version": FORMAT_VERSION}
+    path = sharded_state.save_sharded_state(Path(run_dir) / STATE_DIR, step, tensors, extra, info)
+    from pmf.train import dist
+
+    if dist.is_main():
+        _rotate(run_dir, step, keep)
+    dist.barrier()
+    return path
+
+
+def _load_file(path: Path, weights_only: bool) -> dict:
+    """A single-file state, memory-mapped where the file allows it (zip format: every state this pmf writes)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as e:
+        if "mmap" not in str(e):  # not the legacy-format refusal: a real read error
+            raise
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside: bool = False,
+                lazy_sharded: bool = False) -> dict | None:
     """The newest readable, verified training state in run_dir/checkpoints (a dict with "step" and "format_version",
     1 for a file written before versions were stored), or None if there is none.
 
-    If the newest file cannot be read or fails its checksum (:func:`verify_state`), it warns and tries the previous
+    A sharded state (a ``state-*/`` directory) is returned in the single-file layout with full tensors, read in
+    this process (:func:`pmf.train.sharded_state.read_full_state`); with ``lazy_sharded`` (the trainer, every rank
+    calling: a collective) its files are checked, split over the ranks, and only its non-tensor part is returned,
+    with ``"sharded_path"``: the strategy then reads each rank's shards into the built model
+    (:mod:`pmf.train.parallel`).
+
+    If the newest state cannot be read or fails its checksum (:func:`verify_state`), it warns and tries the previous
     one; with ``set_aside`` (the single writer, rank 0) it also renames the bad file to ``*.pt.damaged``, so that
     rotation and later resumes no longer see it. If files exist but none is good, it raises instead of returning
     None: returning None would let the trainer start again from step 0 and overwrite the run.
@@ -147,7 +206,14 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside
     failures = []
     for _, path in reversed(files):
         try:
-            state = torch.load(path, map_location="cpu", weights_only=weights_only)
+            if path.is_dir():
+                manifest = sharded_state.verify_sharded_state(path, collective=lazy_sharded)
+                if lazy_sharded:
+                    state = {**sharded_state.read_extra(path), "sharded_path": str(path)}
+                    state.setdefault("format_version", manifest.get("format_version", 1))
+                    return state
+                return sharded_state.read_full_state(path)
+            state = _load_file(path, weights_only)
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}, not a dict")
             verify_state(state, path)

@@ -74,14 +74,22 @@ class TrainConfig:
     consistency_check: bool = field(default=True, metadata=RESUMABLE)  # check parameters agree across ranks at start
     #   and periodically
     parallel: str = field(default="ddp", metadata=RESUMABLE)  # "ddp": bare module + explicit gradient all-reduce;
-    #   "fsdp": FSDP2 shards (docs/scale-out.md)
+    #   "fsdp": FSDP2 shards over all ranks; "hsdp": FSDP2 shards within a group of hsdp_shard_size ranks (a node),
+    #   replicated across groups (pmf.train.parallel, docs/scale-out.md)
+    hsdp_shard_size: int = field(default=0, metadata=RESUMABLE)  # hsdp: ranks per shard group (the inner mesh
+    #   dimension; all-gathers and reduce-scatters stay inside it); 0 = the processes per node (LOCAL_WORLD_SIZE).
+    #   Must divide the world size
     fsdp_reshard_after_forward: bool = field(default=True, metadata=RESUMABLE)  # fsdp: free each block's gathered
     #   weights after its forward (less memory, one more all-gather per block in backward); False keeps them until
     #   the backward (ZeRO-2-like)
 
     def __post_init__(self):
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.parallel not in ("ddp", "fsdp", "hsdp"):
+            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp' (or 'hsdp': sharded within a node, replicated "
+                             f"across nodes), got {self.parallel!r}")
+        if self.hsdp_shard_size < 0:
+            raise ValueError(f"train.hsdp_shard_size must be >= 0 (0: the processes per node), got "
+                             f"{self.hsdp_shard_size}")
         if self.accum_steps < 1:
             raise ValueError(f"train.accum_steps must be >= 1, got {self.accum_steps}")
 

@@ -1,5 +1,5 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for PMFDiT: sharded parameters, gradients, optimizer state and EMA
-copies; ``train.parallel=fsdp``. The default, ``train.parallel=ddp``, is the bare module with an explicit gradient
+copies; ``train.parallel=fsdp`` and ``hsdp``. The default, ``train.parallel=ddp``, is the bare module with an explicit gradient
 all-reduce (:mod:`pmf.train.dist`). Findings and the reasons for each choice: docs/scale-out.md.
 
 What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 processes in tests/test_fsdp.py):
@@ -19,19 +19,52 @@ What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 proce
   matrix. :class:`GatheredMuon` all-gathers each momentum-updated matrix once, orthogonalises it whole, and keeps
   its shard: the update is then bitwise that of the unsharded optimizer.
 
-Checkpoints and exports are gathered to full tensors on rank 0 (:func:`gather_full`, ``get_model_state_dict(...,
-full_state_dict=True)``), so a training state written by an FSDP run has exactly the layout of a ``ddp`` run; a run
-can resume under either mode, on any number of processes. Loading scatters full tensors back into shards
-(:func:`shard_like`). Everything here is a collective: call it on every rank, in the same order.
+Meshes (:func:`build_mesh`): ``train.parallel=fsdp`` shards every parameter over all ranks (1-D mesh);
+``hsdp`` uses a 2-D mesh ``(replicate, shard)``: parameters are sharded within a group of ``train.hsdp_shard_size``
+ranks (default: the processes of one node, LOCAL_WORLD_SIZE) and replicated across groups, so the per-block
+all-gathers and reduce-scatters stay on the fast intra-node links and only the gradient all-reduce of each shard
+crosses nodes. Placements are then ``(Replicate(), Shard(0))``; everything below works on either mesh.
+
+Mixed precision (:func:`mixed_precision`): with ``train.precision=bf16`` each unit all-gathers its parameters in
+bfloat16 (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``): half the all-gather traffic, the
+gradients are reduce-scattered in float32 into float32 shards, and the optimizer and EMAs see float32 as before.
+``cast_forward_inputs=False``: the autocast region of the training step decides the compute dtypes, so the times
+t, r, h and the guidance scalars keep float32 on their way into the sinusoidal embeddings (a bfloat16 cast there
+would quantise t to 8 mantissa bits, which plain autocast does not do).
+
+What may run inside the JVP (the MeanFlow loss differentiates u(z_t, r, t) along the tangent (v, 0, 1), Eq. 6):
+
+* ``torch.func.jvp`` around the sharded network: yes. The pre-forward hook all-gathers a unit's parameters as
+  plain tensors (they carry no tangent: forward-mode AD here is over the inputs z, t, not over theta), the hook
+  function's ``jvp`` rule passes the tangents through, and the primal and tangent of a block are computed from the
+  same gathered weights (one all-gather for both). Under the bf16 policy the gathered weights are bfloat16 and the
+  tangent is computed in the autocast dtype, exactly as in a plain bf16 run.
+* ``torch.autograd.forward_ad`` dual tensors entering a sharded unit: not in torch 2.13 (see below); the objective
+  that uses them is refused by :func:`check_objective`.
+* ``torch.inference_mode`` around a sharded forward: never (FSDP's unsharded storage would become an inference
+  tensor); use ``torch.no_grad`` for a guidance pass without gradients.
+* Collectives inside the JVP: only FSDP's own (all-gather on entry to a unit, the same on every rank). Anything
+  rank-dependent inside the JVP (a branch on rank-local data that skips a unit) desynchronises the all-gathers and
+  hangs: every rank must run every unit the same number of times per micro-batch.
+* Calls to PMFDiT methods other than ``forward`` go through :data:`FORWARD_METHODS` (registered with
+  ``register_fsdp_forward_method``), or the root's parameters stay sharded inside them.
+
+Checkpoints: the training state of a sharded run is written by every rank with ``torch.distributed.checkpoint``
+(:mod:`pmf.train.sharded_state`), no full gather; exports and grids are gathered to full tensors on rank 0
+(:func:`gather_full`, ``get_model_state_dict(..., full_state_dict=True)``). A full-tensor state (a ``ddp`` run's) is
+loaded into shards by cutting each rank's chunk (:func:`shard_like`). Everything here is a collective: call it on
+every rank, in the same order.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import os
+
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from pmf.train import dist
@@ -64,15 +97,50 @@ def blocks_of(net: nn.Module) -> list[nn.Module]:
     return out
 
 
-def shard_model(net: nn.Module, device: torch.device, reshard_after_forward: bool = True) -> nn.Module:
-    """Shard ``net`` in place over all ranks (one mesh dimension): every block is its own FSDP unit (all-gathered
-    just before it runs, freed after when ``reshard_after_forward``), the root unit holds the rest. Call after the
-    parameters agree across ranks (:func:`pmf.train.dist.broadcast_module_`): each rank keeps its own chunk of its own
-    copy, so differing copies would be silently mixed into one model."""
-    mesh = init_device_mesh(device.type, (dist.world_size(),))
+def hsdp_mesh_shape(world: int, shard_size: int = 0) -> tuple[int, int]:
+    """(replicas, shard group size) of the HSDP mesh over ``world`` ranks. ``shard_size`` 0 means the processes per
+    node (torchrun's LOCAL_WORLD_SIZE, else the whole world)."""
+    if shard_size <= 0:
+        shard_size = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if shard_size < 1 or world % shard_size:
+        raise ValueError(f"train.parallel=hsdp: the shard group size {shard_size} does not divide the world size "
+                         f"{world}; set train.hsdp_shard_size to a divisor of {world} (usually the GPUs per node, "
+                         "e.g. 8), or use train.parallel=fsdp to shard over all ranks")
+    return world // shard_size, shard_size
+
+
+def build_mesh(device_type: str, parallel: str, shard_size: int = 0) -> DeviceMesh:
+    """The device mesh of ``parallel``: 1-D over all ranks (``fsdp``), or 2-D ``(replicate, shard)`` (``hsdp``,
+    :func:`hsdp_mesh_shape`)."""
+    world = dist.world_size()
+    if parallel == "hsdp":
+        return init_device_mesh(device_type, hsdp_mesh_shape(world, shard_size), mesh_dim_names=("replicate", "shard"))
+    if parallel == "fsdp":
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    raise ValueError(f"no FSDP mesh for train.parallel={parallel!r}")
+
+
+def mixed_precision(precision: str) -> MixedPrecisionPolicy:
+    """bf16 training: all-gather parameters in bfloat16, reduce gradients in float32; fp32: no casting. Inputs are
+    not cast (module doc)."""
+    if precision == "bf16":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    return MixedPrecisionPolicy(cast_forward_inputs=False)
+
+
+def shard_model(net: nn.Module, device: torch.device, reshard_after_forward: bool = True,
+                mesh: DeviceMesh | None = None, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
+    """Shard ``net`` in place over ``mesh`` (default: 1-D over all ranks): every block is its own FSDP unit
+    (all-gathered just before it runs, freed after when ``reshard_after_forward``), the root unit holds the rest.
+    ``net`` may live on the meta device (then materialise it with ``to_empty`` and fill it, :mod:`pmf.train.parallel`);
+    a real module must have the same parameters on every rank (:func:`pmf.train.dist.broadcast_module_`): each
+    rank keeps its own chunk of its own copy, so differing copies would be silently mixed into one model."""
+    if mesh is None:
+        mesh = init_device_mesh(device.type, (dist.world_size(),))
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
     for blk in blocks_of(net):
-        fully_shard(blk, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(net, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(blk, **kw)
+    fully_shard(net, **kw)
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(net, name)
     return net
@@ -119,6 +187,12 @@ def shard_like(full, like):
 def full_model_state_dict(net: nn.Module) -> dict:
     """The unsharded model state dict on rank 0 (CPU; the plain module's keys), {} on the other ranks."""
     return get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_model_state_dict(net: nn.Module, state_dict: dict) -> None:
+    """Load a full (unsharded) model state dict, present on every rank, into the sharded ``net`` (strict): each rank
+    keeps its chunk; no communication."""
+    net.load_state_dict(shard_like(dict(state_dict), net.state_dict()), strict=True)
 
 
 def load_full_optimizer_state_dict(opt: torch.optim.Optimizer, state_dict: dict) -> None:

@@ -3,9 +3,11 @@
 Restart is rerunning the same command: the loop saves (model, optimizer, EMAs, data position, images seen,
 counters) atomically, and every random draw derives from (seed, images seen, sample index in the global batch), so
 a resumed run continues exactly as an uninterrupted one, on 1 or N processes (``torchrun --nproc-per-node N -m pmf
-train ...``), with replicated (``train.parallel=ddp``) or FSDP2-sharded (``fsdp``) weights; the training state on
-disk is the same full-tensor layout in both modes. Only rank 0 writes files. ``--dry-run`` prints the resolved config
-and the run's size (steps, batches, parameters) without reading data or allocating the model. docs/scale-out.md.
+train ...``), with replicated (``train.parallel=ddp``) or FSDP2-sharded (``fsdp``, ``hsdp``) weights: what differs
+between them is one strategy object (:mod:`pmf.train.parallel`), so the loop has one code path. Replicated runs
+write one state file (rank 0), sharded runs a sharded state directory (every rank); either resumes under any mode
+and world size. Only rank 0 writes the other files. ``--dry-run`` (:mod:`pmf.train.dryrun`) prints the resolved
+config and the run's size without reading data or allocating the model. docs/scale-out.md.
 Preemption signals, the run-directory lock, checked checkpoints and exit statuses: docs/robustness.md.
 """
 
@@ -20,34 +22,26 @@ from pathlib import Path
 
 import torch
 
-from pmf.train import dist
-
-from pmf.train import fsdp, plan
+from pmf.train import dist, parallel, plan
 from pmf.atomic import atomic_write_text
 from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
 from pmf.export import FORMAT_VERSION, export_model, upgrade_model_kwargs
-from pmf.train.checkpoint import load_latest, refuse_silent_restart, save_training_state, set_aside_previous_run
+from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, to_json
+from pmf.train.dryrun import dataset_size, dry_run_report, run_plan  # noqa: F401 (dataset_size, run_plan re-exported)
 from pmf.train.preempt import stop_on_signals
 from pmf.train.runlock import lock_run_dir
 from pmf.train.validate import check_writable_dir, validate_config
-from pmf.compute import compute_report
 from pmf.images import to_model_range, to_uint8
 from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
-from pmf.train.shards import ShardDataset, is_shard_dir
+from pmf.train.shards import ShardDataset
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
 from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
-from pmf.train.optim import EMA, EMASpec, build_optimizer, ema_beta, lr_at, set_lr
+from pmf.train.optim import EMA, lr_at, set_lr
 from pmf.perceptual import build_perceptual
 from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, maybe_compile, set_tf32
 from pmf.sampler import noise_from_seeds, sample
-
-# Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k
-# train set for data.dataset=imagefolder when data.path is not present [the ImageNet-1k train split: 1,281,167 images].
-FASHION_MNIST_TRAIN_SIZE = 60_000
-IMAGENET_TRAIN_SIZE = 1_281_167
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -90,46 +84,6 @@ def load_dataset(cfg: RunConfig):
     raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist, imagefolder or shards")
 
 
-def dataset_size(cfg: RunConfig) -> tuple[int, str]:
-    """(number of training images, where the number comes from) without reading any image: Fashion-MNIST's known
-    size; for an ImageFolder, the file listing of data.path when it exists (nothing decoded), else the ImageNet-1k
-    train size."""
-    if cfg.data.dataset == "fashion_mnist":
-        return FASHION_MNIST_TRAIN_SIZE, "Fashion-MNIST train split (known size; data not read)"
-    if cfg.data.dataset == "imagefolder":
-        if cfg.data.path and Path(cfg.data.path).is_dir():
-            n = len(ImageFolderDataset(cfg.data.path, cfg.data.resolution))
-            return n, f"files listed under {cfg.data.path} (no image decoded)"
-        return IMAGENET_TRAIN_SIZE, (f"ImageNet-1k train size {IMAGENET_TRAIN_SIZE:,} assumed: data.path "
-                                     f"{cfg.data.path or '(empty)'} is not present, nothing was read")
-    if cfg.data.dataset == "shards":
-        if cfg.data.path and is_shard_dir(cfg.data.path):
-            return len(ShardDataset(cfg.data.path)), f"manifest of {cfg.data.path} (no image read)"
-        return IMAGENET_TRAIN_SIZE, (f"ImageNet-1k train size {IMAGENET_TRAIN_SIZE:,} assumed: data.path "
-                                     f"{cfg.data.path or '(empty)'} holds no dataset.json, nothing was read")
-    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist, imagefolder or shards")
-
-
-def run_plan(cfg: RunConfig, world: int, n_data: int) -> dict:
-    """The derived numbers of a run: batches per device, steps per epoch and in total, epochs, EMA decays.
-
-    steps_per_epoch = floor(n_data / batch_size) (the recipe's 1,281,167 // 1024 = 1251); the sampler wraps the
-    ragged tail into the next epoch, so no image is dropped and the run length is exact in images:
-    steps_total = ceil(total_kimg * 1000 / batch_size)."""
-    G, accum = cfg.train.batch_size, cfg.train.accum_steps
-    if G % (world * accum):
-        raise ValueError(f"train.batch_size={G} must be divisible by world_size*accum_steps={world * accum}")
-    total_nimg = int(round(cfg.train.total_kimg * 1000))
-    return {
-        "world_size": world, "parallel": cfg.train.parallel, "global_batch": G, "per_device_batch": G // world,
-        "accum_steps": accum, "micro_batch_per_device": G // (world * accum), "dataset_size": n_data,
-        "steps_per_epoch": n_data // G, "epochs": round(total_nimg / n_data, 4), "total_kimg": cfg.train.total_kimg,
-        "steps_total": math.ceil(total_nimg / G),
-        "ema_beta_per_step": {EMASpec.parse(e).name: ema_beta(EMASpec.parse(e), G, 10**18, ramp=None)
-                              for e in cfg.train.ema},  # after the ramp-up
-    }
-
-
 def sample_seeds(seed: int, nimg: int, indices: torch.Tensor) -> list[int]:
     """Per-sample seed = f(run seed, global image counter): image number nimg + i of the run, never reused."""
     return [seed * (1 << 40) + nimg + int(i) for i in indices]
@@ -143,27 +97,23 @@ class StepResult:
 
 
 def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None,
-               loss_fn=pmf_loss) -> StepResult:
+               loss_fn=pmf_loss, strategy: parallel.Strategy | None = None) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
-    averaged over ranks by :class:`pmf.train.dist.GradReducer` (``ddp``: bucketed all-reduces launched during the
-    last micro-batch's backward) or by FSDP's reduce-scatter after the last micro-batch (``fsdp``); the earlier
-    micro-batches accumulate gradients without communication.
+    averaged over ranks by the ``strategy`` (:mod:`pmf.train.parallel`; default: the one ``net`` was built for):
+    bucketed all-reduces launched during the last micro-batch's backward (``ddp``), or FSDP's reduce-scatter
+    (``fsdp``, ``hsdp``); the earlier micro-batches accumulate gradients without communication.
     ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
     :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.train.speed.maybe_compile`; its forward passes run
     under ``train.precision`` autocast, the backward outside it."""
     rank = dist.rank()
-    sharded = fsdp.is_sharded(net)
-    reducer = None if sharded else dist.grad_reducer(net)  # does nothing in one process
+    strategy = strategy or parallel.strategy_of(net, cfg, device)
     per_rank = images_u8.shape[0]
     accum = cfg.train.accum_steps
     micro = per_rank // accum
     objective = objective_at(cfg.objective, nimg)  # schedules of the objective follow the images seen
     sums: dict[str, torch.Tensor] = {}  # kept as tensors: no device sync per micro-batch, one at the end
     for a in range(accum):
-        if sharded:
-            net.set_requires_gradient_sync(a == accum - 1)
-        else:
-            reducer.start_micro_batch(last=a == accum - 1)
+        strategy.start_micro_batch(net, last=a == accum - 1)
         sl = slice(a * micro, (a + 1) * micro)
         x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
         y = labels[sl].to(device) if cfg.data.class_conditional else None
@@ -175,12 +125,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         for k, v in metrics.items():
             v = torch.as_tensor(v).detach().to(device, torch.float64) / accum
             sums[k] = sums[k] + v if k in sums else v
-    if sharded:
-        if cfg.train.consistency_check:  # a skipped reduce-scatter would leave parameters silently untrained
-            unused = () if cfg.objective.use_v_head else ("v_heads.", "v_final_layer.")
-            fsdp.check_gradients_reduced(net, f"gradients at {nimg / 1000:.3f} kimg", ignore_prefixes=unused)
-    else:
-        reducer.finish()  # waits for the buckets launched during backward, launches the rest
+    strategy.finish_gradients(net, nimg)
     params = [p for p in net.parameters() if p.grad is not None]
     max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -314,49 +259,6 @@ def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: Ru
         export_model(infer, run_dir / "export", infer_kwargs, meta, name=name)
 
 
-def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devices: int | None = None,
-                   plan_device_memory: float | None = None) -> dict:
-    """``--dry-run``: print the resolved config and the run's derived numbers; read no data, allocate nothing on the
-    device (the model is built on the meta device to count parameters; the memory plan measures small instances on
-    the CPU, :mod:`pmf.train.plan`), join no process group. The world size is ``plan_devices``, else torchrun's
-    WORLD_SIZE (set it by hand to plan a launch: ``WORLD_SIZE=64 pmf train --dry-run ...``), else 1; the memory of
-    a device is ``plan_device_memory`` GiB, else the visible GPU's, else this host's RAM (a CPU run)."""
-    world = plan_devices or int(os.environ.get("WORLD_SIZE", "1"))
-    n_data, source = dataset_size(cfg)
-    summary = {"model": cfg.model.name, "device": str(device), **run_plan(cfg, world, n_data),
-               "dataset_size_source": source,
-               "steps_per_epoch_rule": "floor(dataset_size / global_batch); the ragged tail wraps into the next epoch"}
-    with torch.device("meta"):
-        summary["params_M"] = round(sum(p.numel() for p in PMFDiT(**kwargs).parameters()) / 1e6, 3)
-        infer = {**kwargs, "v_head": False}
-        summary["params_M_inference"] = round(sum(p.numel() for p in PMFDiT(**infer).parameters()) / 1e6, 3)
-    # the paper's compute figures (Sec. 6.3): generator / training parameters, Gflops = multiply-accumulates per forward
-    summary.update(compute_report(kwargs))
-    n_gpu, gpu_gib, gpu_name = plan.local_devices()
-    if plan_device_memory:
-        mem, name = plan_device_memory, "planned"
-    elif n_gpu and device.type == "cuda":
-        mem, name = gpu_gib, gpu_name
-    else:
-        mem, name = plan.host_memory_gib(), "host RAM (CPU run)"
-    dplan = plan.device_plan(cfg, kwargs, world, mem, name)
-    summary.update({k: dplan[k] for k in ("est_peak_gib_per_device", "fits")}, device_plan=dplan)
-    notes = [] if dplan["fits"] else [f"does not fit: {plan.format_plan(dplan)}. Knobs: {dplan['advice']}"]
-    terms = sorted(k for k, v in (cfg.objective.perceptual_weights or {}).items() if v > 0)
-    if terms:
-        need = {"lpips": ("lpips_vgg_path", "lpips_lin_path"), "convnext": ("convnext_path",)}
-        missing = [f"perceptual.{key}" for t in terms for key in need.get(t, ())
-                   if not Path(getattr(cfg.perceptual, key) or "/nonexistent").exists()]
-        notes.append(f"perceptual terms {terms} (objective.perceptual_weights) load their backbones at start"
-                     + (f"; set {', '.join(missing)} first" if missing else ""))
-    if cfg.train.parallel == "fsdp" and world == 1:
-        notes.append("train.parallel=fsdp in one process runs unsharded")
-    summary["notes"] = notes
-    dist.print0(to_json(cfg))
-    dist.print0(json.dumps(summary, indent=2))
-    return summary
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -375,8 +277,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     validate_config(cfg)  # every setting, before any work (also for --dry-run)
     check_writable_dir(run_dir)
     device = resolve_device(cfg.train.device)
-    if cfg.train.parallel == "fsdp":
-        fsdp.check_objective(cfg.objective.impl)
+    parallel.check_config(cfg)
     autocast_context(device.type, cfg.train.precision)  # rejects an unknown precision before any work
     kwargs = model_kwargs(cfg)
     if dry_run:
@@ -395,8 +296,9 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
 @dataclass
 class Run:
     """What a training run changes and saves: the network, optimizer, EMA copies, data position and counters. Its
-    methods gather full (unsharded) state dicts under FSDP (a collective on every rank, tensors on rank 0) and write
-    the training state, the sample grid and the exports; restart = rerun, through :meth:`load_state_dict`."""
+    methods save and load the training state, draw the sample grid and write the exports through the ``strategy``
+    (full state dicts are gathered on rank 0 where sharded; every rank calls every method); restart = rerun, through
+    :meth:`load_state_dict`."""
 
     cfg: RunConfig
     run_dir: Path
@@ -406,55 +308,38 @@ class Run:
     opt: torch.optim.Optimizer
     ema: EMA
     loader: ShardedLoader
-    sharded: bool  # FSDP2 over more than one process
+    strategy: parallel.Strategy
     nimg: int = 0  # images seen
     step: int = 0
     nonfinite_run: int = 0  # non-finite steps in a row
     nonfinite_total: int = 0
 
     def net_state(self) -> dict:
-        return fsdp.full_model_state_dict(self.net) if self.sharded else self.net.state_dict()
+        return self.strategy.model_state(self.net)
 
     def ema_state(self, which: str | None = None) -> dict:
-        sd = self.ema.state_dict() if which is None else self.ema.weights(which)
-        return fsdp.gather_full(sd) if self.sharded else sd
+        return self.strategy.full(self.ema.state_dict() if which is None else self.ema.weights(which))
 
-    def state_dict(self) -> dict:
-        opt = fsdp.gather_full(self.opt.state_dict()) if self.sharded else self.opt.state_dict()
-        return {"net": self.net_state(), "optimizer": opt, "ema": self.ema_state(), "loader": self.loader.state_dict(),
-                "nimg": self.nimg, "nonfinite_run": self.nonfinite_run, "nonfinite_total": self.nonfinite_total,
-                "config": to_json(self.cfg)}
+    def counters(self) -> dict:
+        """Everything of the training state that is not a tensor of the network, optimizer or EMA."""
+        return {"loader": self.loader.state_dict(), "nimg": self.nimg, "nonfinite_run": self.nonfinite_run,
+                "nonfinite_total": self.nonfinite_total, "config": to_json(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
-        """Everything but the network's weights, which are loaded before sharding and the optimizer's creation."""
-        if self.sharded:
-            fsdp.load_full_optimizer_state_dict(self.opt, state["optimizer"])
-            self.ema.load_state_dict(fsdp.shard_like(state["ema"], self.ema.state_dict()))
-        else:
-            self.opt.load_state_dict(state["optimizer"])
-            self.ema.load_state_dict(state["ema"])
+        """The training state :func:`open_run_dir` found (a single-file or a sharded one)."""
+        self.strategy.load_training_state(state, self.net, self.opt, self.ema)
         self.loader.load_state_dict(state["loader"])
         self.nimg, self.step = int(state["nimg"]), int(state["step"])
         self.nonfinite_run, self.nonfinite_total = int(state["nonfinite_run"]), int(state["nonfinite_total"])
 
     def checkpoint(self) -> None:
-        """The training state, written by rank 0 (every rank takes part in the gather)."""
-        state = self.state_dict()
-        if dist.is_main():
-            save_training_state(self.run_dir, state, self.step)
-        dist.barrier()
+        """The training state (every rank takes part: a gather, or each rank writing its shards)."""
+        self.strategy.save_training_state(self.run_dir, self.step, self.net, self.opt, self.ema, self.counters())
 
     def grid(self, tag: str, num_classes: int) -> None:
         """The bounded 1-NFE sample grid of ``sample.ema`` (or the raw weights) as samples-{tag}.png."""
-        which = self.cfg.sample.ema
-        if self.sharded:  # gather on every rank; rank 0 samples with an unsharded copy
-            sd = self.ema_state(which) if which else self.net_state()
-            if dist.is_main():
-                model = PMFDiT(**self.kwargs).to(self.device)
-                model.load_state_dict(sd, strict=True)
-        elif dist.is_main():
-            model = self.ema.model(which, like=self.net) if which else self.net
-        if dist.is_main():
+        model = self.strategy.sampling_model(self.net, self.ema, self.cfg.sample.ema, self.kwargs)
+        if model is not None:  # rank 0
             model.eval()
             sample_grid(model, self.cfg, num_classes, self.run_dir / f"samples-{tag}.png")
             self.net.train()
@@ -468,15 +353,16 @@ class Run:
 def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
     """The training state to resume from (None: start at step 0), after ``--restart`` moved an old run aside, a
     silent restart over an existing run was refused, and the config was checked against the run's. Damaged states
-    are skipped (rank 0 renames them *.damaged); every rank reads the file. An older pmf's state has its model
-    overrides read in their old meaning (:func:`pmf.export.upgrade_model_kwargs`)."""
+    are skipped (rank 0 renames them *.damaged); every rank reads a single-file state memory-mapped, and only the
+    checked manifest and non-tensor part of a sharded one (its shards are read into the built run). An older pmf's
+    state has its model overrides read in their old meaning (:func:`pmf.export.upgrade_model_kwargs`)."""
     if restart:
         if dist.is_main():
             moved = set_aside_previous_run(run_dir)
             print(f"--restart: training {run_dir} from step 0" + (f"; moved aside: {', '.join(moved)}" if moved else ""),
                   flush=True)
         dist.barrier()
-    state = load_latest(run_dir, set_aside=dist.is_main())
+    state = load_latest(run_dir, set_aside=dist.is_main(), lazy_sharded=True)
     if state is None and not restart:
         refuse_silent_restart(run_dir)
     if not restart:
@@ -487,25 +373,16 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
 
 
 def build_run(cfg: RunConfig, run_dir: Path, device: torch.device, data, state: dict | None) -> Run:
-    """Network (same initial weights on every rank, or the state's), sharding, optimizer, EMA and data stream."""
+    """Strategy, network (seeded initial weights, sharded where sharded), optimizer, EMA and data stream; then the
+    state's tensors and counters, when resuming."""
     world, kwargs = dist.world_size(), model_kwargs(cfg)
-    torch.manual_seed(cfg.train.seed)  # initial weights: same on every rank, then broadcast anyway
-    net = PMFDiT(**kwargs).to(device)
-    net.activation_checkpointing = cfg.train.activation_checkpointing
-    if state is not None:
-        net.load_state_dict(state["net"], strict=True)
-    dist.broadcast_module_(net)
-    if cfg.train.consistency_check:  # before sharding: fully_shard keeps each rank's chunk of its own copy
-        dist.check_consistency(net, "initial parameters")
-    sharded = cfg.train.parallel == "fsdp" and world > 1
-    if sharded:
-        fsdp.shard_model(net, device, cfg.train.fsdp_reshard_after_forward)
-    opt = (fsdp.build_sharded_optimizer(net, cfg.optim) if sharded  # fsdp: Muon gathers each matrix (GatheredMuon)
-           else build_optimizer(net, cfg.optim, partition_ns=cfg.optim.muon_partition))
-    ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies under FSDP
+    strategy = parallel.make_strategy(cfg, device, world)
+    net = strategy.build_net(kwargs)
+    opt = strategy.build_optimizer(net)
+    ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies where the network is sharded
     loader = ShardedLoader(data, cfg.train.batch_size, seed=cfg.train.seed, rank=dist.rank(), world_size=world,
                            num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda")
-    run = Run(cfg, run_dir, device, kwargs, net, opt, ema, loader, sharded)
+    run = Run(cfg, run_dir, device, kwargs, net, opt, ema, loader, strategy)
     if state is not None:
         run.load_state_dict(state)
         dist.print0(f"resumed {run_dir} at {run.nimg / 1000:.1f} kimg (step {run.step})")
@@ -531,7 +408,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     total_nimg = int(round(cfg.train.total_kimg * 1000))  # round: e.g. 320 epochs = 409973.44 kimg
     n_data = len(data[1]) if isinstance(data, tuple) else len(data)
     summary = {"run_dir": str(run_dir), "world_size": world, "device": str(device), "model": cfg.model.name,
-               "parallel": cfg.train.parallel, "total_kimg": cfg.train.total_kimg,
+               "parallel": cfg.train.parallel, "strategy": parallel.mode_of(cfg.train.parallel, world), "total_kimg": cfg.train.total_kimg,
                "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
     state = open_run_dir(cfg, run_dir, restart)
@@ -572,7 +449,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, run.nimg / 1000))
         try:
-            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn)
+            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn, run.strategy)
         except Exception as e:
             if is_out_of_memory(e):  # say what did not fit and what to turn, not just the allocator's line
                 raise plan.out_of_memory_error(e, cfg, run.kwargs, world, device) from e
@@ -605,8 +482,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
             logger.log(rec)
             window, next_log = [], next_log + cfg.train.log_every_kimg * 1000
         if world > 1 and cfg.train.consistency_check and run.nimg >= next_check:
-            # Under FSDP this compares only replicated tensors; train_step checks every step that the sharded
-            # gradients were reduce-scattered (fsdp.check_gradients_reduced).
+            # Sharded strategies: only replicated tensors are compared; their finish_gradients checks every step that
+            # the sharded gradients were reduce-scattered.
             dist.check_consistency(net, f"parameters at {run.nimg / 1000:.1f} kimg")
             next_check += cfg.train.check_every_kimg * 1000
         if run.nimg >= next_grid:

@@ -3,8 +3,9 @@
 ``pmf train ... --dry-run`` calls :func:`device_plan`. The estimate of the peak memory of one device is a sum of
 
 - **weights, gradients**: the training network's parameters (v-head included) in float32 (autocast never changes
-  them; under bf16 autocast the weights also have a bf16 copy); under ``train.parallel=fsdp`` a 1/world shard each,
-  plus the largest block gathered in full;
+  them; under bf16 autocast the weights also have a bf16 copy); under ``train.parallel=fsdp`` a 1/world shard each
+  (``hsdp``: 1/shard-group size, :func:`shard_degree`), plus the largest block gathered in full (in bfloat16 under
+  ``train.precision=bf16``: the FSDP mixed-precision policy gathers bf16 weights, so no autocast copy is kept);
 - **optimizer state**: bytes per parameter *measured* by building ``train.optim``'s optimizer on a tiny model and
   taking one step (Muon keeps one buffer per matrix, Adam two per tensor; whatever the optimizer is, it is counted);
 - **EMA copies**: ``len(train.ema)`` float32 copies of the parameters (sharded under FSDP);
@@ -277,21 +278,38 @@ def _param_counts_cached(kw_items: tuple) -> dict:
     return {"matrix": mat, "other": other, "total": mat + other, "largest_block": block}
 
 
+def shard_degree(cfg, world: int) -> int:
+    """Over how many devices each parameter is split: 1 (one process, ddp), the world (fsdp), the shard group (hsdp:
+    ``train.hsdp_shard_size``, else LOCAL_WORLD_SIZE, else 8 GPUs per node, at most the world)."""
+    import os
+
+    if world <= 1 or cfg.train.parallel == "ddp":
+        return 1
+    if cfg.train.parallel == "hsdp":
+        size = cfg.train.hsdp_shard_size or int(os.environ.get("LOCAL_WORLD_SIZE", "0")) or min(world, 8)
+        return size if world % size == 0 else 1
+    return world
+
+
 def estimate_memory(cfg, kwargs: dict, world: int, micro: int) -> dict:
     """Bytes per device of each term (see the module docstring) for a per-device micro-batch ``micro``."""
     n = _param_counts(kwargs)
-    shard = world if (cfg.train.parallel == "fsdp" and world > 1) else 1
-    gathered = 2 * 4 * n["largest_block"] if shard > 1 else 0  # one block's weights + gradients unsharded
+    shard = shard_degree(cfg, world)
+    bf16 = str(cfg.train.precision).lower() in ("bf16", "bfloat16")
+    # One block's weights (bf16 when gathered under the bf16 policy) and fp32 gradients, unsharded.
+    gathered = (2 if bf16 else 4) * n["largest_block"] + 4 * n["largest_block"] if shard > 1 else 0
     opt = optimizer_bytes_per_param(cfg.optim)
     act = activation_bytes_per_sample(kwargs, cfg.objective, cfg.train.precision,
                                       getattr(cfg.train, "activation_checkpointing", False))
     perc = perceptual_memory(cfg.objective, cfg.perceptual, cfg.train.precision)
     activations = micro * (act["saved"] + perc["per_sample"])
     # Under bf16 autocast the weights' bf16 copies (autocast's cast cache) live through forward and backward.
-    casts = 2 * n["total"] / shard if str(cfg.train.precision).lower() in ("bf16", "bfloat16") else 0
+    # Sharded: the gathered weights are already bf16, nothing is cast.
+    casts = 2 * n["total"] if bf16 and shard == 1 else 0
+    gathered_w = (2 if bf16 else 4) * n["largest_block"] if shard > 1 else 0
     terms = {
-        "weights": 4 * n["total"] / shard + gathered / 2 + casts,
-        "gradients": 4 * n["total"] / shard + gathered / 2,
+        "weights": 4 * n["total"] / shard + gathered_w + casts,
+        "gradients": 4 * n["total"] / shard + gathered - gathered_w,
         "optimizer_state": (opt["matrix"] * n["matrix"] + opt["other"] * n["other"]) / shard,
         "ema_copies": len(cfg.train.ema) * 4 * n["total"] / shard,
         "perceptual_networks": perc["weights"],
@@ -347,7 +365,8 @@ def knobs_advice(plan: dict) -> str:
         tips.append("--set train.activation_checkpointing=true (recomputes each block in the backward)")
     if plan.get("precision") in ("fp32", "float32"):
         tips.append("--set train.precision=bf16 (autocast; weights, gradients, optimizer stay fp32)")
-    tips.append("--set train.parallel=fsdp (shards weights, gradients, optimizer state and EMAs)")
+    tips.append("--set train.parallel=fsdp (shards weights, gradients, optimizer state and EMAs over all devices; "
+                "hsdp: over the devices of a node)")
     return "; ".join(tips)
 
 

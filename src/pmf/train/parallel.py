@@ -1,0 +1,312 @@
+"""How the network is spread over the processes: one strategy object per run, so the training loop has one code path.
+
+=========  ======================================================================================================
+``none``   one process: the bare module, no communication (any ``train.parallel`` in a single process).
+``ddp``    replicas (``train.parallel=ddp``): the bare module on every rank, gradients averaged by
+           :class:`pmf.train.dist.GradReducer` (bucketed all-reduces launched during the last micro-batch's
+           backward), Newton-Schulz partitioned over the ranks (``optim.muon_partition``).
+``fsdp``   FSDP2 over all ranks (:mod:`pmf.train.fsdp`): parameters, gradients, optimizer state and EMAs sharded;
+           Muon on gathered matrices (:class:`pmf.train.fsdp.GatheredMuon`).
+``hsdp``   FSDP2 on a 2-D mesh: sharded within a group of ``train.hsdp_shard_size`` ranks (a node), replicated
+           across groups.
+=========  ======================================================================================================
+
+A :class:`Strategy` owns what differs between them: building the network (on the meta device, materialised on the
+target device with the seeded initial weights, sharded where sharded), building the optimizer, the gradient sync of
+each micro-batch and the end-of-backward reduction, full state dicts for exports and grids, and saving / loading the
+training state (one file by rank 0 when replicated; a sharded ``torch.distributed.checkpoint`` directory written by
+every rank when sharded, :mod:`pmf.train.sharded_state`). Every method is called on every rank, in the same order
+(most are collectives in N processes).
+
+Initial weights (:func:`build_initialised`): the network is built on the meta device (no memory, no random draws),
+sharded there when sharded, and allocated on the target device with ``to_empty``. The values are those of a plain
+CPU build under ``torch.manual_seed(train.seed)`` (the same generator stream, so equal bit for bit, whatever the
+device or the sharding): a CPU copy is built and each rank copies its chunk of every tensor into place. The device
+never holds more than its shard; the CPU copy is transient.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from pmf.model import PMFDiT
+from pmf.train import dist, fsdp, sharded_state
+from pmf.train.checkpoint import payload_digest, save_sharded_training_state, save_training_state
+from pmf.train.config import RunConfig
+from pmf.train.optim import EMA, build_optimizer
+
+MODES = ("none", "ddp", "fsdp", "hsdp")
+SHARDED_MODES = ("fsdp", "hsdp")
+
+
+def mode_of(parallel: str, world: int) -> str:
+    """The strategy for ``train.parallel`` on ``world`` processes: ``none`` in one process, else ``parallel``."""
+    if parallel not in ("ddp", *SHARDED_MODES):
+        raise ValueError(f"train.parallel must be 'ddp', 'fsdp' or 'hsdp', got {parallel!r}")
+    return "none" if world == 1 else parallel
+
+
+def check_config(cfg: RunConfig) -> None:
+    """What a sharded mode needs of the rest of the config, checked before any work (also in one process, where the
+    mode runs unsharded, so a config is refused the same way on 1 and N processes)."""
+    if cfg.train.parallel in SHARDED_MODES:
+        fsdp.check_objective(cfg.objective.impl)
+
+
+def make_strategy(cfg: RunConfig, device: torch.device, world: int | None = None) -> "Strategy":
+    mode = mode_of(cfg.train.parallel, dist.world_size() if world is None else world)
+    return (Sharded if mode in SHARDED_MODES else Replicated)(mode, cfg, device)
+
+
+def strategy_of(net: nn.Module, cfg: RunConfig, device: torch.device) -> "Strategy":
+    """The strategy of a network built elsewhere (e.g. a benchmark that shards by hand): sharded if it is."""
+    if fsdp.is_sharded(net):
+        mode = "hsdp" if next(net.parameters()).device_mesh.ndim == 2 else "fsdp"
+        return Sharded(mode, cfg, device)
+    return Replicated("ddp" if dist.world_size() > 1 else "none", cfg, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Initial weights: meta device -> target device, seeded
+
+
+def build_initialised(kwargs: dict, seed: int, device: torch.device, place=None, check=None) -> PMFDiT:
+    """PMFDiT(**kwargs) with the initial weights of ``torch.manual_seed(seed); PMFDiT(**kwargs)`` on the CPU, bit
+    for bit, allocated on ``device``. ``place(net)`` runs on the meta-device network before it is allocated (e.g.
+    ``fully_shard``: then only each rank's shard is allocated). ``check(cpu_copy)`` sees the CPU values first (the
+    cross-rank consistency check). Leaves the global generator seeded as after the plain build."""
+    with torch.device("meta"):
+        net = PMFDiT(**kwargs)
+    if place is not None:
+        place(net)
+    torch.manual_seed(seed)
+    ref = PMFDiT(**kwargs)  # the plain CPU build: its generator stream defines the initial weights
+    if check is not None:
+        check(ref)
+    net.to_empty(device=device)
+    fill_from_(net, ref)
+    return net
+
+
+@torch.no_grad()
+def fill_from_(net: nn.Module, ref: nn.Module) -> None:
+    """Copy every parameter and buffer (persistent or not) of ``ref`` (full tensors) into ``net``; a sharded (DTensor)
+    parameter receives this rank's chunk, cut locally."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    src = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+    dst = {**dict(net.named_parameters()), **dict(net.named_buffers())}
+    if set(src) != set(dst):
+        raise ValueError(f"tensors differ: {sorted(set(src) ^ set(dst))[:5]}")
+    for name, t in dst.items():
+        full = src[name].to(device=t.device, dtype=t.dtype)
+        if isinstance(t, DTensor):
+            full = distribute_tensor(full, t.device_mesh, t.placements, src_data_rank=None)
+        t.copy_(full)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strategies
+
+
+class Strategy:
+    """The replicated strategies' behaviour; :class:`Sharded` overrides what differs. ``mode``: one of
+    :data:`MODES`."""
+
+    sharded = False
+
+    def __init__(self, mode: str, cfg: RunConfig, device: torch.device):
+        self.mode, self.cfg, self.device = mode, cfg, device
+
+    def describe(self) -> dict:
+        return {"mode": self.mode, "world_size": dist.world_size(), "sharded": self.sharded}
+
+    # -- building ----------------------------------------------------------------------------------------------------
+    def build_net(self, kwargs: dict) -> PMFDiT:
+        """The network with the run's seeded initial weights, on this rank's device (its shard when sharded)."""
+        net = build_initialised(kwargs, self.cfg.train.seed, self.device, place=self._place, check=self._check_initial)
+        net.activation_checkpointing = self.cfg.train.activation_checkpointing
+        self._after_build(net)
+        return net
+
+    def _place(self, net: nn.Module) -> None:
+        pass
+
+    def _check_initial(self, ref: nn.Module) -> None:
+        pass
+
+    def _after_build(self, net: nn.Module) -> None:
+        dist.broadcast_module_(net)  # equal by construction; a cheap guard against a rank-dependent build
+        if self.cfg.train.consistency_check:
+            dist.check_consistency(net, "initial parameters")
+
+    def build_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+        # Replicas: each rank orthogonalises its share of the matrices (optim.muon_partition, pmf.train.ns_partition).
+        return build_optimizer(net, self.cfg.optim, partition_ns=self.cfg.optim.muon_partition)
+
+    # -- one optimizer step ------------------------------------------------------------------------------------------
+    def start_micro_batch(self, net: nn.Module, last: bool) -> None:
+        """Before each micro-batch's forward: only the last one's backward communicates."""
+        dist.grad_reducer(net).start_micro_batch(last=last)  # does nothing in one process
+
+    def finish_gradients(self, net: nn.Module, nimg: int) -> None:
+        """After the last micro-batch's backward: every rank holds the mean gradient (its shard when sharded)."""
+        dist.grad_reducer(net).finish()  # waits for the buckets launched during backward, launches the rest
+
+    # -- full state dicts (rank 0; None / {} elsewhere when sharded) -------------------------------------------------
+    def model_state(self, net: nn.Module) -> dict:
+        return net.state_dict()
+
+    def full(self, obj):
+        """``obj`` (nested state) with full tensors on rank 0."""
+        return obj
+
+    def sampling_model(self, net: nn.Module, ema: EMA, which: str, kwargs: dict) -> nn.Module | None:
+        """An unsharded network holding EMA copy ``which`` (or the raw weights if empty) on rank 0, None elsewhere."""
+        if not dist.is_main():
+            return None
+        return ema.model(which, like=net) if which else net
+
+    # -- training state ----------------------------------------------------------------------------------------------
+    def save_training_state(self, run_dir: Path, step: int, net, opt, ema: EMA, rest: dict) -> None:
+        """The training state of ``step``: one verified file written by rank 0 (pmf.train.checkpoint)."""
+        state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(), **rest}
+        if dist.is_main():
+            save_training_state(run_dir, state, step)
+        dist.barrier()
+
+    def load_training_state(self, state: dict, net, opt, ema: EMA) -> None:
+        """Load the network, optimizer and EMA of ``state`` (as :func:`pmf.train.checkpoint.load_latest` returned
+        it, ``lazy_sharded``): a single-file state, or a sharded one (read here, resharded by DCP)."""
+        if "sharded_path" in state:
+            load_sharded_into(state, net, opt, ema)
+        else:
+            self._load_full(state, net, opt, ema)
+
+    def _load_full(self, state: dict, net, opt, ema: EMA) -> None:
+        net.load_state_dict(state["net"], strict=True)
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
+
+
+class Replicated(Strategy):
+    """``none`` / ``ddp``: the bare module on every rank."""
+
+
+class Sharded(Strategy):
+    """``fsdp`` / ``hsdp``: FSDP2 units per block over a 1-D or 2-D mesh, the bf16 all-gather policy under
+    ``train.precision=bf16`` (:func:`pmf.train.fsdp.mixed_precision`)."""
+
+    sharded = True
+
+    def describe(self) -> dict:
+        out = super().describe()
+        if self.mode == "hsdp":
+            out["mesh"] = list(fsdp.hsdp_mesh_shape(dist.world_size(), self.cfg.train.hsdp_shard_size))
+        return out
+
+    def _place(self, net: nn.Module) -> None:
+        mesh = fsdp.build_mesh(self.device.type, self.mode, self.cfg.train.hsdp_shard_size)
+        fsdp.shard_model(net, self.device, self.cfg.train.fsdp_reshard_after_forward, mesh=mesh,
+                         mp_policy=fsdp.mixed_precision(self.cfg.train.precision))
+
+    def _check_initial(self, ref: nn.Module) -> None:
+        # Compared before the chunks are cut: each rank keeps its chunk of its own copy, so copies that differ would
+        # be mixed silently. One number per rank (52 bits of a SHA-256 of every tensor's bytes), compared by two
+        # all-reduces: the CPU copy itself never meets a collective (NCCL takes only GPU tensors).
+        if self.cfg.train.consistency_check and dist.world_size() > 1:
+            h = float(int(payload_digest(ref.state_dict())[:13], 16))
+            if dist.all_reduce_scalar(h, "max") != -dist.all_reduce_scalar(-h, "max"):
+                raise dist.ConsistencyError(
+                    f"initial parameters differ across ranks (rank {dist.rank()}): the seeded CPU build gave different "
+                    "values; are all ranks running the same torch and pmf?")
+
+    def _after_build(self, net: nn.Module) -> None:
+        pass
+
+    def build_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+        return fsdp.build_sharded_optimizer(net, self.cfg.optim)  # Muon gathers each matrix (GatheredMuon)
+
+    def start_micro_batch(self, net: nn.Module, last: bool) -> None:
+        net.set_requires_gradient_sync(last)  # earlier micro-batches accumulate unsharded gradients locally
+
+    def finish_gradients(self, net: nn.Module, nimg: int) -> None:
+        # FSDP reduce-scattered during the last backward; a skipped reduce-scatter would leave parameters silently
+        # untrained.
+        if self.cfg.train.consistency_check:
+            unused = () if self.cfg.objective.use_v_head else ("v_heads.", "v_final_layer.")
+            fsdp.check_gradients_reduced(net, f"gradients at {nimg / 1000:.3f} kimg", ignore_prefixes=unused)
+
+    def model_state(self, net: nn.Module) -> dict:
+        return fsdp.full_model_state_dict(net)
+
+    def full(self, obj):
+        return fsdp.gather_full(obj)
+
+    def sampling_model(self, net: nn.Module, ema: EMA, which: str, kwargs: dict) -> nn.Module | None:
+        sd = self.full(ema.weights(which)) if which else self.model_state(net)  # every rank gathers
+        if not dist.is_main():
+            return None
+        model = PMFDiT(**kwargs).to(self.device)
+        model.load_state_dict(sd, strict=True)
+        return model
+
+    def save_training_state(self, run_dir: Path, step: int, net, opt, ema: EMA, rest: dict) -> None:
+        """Every rank writes its shards (torch.distributed.checkpoint), no gather (pmf.train.sharded_state)."""
+        tensors, extra = sharded_state.split_state(net.state_dict(), opt.state_dict(), ema.state_dict(), rest)
+        info = {"nimg": rest.get("nimg"), **self.describe(), "parallel": self.mode}
+        save_sharded_training_state(run_dir, step, tensors, extra, info)
+
+    def _load_full(self, state: dict, net, opt, ema: EMA) -> None:
+        # A full-tensor state (a ddp or 1-process run's): each rank cuts its chunks locally.
+        fsdp.load_full_model_state_dict(net, state["net"])
+        fsdp.load_full_optimizer_state_dict(opt, state["optimizer"])
+        ema.load_state_dict(fsdp.shard_like(state["ema"], ema.state_dict()))
+
+
+def load_sharded_into(state: dict, net: nn.Module, opt: torch.optim.Optimizer, ema: EMA) -> None:
+    """Read the sharded state at ``state["sharded_path"]`` into the built network, optimizer and EMA, whatever their
+    layout (sharded on any mesh, or full tensors): destination tensors are the live ones (network, EMA: loaded in
+    place) or allocated like each parameter (optimizer state, which may not exist yet), then DCP fills them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = state["sharded_path"]
+    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    net_sd = net.state_dict()
+    shadow = ema.state_dict()["shadow"]
+    if list(state["ema_names"]) != ema.names or state["ema_ramp"] != ema.ramp:
+        raise ValueError(f"EMA copies {state['ema_names']} (ramp {state['ema_ramp']}) in {path} differ from this run's "
+                         f"{ema.names} (ramp {ema.ramp})")
+    templates = {f"net/{k}": v for k, v in net_sd.items()}
+    templates.update({f"ema/{n}/{k}": v for n, sd in shadow.items() for k, v in sd.items()})
+    saved_groups = state["optimizer_param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"optimizer state in {path} has {len(saved_groups)} parameter groups, expected "
+                         f"{len(opt.param_groups)}")
+    index_to_param = {}
+    for g, s in zip(opt.param_groups, saved_groups):
+        index_to_param.update(zip(s["params"], g["params"]))
+    for idx, keys in state["optimizer_state_keys"].items():
+        p = index_to_param[idx]
+        for key, kind in keys.items():
+            if kind != "tensor":
+                continue
+            m = meta[f"optim/{idx}/{key}"]
+            if not isinstance(m, TensorStorageMetadata):
+                raise ValueError(f"optim/{idx}/{key} in {path} is not a tensor")
+            if tuple(m.size) == tuple(p.shape) and len(m.size):
+                t = torch.zeros_like(p, dtype=m.properties.dtype)  # a DTensor shard when p is one
+            else:
+                t = torch.zeros(m.size, dtype=m.properties.dtype)  # e.g. a step count (torch keeps these on the CPU)
+            templates[f"optim/{idx}/{key}"] = t
+    missing = sorted(set(templates) - set(meta))
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} tensors of this run, e.g. {missing[:3]} (another model?)")
+    sharded_state.load_sharded_tensors(path, templates)
+    net.load_state_dict(net_sd, strict=True)  # DCP loaded in place; this makes it explicit for any aliasing
+    opt_sd = sharded_state.join_state(templates, state)["optimizer"]
+    opt.load_state_dict(opt_sd)
