@@ -19,6 +19,37 @@ Where the savings come from (each exact, not an approximation; ``tests/test_obje
 Which rows each pass computes is a :class:`RowPlan` of index tensors built on the host from host-known draws, so the
 passes read no device value (no ``nonzero``, no boolean-mask indexing, no ``.item()``): every shape is known before a
 kernel runs. This module imports nothing from :mod:`pmf`; :mod:`pmf.objective` builds the plan and calls the passes.
+
+**Under FSDP2** (``fully_shard``; tests/test_fsdp_lean.py: the same u, du/dt, losses, reduce-scattered gradients and
+weights after k steps as one process and as the reference path under FSDP2). FSDP2 applies an identity
+``autograd.Function`` (``RegisterPostBackwardFunction``) to every grad-requiring input of a unit in its pre-forward
+hook, so that the unit's backward triggers its reduce-scatter. Forward AD rejects that Function ("A custom
+Function's forward is returning a view (or an input as-is) but the jvp is not returning a view.", torch 2.13), so
+no dual tensor may reach it. The rules, for anything that runs in the forward-mode region of a sharded network:
+
+1. *Enter the root once, with plain tensors.* The whole forward-mode pass (trunk, u-head, velocity) is one call of
+   a forward method registered on the root (:func:`_sharded_forward_ad`): FSDP gathers the root's own parameters
+   around it and registers its gradient hooks on its outputs, as for ``forward``. Its arguments are primals and
+   tangents as separate plain tensors; the dual level opens and closes inside it, so u and the trunk output leave
+   it plain. Inside, call the network's *unwrapped* ``trunk`` / ``head`` (the class's methods): the registered
+   ``net.trunk`` would re-enter the root's hooks and reshard the root half-way through the pass.
+2. *Every other FSDP unit takes its dual inputs through* :class:`_dual_boundaries`: each dual tensor argument is
+   split into primal and tangent in front of FSDP's pre-forward hook and made dual again after it, so FSDP gathers
+   the unit and wraps the primal in its Function, and the unit's forward still sees the dual tensor. Dual inputs
+   must therefore be top-level tensor arguments of a unit's call (positional or keyword), not inside containers.
+   Outputs may be dual (FSDP's post-forward only reshards and registers a gradient hook).
+3. *Tangents are never differentiated.* They are detached at every unit boundary (du/dt enters the loss through
+   sg(.) anyway); a computation that needs gradients of a tangent cannot run in this region.
+4. *No inference mode on a sharded network*: the parameters FSDP gathers inside it would become inference tensors,
+   which the next all-gather outside it may not overwrite. The guidance pass runs under no_grad there.
+5. *The same collective calls on every rank.* Each unit call all-gathers, so every rank must call the same units
+   the same number of times in the same order, whatever its rows: sharded, the forward-mode, plain and guidance
+   passes always run, on zero rows if a rank's plan has none.
+6. *No autocast weight cache* in the passes with gradients (:func:`_without_autocast_weight_cache`): with it, on
+   a sharded network run through more than one forward before the backward, parameters lost their gradients.
+
+FSDP's post-backward (the reduce-scatter) then runs as for any forward: through the Function on each unit's primal
+input, or the root's end-of-backward callback (``pmf.train.fsdp.check_gradients_reduced`` checks every parameter).
 """
 
 from __future__ import annotations
