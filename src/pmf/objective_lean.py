@@ -143,8 +143,10 @@ def guidance_velocities(net, z_t, y, t, omega_m, rows: RowPlan, use_v_head: bool
     with contextlib.nullcontext() if sharded else torch.inference_mode():
         u, v = net(z, tt, torch.zeros_like(tt), w, torch.zeros_like(tt), torch.ones_like(tt), yy, heads=heads)
         out = v if use_v_head else u
-    # inference tensors may not enter autograd or forward AD: index_copy (of copies) into normal tensors
-    return v_c.index_copy(0, i_c, out[:n_c].clone()), v_u.index_copy(0, i_u, out[n_c:].clone())
+    # inference tensors may not enter autograd or forward AD: index_copy (of copies) into normal tensors, in z_t's
+    # dtype (a sharded net with a low-precision MixedPrecisionPolicy returns its compute dtype)
+    return (v_c.index_copy(0, i_c, out[:n_c].to(v_c.dtype, copy=True)),
+            v_u.index_copy(0, i_u, out[n_c:].to(v_u.dtype, copy=True)))
 
 
 def with_shared_rows(v_c, v_boundary, rows: RowPlan):
