@@ -2,8 +2,8 @@
 network, 2 gloo processes on CPU: the same u, du/dt, loss and reduce-scattered gradients as the lean objective in one
 process (on the whole global batch) and as the reference objective (``torch.func.jvp``) under FSDP2, the same weights
 after k optimizer steps, also under bf16 autocast, under a MixedPrecisionPolicy and when one rank has no
-forward-mode rows; and a ``pmf train``
-run with ``train.parallel=fsdp`` and the lean objective that ends where one process ends."""
+forward-mode rows; and a ``pmf train`` run with ``train.parallel=fsdp`` and the lean objective that ends where one
+process ends."""
 
 import json
 import subprocess
