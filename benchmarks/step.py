@@ -3,6 +3,7 @@
     python benchmarks/step.py [--model pMF-T/7-28] [--batch 64] [--device cpu|cuda] [--iters 10] [--warmup 2]
                               [--threads N] [--sample-batch N] [--profile] [--breakdown] [--bf16] [--compile]
                               [--no-optimizer | --optimizer-only] [--json OUT]
+    python benchmarks/step.py --fsdp 2 [--model ...] [--batch B per process] [--iters N] [--threads T per process]
 
 Configurations, each forward + backward of the loss only (no optimizer step, gradients set to None before each),
 on the same batch and the same random draws per iteration:
@@ -37,6 +38,11 @@ with Newton-Schulz in bf16 and in fp32, round-robin on the same gradients, with 
 (``speed.cpu_capability``: SIMD level, native bf16 or not) and the dtype the default picks on this device. On a CPU
 without native bf16 the bf16 step is many times slower (emulated bf16 matmuls); on GPUs and CPUs with AVX512-BF16 /
 AMX it is the faster one.
+
+--fsdp N (CPU only) replaces all of the above: a, b and c each unsharded and sharded with FSDP2
+(``pmf.train.fsdp.shard_model``) in N gloo processes, round-robin in every process (the unsharded steps of the N
+processes run side by side, so both kinds see the same load), batch ``--batch`` per process; ratios sharded /
+unsharded and c/a, b/a in each kind.
 
 --breakdown times the lean step's named parts (guidance, the forward-AD pass, ...); --profile prints the top 15 ops
 of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
@@ -342,6 +348,90 @@ def optimizer_step_times(net, device, iters: int, warmup: int) -> dict:
             "default_ns_dtype": str(internal_dtype(device)).replace("torch.", "")}
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --fsdp N: the step under FSDP2 (N processes, gloo on CPU) against the same step in one process, in the same run
+
+FSDP_CONFIGS = ("a", "b", "c")  # flow matching, reference, lean: each in one process ("1p") and sharded ("fsdp")
+
+
+def _fsdp_worker(rank, world, port, args, out_dir):
+    """One rank of ``--fsdp``: an unsharded copy and a ``fully_shard``-ed copy of the same network (the trainer's
+    ``pmf.train.fsdp.shard_model``), every configuration of FSDP_CONFIGS on both, round-robin in this process. The
+    unsharded steps of all ranks run at the same time as N independent single processes on the same cores, so
+    both kinds see the same load; the sharded steps add the all-gathers, reduce-scatters and FSDP's hooks."""
+    from pmf.train import dist as pdist
+    from pmf.train import fsdp as pfsdp
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(args.threads if args.threads > 0 else 1)
+    torch.set_flush_denormal(True)
+    device = torch.device("cpu")
+    pdist.init("cpu")
+    try:
+        plain, x, y = make_net_and_batch(args.model, args.batch, device)
+        sharded, _, _ = make_net_and_batch(args.model, args.batch, device)  # same seeds: the same weights
+        pfsdp.shard_model(sharded, device)
+        steps = {}
+        for n in FSDP_CONFIGS:
+            steps[f"{n} 1p"] = make_step(n, plain, x, y, device)
+            steps[f"{n} fsdp"] = make_step(n, sharded, x, y, device)
+        metrics = {k: {m: float(v) for m, v in fn(0).items()} for k, fn in steps.items()}  # warm-up, first draws
+        wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
+        out = {"wall_ms": {k: statistics.median(v) * 1e3 for k, v in wall.items()},
+               "cpu_ms": {k: statistics.median(v) * 1e3 for k, v in cpu.items()}, "first_step_metrics": metrics}
+    finally:
+        pdist.shutdown()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
+
+
+def fsdp_step_times(args) -> dict:
+    """``--fsdp N``: per-rank step times (forward + backward of the loss, batch ``--batch`` per rank, 1 thread per
+    process unless ``--threads``) of flow matching (a), reference (b) and lean (c), each unsharded and sharded,
+    medians over ranks of each rank's median; and the ratios: sharded / unsharded per configuration (FSDP's cost
+    at equal work per process), and c/a, b/a within each kind (the lean step's cost relative to a flow-matching
+    step, the number the lean path is for)."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_fsdp_worker, args=(args.fsdp, port, args, out_dir), nprocs=args.fsdp,
+                           start_method="spawn")
+        ranks = []
+        for r in range(args.fsdp):
+            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                ranks.append(json.load(f))
+    res = {"world_size": args.fsdp, "per_rank": ranks}
+    for kind in ("wall_ms", "cpu_ms"):
+        res[kind] = {k: statistics.median(r[kind][k] for r in ranks) for k in ranks[0][kind]}
+    return res
+
+
+def print_fsdp(res: dict, args) -> None:
+    print(f"\nFSDP2, {res['world_size']} processes (gloo), batch {args.batch} per process; medians over ranks of "
+          f"{args.iters} round-robin iterations after {args.warmup} warm-up")
+    w, c = res["wall_ms"], res["cpu_ms"]
+    print(f"{'':4s}{'configuration':30s}{'1p wall':>9s}{'fsdp wall':>11s}{'x 1p':>6s}{'1p cpu':>9s}{'fsdp cpu':>10s}"
+          f"{'x 1p':>6s}")
+    for n in FSDP_CONFIGS:
+        one, sh = f"{n} 1p", f"{n} fsdp"
+        print(f"{n:4s}{CONFIGS[n][0]:30s}{w[one]:9.1f}{w[sh]:11.1f}{w[sh] / w[one]:6.2f}{c[one]:9.1f}{c[sh]:10.1f}"
+              f"{c[sh] / c[one]:6.2f}")
+    for label, t in (("wall", w), ("cpu", c)):
+        print(f"{label:4s} ratios: lean fsdp / lean 1p = {t['c fsdp'] / t['c 1p']:.2f};  c/a: 1p {t['c 1p'] / t['a 1p']:.2f}"
+              f", fsdp {t['c fsdp'] / t['a fsdp']:.2f};  b/a: 1p {t['b 1p'] / t['a 1p']:.2f}, fsdp "
+              f"{t['b fsdp'] / t['a fsdp']:.2f};  reference fsdp / lean fsdp = {t['b fsdp'] / t['c fsdp']:.2f}")
+    m = res["per_rank"][0]["first_step_metrics"]
+    print("first-step metrics (rank 0), lean 1p vs fsdp: " + ", ".join(
+        f"{k} {m['c 1p'][k]:.6g} / {m['c fsdp'][k]:.6g}" for k in m["c 1p"]))
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="pMF-T/7-28")
@@ -362,6 +452,8 @@ def main() -> int:
     p.add_argument("--no-optimizer", action="store_true", help="skip the optimizer step (bf16 vs fp32 Newton-Schulz)")
     p.add_argument("--optimizer-only", action="store_true", help="only the optimizer step (bf16 vs fp32 Newton-Schulz)")
     p.add_argument("--json", default="", help="write all numbers to this file")
+    p.add_argument("--fsdp", type=int, default=0, metavar="N",
+                   help="only the FSDP2 comparison: a, b, c sharded over N gloo processes vs unsharded (CPU)")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -372,6 +464,16 @@ def main() -> int:
         torch.set_flush_denormal(True)  # denormal arithmetic stalls CPU steps (see the pitfalls notes)
     if args.memory_child:
         peak_memory_cpu_child(args)
+        return 0
+    if args.fsdp:
+        if device.type != "cpu":
+            p.error("--fsdp runs on the CPU (gloo); on GPUs use torchrun with train.parallel=fsdp")
+        res = fsdp_step_times(args)
+        print_fsdp(res, args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"model": args.model, "batch": args.batch, "torch": torch.__version__, "fsdp": res}, f,
+                          indent=1)
         return 0
 
     names = ["a", "b", "b'", "c"] + (["c16"] if args.bf16 else []) + (["cC"] if args.compile else [])

@@ -1,6 +1,6 @@
 """FSDP2 (pmf.train.fsdp, ``train.parallel=fsdp``) with 2 gloo processes on CPU: what forward-mode AD does through
-``fully_shard`` (torch.func.jvp works, forward-AD dual tensors fail), Muon on sharded matrices, the adapted
-consistency checks, and a sharded run that resumes a 1-process checkpoint and ends where 1 process ends."""
+``fully_shard`` (torch.func.jvp; the lean objective's forward AD: tests/test_fsdp_lean.py), Muon on sharded
+matrices, the adapted consistency checks, and a sharded run that resumes a 1-process checkpoint and ends where 1 process ends."""
 
 import json
 import subprocess
@@ -53,8 +53,6 @@ def _findings_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws, u_and_dudt
-    from pmf.objective_lean import RowPlan
-    from pmf.objective_lean import u_and_dudt as u_and_dudt_lean
 
     _join_group(rank, port)
     out = {}
@@ -126,24 +124,6 @@ def _findings_worker(rank, port, out_dir):
             results[name] = float((delta - delta_ref).norm() / delta_ref.norm())
         out["muon_update_rel_err"] = results
 
-        # 5 (last: a failure leaves that module's FSDP state half-way through a forward). The lean objective through
-        #    sharded nets (fresh ones, one per check). Every row gets a tangent (RowPlan.every_row; data_proportion=0),
-        #    so both ranks fail at the same point; a rank-dependent failure point would leave the other rank waiting
-        #    in a collective.
-        lean = _perturbed_tiny()
-        fsdp.shard_model(lean, torch.device("cpu"))
-        try:  # forward-AD dual tensors alone: FSDP2's hook function rejects them
-            u_and_dudt_lean(lean, z, d, y, tangent, True, RowPlan.every_row(len(y), guidance=True))
-            out["lean_jvp"] = "ok"
-        except RuntimeError as e:
-            out["lean_jvp"] = f"RuntimeError: {e}"
-        lean = _perturbed_tiny()
-        fsdp.shard_model(lean, torch.device("cpu"))
-        try:  # the whole lean loss (its guidance pass may fail first, e.g. under torch.inference_mode)
-            pmf_loss(lean, x, y, ObjectiveConfig(impl="lean", data_proportion=0.0), gen())[0].backward()
-            out["lean_loss"] = "ok"
-        except RuntimeError as e:
-            out["lean_loss"] = f"RuntimeError: {e}"
     finally:
         dist.shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
@@ -173,17 +153,6 @@ def test_torch_func_jvp_works_through_fully_shard(findings):
 
 
 @FLAKY_ABORT
-def test_forward_ad_dual_tensors_fail_inside_fully_shard(findings):
-    """The lean objective's forward-AD dual tensors do not pass FSDP2's pre-forward hook (torch 2.13), and the whole
-    lean loss fails too. If this starts to pass, FSDP2 gained forward-AD support: drop fsdp.check_objective and
-    update docs/scale-out.md."""
-    for f in findings:
-        assert f["lean_jvp"] != "ok", "forward-AD now works through fully_shard: enable objective.impl=lean for fsdp"
-        assert fsdp.FORWARD_AD_ERROR in f["lean_jvp"], f["lean_jvp"]
-        assert f["lean_loss"].startswith("RuntimeError"), f["lean_loss"]
-
-
-@FLAKY_ABORT
 def test_gathered_muon_equals_unsharded_muon(findings):
     for f in findings:
         assert f["muon_update_rel_err"]["gathered"] == 0.0, f["muon_update_rel_err"]
@@ -202,11 +171,11 @@ def test_sharded_checks(findings):
 # Configuration guards (one process, instant)
 
 
-def test_fsdp_refuses_the_forward_ad_objective(tmp_path):
-    cfg = load_config("tiny-test", overrides=["train.parallel=fsdp", "objective.impl=lean"])
-    with pytest.raises(ValueError, match=r"objective\.impl=reference"):
-        train(cfg, tmp_path / "run", quiet=True)
-    assert not (tmp_path / "run").exists()
+def test_fsdp_config_guards():
+    """Both objectives are accepted with FSDP (the lean one: tests/test_fsdp_lean.py); an unknown parallel mode is
+    refused."""
+    for impl in ("lean", "reference"):
+        fsdp.check_objective(impl)
     with pytest.raises(ValueError, match="ddp' or 'fsdp"):
         load_config("tiny-test", overrides=["train.parallel=zero3"])
 

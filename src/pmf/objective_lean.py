@@ -19,10 +19,42 @@ Where the savings come from (each exact, not an approximation; ``tests/test_obje
 Which rows each pass computes is a :class:`RowPlan` of index tensors built on the host from host-known draws, so the
 passes read no device value (no ``nonzero``, no boolean-mask indexing, no ``.item()``): every shape is known before a
 kernel runs. This module imports nothing from :mod:`pmf`; :mod:`pmf.objective` builds the plan and calls the passes.
+
+**Under FSDP2** (``fully_shard``; tests/test_fsdp_lean.py: the same u, du/dt, losses, reduce-scattered gradients and
+weights after k steps as one process and as the reference path under FSDP2). FSDP2 applies an identity
+``autograd.Function`` (``RegisterPostBackwardFunction``) to every grad-requiring input of a unit in its pre-forward
+hook, so that the unit's backward triggers its reduce-scatter. Forward AD rejects that Function ("A custom
+Function's forward is returning a view (or an input as-is) but the jvp is not returning a view.", torch 2.13), so
+no dual tensor may reach it. The rules, for anything that runs in the forward-mode region of a sharded network:
+
+1. *Enter the root once, with plain tensors.* The whole forward-mode pass (trunk, u-head, velocity) is one call of
+   a forward method registered on the root (:func:`_sharded_forward_ad`): FSDP gathers the root's own parameters
+   around it and registers its gradient hooks on its outputs, as for ``forward``. Its arguments are primals and
+   tangents as separate plain tensors; the dual level opens and closes inside it, so u and the trunk output leave
+   it plain. Inside, call the network's *unwrapped* ``trunk`` / ``head`` (the class's methods): the registered
+   ``net.trunk`` would re-enter the root's hooks and reshard the root half-way through the pass.
+2. *Every other FSDP unit takes its dual inputs through* :class:`_dual_boundaries`: each dual tensor argument is
+   split into primal and tangent in front of FSDP's pre-forward hook and made dual again after it, so FSDP gathers
+   the unit and wraps the primal in its Function, and the unit's forward still sees the dual tensor. Dual inputs
+   must therefore be top-level tensor arguments of a unit's call (positional or keyword), not inside containers.
+   Outputs may be dual (FSDP's post-forward only reshards and registers a gradient hook).
+3. *Tangents are never differentiated.* They are detached at every unit boundary (du/dt enters the loss through
+   sg(.) anyway); a computation that needs gradients of a tangent cannot run in this region.
+4. *No inference mode on a sharded network*: the parameters FSDP gathers inside it would become inference tensors,
+   which the next all-gather outside it may not overwrite. The guidance pass runs under no_grad there.
+5. *The same collective calls on every rank.* Each unit call all-gathers, so every rank must call the same units
+   the same number of times in the same order, whatever its rows: sharded, the forward-mode, plain and guidance
+   passes always run, on zero rows if a rank's plan has none.
+6. *No autocast weight cache* in the passes with gradients (:func:`_without_autocast_weight_cache`): with it, on
+   a sharded network run through more than one forward before the backward, parameters lost their gradients.
+
+FSDP's post-backward (the reduce-scatter) then runs as for any forward: through the Function on each unit's primal
+input, or the root's end-of-backward callback (``pmf.train.fsdp.check_gradients_reduced`` checks every parameter).
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -98,18 +130,23 @@ def guidance_velocities(net, z_t, y, t, omega_m, rows: RowPlan, use_v_head: bool
     i_c, i_u = _rows(rows.cond, dev), _rows(rows.null, dev)
     n_c = len(rows.cond)
     v_c, v_u = torch.zeros_like(z_t), torch.zeros_like(z_t)
-    if n_c + len(rows.null) == 0:
+    sharded = fsdp_root(net) is not None
+    if n_c + len(rows.null) == 0 and not sharded:  # sharded: every rank calls every unit, even on no rows
         return v_c, v_u
     z = torch.cat([z_t.index_select(0, i_c), z_t.index_select(0, i_u)])
     tt = torch.cat([t.index_select(0, i_c), t.index_select(0, i_u)])
     w = torch.cat([omega_m.index_select(0, i_c), torch.ones_like(omega_m.index_select(0, i_u))])
     yy = torch.cat([y.index_select(0, i_c), torch.full_like(y.index_select(0, i_u), null_label)])
     heads = "v" if use_v_head else "u"
-    with torch.inference_mode():  # cheaper than no_grad; the copies below make the results normal tensors again
+    # inference mode is cheaper than no_grad, but not on a sharded net: FSDP's all-gather buffers allocated in it
+    # would become inference tensors, which the next all-gather outside it may not write (no_grad: the decorator)
+    with contextlib.nullcontext() if sharded else torch.inference_mode():
         u, v = net(z, tt, torch.zeros_like(tt), w, torch.zeros_like(tt), torch.ones_like(tt), yy, heads=heads)
         out = v if use_v_head else u
-    # inference tensors may not enter autograd or forward AD: index_copy into normal tensors
-    return v_c.index_copy(0, i_c, out[:n_c].clone()), v_u.index_copy(0, i_u, out[n_c:].clone())
+    # inference tensors may not enter autograd or forward AD: index_copy (of copies) into normal tensors, in z_t's
+    # dtype (a sharded net with a low-precision MixedPrecisionPolicy returns its compute dtype)
+    return (v_c.index_copy(0, i_c, out[:n_c].to(v_c.dtype, copy=True)),
+            v_u.index_copy(0, i_u, out[n_c:].to(v_u.dtype, copy=True)))
 
 
 def with_shared_rows(v_c, v_boundary, rows: RowPlan):
@@ -190,14 +227,124 @@ class ConstantOperandTangents(TorchFunctionMode):
 
 
 def forward_ad_trunk(net, z_t, tangent_v, t, r, omega, t_min, t_max, y):
-    """(u, du/dt, trunk primal): dual numbers (z, t, r) + eps (v, 1, 0) through the trunk and the u-head
-    [MF Eq. 8: du/dt = v d_z u + d_t u, with h = t - r moving with t]."""
+    """(u, du/dt, trunk output): dual numbers (z, t, r) + eps (v, 1, 0) through the trunk and the u-head
+    [MF Eq. 8: du/dt = v d_z u + d_t u, with h = t - r moving with t]. u and the trunk output are plain tensors
+    (the dual level is closed when they come back); du/dt carries no usable autograd history. On an FSDP2-sharded
+    network the pass runs as one forward of the root (:func:`_sharded_forward_ad`; rules in the module doc)."""
+    root = fsdp_root(net)
+    if root is not None:
+        return _sharded_forward_ad(root)(z_t, tangent_v, t, r, omega, t_min, t_max, y)
+    return _forward_ad_pass(net, net.trunk, net.head, z_t, tangent_v, t, r, omega, t_min, t_max, y)
+
+
+def _forward_ad_pass(net, trunk, head, z_t, tangent_v, t, r, omega, t_min, t_max, y):
+    """The forward-mode pass with the given ``trunk`` and ``head`` callables (the network's methods)."""
     with fwAD.dual_level(), ConstantOperandTangents():
         z, t_d, r_d = fwAD.make_dual(z_t, tangent_v), fwAD.make_dual(t, torch.ones_like(t)), \
             fwAD.make_dual(r, torch.zeros_like(r))
-        trunk_out = net.trunk(z, t_d, t_d - r_d, omega, t_min, t_max, y)
-        u, dudt = fwAD.unpack_dual(net.to_velocity(z, t_d, net.head(trunk_out, "u")))
-        return u, dudt, fwAD.unpack_dual(trunk_out).primal
+        trunk_out = trunk(z, t_d, t_d - r_d, omega, t_min, t_max, y)
+        u = net.to_velocity(z, t_d, head(trunk_out, "u"))
+        dudt = fwAD.unpack_dual(u).tangent
+    return u, dudt, trunk_out  # closing the level made u and trunk_out plain tensors (no views of a dual)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The forward-AD pass on an FSDP2-sharded network (rules in the module doc)
+
+_ROOT_METHOD = "_pmf_forward_ad"  # the root's registered forward method that runs the whole forward-mode pass
+
+
+def fsdp_root(net):
+    """The FSDP2 root module of ``net`` (``net`` itself, or the module a ``torch.compile`` wrapper holds as
+    ``_orig_mod``) when it is ``fully_shard``-ed, else None."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    module = getattr(net, "_orig_mod", net)
+    return module if isinstance(module, FSDPModule) else None
+
+
+def _sharded_forward_ad(root):
+    """The root's forward method for the forward-mode pass, registered with FSDP on first use (FSDP then all-gathers
+    the root's own parameters around it, as around ``forward``). Its arguments and results are plain tensors; inside
+    it the root's unwrapped ``trunk`` / ``head`` run (a call of the registered ``root.trunk`` would re-enter the
+    root's hooks and reshard the root half-way through the pass), and every other FSDP unit is entered through
+    :func:`_dual_boundaries`."""
+    method = root.__dict__.get(_ROOT_METHOD)
+    if method is None:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        cls = type(root)  # FSDP's subclass of the network's class; its trunk / head are the unwrapped methods
+
+        def forward_ad(self, *args):
+            with _dual_boundaries(self):
+                return _forward_ad_pass(self, cls.trunk.__get__(self), cls.head.__get__(self), *args)
+
+        object.__setattr__(root, _ROOT_METHOD, forward_ad.__get__(root))
+        register_fsdp_forward_method(root, _ROOT_METHOD)
+        method = root.__dict__[_ROOT_METHOD]
+    return method
+
+
+class _dual_boundaries:
+    """Context: every FSDP unit below ``root`` takes dual inputs through FSDP's hooks as plain tensors. Two forward
+    pre-hooks per unit, around FSDP's own (which runs first of the module's hooks: it is registered with prepend):
+    the first, put in front of it, replaces each dual tensor argument by its primal and keeps the tangent
+    (detached); FSDP's hook then all-gathers the unit and passes the primal through its post-backward autograd
+    Function; the second, put after it, makes that Function's output dual again with the kept tangent. The unit's
+    forward sees the dual tensors it was called with; FSDP's Function never sees a tangent (its ``jvp`` is what
+    forward AD rejects). Outputs pass unchanged: FSDP's post-forward only reshards and registers a gradient hook,
+    which forward AD does not touch. Only top-level tensor arguments (positional or keyword) are handled."""
+
+    def __init__(self, root):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.units = [m for m in root.modules() if m is not root and isinstance(m, FSDPModule)]
+        self.handles = []
+
+    def __enter__(self):
+        for unit in self.units:
+            kept: list = []
+            self.handles.append(unit.register_forward_pre_hook(_strip_tangents(kept), prepend=True, with_kwargs=True))
+            self.handles.append(unit.register_forward_pre_hook(_restore_tangents(kept), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _strip_tangents(kept: list):
+    def hook(module, args, kwargs):
+        found = []
+
+        def strip(key, x):
+            if isinstance(x, torch.Tensor):
+                primal, tangent = fwAD.unpack_dual(x)
+                if tangent is not None:
+                    found.append((key, tangent.detach()))
+                    return primal
+            return x
+
+        args, kwargs = tuple(strip(i, a) for i, a in enumerate(args)), {k: strip(k, v) for k, v in kwargs.items()}
+        kept.append(found)
+        return (args, kwargs) if found else None
+    return hook
+
+
+def _restore_tangents(kept: list):
+    def hook(module, args, kwargs):
+        found = kept.pop()
+        if not found:
+            return None
+        args, kwargs = list(args), dict(kwargs)
+        for key, tangent in found:
+            where = args if isinstance(key, int) else kwargs
+            where[key] = fwAD.make_dual(where[key], tangent.to(where[key].dtype))  # FSDP may have cast the primal
+        return tuple(args), kwargs
+    return hook
 
 
 def _plain_trunk(net, z_t, t, r, omega, t_min, t_max, y):
@@ -211,13 +358,32 @@ def u_and_dudt(net, z_t, d, y, tangent_v, with_v: bool, rows: RowPlan):
     the forward-mode pass on ``rows.jvp`` only; the ``rows.plain`` rows run a plain forward and get du/dt = 0 (the
     network is row-independent, so splitting the batch changes no value). The v-head runs afterwards on the trunk's
     primal output. du/dt carries no usable autograd history (the loss detaches it)."""
+    if fsdp_root(net) is None:
+        return _u_and_dudt(net, z_t, d, y, tangent_v, with_v, rows, sharded=False)
+    with _without_autocast_weight_cache():
+        return _u_and_dudt(net, z_t, d, y, tangent_v, with_v, rows, sharded=True)
+
+
+@contextlib.contextmanager
+def _without_autocast_weight_cache():
+    """Autocast's cache of low-precision weight copies off (restored after). On an FSDP2-sharded net, with more
+    than one forward with gradients through a unit before the backward (the forward-mode and the plain pass),
+    parameters lost their gradient with the cache on (torch 2.13, CPU; tests/test_fsdp_lean.py). Each call then
+    casts its weights again: nothing under a MixedPrecisionPolicy, whose gathered parameters are already low
+    precision."""
+    was = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        yield
+    finally:
+        torch.set_autocast_cache_enabled(was)
+
+
+def _u_and_dudt(net, z_t, d, y, tangent_v, with_v: bool, rows: RowPlan, sharded: bool):
     args = (d.t, d.r, d.omega, d.t_min, d.t_max, y)
-    if rows.jvp is None or len(rows.plain) == 0:
-        u, dudt, trunk = forward_ad_trunk(net, z_t, tangent_v, *args)
-    elif len(rows.jvp) == 0:
-        u, trunk = _plain_trunk(net, z_t, *args)
-        dudt = torch.zeros_like(u)
-    else:
+    # sharded: both passes always (on no rows if need be), so that every rank makes the same collective calls
+    split = rows.jvp is not None and (sharded or (len(rows.jvp) > 0 and len(rows.plain) > 0))
+    if split:
         dev = z_t.device
         j, p = _rows(rows.jvp, dev), _rows(rows.plain, dev)
         u_j, dudt_j, trunk_j = forward_ad_trunk(net, z_t.index_select(0, j), tangent_v.index_select(0, j),
@@ -227,5 +393,10 @@ def u_and_dudt(net, z_t, d, y, tangent_v, with_v: bool, rows: RowPlan):
         u = _scatter_rows((u_j, u_p), idx)
         dudt = _scatter_rows((dudt_j, torch.zeros_like(u_p)), idx)
         trunk = _scatter_rows((trunk_j, trunk_p), idx)
+    elif rows.jvp is None or len(rows.plain) == 0:
+        u, dudt, trunk = forward_ad_trunk(net, z_t, tangent_v, *args)
+    else:
+        u, trunk = _plain_trunk(net, z_t, *args)
+        dudt = torch.zeros_like(u)
     v = net.to_velocity(z_t, d.t, net.head(trunk, "v")) if with_v else None
     return u, dudt, v

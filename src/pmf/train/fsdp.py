@@ -80,13 +80,11 @@ FORWARD_AD_ERROR = ("A custom Function's forward is returning a view (or an inpu
 
 
 def check_objective(impl: str) -> None:
-    """Refuse ``objective.impl=lean`` with FSDP: its dual tensors fail inside FSDP2's hooks (see module doc)."""
-    if impl == "lean":
-        raise ValueError(
-            "train.parallel=fsdp needs objective.impl=reference: the lean path's forward-AD dual tensors fail inside "
-            f"FSDP2's pre-forward hook (torch {torch.__version__}: {FORWARD_AD_ERROR!r}), and its inference-mode "
-            "guidance pass breaks FSDP's unsharded buffers; torch.func.jvp (the reference path) works. "
-            "See docs/scale-out.md.")
+    """Both objectives run on sharded networks: ``reference`` (``torch.func.jvp`` passes FSDP2's hooks) and ``lean``,
+    whose forward-AD pass enters every FSDP unit with plain tensors (the rules: :mod:`pmf.objective_lean`; parity
+    with one process: tests/test_fsdp_lean.py). Refuses only an objective this module does not know."""
+    if impl not in ("lean", "reference"):
+        raise ValueError(f"objective.impl must be 'lean' or 'reference' with train.parallel=fsdp, got {impl!r}")
 
 
 def blocks_of(net: nn.Module) -> list[nn.Module]:
