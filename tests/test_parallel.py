@@ -20,10 +20,9 @@ from pmf.train.loop import model_kwargs, train
 
 from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, read_log, run_two
 
-# The objective the sharded modes run with. FSDP2 runs only the reference (torch.func.jvp) objective today
-# (pmf.train.fsdp.check_objective); once the lean one runs under FSDP2, add "lean" here: every mode of the parity
-# and resume tests then runs with it.
-SHARDED_OBJECTIVE_IMPLS = ["reference"]
+# The objectives the sharded modes run with: every mode of the parity and resume tests runs with each (the lean
+# objective's forward-mode pass enters FSDP2 units with plain tensors, pmf.objective_lean).
+SHARDED_OBJECTIVE_IMPLS = ["reference", "lean"]
 
 # 3 steps of a global batch of 16 in 2 micro-batches; one log record and a cross-rank check per step; checkpoints
 # only where a test asks.

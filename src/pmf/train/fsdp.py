@@ -7,13 +7,12 @@ What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 proce
 * ``torch.func.jvp`` (``objective.impl=reference``): FSDP2's hook function ``RegisterPostBackwardFunction`` has a
   ``jvp`` rule and a vmap rule, so functorch's JVP passes through the pre-forward hooks; u, du/dt and the
   reduce-scattered gradients equal the unsharded ones.
-* Forward-AD dual tensors (``torch.autograd.forward_ad``, ``objective.impl=lean``) do NOT: the first sharded block
-  that receives a dual activation raises "A custom Function's forward is returning a view (or an input as-is) but
-  the jvp is not returning a view." (the same hook function, run by the autograd engine's forward-AD path).
-  Before that, the lean guidance pass runs under ``torch.inference_mode``: the unsharded parameter storage FSDP
-  allocates there becomes an inference tensor, and the next all-gather outside inference mode fails with "Inplace
-  update to inference tensor outside InferenceMode is not allowed." :func:`check_objective` refuses the lean path
-  before any work is done.
+* Forward-AD dual tensors (``torch.autograd.forward_ad``, ``objective.impl=lean``) must not enter FSDP2's hook
+  function (``RegisterPostBackwardFunction`` has no view-preserving ``jvp`` for them: torch 2.13 raises "A custom
+  Function's forward is returning a view (or an input as-is) but the jvp is not returning a view."). The lean path
+  therefore enters every sharded unit with plain tensors and makes them dual again inside
+  (:mod:`pmf.objective_lean`, its rules for the forward-mode region); u, du/dt and the reduce-scattered gradients
+  equal the unsharded ones (tests/test_fsdp_lean.py).
 * ``torch.optim.Muon`` runs on DTensor matrices, but its Newton-Schulz iteration then runs as sharded DTensor matmuls
   (a collective in every iteration) and, in bfloat16, the changed summation order moves the update by ~2 % per
   matrix. :class:`GatheredMuon` all-gathers each momentum-updated matrix once, orthogonalises it whole, and keeps
@@ -39,8 +38,8 @@ What may run inside the JVP (the MeanFlow loss differentiates u(z_t, r, t) along
   function's ``jvp`` rule passes the tangents through, and the primal and tangent of a block are computed from the
   same gathered weights (one all-gather for both). Under the bf16 policy the gathered weights are bfloat16 and the
   tangent is computed in the autocast dtype, exactly as in a plain bf16 run.
-* ``torch.autograd.forward_ad`` dual tensors entering a sharded unit: not in torch 2.13 (see below); the objective
-  that uses them is refused by :func:`check_objective`.
+* ``torch.autograd.forward_ad`` dual tensors entering a sharded unit: no (see above); the lean objective strips
+  them at each unit's boundary and restores them inside.
 * ``torch.inference_mode`` around a sharded forward: never (FSDP's unsharded storage would become an inference
   tensor); use ``torch.no_grad`` for a guidance pass without gradients.
 * Collectives inside the JVP: only FSDP's own (all-gather on entry to a unit, the same on every rank). Anything
@@ -58,10 +57,10 @@ every rank, in the same order.
 
 from __future__ import annotations
 
-import torch
-import torch.nn as nn
 import os
 
+import torch
+import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
@@ -74,9 +73,6 @@ from pmf.train.optim import BatchedMuon, MuonWithAdam, build_optimizer
 # too, or the root's own parameters (tokens, embedders, final layers) stay sharded inside them.
 FORWARD_METHODS = ("trunk", "head")
 
-# The error forward-mode dual tensors raise inside an FSDP2-sharded module (torch 2.13); quoted in check_objective.
-FORWARD_AD_ERROR = ("A custom Function's forward is returning a view (or an input as-is) but the jvp is not returning "
-                    "a view.")
 
 
 def check_objective(impl: str) -> None:
@@ -84,7 +80,8 @@ def check_objective(impl: str) -> None:
     whose forward-AD pass enters every FSDP unit with plain tensors (the rules: :mod:`pmf.objective_lean`; parity
     with one process: tests/test_fsdp_lean.py). Refuses only an objective this module does not know."""
     if impl not in ("lean", "reference"):
-        raise ValueError(f"objective.impl must be 'lean' or 'reference' with train.parallel=fsdp, got {impl!r}")
+        raise ValueError("objective.impl must be 'lean' or 'reference' with a sharded train.parallel (fsdp, hsdp), "
+                         f"got {impl!r}")
 
 
 def blocks_of(net: nn.Module) -> list[nn.Module]:
