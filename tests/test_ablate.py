@@ -54,6 +54,21 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, settings, monkeypatch):
     assert [r["stages"] for r in again] == [r["stages"] for r in records]
 
 
+def test_a_curve_point_behind_a_shared_run_is_not_measured(tmp_path, settings, monkeypatch):
+    """A curve arm whose run another arm already trained to the full budget cannot be scored at 1/4 and 1/2 of it (the
+    weights there are gone): those points are reported as not measured, never scored on the final weights."""
+    monkeypatch.setitem(ablate.SUITES, "tiny", lambda: [Arm("plain", "1: tiny", (), (0,)),
+                                                        Arm("curve", "1: tiny", (), (0,), curve=True)])
+    settings.kimg, settings.eval_num = 0.128, 20  # tiny-test: 32 images per step, so 4 steps
+    logs = []
+    records = {r["arm"]: r for r in run_suite("tiny", tmp_path, settings, log=logs.append)}
+    assert records["curve"]["run_dir"] == records["plain"]["run_dir"]
+    assert list(records["curve"]["stages"]) == ["0.128"]
+    assert records["curve"]["stages"]["0.128"] == records["plain"]["stages"]["0.128"]
+    assert sum("not measured" in m and "already at 0.128 kimg" in m for m in logs) == 2
+    assert sorted(p.name for p in (tmp_path / records["curve"]["run_dir"]).glob("eval-*.json")) == ["eval-0.128.json"]
+
+
 def test_dry_run_lists_every_arm_with_its_cost(settings):
     arms = ablate.dry_run("tiny", settings)
     assert [a["arm"] for a in arms] == ["base", "lr", "lr-again", "perc"]

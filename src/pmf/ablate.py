@@ -66,7 +66,9 @@ def paper_suite() -> list[Arm]:
         for pred in ("x", "u"):
             arms.append(Arm(f"c1-{pred}-p{p}", "1: x vs u prediction", _patch(p, pred), (0, 1, 2), x=p * p,
                             group=pred))
-    for opt, lrs in (("muon", ("2e-3", "4e-3", "8e-3")), ("adam", ("1e-3", "2e-3", "4e-3"))):  # claim 2
+    # claim 2: each sweep brackets its best value (the best of a first three-point run was the largest for both)
+    sweeps = (("muon", ("2e-3", "4e-3", "8e-3", "1.6e-2")), ("adam", ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2")))
+    for opt, lrs in sweeps:
         for lr in lrs:
             arms.append(Arm(f"c2-{opt}-lr{lr}", "2: Muon vs Adam", (f"optim.name={opt}", f"optim.lr={lr}"), (0,),
                             group=opt, curve=True, sweep=opt))
@@ -149,6 +151,18 @@ def evaluate_run(run_dir: Path, settings: SuiteSettings, instantaneous_steps: in
     return {k: v for k, v in res.items() if isinstance(v, (int, float))}
 
 
+def kimg_past(run_dir: Path, kimg: float) -> float | None:
+    """The images (in thousands) a run has already trained on, when that is past ``kimg`` by more than the one global
+    batch a run may overshoot its budget by (it stops at the first step at or past it); else None. Read from the
+    run's ``summary.json`` and ``config.json``."""
+    summary, config = run_dir / "summary.json", run_dir / "config.json"
+    if not (summary.is_file() and config.is_file()):
+        return None
+    seen = float(json.loads(summary.read_text()).get("kimg", 0.0))
+    batch_kimg = json.loads(config.read_text())["train"]["batch_size"] / 1000
+    return seen if seen > kimg + batch_kimg else None
+
+
 def run_arm_seed(out: Path, arm: Arm, seed: int, settings: SuiteSettings, log) -> dict:
     """Train and evaluate one (arm, seed), at 1/4, 1/2 and the full budget when the arm has a curve. Each finished
     stage is a file ``eval-{kimg}.json`` in the run directory; finished stages are not redone."""
@@ -159,6 +173,11 @@ def run_arm_seed(out: Path, arm: Arm, seed: int, settings: SuiteSettings, log) -
         path = run_dir / f"eval-{kimg:g}.json"
         if path.is_file():
             record["stages"][f"{kimg:g}"] = json.loads(path.read_text())
+            continue
+        seen = kimg_past(run_dir, kimg)
+        if seen is not None:  # a shared run already went past this point: its weights there are gone
+            log(f"[{arm.name} seed {seed}] {kimg:g} kimg not measured: run {run_dir.name} (shared with another arm) "
+                f"is already at {seen:g} kimg")
             continue
         log(f"[{arm.name} seed {seed}] training to {kimg:g} kimg in {run_dir.name}")
         seconds = train_run(run_dir, arm, seed, kimg, settings)
