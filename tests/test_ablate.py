@@ -84,3 +84,21 @@ def test_paper_suite_declares_every_claim_with_enough_seeds():
     assert all(len(a.seeds) >= 2 for a in arms if not a.claim.startswith(("1", "2")))
     sweeps = {g: [a for a in arms if a.sweep == g] for g in ("muon", "adam")}
     assert all(len(v) >= 3 for v in sweeps.values())
+
+
+def test_run_identity_survives_a_new_default_field_and_changes_with_a_value(settings):
+    """A run's identity is its resolved config: an older run's config.json without a field added later at its
+    default keeps its identity; a changed value, or the same value set in another arm's way, is compared as
+    resolved."""
+    arm = Arm("a", "1: tiny", ("optim.lr=3e-3",), (0,))
+    cfg = ablate.to_dict(ablate.load_config(settings.base, None, ablate.run_overrides(arm, 0, settings)))
+    ident = ablate.run_id(arm, 0, settings)
+    assert ablate.config_identity(cfg) == ident
+    older = json.loads(json.dumps(cfg))
+    del older["train"]["hsdp_shard_size"]  # a field a later version added, at its default
+    older["train"]["total_kimg"] = 12.5  # how far a run has got is not part of its identity
+    assert ablate.config_identity(older) == ident
+    changed = json.loads(json.dumps(cfg))
+    changed["optim"]["lr"] = 4e-3
+    assert ablate.config_identity(changed) != ident
+    assert ablate.run_id(Arm("b", "1: tiny", ("optim.lr=0.003",), (0,)), 0, settings) == ident

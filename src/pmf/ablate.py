@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from pmf.atomic import atomic_write_text
-from pmf.train.config import load_config, to_dict
+from pmf.train.config import RunConfig, load_config, to_dict
 
 BASE_PRESET = "fmnist-demo"
 
@@ -109,11 +109,33 @@ def run_overrides(arm: Arm, seed: int, settings: SuiteSettings) -> list[str]:
             "train.sample_every_kimg=0"]
 
 
+def config_identity(cfg: dict) -> str:
+    """A resolved config's identity: the hash of its values that differ from the config defaults
+    (:class:`pmf.train.config.RunConfig`), without ``train.total_kimg``. Leaving out default values keeps the
+    identity of existing runs when a later version adds a config field whose default changes nothing."""
+    defaults = json.loads(json.dumps(to_dict(RunConfig())))  # as a config.json holds them (tuples as lists)
+
+    def changed(values: dict, base: dict) -> dict:
+        out = {}
+        for k, v in values.items():
+            d = base.get(k) if isinstance(base, dict) else None
+            if isinstance(v, dict) and isinstance(d, dict) and v and d:
+                v = changed(v, d)
+                if v:
+                    out[k] = v
+            elif k not in base or v != d:
+                out[k] = v
+        return out
+
+    cfg = json.loads(json.dumps(cfg))
+    cfg.get("train", {}).pop("total_kimg", None)
+    return hashlib.sha1(json.dumps(changed(cfg, defaults), sort_keys=True).encode()).hexdigest()[:10]
+
+
 def run_id(arm: Arm, seed: int, settings: SuiteSettings) -> str:
-    """Hash of the resolved config minus ``train.total_kimg``: equal configs share one run directory."""
-    cfg = to_dict(load_config(settings.base, None, run_overrides(arm, seed, settings)))
-    cfg["train"].pop("total_kimg", None)
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]
+    """The run directory of (arm, seed): its resolved config's identity (:func:`config_identity`), so arms whose
+    configs resolve alike share one run."""
+    return config_identity(to_dict(load_config(settings.base, None, run_overrides(arm, seed, settings))))
 
 
 def missing_files(arm: Arm, settings: SuiteSettings) -> list[str]:
