@@ -200,6 +200,13 @@ class _RngSnapshot:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+def _is_control_flow(e: BaseException) -> bool:
+    """An exception that is not an error: activation checkpointing's early stop of a recomputation
+    (``torch.utils.checkpoint``'s ``_StopRecomputationError``, raised through the recomputed forward once it has
+    rebuilt what the backward needs)."""
+    return type(e).__name__ == "_StopRecomputationError"
+
+
 class _EagerFallback:
     """Call ``compiled``; the first time it raises, warn once and run ``eager`` from then on, this call included.
 
@@ -221,7 +228,7 @@ class _EagerFallback:
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say why; real errors recur eagerly)
-            if is_out_of_memory(e):  # not a compiler failure: eager would run out of memory too
+            if is_out_of_memory(e) or _is_control_flow(e):  # not compiler failures: re-raise
                 raise
             self._fall_back(e)
             if rng is not None:
