@@ -67,7 +67,7 @@ import warnings
 import torch
 
 from pmf.model import Attention, build_model
-from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.objective import ObjectiveConfig, PerSampleGenerator, conditional_velocity, noisy_image, pmf_loss
 from pmf.sampler import sample
 from pmf.train.optim import OptimConfig, build_optimizer
 from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype, maybe_compile
@@ -366,15 +366,16 @@ def _parse_kw(items) -> dict:
     return out
 
 
-def compile_time_child(args, variant: str) -> float:
+def compile_time_child(args, variant: str) -> dict:
     """Seconds the first step of ``variant`` spends compiling, measured in a fresh process (fresh inductor cache
-    unless --warm-cache): its first step minus its second."""
+    unless --warm-cache): its first step minus its second, wall ("compile_s") and CPU seconds of the process and its
+    C++ compiler children ("compile_cpu_s", with one compile thread: the cost on an idle core, whatever the load)."""
     cmd = [sys.executable, __file__, "--compile-regions", "--compile-child", variant, "--batch", str(args.batch),
            "--device", args.device, "--threads", str(args.threads), "--model", args.model]
     cmd += (["--preset", args.preset] if args.preset else []) + (["--model-kw", *args.model_kw] if args.model_kw
                                                                 else []) + (["--warm-cache"] if args.warm_cache else [])
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])["compile_s"]
+    return json.loads(out.strip().splitlines()[-1])
 
 
 def compile_comparison(args, device) -> dict:
@@ -387,14 +388,16 @@ def compile_comparison(args, device) -> dict:
 
     if not args.warm_cache:  # a cold inductor cache: the compile time a first run pays
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pmf-inductor-")
+    if args.compile_child:  # compile in this process (C++ builds as waited-for children): CPU seconds add up
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     cfg = load_config(args.preset) if args.preset else None
     model = cfg.model.name if cfg is not None else args.model
     objective = cfg.objective if cfg is not None else ObjectiveConfig()
     overrides = _parse_kw(args.model_kw)
     net, x, y = make_net_and_batch(model, args.batch, device, **overrides)
-    nets = {"eager": net, "regions": copy.deepcopy(net), "blocks only": copy.deepcopy(net)}
-    compile_regions(nets["regions"])
-    compile_regions(nets["blocks only"], whole_forward=False)
+    nets = {"eager": net, "blocks": copy.deepcopy(net), "blocks+forward": copy.deepcopy(net)}
+    compile_regions(nets["blocks"])  # what train.compile runs
+    compile_regions(nets["blocks+forward"], whole_forward=True)  # and the no-grad forward compiled whole
     n_params = sum(p.numel() for p in net.parameters())
     if not args.compile_child:
         print(f"{model}{' ' + str(overrides) if overrides else ''}  batch {args.batch}  {n_params / 1e6:.2f}M params  "
@@ -406,7 +409,8 @@ def compile_comparison(args, device) -> dict:
         def step(i):
             m = nets[n]
             m.zero_grad(set_to_none=True)
-            loss, metrics = pmf_loss(m, x, y, objective, torch.Generator().manual_seed(1000 + i))
+            seeds = range(1000 * i, 1000 * i + x.shape[0])  # per-sample host draws, as in the training loop
+            loss, metrics = pmf_loss(m, x, y, objective, PerSampleGenerator(seeds, device=device))
             loss.backward()
             sync(device)
             return metrics
@@ -414,38 +418,53 @@ def compile_comparison(args, device) -> dict:
 
     steps = {n: make(n) for n in nets}
     if args.compile_child:  # a fresh process: the first compiled step of one variant, minus its second step
-        times = []
+        import resource
+
+        def cpu_now():  # this process and its finished children (the C++ compiler runs): CPU seconds
+            return time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime \
+                + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+
+        walls, cpus = [], []
         for i in range(2):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_now()
             steps[args.compile_child](i)
-            times.append(time.perf_counter() - t0)
-        print(json.dumps({"compile_s": times[0] - times[1]}))
+            walls.append(time.perf_counter() - t0)
+            cpus.append(cpu_now() - c0)
+        print(json.dumps({"compile_s": walls[0] - walls[1], "compile_cpu_s": cpus[0] - cpus[1]}))
         return {}
     # Compile time, each variant in a fresh process with a fresh inductor cache: in this process the second variant
     # would reuse the block graphs the first compiled (Dynamo caches per code object).
-    compile_s = {n: compile_time_child(args, n) for n in nets if n != "eager"}
+    child = {n: compile_time_child(args, n) for n in nets if n != "eager"}
+    compile_s = {n: c["compile_s"] for n, c in child.items()}
+    compile_cpu_s = {n: c["compile_cpu_s"] for n, c in child.items()}
     metrics = {n: {k: float(v) for k, v in steps[n](0).items()} for n in nets}  # (and this process's compiles)
     wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
     med = {n: statistics.median(wall[n]) for n in nets}
     med_cpu = {n: statistics.median(cpu[n]) for n in nets}
     print(f"lean step, forward + backward; medians of {args.iters} round-robin iterations after {args.warmup} warm-up")
-    print(f"{'':14s}{'wall ms':>9s}{'x eager':>9s}{'cpu ms':>9s}{'x eager':>9s}{'compile s':>11s}"
+    # Break-even: compile CPU seconds over the CPU time a step saves (on a shared machine both wall numbers include
+    # time spent descheduled; with --threads 1 the CPU numbers are the uncontended ones). On CUDA: wall.
+    on_cpu = device.type == "cpu"
+    print(f"{'':14s}{'wall ms':>9s}{'x eager':>9s}{'cpu ms':>9s}{'x eager':>9s}{'compile s':>11s}{'(cpu s)':>9s}"
           f"{'break-even steps':>18s}  loss_u (first step)")
     result = {"model": model, "overrides": overrides, "preset": args.preset, "batch": args.batch,
               "threads": torch.get_num_threads(), "torch": torch.__version__, "params": n_params,
               "cold_inductor_cache": not args.warm_cache, "load_average": os.getloadavg()[0], "median_wall_ms": {}, "median_cpu_ms": {},
-              "ratio_wall": {}, "ratio_cpu": {}, "compile_s": compile_s, "first_step_metrics": metrics, "regions": {}}
+              "ratio_wall": {}, "ratio_cpu": {}, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_metrics": metrics, "regions": {}}
     for n in nets:
         r_w, r_c = med[n] / med["eager"], med_cpu[n] / med_cpu["eager"]
-        saved = med["eager"] - med[n]
-        even = f"{compile_s[n] / saved:.0f}" if n != "eager" and saved > 0 else "never" if n != "eager" else ""
+        saved = (med_cpu["eager"] - med_cpu[n]) if on_cpu else (med["eager"] - med[n])
+        cost = compile_cpu_s.get(n, 0.0) if on_cpu else compile_s.get(n, 0.0)
+        even = "" if n == "eager" else f"{cost / saved:.0f}" if saved > 0 else "never"
         comp = f"{compile_s[n]:.1f}" if n != "eager" else ""
-        print(f"{n:14s}{med[n] * 1e3:9.1f}{r_w:9.2f}{med_cpu[n] * 1e3:9.1f}{r_c:9.2f}{comp:>11s}{even:>18s}  "
-              f"{metrics[n]['loss_u']:.6g}")
+        comp_cpu = f"{compile_cpu_s[n]:.1f}" if n != "eager" else ""
+        print(f"{n:14s}{med[n] * 1e3:9.1f}{r_w:9.2f}{med_cpu[n] * 1e3:9.1f}{r_c:9.2f}{comp:>11s}{comp_cpu:>9s}"
+              f"{even:>18s}  {metrics[n]['loss_u']:.6g}")
+        result.setdefault("break_even_steps", {})[n] = cost / saved if n != "eager" and saved > 0 else None
         result["median_wall_ms"][n], result["median_cpu_ms"][n] = med[n] * 1e3, med_cpu[n] * 1e3
         result["ratio_wall"][n], result["ratio_cpu"][n] = r_w, r_c
     print("what ran compiled (calls over all steps above):")
-    for n in ("regions", "blocks only"):
+    for n in ("blocks", "blocks+forward"):
         for r in compiled_regions(nets[n]):
             print(f"  {n:12s} {r.summary()}")
             result["regions"].setdefault(n, {})[r.name] = {"state": r.state, "calls": dict(r.calls)}

@@ -63,10 +63,11 @@ LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-4
 
 @pytest.mark.slow
 def test_compiled_regions_match_eager_lean_step():
-    """The lean pMF step (loss, metrics, every parameter gradient) with real inductor-compiled regions equals the
-    eager step on the same draws within the tolerance above; the blocks ran compiled on the passes without tangents
-    (r = t rows, v-head), eagerly on the forward-AD pass; the guidance forward ran compiled whole; nothing fell back.
-    A second step with other draws (other guidance row counts) still runs compiled (dynamic batch, no failure)."""
+    """The lean pMF step as ``train.compile`` runs it (maybe_compile(pmf_loss): real inductor-compiled blocks) equals
+    the eager step on the same draws within the tolerance above, loss, metrics and every parameter gradient; the
+    blocks ran compiled on the passes without tangents (guidance, r = t rows, v-head), eagerly on the forward-AD pass;
+    nothing fell back. A second step with other draws (other guidance row counts) still runs compiled (dynamic
+    batch, no recompile failure)."""
     net, x, y = _tiny()
     fast = copy.deepcopy(net)
     cfg = ObjectiveConfig(impl="lean")
@@ -82,14 +83,12 @@ def test_compiled_regions_match_eager_lean_step():
             g_e, g_c = torch.cat([g.flatten() for g in g_e]), torch.cat([g.flatten() for g in g_c])
             assert ((g_c - g_e).norm() / g_e.norm()).item() <= GRAD_RTOL
     assert _torch_compile_warnings(w) == []
-    regions = {r.name: r for r in compiled_regions(fast)}
-    blocks, whole = regions["Block.forward"], regions["PMFDiT.forward (no grad)"]
-    assert blocks.state == whole.state == "compiled"
+    (blocks,) = compiled_regions(fast)
+    assert blocks.name == "Block.forward" and blocks.state == "compiled"
     assert blocks.installed_on == 4  # pMF-tiny: 2 shared blocks, 1 u-head block, 1 v-head block
-    # per step: the r = t rows through trunk + u-head (3 blocks) and the v-head (1) compiled; forward AD (3) eager;
-    # the guidance pass's blocks run inside the compiled whole forward (not counted as block calls)
-    assert blocks.calls == {"compiled": 8, "eager: tangents": 6, "eager: grad on": 0, "eager: fallback": 0}
-    assert whole.calls["compiled"] == 2 and whole.calls["eager: fallback"] == 0
+    # per step: guidance through trunk + v-head (3 blocks), the r = t rows through trunk + u-head (3) and the v-head
+    # (1) compiled; forward AD through trunk + u-head (3) eager
+    assert blocks.calls == {"compiled": 14, "eager: tangents": 6, "eager: grad on": 0, "eager: fallback": 0}
 
 
 def test_compiled_block_matches_eager_forward_and_backward():
@@ -124,7 +123,8 @@ def test_compiled_block_matches_eager_forward_and_backward():
 def test_lean_contract_holds_with_compiled_regions(monkeypatch):
     """tests/test_objective.py::test_lean_matches_reference (lean == reference: guided targets, metrics and
     gradients to 1e-10 / 1e-8 in float64, five objective variants) run again with every network compiled by
-    regions: the reference path's torch.func.jvp goes through the blocks eagerly, its guidance forward compiled."""
+    regions, the no-grad forward compiled whole too: the reference path's torch.func.jvp goes through the blocks
+    eagerly, its guidance forward compiled."""
     import test_objective as T
 
     made = []
@@ -132,7 +132,7 @@ def test_lean_contract_holds_with_compiled_regions(monkeypatch):
 
     def compiled_net(*a, **k):
         net = plain_net(*a, **k)
-        compile_regions(net)
+        compile_regions(net, whole_forward=True)
         made.append(net)
         return net
 
@@ -174,7 +174,8 @@ def test_tangent_passes_run_eagerly_plain_passes_compiled(monkeypatch, impl):
 def test_a_failing_region_warns_once_by_name_and_runs_eagerly(monkeypatch):
     """A region whose compiled call fails (a simulated lowering error): the lean step warns exactly once, naming
     the region ("Block.forward"), returns the eager step's numbers exactly, counts the fallback calls, and later
-    steps run eagerly without another warning. The no-grad forward region, which works, stays compiled."""
+    steps run eagerly without another warning. The no-grad forward region (whole_forward), which works, stays
+    compiled."""
     def compile_failing_blocks(fn, **kwargs):
         def run(*a, **k):
             if getattr(fn, "__qualname__", "") == "Block.forward":
@@ -185,13 +186,13 @@ def test_a_failing_region_warns_once_by_name_and_runs_eagerly(monkeypatch):
     monkeypatch.setattr(torch, "compile", compile_failing_blocks)
     net, x, y = _tiny()
     fast = copy.deepcopy(net)
+    compile_regions(fast, whole_forward=True)
     cfg = ObjectiveConfig(impl="lean")
-    loss_fn = maybe_compile(pmf_loss, True)
     for seed, n_warnings in ((0, 1), (1, 0)):
         d = sample_draws(x, y, cfg, generator=torch.Generator().manual_seed(seed))
         with warnings.catch_warnings(record=True) as w:
             warnings.simplefilter("always")
-            m_c, g_c = _step(fast, loss_fn, x, y, cfg, d)
+            m_c, g_c = _step(fast, pmf_loss, x, y, cfg, d)
         caught = _torch_compile_warnings(w)
         assert len(caught) == n_warnings
         if n_warnings:
@@ -237,7 +238,7 @@ def test_state_dict_keys_unchanged_and_round_trip(monkeypatch):
     net, x, _ = _tiny()
     keys = list(net.state_dict())
     fast = copy.deepcopy(net)
-    compile_regions(fast)
+    compile_regions(fast, whole_forward=True)
     assert list(fast.state_dict()) == keys and list(fast.parameters()) != []
     assert [n for n, _ in fast.named_parameters()] == [n for n, _ in net.named_parameters()]
 
@@ -252,7 +253,7 @@ def test_state_dict_keys_unchanged_and_round_trip(monkeypatch):
         for a, b in zip(eager(*args), fast(*args)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         fresh = build_model("pMF-tiny")
-        compile_regions(fresh)
+        compile_regions(fresh, whole_forward=True)
         fresh.load_state_dict(eager.state_dict(), strict=True)  # eager -> compiled
         for a, b in zip(fresh(*args), eager(*args)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -275,8 +276,8 @@ def test_state_dict_keys_unchanged_and_round_trip(monkeypatch):
 
 def test_maybe_compile_of_a_loss_compiles_regions_not_the_loss(monkeypatch):
     """``train.compile``'s wrapper (maybe_compile(pmf_loss)) never runs the loss compiled whole: called with the
-    network first, it installs the network's regions once (blocks and the no-grad forward) and runs the loss
-    eagerly; called with a tensor first it keeps the whole-function compile."""
+    network first, it installs the network's block region once (on every block) and runs the loss eagerly; called
+    with a tensor first it keeps the whole-function compile."""
     compiled = []
     monkeypatch.setattr(torch, "compile", _passthrough_compile(compiled))
     net, x, y = _tiny()
@@ -285,10 +286,10 @@ def test_maybe_compile_of_a_loss_compiles_regions_not_the_loss(monkeypatch):
     for seed in (0, 1):
         loss_fn(net, x, y, cfg, torch.Generator().manual_seed(seed))
     assert pmf_loss not in compiled
-    assert sorted(r.name for r in compiled_regions(net)) == ["Block.forward", "PMFDiT.forward (no grad)"]
+    assert [r.name for r in compiled_regions(net)] == ["Block.forward"]
     g = maybe_compile(torch.sin, True)
     torch.testing.assert_close(g(x), torch.sin(x))
-    assert compiled[-1] is torch.sin and speed.compiled_regions(net)[0].installed_on == 1
+    assert compiled[-1] is torch.sin and speed.compiled_regions(net)[0].installed_on == 4  # installed once
 
 
 def test_activation_checkpointing_recomputes_through_regions(monkeypatch):

@@ -1,7 +1,16 @@
-"""Optional speed switches for a training or sampling step: ``torch.compile`` with an eager fallback, and bf16
-autocast.
+"""Optional speed switches for a training or sampling step: ``torch.compile`` (by regions for training, with a loud
+eager fallback per region), and bf16 autocast.
 
-Both are opt-in and change no default. Measured numbers (CPU) are in ``benchmarks/README.md``.
+Both are opt-in. Measured numbers (CPU) are in ``benchmarks/README.md``.
+
+Compile by regions
+------------------
+``train.compile`` wraps the loss with :func:`maybe_compile`, which compiles the *network* by regions
+(:func:`compile_regions`) and runs the loss eagerly: the repeated transformer blocks are compiled for every call
+without forward-mode tangents (the guidance pass, the r = t rows, the v-head, checkpoint recomputation); the
+forward-AD pass runs the same blocks eagerly. Compiled code has no
+forward-mode rule, and Dynamo cannot trace ``make_dual`` under symbolic shapes or an autograd.Function with a custom
+``jvp`` while grad is on, so compiling the loss whole paid the compile time and then ran eagerly.
 
 bf16 and the JVP
 ----------------
@@ -305,8 +314,7 @@ def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
       keys up to the ``_orig_mod.`` prefix).
     - A function comes back as a wrapper: called with a module first (a loss ``loss(net, ...)``, what
       ``train.compile`` wraps) it runs eagerly with that module's regions compiled (:func:`compile_regions`: the
-      repeated blocks on the passes without tangents, the no-grad forward whole); called otherwise it runs compiled
-      whole.
+      repeated blocks, on the passes without tangents); called otherwise it runs compiled whole.
 
     Whole compiles fall back to eager execution for good if ``torch.compile`` itself or a compiled call raises (one
     RuntimeWarning says why; the failed call is re-run eagerly with its random state rewound); regions do the same,
@@ -329,7 +337,7 @@ def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Regional compile: the repeated blocks on the passes without tangents, the whole forward without gradient
+# Regional compile: the repeated blocks on the passes without tangents (optionally the whole no-grad forward)
 
 
 def carries_tangent(*values) -> bool:
@@ -441,7 +449,15 @@ def _install(region: CompiledRegion, module: nn.Module) -> None:
     region.installed_on += 1
 
 
-def compile_regions(net: nn.Module, whole_forward: bool = True, **compile_kwargs) -> list[CompiledRegion]:
+def _fsdp_sharded(net: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in net.modules())
+
+
+def compile_regions(net: nn.Module, whole_forward: bool = False, **compile_kwargs) -> list[CompiledRegion]:
     """Compile ``net`` by regions, in place, and return the regions (:class:`CompiledRegion`):
 
     - every entry of every ``nn.ModuleList`` in ``net`` (the repeated transformer blocks), one region per class,
@@ -449,7 +465,12 @@ def compile_regions(net: nn.Module, whole_forward: bool = True, **compile_kwargs
       flow matching, sampling. The forward-AD pass runs the same blocks eagerly.
     - with ``whole_forward``, ``net``'s own ``forward`` (embeddings, blocks, final layers, x -> u) compiled whole for
       calls without gradient (the guidance pass under inference mode, sampling grids), all of its inputs dynamic in
-      the batch dimension.
+      the batch dimension. Off by default (and in ``train.compile``): on the CPU it bought nothing over the compiled
+      blocks (0.85-1.09x of their step time) for 10-45 % more compile time (benchmarks/README.md).
+
+    Under FSDP2 (blocks that are ``FSDPModule``) only the blocks are compiled: their all-gather / reshard hooks run
+    eagerly around the compiled forward (the per-block pattern FSDP2 is built for), while a compiled whole forward
+    would have to trace those hooks. Not measured here (no multi-GPU run yet).
 
     The model is not edited: only instance attributes are added (the blocks' RMSNorm, RoPE, SwiGLU and gates fuse
     inside the compiled block). Parameters, buffers and state-dict keys stay the same, so checkpoints load into eager
@@ -465,7 +486,7 @@ def compile_regions(net: nn.Module, whole_forward: bool = True, **compile_kwargs
                 by_class[cls] = CompiledRegion(cls, f"{cls.__qualname__}.forward", 1, **compile_kwargs)
             _install(by_class[cls], block)
     regions = list(by_class.values())
-    if whole_forward:
+    if whole_forward and not _fsdp_sharded(net):
         cls = type(net)
         n_args = len([p for p in inspect.signature(cls.forward).parameters.values()
                       if p.default is inspect.Parameter.empty]) - 1  # positional inputs, all batched
