@@ -56,6 +56,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -434,7 +435,9 @@ def compile_comparison(args, device) -> dict:
         return {}
     # Compile time, each variant in a fresh process with a fresh inductor cache: in this process the second variant
     # would reuse the block graphs the first compiled (Dynamo caches per code object).
-    child = {n: compile_time_child(args, n) for n in nets if n != "eager"}
+    child = {n: compile_time_child(args, n) if not args.no_compile_time else {"compile_s": float("nan"),
+                                                                                "compile_cpu_s": float("nan")}
+             for n in nets if n != "eager"}
     compile_s = {n: c["compile_s"] for n, c in child.items()}
     compile_cpu_s = {n: c["compile_cpu_s"] for n, c in child.items()}
     metrics = {n: {k: float(v) for k, v in steps[n](0).items()} for n in nets}  # (and this process's compiles)
@@ -455,12 +458,13 @@ def compile_comparison(args, device) -> dict:
         r_w, r_c = med[n] / med["eager"], med_cpu[n] / med_cpu["eager"]
         saved = (med_cpu["eager"] - med_cpu[n]) if on_cpu else (med["eager"] - med[n])
         cost = compile_cpu_s.get(n, 0.0) if on_cpu else compile_s.get(n, 0.0)
-        even = "" if n == "eager" else f"{cost / saved:.0f}" if saved > 0 else "never"
-        comp = f"{compile_s[n]:.1f}" if n != "eager" else ""
-        comp_cpu = f"{compile_cpu_s[n]:.1f}" if n != "eager" else ""
+        even = "" if n == "eager" or math.isnan(cost) else f"{cost / saved:.0f}" if saved > 0 else "never"
+        comp = f"{compile_s[n]:.1f}" if n != "eager" and not args.no_compile_time else ""
+        comp_cpu = f"{compile_cpu_s[n]:.1f}" if n != "eager" and not args.no_compile_time else ""
         print(f"{n:14s}{med[n] * 1e3:9.1f}{r_w:9.2f}{med_cpu[n] * 1e3:9.1f}{r_c:9.2f}{comp:>11s}{comp_cpu:>9s}"
               f"{even:>18s}  {metrics[n]['loss_u']:.6g}")
-        result.setdefault("break_even_steps", {})[n] = cost / saved if n != "eager" and saved > 0 else None
+        result.setdefault("break_even_steps", {})[n] = cost / saved if n != "eager" and saved > 0 and \
+            not math.isnan(cost) else None
         result["median_wall_ms"][n], result["median_cpu_ms"][n] = med[n] * 1e3, med_cpu[n] * 1e3
         result["ratio_wall"][n], result["ratio_cpu"][n] = r_w, r_c
     print("what ran compiled (calls over all steps above):")
@@ -497,6 +501,8 @@ def main() -> int:
                    help="--compile-regions: model constructor overrides, e.g. hidden_size=768 num_heads=12")
     p.add_argument("--warm-cache", action="store_true",
                    help="--compile-regions: keep the inductor cache (default: a fresh one, a first run's compile)")
+    p.add_argument("--no-compile-time", action="store_true",
+                   help="--compile-regions: skip the fresh-process compile-time measurements")
     p.add_argument("--compile-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--memory-child", default="", help=argparse.SUPPRESS)

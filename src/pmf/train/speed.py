@@ -465,8 +465,8 @@ def compile_regions(net: nn.Module, whole_forward: bool = False, **compile_kwarg
       flow matching, sampling. The forward-AD pass runs the same blocks eagerly.
     - with ``whole_forward``, ``net``'s own ``forward`` (embeddings, blocks, final layers, x -> u) compiled whole for
       calls without gradient (the guidance pass under inference mode, sampling grids), all of its inputs dynamic in
-      the batch dimension. Off by default (and in ``train.compile``): on the CPU it bought nothing over the compiled
-      blocks (0.85-1.09x of their step time) for 10-45 % more compile time (benchmarks/README.md).
+      the batch dimension. Off by default (and in ``train.compile``): on the CPU it gave no consistent gain over the
+      compiled blocks (0.83-1.13x their step time in four runs) for 15-45 % more compile time (benchmarks/README.md).
 
     Under FSDP2 (blocks that are ``FSDPModule``) only the blocks are compiled: their all-gather / reshard hooks run
     eagerly around the compiled forward (the per-block pattern FSDP2 is built for), while a compiled whole forward
