@@ -4,6 +4,8 @@
                               [--threads N] [--sample-batch N] [--profile] [--breakdown] [--bf16] [--compile]
                               [--no-optimizer | --optimizer-only] [--json OUT]
     python benchmarks/step.py --fsdp 2 [--model ...] [--batch B per process] [--iters N] [--threads T per process]
+    python benchmarks/step.py --compile-regions [--preset fmnist-demo] [--model-kw hidden_size=768 ...]
+                              [--threads N] [--batch N] [--iters N] [--warm-cache] [--json OUT]
 
 Configurations, each forward + backward of the loss only (no optimizer step, gradients set to None before each),
 on the same batch and the same random draws per iteration:
@@ -43,6 +45,12 @@ AMX it is the faster one.
 (``pmf.train.fsdp.shard_model``) in N gloo processes, round-robin in every process (the unsharded steps of the N
 processes run side by side, so both kinds see the same load), batch ``--batch`` per process; ratios sharded /
 unsharded and c/a, b/a in each kind.
+--compile-regions: what ``train.compile`` does (``speed.compile_regions``: the blocks compiled on the passes without
+tangents, the no-grad forward compiled whole, the forward-AD pass eager) against the eager step, in the same run,
+round-robin: the lean training step (the preset's objective, e.g. ``--preset fmnist-demo``: XS/7-28, 75 % r = t)
+eager, compiled by regions, and compiled by blocks only; plus the compile time (first compiled step minus an eager
+step; a fresh inductor cache unless --warm-cache, so it is what a first run pays), the break-even step count, and
+each region's call counts (what actually ran compiled, what ran eagerly and why). Only this comparison runs.
 
 --breakdown times the lean step's named parts (guidance, the forward-AD pass, ...); --profile prints the top 15 ops
 of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
@@ -53,6 +61,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import platform
 import statistics
@@ -64,7 +73,7 @@ import warnings
 import torch
 
 from pmf.model import Attention, build_model
-from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.objective import ObjectiveConfig, PerSampleGenerator, conditional_velocity, noisy_image, pmf_loss
 from pmf.sampler import sample
 from pmf.train.optim import OptimConfig, build_optimizer
 from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype, maybe_compile
@@ -85,11 +94,12 @@ def set_backend(net, backend: str) -> None:
             m.backend = backend
 
 
-def make_net_and_batch(model: str, batch: int, device):
-    """The registered model with every parameter perturbed by N(0, 0.02^2) (zero-init gates and final layers would
-    make every head output 0), a random batch in [-1, 1] and labels; all from fixed seeds."""
+def make_net_and_batch(model: str, batch: int, device, **overrides):
+    """The registered model (constructor ``overrides`` applied) with every parameter perturbed by N(0, 0.02^2)
+    (zero-init gates and final layers would make every head output 0), a random batch in [-1, 1] and labels; all
+    from fixed seeds."""
     torch.manual_seed(0)
-    net = build_model(model).to(device)
+    net = build_model(model, **overrides).to(device)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in net.parameters():
@@ -432,6 +442,132 @@ def print_fsdp(res: dict, args) -> None:
         f"{k} {m['c 1p'][k]:.6g} / {m['c fsdp'][k]:.6g}" for k in m["c 1p"]))
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# --compile-regions: eager against train.compile's compiled regions, in the same run
+
+
+def _parse_kw(items) -> dict:
+    """["hidden_size=768", "num_heads=12"] -> {"hidden_size": 768, "num_heads": 12} (ints, floats, else strings)."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        for cast in (int, float, str):
+            try:
+                out[key] = cast(value)
+                break
+            except ValueError:
+                continue
+    return out
+
+
+def compile_time_child(args, variant: str) -> dict:
+    """Seconds the first step of ``variant`` spends compiling, measured in a fresh process (fresh inductor cache
+    unless --warm-cache): its first step minus its second, wall ("compile_s") and CPU seconds of the process and its
+    C++ compiler children ("compile_cpu_s", with one compile thread: the cost on an idle core, whatever the load)."""
+    cmd = [sys.executable, __file__, "--compile-regions", "--compile-child", variant, "--batch", str(args.batch),
+           "--device", args.device, "--threads", str(args.threads), "--model", args.model]
+    cmd += (["--preset", args.preset] if args.preset else []) + (["--model-kw", *args.model_kw] if args.model_kw
+                                                                else []) + (["--warm-cache"] if args.warm_cache else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def compile_comparison(args, device) -> dict:
+    """Eager vs regional compile (``train.compile``) of the lean training step, same run, round-robin; see the
+    module docstring (--compile-regions)."""
+    import tempfile
+
+    from pmf.train.config import load_config
+    from pmf.train.speed import compile_regions, compiled_regions
+
+    if not args.warm_cache:  # a cold inductor cache: the compile time a first run pays
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pmf-inductor-")
+    if args.compile_child:  # compile in this process (C++ builds as waited-for children): CPU seconds add up
+        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    cfg = load_config(args.preset) if args.preset else None
+    model = cfg.model.name if cfg is not None else args.model
+    objective = cfg.objective if cfg is not None else ObjectiveConfig()
+    overrides = _parse_kw(args.model_kw)
+    net, x, y = make_net_and_batch(model, args.batch, device, **overrides)
+    nets = {"eager": net, "blocks": copy.deepcopy(net), "blocks+forward": copy.deepcopy(net)}
+    compile_regions(nets["blocks"])  # what train.compile runs
+    compile_regions(nets["blocks+forward"], whole_forward=True)  # and the no-grad forward compiled whole
+    n_params = sum(p.numel() for p in net.parameters())
+    if not args.compile_child:
+        print(f"{model}{' ' + str(overrides) if overrides else ''}  batch {args.batch}  {n_params / 1e6:.2f}M params  "
+              f"device {device}  threads {torch.get_num_threads()}  torch {torch.__version__}  objective: "
+              f"{args.preset or 'ObjectiveConfig()'} (impl {objective.impl}, r = t fraction "
+              f"{objective.data_proportion})  load average {os.getloadavg()[0]:.1f}")
+
+    def make(n):
+        def step(i):
+            m = nets[n]
+            m.zero_grad(set_to_none=True)
+            seeds = range(1000 * i, 1000 * i + x.shape[0])  # per-sample host draws, as in the training loop
+            loss, metrics = pmf_loss(m, x, y, objective, PerSampleGenerator(seeds, device=device))
+            loss.backward()
+            sync(device)
+            return metrics
+        return step
+
+    steps = {n: make(n) for n in nets}
+    if args.compile_child:  # a fresh process: the first compiled step of one variant, minus its second step
+        import resource
+
+        def cpu_now():  # this process and its finished children (the C++ compiler runs): CPU seconds
+            return time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime \
+                + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+
+        walls, cpus = [], []
+        for i in range(2):
+            t0, c0 = time.perf_counter(), cpu_now()
+            steps[args.compile_child](i)
+            walls.append(time.perf_counter() - t0)
+            cpus.append(cpu_now() - c0)
+        print(json.dumps({"compile_s": walls[0] - walls[1], "compile_cpu_s": cpus[0] - cpus[1]}))
+        return {}
+    # Compile time, each variant in a fresh process with a fresh inductor cache: in this process the second variant
+    # would reuse the block graphs the first compiled (Dynamo caches per code object).
+    child = {n: compile_time_child(args, n) if not args.no_compile_time else {"compile_s": float("nan"),
+                                                                                "compile_cpu_s": float("nan")}
+             for n in nets if n != "eager"}
+    compile_s = {n: c["compile_s"] for n, c in child.items()}
+    compile_cpu_s = {n: c["compile_cpu_s"] for n, c in child.items()}
+    metrics = {n: {k: float(v) for k, v in steps[n](0).items()} for n in nets}  # (and this process's compiles)
+    wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
+    med = {n: statistics.median(wall[n]) for n in nets}
+    med_cpu = {n: statistics.median(cpu[n]) for n in nets}
+    print(f"lean step, forward + backward; medians of {args.iters} round-robin iterations after {args.warmup} warm-up")
+    # Break-even: compile CPU seconds over the CPU time a step saves (on a shared machine both wall numbers include
+    # time spent descheduled; with --threads 1 the CPU numbers are the uncontended ones). On CUDA: wall.
+    on_cpu = device.type == "cpu"
+    print(f"{'':14s}{'wall ms':>9s}{'x eager':>9s}{'cpu ms':>9s}{'x eager':>9s}{'compile s':>11s}{'(cpu s)':>9s}"
+          f"{'break-even steps':>18s}  loss_u (first step)")
+    result = {"model": model, "overrides": overrides, "preset": args.preset, "batch": args.batch,
+              "threads": torch.get_num_threads(), "torch": torch.__version__, "params": n_params,
+              "cold_inductor_cache": not args.warm_cache, "load_average": os.getloadavg()[0], "median_wall_ms": {}, "median_cpu_ms": {},
+              "ratio_wall": {}, "ratio_cpu": {}, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_metrics": metrics, "regions": {}}
+    for n in nets:
+        r_w, r_c = med[n] / med["eager"], med_cpu[n] / med_cpu["eager"]
+        saved = (med_cpu["eager"] - med_cpu[n]) if on_cpu else (med["eager"] - med[n])
+        cost = compile_cpu_s.get(n, 0.0) if on_cpu else compile_s.get(n, 0.0)
+        even = "" if n == "eager" or math.isnan(cost) else f"{cost / saved:.0f}" if saved > 0 else "never"
+        comp = f"{compile_s[n]:.1f}" if n != "eager" and not args.no_compile_time else ""
+        comp_cpu = f"{compile_cpu_s[n]:.1f}" if n != "eager" and not args.no_compile_time else ""
+        print(f"{n:14s}{med[n] * 1e3:9.1f}{r_w:9.2f}{med_cpu[n] * 1e3:9.1f}{r_c:9.2f}{comp:>11s}{comp_cpu:>9s}"
+              f"{even:>18s}  {metrics[n]['loss_u']:.6g}")
+        result.setdefault("break_even_steps", {})[n] = cost / saved if n != "eager" and saved > 0 and \
+            not math.isnan(cost) else None
+        result["median_wall_ms"][n], result["median_cpu_ms"][n] = med[n] * 1e3, med_cpu[n] * 1e3
+        result["ratio_wall"][n], result["ratio_cpu"][n] = r_w, r_c
+    print("what ran compiled (calls over all steps above):")
+    for n in ("blocks", "blocks+forward"):
+        for r in compiled_regions(nets[n]):
+            print(f"  {n:12s} {r.summary()}")
+            result["regions"].setdefault(n, {})[r.name] = {"state": r.state, "calls": dict(r.calls)}
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="pMF-T/7-28")
@@ -451,6 +587,16 @@ def main() -> int:
     p.add_argument("--sampling-only", action="store_true", help="only the sampling throughput")
     p.add_argument("--no-optimizer", action="store_true", help="skip the optimizer step (bf16 vs fp32 Newton-Schulz)")
     p.add_argument("--optimizer-only", action="store_true", help="only the optimizer step (bf16 vs fp32 Newton-Schulz)")
+    p.add_argument("--compile-regions", action="store_true",
+                   help="only: eager vs regional compile (train.compile) of the lean step, with compile time")
+    p.add_argument("--preset", default="", help="--compile-regions: take the model and objective from this preset")
+    p.add_argument("--model-kw", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="--compile-regions: model constructor overrides, e.g. hidden_size=768 num_heads=12")
+    p.add_argument("--warm-cache", action="store_true",
+                   help="--compile-regions: keep the inductor cache (default: a fresh one, a first run's compile)")
+    p.add_argument("--no-compile-time", action="store_true",
+                   help="--compile-regions: skip the fresh-process compile-time measurements")
+    p.add_argument("--compile-child", default="", help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--fsdp", type=int, default=0, metavar="N",
                    help="only the FSDP2 comparison: a, b, c sharded over N gloo processes vs unsharded (CPU)")
@@ -474,6 +620,13 @@ def main() -> int:
             with open(args.json, "w") as f:
                 json.dump({"model": args.model, "batch": args.batch, "torch": torch.__version__, "fsdp": res}, f,
                           indent=1)
+        return 0
+
+    if args.compile_regions:
+        result = compile_comparison(args, device)
+        if args.json and not args.compile_child:
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
         return 0
 
     names = ["a", "b", "b'", "c"] + (["c16"] if args.bf16 else []) + (["cC"] if args.compile else [])

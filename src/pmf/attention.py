@@ -107,8 +107,14 @@ class _JvpSDPA(torch.autograd.Function):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str = "jvp_sdpa") -> torch.Tensor:
-    """Multi-head softmax attention, no mask, no dropout. q, k, v: (B, H, L, d) -> (B, H, L, d)."""
+    """Multi-head softmax attention, no mask, no dropout. q, k, v: (B, H, L, d) -> (B, H, L, d).
+
+    Under ``torch.compile`` "jvp_sdpa" traces as the plain fused kernel, its own primal: Dynamo cannot trace an
+    autograd.Function with a custom ``jvp`` (a graph break), and compiled code carries no forward-mode tangents
+    anyway (:func:`pmf.train.speed.compile_regions` runs the passes with tangents eagerly)."""
     if backend == "jvp_sdpa":
+        if torch.compiler.is_compiling():  # traced by torch.compile: see the note below
+            return F.scaled_dot_product_attention(q, k, v)
         return _JvpSDPA.apply(q, k, v)[0]
     if backend == "math":
         return math_attention(q, k, v)

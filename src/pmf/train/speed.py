@@ -1,7 +1,16 @@
-"""Optional speed switches for a training or sampling step: ``torch.compile`` with an eager fallback, and bf16
-autocast.
+"""Optional speed switches for a training or sampling step: ``torch.compile`` (by regions for training, with a loud
+eager fallback per region), and bf16 autocast.
 
-Both are opt-in and change no default. Measured numbers (CPU) are in ``benchmarks/README.md``.
+Both are opt-in. Measured numbers (CPU) are in ``benchmarks/README.md``.
+
+Compile by regions
+------------------
+``train.compile`` wraps the loss with :func:`maybe_compile`, which compiles the *network* by regions
+(:func:`compile_regions`) and runs the loss eagerly: the repeated transformer blocks are compiled for every call
+without forward-mode tangents (the guidance pass, the r = t rows, the v-head, checkpoint recomputation); the
+forward-AD pass runs the same blocks eagerly. Compiled code has no
+forward-mode rule, and Dynamo cannot trace ``make_dual`` under symbolic shapes or an autograd.Function with a custom
+``jvp`` while grad is on, so compiling the loss whole paid the compile time and then ran eagerly.
 
 bf16 and the JVP
 ----------------
@@ -31,10 +40,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import time
 import warnings
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
 PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -198,6 +209,13 @@ class _RngSnapshot:
             torch.cuda.set_rng_state_all(self.cuda)
 
 
+def _is_control_flow(e: BaseException) -> bool:
+    """An exception that is not an error: activation checkpointing's early stop of a recomputation
+    (``torch.utils.checkpoint``'s ``_StopRecomputationError``, raised through the recomputed forward once it has
+    rebuilt what the backward needs)."""
+    return type(e).__name__ == "_StopRecomputationError"
+
+
 class _EagerFallback:
     """Call ``compiled``; the first time it raises, warn once and run ``eager`` from then on, this call included.
 
@@ -207,22 +225,23 @@ class _EagerFallback:
     Note that inductor compiles the backward graph lazily, at the first ``backward``; an error there is raised by
     ``backward`` itself, outside this guard."""
 
-    def __init__(self, compiled, eager, name: str):
-        self.compiled, self.eager, self.name = compiled, eager, name
+    def __init__(self, compiled, eager, name: str, replay_rng: bool = True):
+        self.compiled, self.eager, self.name, self.replay_rng = compiled, eager, name, replay_rng
         self.state = "untried"  # -> "compiled" after a successful call, "eager" after a failure
         functools.update_wrapper(self, eager, updated=())
 
     def __call__(self, *args, **kwargs):
         if self.state == "eager":
             return self.eager(*args, **kwargs)
-        rng = _RngSnapshot(_generators(args, kwargs))
+        rng = _RngSnapshot(_generators(args, kwargs)) if self.replay_rng else None
         try:
             out = self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001  (any compiler failure: fall back, say why; real errors recur eagerly)
-            if is_out_of_memory(e):  # not a compiler failure: eager would run out of memory too
+            if is_out_of_memory(e) or _is_control_flow(e):  # not compiler failures: re-raise
                 raise
             self._fall_back(e)
-            rng.restore()
+            if rng is not None:
+                rng.restore()
             return self.eager(*args, **kwargs)
         self.state = "compiled"
         return out
@@ -267,12 +286,39 @@ class CompiledModule(_Wrapper):
         return self._call(*args, **kwargs)
 
 
+class _FunctionCompile(_EagerFallback):
+    """:func:`maybe_compile` of a function. A call whose first argument is a module (a loss, ``loss(net, x, ...)``)
+    runs the function eagerly with the module's regions compiled (:func:`compile_regions`, installed at the first
+    such call); any other call runs the whole function compiled, with the eager fallback of :class:`_EagerFallback`.
+
+    Why not the whole loss: pMF's loss holds a forward-mode pass (``make_dual`` / ``torch.func.jvp``) that Dynamo
+    cannot compile (make_dual under symbolic shapes; an autograd.Function with a custom ``jvp`` while grad is on), so
+    compiling it whole paid the compile time and then ran eagerly."""
+
+    def __init__(self, compiled, eager, name: str, compile_kwargs: dict):
+        super().__init__(compiled, eager, name)
+        self.compile_kwargs = compile_kwargs
+
+    def __call__(self, *args, **kwargs):
+        if args and isinstance(args[0], nn.Module):
+            if not compiled_regions(args[0]):
+                compile_regions(args[0], **self.compile_kwargs)
+            return self.eager(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+
 def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
-    """``torch.compile(fn_or_module, **compile_kwargs)`` when ``enabled``, falling back to eager execution for good
-    if ``torch.compile`` itself or a compiled call raises (one RuntimeWarning says why; the failed call is re-run
-    eagerly with its random state rewound). ``enabled=False`` returns the
-    argument unchanged. A module comes back as a :class:`CompiledModule` (same parameters, same state-dict keys up to
-    the ``_orig_mod.`` prefix); a function as a callable wrapper."""
+    """``torch.compile`` when ``enabled``; ``enabled=False`` returns the argument unchanged.
+
+    - A module comes back as a :class:`CompiledModule` (its ``forward`` compiled; same parameters, same state-dict
+      keys up to the ``_orig_mod.`` prefix).
+    - A function comes back as a wrapper: called with a module first (a loss ``loss(net, ...)``, what
+      ``train.compile`` wraps) it runs eagerly with that module's regions compiled (:func:`compile_regions`: the
+      repeated blocks, on the passes without tangents); called otherwise it runs compiled whole.
+
+    Whole compiles fall back to eager execution for good if ``torch.compile`` itself or a compiled call raises (one
+    RuntimeWarning says why; the failed call is re-run eagerly with its random state rewound); regions do the same,
+    per region (:class:`CompiledRegion`)."""
     if not enabled:
         return fn_or_module
     is_module = isinstance(fn_or_module, nn.Module)
@@ -280,11 +326,182 @@ def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
     try:
         compiled = torch.compile(fn_or_module, **compile_kwargs)
     except Exception as e:  # noqa: BLE001
-        guard = _EagerFallback(None, fn_or_module, name)
-        guard._fall_back(e)
+        compiled, error = None, e
     else:
-        guard = _EagerFallback(compiled, fn_or_module, name)
+        error = None
+    guard = _EagerFallback(compiled, fn_or_module, name) if is_module else \
+        _FunctionCompile(compiled, fn_or_module, name, compile_kwargs)
+    if error is not None:
+        guard._fall_back(error)
     return CompiledModule(fn_or_module, guard) if is_module else guard
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regional compile: the repeated blocks on the passes without tangents (optionally the whole no-grad forward)
+
+
+def carries_tangent(*values) -> bool:
+    """Whether a tensor among ``values`` carries a forward-mode tangent: a dual tensor of
+    ``torch.autograd.forward_ad`` (the lean objective's JVP) or a tensor wrapped by a ``torch.func`` transform
+    (``torch.func.jvp`` of the reference objective; also vmap / grad). Compiled code cannot take those: a compiled
+    block called on a dual input raises "You must implement the jvp function" (inductor's graph has no forward-AD
+    rule; measured with torch 2.13)."""
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(isinstance(a, torch.Tensor) and (is_wrapped(a) or fwAD.unpack_dual(a).tangent is not None)
+               for a in values)
+
+
+class CompiledRegion:
+    """``torch.compile`` of one module class's ``forward``, installed on instances by :func:`compile_regions` and
+    shared by all of them: the compiled code takes the module's parameters as inputs (Dynamo inlines built-in
+    modules), so one compile serves every block of the class. A call runs
+
+    - **compiled** when no argument carries a tangent (:func:`carries_tangent`) and, for a region compiled only
+      without gradient (``grad_off_only``), gradients are off;
+    - **eagerly, by design**, on arguments with a tangent (the forward-AD pass), or with gradients on for a
+      ``grad_off_only`` region (its blocks are regions of their own);
+    - **eagerly, for good, after a failure**: the first compiled call that raises (compile, lowering, C++ build, an
+      eager backward compile, a graph break under ``fullgraph``, the recompile limit) warns once, naming the region,
+      and every later call runs eagerly;
+    - traced as plain code when an enclosing compiled function calls it (no compile inside a compile).
+
+    ``calls`` counts the first three kinds, so a benchmark or a log shows what actually ran compiled (:meth:`summary`).
+    The compile is strict so that nothing falls back silently: ``fullgraph=True`` (a graph break is an error, not a
+    silent split into compiled pieces and eager ones), the backward compiled with the forward
+    (``force_non_lazy_backward_lowering``: a backward that fails to compile fails inside the guarded call, not later
+    in ``loss.backward()``), and hitting Dynamo's recompile limit raises instead of running eagerly without a word.
+    The first ``batch_args`` positional tensors are marked dynamic in dim 0 (``maybe_mark_dynamic``): the lean
+    objective calls the blocks on row subsets of varying size, and one dynamic graph beats a recompile per size."""
+
+    def __init__(self, cls: type, name: str, batch_args: int = 1, grad_off_only: bool = False, **compile_kwargs):
+        self.cls, self.name, self.batch_args, self.grad_off_only = cls, name, batch_args, grad_off_only
+        self.calls = {"compiled": 0, "eager: tangents": 0, "eager: grad on": 0, "eager: fallback": 0}
+        self.installed_on = 0  # how many modules call it
+        compile_kwargs.setdefault("fullgraph", True)
+        try:
+            compiled = torch.compile(cls.forward, **compile_kwargs)
+        except Exception as e:  # noqa: BLE001
+            self.guard = _EagerFallback(None, cls.forward, name, replay_rng=False)
+            self.guard._fall_back(e)
+        else:
+            self.guard = _EagerFallback(functools.partial(self._strict_call, compiled), cls.forward, name,
+                                        replay_rng=False)
+
+    def _strict_call(self, compiled, module, *args, **kwargs):
+        import torch._dynamo
+        import torch._functorch.config
+
+        for a in args[: self.batch_args]:
+            if isinstance(a, torch.Tensor) and a.ndim > 0:
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), \
+                torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            return compiled(module, *args, **kwargs)
+
+    def __call__(self, module, *args, **kwargs):
+        eager = self.cls.forward
+        if torch.compiler.is_compiling():  # an enclosing compile traces through: plain code, no nested compile
+            return eager(module, *args, **kwargs)
+        if carries_tangent(*args, *kwargs.values()):
+            self.calls["eager: tangents"] += 1
+            return eager(module, *args, **kwargs)
+        if self.grad_off_only and torch.is_grad_enabled():
+            self.calls["eager: grad on"] += 1
+            return eager(module, *args, **kwargs)
+        out = self.guard(module, *args, **kwargs)
+        self.calls["compiled" if self.guard.state == "compiled" else "eager: fallback"] += 1
+        return out
+
+    def __deepcopy__(self, memo):
+        return self  # a deep copy of a module (an EMA copy) shares the compiled code; it holds no tensors
+
+    @property
+    def state(self) -> str:
+        """"untried", "compiled" or "eager" (after a failure)."""
+        return self.guard.state
+
+    def summary(self) -> str:
+        """One line: the region, on how many modules, its state and its call counts."""
+        counts = ", ".join(f"{k} {v}" for k, v in self.calls.items() if v)
+        return f"{self.name} (x{self.installed_on}): {self.state}; calls: {counts or 'none'}"
+
+
+def _region_of(module: nn.Module) -> CompiledRegion | None:
+    fwd = module.__dict__.get("forward")
+    return fwd.func if isinstance(fwd, functools.partial) and isinstance(fwd.func, CompiledRegion) else None
+
+
+def compiled_regions(net: nn.Module) -> list[CompiledRegion]:
+    """The :class:`CompiledRegion` objects installed in ``net`` (each once), in module order."""
+    found = []
+    for m in net.modules():
+        r = _region_of(m)
+        if r is not None and r not in found:
+            found.append(r)
+    return found
+
+
+def _install(region: CompiledRegion, module: nn.Module) -> None:
+    # An instance attribute shadows the class's forward; nn.Module.__call__ (and its hooks) run as before. Not a
+    # parameter, buffer or child module: the state dict and its keys do not change. A deep copy of the module gets
+    # a partial bound to the copy (the region itself is shared, see CompiledRegion.__deepcopy__).
+    object.__setattr__(module, "forward", functools.partial(region, module))
+    region.installed_on += 1
+
+
+def _fsdp_sharded(net: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in net.modules())
+
+
+def compile_regions(net: nn.Module, whole_forward: bool = False, **compile_kwargs) -> list[CompiledRegion]:
+    """Compile ``net`` by regions, in place, and return the regions (:class:`CompiledRegion`):
+
+    - every entry of every ``nn.ModuleList`` in ``net`` (the repeated transformer blocks), one region per class,
+      compiled for the calls without tangents: the guidance pass, the lean objective's r = t rows and its v-head,
+      flow matching, sampling. The forward-AD pass runs the same blocks eagerly.
+    - with ``whole_forward``, ``net``'s own ``forward`` (embeddings, blocks, final layers, x -> u) compiled whole for
+      calls without gradient (the guidance pass under inference mode, sampling grids), all of its inputs dynamic in
+      the batch dimension. Off by default (and in ``train.compile``): on the CPU it gave no consistent gain over the
+      compiled blocks (0.83-1.13x their step time in four runs) for 15-45 % more compile time (benchmarks/README.md).
+
+    Under FSDP2 (blocks that are ``FSDPModule``) only the blocks are compiled: their all-gather / reshard hooks run
+    eagerly around the compiled forward (the per-block pattern FSDP2 is built for), while a compiled whole forward
+    would have to trace those hooks. Not measured here (no multi-GPU run yet).
+
+    The model is not edited: only instance attributes are added (the blocks' RMSNorm, RoPE, SwiGLU and gates fuse
+    inside the compiled block). Parameters, buffers and state-dict keys stay the same, so checkpoints load into eager
+    models and back. :func:`remove_regions` undoes it. Compiling again returns the regions already there."""
+    found = compiled_regions(net)
+    if found:
+        return found
+    by_class: dict[type, CompiledRegion] = {}
+    for lst in [m for m in net.modules() if isinstance(m, nn.ModuleList)]:
+        for block in lst:
+            cls = type(block)
+            if cls not in by_class:
+                by_class[cls] = CompiledRegion(cls, f"{cls.__qualname__}.forward", 1, **compile_kwargs)
+            _install(by_class[cls], block)
+    regions = list(by_class.values())
+    if whole_forward and not _fsdp_sharded(net):
+        cls = type(net)
+        n_args = len([p for p in inspect.signature(cls.forward).parameters.values()
+                      if p.default is inspect.Parameter.empty]) - 1  # positional inputs, all batched
+        whole = CompiledRegion(cls, f"{cls.__qualname__}.forward (no grad)", n_args, grad_off_only=True,
+                               **compile_kwargs)
+        _install(whole, net)
+        regions.append(whole)
+    return regions
+
+
+def remove_regions(net: nn.Module) -> None:
+    """Undo :func:`compile_regions`: every module runs its class's ``forward`` again."""
+    for m in net.modules():
+        if _region_of(m) is not None:
+            del m.__dict__["forward"]
 
 
 class InferenceNet(_Wrapper):
