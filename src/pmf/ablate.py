@@ -48,7 +48,7 @@ class Arm:
     claim: str  # which claim's table and figure it belongs to
     overrides: tuple = ()  # `--set` overrides on the base preset
     seeds: tuple = (0, 1)
-    x: float | None = None  # the figure's x value (per-token dimension), when the claim plots against one
+    x: float | None = None  # the figure's x value (per-token dimension; learning rate of a sweep), if it has one
     group: str = ""  # a curve / bar group in the figure (e.g. "x" or "u")
     curve: bool = False  # also evaluate at 1/4 and 1/2 of the budget (FD against images seen)
     instantaneous_steps: int = 0  # also score the many-step instantaneous (flow-matching) sampler
@@ -72,7 +72,7 @@ def paper_suite() -> list[Arm]:
     for opt, lrs in sweeps:
         for lr in lrs:
             arms.append(Arm(f"c2-{opt}-lr{lr}", "2: Muon vs Adam", (f"optim.name={opt}", f"optim.lr={lr}"), (0,),
-                            group=opt, curve=True, sweep=opt))
+                            x=float(lr), group=opt, curve=True, sweep=opt))
     for region in ("full", "r_eq_t", "r_eq_0"):  # claim 3
         arms.append(Arm(f"c3-{region}", "3: (r, t) sampling region", (f"objective.time_region={region}",), (0, 1),
                         group=region, instantaneous_steps=32 if region == "r_eq_t" else 0))
@@ -327,15 +327,30 @@ def plot_claim(out: Path, claim: str, rows: list[dict]) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(5, 3.4))
+    curves = any(r["curve"] for r in rows)
+    fig = Figure(figsize=(9, 3.4) if curves else (5, 3.4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if any(r["curve"] for r in rows):
+    ax = fig.add_subplot(1, 2, 1) if curves else fig.add_subplot()
+    if curves:  # left: FD against images seen, best of each sweep; right: the sweeps (seed 0, full budget)
         for r in rows:
             if r["curve"] and r["arm"].endswith("-best"):
-                xs, ys = zip(*sorted(r["curve"]))
-                ax.plot(xs, ys, "o-", label=r["arm"])
+                by_kimg: dict[float, list[float]] = {}
+                for kimg, fd in r["curve"]:
+                    by_kimg.setdefault(kimg, []).append(fd)
+                xs = np.asarray(sorted(by_kimg))
+                m, lo, hi = (np.asarray([f(by_kimg[k]) for k in xs]) for f in (np.mean, min, max))
+                ax.errorbar(xs, m, yerr=[m - lo, hi - m], fmt="o-", capsize=3, label=r["arm"])
         ax.set_xlabel("kimg seen")
+        sweep = fig.add_subplot(1, 2, 2)
+        for group in dict.fromkeys(r["group"] for r in rows if r["x"] and not r["arm"].endswith("-best")):
+            pts = sorted((r["x"], r["fd_1step"][0]) for r in rows
+                         if r["group"] == group and r["x"] and not r["arm"].endswith("-best"))
+            sweep.plot(*zip(*pts), "o-", label=group)
+        sweep.set_xscale("log")
+        sweep.set_xlabel("learning rate")
+        sweep.set_ylabel("FD, 1 NFE, at the budget (seed 0)")
+        if sweep.get_legend_handles_labels()[0]:
+            sweep.legend(fontsize=7)
     elif all(r["x"] for r in rows):
         for group in dict.fromkeys(r["group"] for r in rows):
             pts = sorted((r["x"], np.mean(r["fd_1step"]), min(r["fd_1step"]), max(r["fd_1step"]))
