@@ -67,7 +67,7 @@ def paper_suite() -> list[Arm]:
             arms.append(Arm(f"c1-{pred}-p{p}", "1: x vs u prediction", _patch(p, pred), (0, 1, 2), x=p * p,
                             group=pred))
     # claim 2: each sweep brackets its best value (in shorter sweeps the best was the largest value for both)
-    sweeps = (("muon", ("2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2")),
+    sweeps = (("muon", ("2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2", "6.4e-2")),
               ("adam", ("1e-3", "2e-3", "4e-3", "8e-3", "1.6e-2", "3.2e-2")))
     for opt, lrs in sweeps:
         for lr in lrs:
