@@ -18,7 +18,7 @@ import torch
 # Atomic writes
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     """Persist the rename itself (POSIX). Not possible or needed on Windows."""
     if os.name == "nt":
         return
@@ -48,7 +48,7 @@ def atomic_path(path: str | os.PathLike):
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def atomic_save(obj, path: str | os.PathLike) -> None:

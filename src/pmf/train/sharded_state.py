@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from pmf.atomic import atomic_save, atomic_write_text
+from pmf.atomic import atomic_save, atomic_write_text, fsync_dir
 from pmf.train import dist
 
 KIND = "pmf-sharded-training-state"
@@ -109,19 +109,9 @@ def save_sharded_state(ckpt_dir: str | os.PathLike, step: int, tensors: dict[str
         os.replace(tmp, final)
         if aside.exists():
             shutil.rmtree(aside)
-        _fsync_dir(ckpt_dir)
+        fsync_dir(ckpt_dir)
     dist.barrier()
     return final
-
-
-def _fsync_dir(directory: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def is_sharded_state(path: str | os.PathLike) -> bool:
