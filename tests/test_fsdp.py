@@ -129,8 +129,6 @@ def _findings_worker(rank, port, out_dir):
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
 
 
-
-
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp_findings")
