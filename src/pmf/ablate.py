@@ -288,7 +288,7 @@ def arm_rows(arms: list[Arm], records: list[dict]) -> list[dict]:
         finals = [final(r) for r in recs]
         row = {"arm": arm.name, "claim": arm.claim, "group": arm.group, "x": arm.x, "seeds": len(recs),
                "overrides": " ".join(arm.overrides) or "(base)",
-               "minutes": sum(f.get("train_seconds", 0.0) for f in finals) / 60}
+               "minutes": sum(s.get("train_seconds", 0.0) for r in recs for s in r["stages"].values()) / 60}
         for key, _ in METRICS:
             vals = [f[key] * (100 if key.startswith("class_acc") else 1) for f in finals if key in f]
             row[key] = vals
@@ -308,7 +308,7 @@ def write_report(out: Path, suite: str, arms: list[Arm], records: list[dict], se
              ""]
     for claim in dict.fromkeys(r["claim"] for r in rows):
         lines += [f"## Claim {claim}", "", "| arm | overrides | seeds | " + " | ".join(t for _, t in METRICS) +
-                  " | many-step FD | train min |", "|---|---|---|" + "---|" * (len(METRICS) + 2)]
+                  " | many-step FD | train min (wall, all seeds) |", "|---|---|---|" + "---|" * (len(METRICS) + 2)]
         for r in (r for r in rows if r["claim"] == claim):
             lines.append(f"| {r['arm']} | `{r['overrides']}` | {r['seeds']} | " +
                          " | ".join(summarise(r[k]) for k, _ in METRICS) +
