@@ -90,7 +90,7 @@ SUITES = {"paper": paper_suite}
 
 @dataclass
 class SuiteSettings:
-    kimg: float = 60.0  # images per arm and seed, in thousands (the machine-independent budget)
+    kimg: float = 30.0  # images per arm and seed, in thousands (the machine-independent budget)
     eval_num: int = 10_000  # samples per evaluation (class-balanced)
     eval_steps: tuple = (1, 2)
     jobs: int = 1  # arms trained side by side, one thread each
@@ -374,13 +374,26 @@ def plot_claim(out: Path, claim: str, rows: list[dict]) -> Path:
     return path
 
 
-def dry_run(suite: str, settings: SuiteSettings, only: list[str] | None = None, imgs_per_s: float = 340.0) -> list:
-    """Every arm with its overrides and seeds, and the estimated CPU time at ``imgs_per_s`` per one-thread run
-    (340: the demo network at patch 7 or 14 on one thread of a 2-core AMD EPYC, 2026-12-03; patch 4 is slower)."""
+def tokens_of(arm: Arm, settings: SuiteSettings) -> int:
+    """Image tokens of the arm's network: (input size / patch size)^2 (the registry entry with the arm's overrides)."""
+    from pmf.model import MODELS
+
+    cfg = load_config(settings.base, None, run_overrides(arm, 0, settings))
+    kw = {**MODELS[cfg.model.name].kwargs, **cfg.model.overrides}
+    return (kw["input_size"] // kw["patch_size"]) ** 2
+
+
+def dry_run(suite: str, settings: SuiteSettings, only: list[str] | None = None, imgs_per_s: float = 340.0,
+            tokens_at_speed: int = 16) -> list:
+    """Every arm with its overrides and seeds, and the estimated CPU time of its training runs: ``imgs_per_s`` per
+    one-thread run for networks of up to ``tokens_at_speed`` tokens, proportionally slower above (340 img/s: the
+    demo network at patch 7, 16 tokens, on one thread of a 2-core AMD EPYC, 2026-12-03; patch 4, 49 tokens, ran at
+    about 100). Runs shared between arms are counted for each; evaluation is not included."""
     arms = [a for a in SUITES[suite]() if not only or a.name in only or a.claim.split(":")[0] in only]
     out = []
     for a in arms:
-        minutes = len(a.seeds) * settings.kimg * 1000 / imgs_per_s / 60
+        speed = imgs_per_s * min(1.0, tokens_at_speed / tokens_of(a, settings))
+        minutes = len(a.seeds) * settings.kimg * 1000 / speed / 60
         out.append({"arm": a.name, "claim": a.claim, "overrides": list(a.overrides), "seeds": list(a.seeds),
                     "est_cpu_minutes": round(minutes, 3), "skipped": missing_files(a, settings) or None})
     return out

@@ -524,7 +524,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="the paper's ablations, small: arms x seeds, a table and a figure per claim")
     a.add_argument("--suite", default="paper", help="declared list of arms (pmf.ablate.SUITES)")
     a.add_argument("--out", required=True, help="output directory (runs/, report.md, claim*.png, results.json)")
-    a.add_argument("--kimg", type=float, default=60.0, help="training images per run, in thousands")
+    a.add_argument("--kimg", type=float, default=30.0, help="training images per run, in thousands")
     a.add_argument("--eval-num", type=int, default=10_000, help="samples per evaluation")
     a.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
     a.add_argument("--only", nargs="+", help="arm names or claim numbers to run")
