@@ -124,6 +124,25 @@ def _findings_worker(rank, port, out_dir):
             results[name] = float((delta - delta_ref).norm() / delta_ref.norm())
         out["muon_update_rel_err"] = results
 
+        # 5. Newton-Schulz split over the ranks (partition): each rank orthogonalises its share of the gathered
+        #    matrices; the update equals the unpartitioned GatheredMuon's (the same arithmetic per matrix).
+        torch.manual_seed(8)
+        shapes = [(37, 24), (24, 37), (16, 16), (40, 24), (37, 24), (8, 48)]
+        ws, gs = [torch.randn(s) for s in shapes], [torch.randn(s) for s in shapes]
+        updated = {}
+        for partition in (False, True):
+            ps = [torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)])) for w in ws]
+            for p, g in zip(ps, gs):
+                p.grad = distribute_tensor(g.clone(), mesh, [Shard(0)])
+            opt = fsdp.GatheredMuon(ps, partition=partition, **kw)
+            counted, orthogonalize = [], opt.orthogonalize
+            opt.orthogonalize = lambda mats, group: counted.append(len(mats)) or orthogonalize(mats, group)
+            opt.step()
+            updated[partition] = [p.detach().full_tensor() for p in ps]
+            out[f"ns_matrices_partition_{partition}"] = sum(counted)
+        out["partitioned_vs_not_max_abs"] = max(float((a - b).abs().max()) for a, b in zip(*updated.values()))
+        out["partitioned_moved"] = min(float((a - w).abs().max()) for a, w in zip(updated[True], ws))
+
     finally:
         dist.shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
@@ -148,6 +167,18 @@ def test_torch_func_jvp_works_through_fully_shard(findings):
 def test_gathered_muon_equals_unsharded_muon(findings):
     for f in findings:
         assert f["muon_update_rel_err"]["gathered"] == 0.0, f["muon_update_rel_err"]
+
+
+def test_partitioned_newton_schulz_on_shards_equals_every_rank_doing_it_all(findings):
+    """GatheredMuon with the Newton-Schulz work split over 2 ranks gives the update of every rank orthogonalising
+    every matrix (6 matrices of 5 shapes, uneven shards), each matrix is orthogonalised on one rank only, and the
+    update is not zero."""
+    for f in findings:
+        assert f["partitioned_vs_not_max_abs"] == 0.0, f
+        assert f["partitioned_moved"] > 1e-4, f
+        assert f["ns_matrices_partition_False"] == 6  # every rank orthogonalises every matrix
+    assert sorted(f["ns_matrices_partition_True"] for f in findings) != [6, 6]
+    assert sum(f["ns_matrices_partition_True"] for f in findings) == 6  # each matrix once, on its owner
 
 
 def test_sharded_checks(findings):

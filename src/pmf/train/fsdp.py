@@ -214,8 +214,10 @@ class GatheredMuon(BatchedMuon):
     O = NS5(U) runs on the full matrices (every rank, the same numbers, batched by shape exactly as in one process),
     each rank keeps its rows of O; theta <- theta (1 - lr wd) - lr_adj O. The arithmetic is the unsharded
     optimizer's, so the result equals it bit for bit. Plain tensors take the same path without the gather. Cost: one
-    all-gather per matrix per step; the Newton-Schulz work is repeated on every rank (small next to the network's
-    forward and backward passes)."""
+    all-gather per matrix per step. With ``partition`` (``optim.muon_partition``, the default) the gathered matrices
+    are the same on every rank, so the Newton-Schulz work is split as in DDP mode: each rank orthogonalises its
+    FLOP-balanced share and one all-gather shares the results (:mod:`pmf.train.ns_partition`); without it every rank
+    orthogonalises every matrix."""
 
     def _full(self, update):
         return update.full_tensor() if isinstance(update, DTensor) else update
@@ -228,12 +230,13 @@ class GatheredMuon(BatchedMuon):
 
 def build_sharded_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
     """:func:`pmf.train.optim.build_optimizer` over the sharded parameters, with its Muon part replaced by
-    :class:`GatheredMuon` (same groups and hyperparameters, same state-dict layout)."""
+    :class:`GatheredMuon` (same groups and hyperparameters, same state-dict layout; Newton-Schulz split over the
+    ranks when ``cfg.muon_partition``)."""
     opt = build_optimizer(net, cfg)
 
     def gathered(muon: torch.optim.Muon) -> GatheredMuon:
         return GatheredMuon([dict(g) for g in muon.param_groups], **muon.defaults,
-                            ns_dtype=getattr(muon, "ns_dtype", torch.bfloat16))
+                            ns_dtype=getattr(muon, "ns_dtype", torch.bfloat16), partition=cfg.muon_partition)
 
     if isinstance(opt, MuonWithAdam):
         return MuonWithAdam(gathered(opt.muon), opt.adam)
