@@ -61,10 +61,10 @@ class OptimConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations (coefficients 3.4445, -4.7750, 2.0315)
     muon_ns_precision: str = field(default="auto", metadata={"resumable": True})  # Newton-Schulz dtype: "auto"
     #   (bf16 on GPUs and native-bf16 CPUs, else fp32) | "bf16" | "fp32"
-    muon_partition: bool = field(default=True, metadata={"resumable": True})  # train.parallel=ddp with W > 1
-    #   processes: each rank runs Newton-Schulz on its FLOP-balanced share of the matrices, one all-gather shares the
-    #   results (pmf.train.ns_partition); the same update as one process. false: every rank orthogonalises every
-    #   matrix. No effect in one process or under fsdp.
+    muon_partition: bool = field(default=True, metadata={"resumable": True})  # W > 1 processes (any
+    #   train.parallel): each rank runs Newton-Schulz on its FLOP-balanced share of the matrices, one all-gather
+    #   shares the results (pmf.train.ns_partition); the same update as one process. false: every rank
+    #   orthogonalises every matrix. No effect in one process.
     warmup_kimg: float = field(default=0.0, metadata={"resumable": True})  # linear warmup from 0 to lr over this
     #   many thousand images (official 0)
     schedule: str = field(default="constant", metadata={"resumable": True})  # "constant" | "cosine" (after warmup)
