@@ -1,4 +1,5 @@
-"""Atomic file writes: a crash, kill or full disk leaves the old file or the new one, never a truncated one.
+"""Atomic file writes: a crash, kill or full disk leaves the old file or the new one, never a truncated one; and the
+SHA-256 of a written file (:func:`sha256_file`), the checksum the manifests of shards and sharded states record.
 
 Every write goes to a hidden temp file in the target's directory, is fsynced, and is then moved over the target with
 ``os.replace``. The temp file must be in the same directory because ``os.replace`` is atomic only within one
@@ -8,6 +9,7 @@ filesystem. Only rank 0 should call the writers; this module does not check.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -16,6 +18,15 @@ import torch
 
 # ----------------------------------------------------------------------------------------------------------------
 # Atomic writes
+
+
+def sha256_file(path, chunk: int = 1 << 24) -> str:
+    """Hex SHA-256 of the file at ``path``, read in ``chunk``-byte blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(directory: Path) -> None:

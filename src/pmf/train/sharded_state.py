@@ -23,7 +23,6 @@ full tensors (``ddp``, one process, or :func:`read_full_state` offline, which re
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -32,25 +31,16 @@ from pathlib import Path
 
 import torch
 
-from pmf.atomic import atomic_save, atomic_write_text, fsync_dir
+from pmf.atomic import atomic_save, atomic_write_text, fsync_dir, sha256_file
 from pmf.train import dist
 
 KIND = "pmf-sharded-training-state"
 MANIFEST = "pmf-state.json"
 EXTRA = "extra.pt"
-HASH_CHUNK = 1 << 22  # bytes read per hash update
 
 
 class DamagedShardedState(RuntimeError):
     """A sharded state directory whose files are missing or do not match their recorded hashes."""
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(HASH_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _my_share(names: list[str]) -> list[str]:
@@ -99,7 +89,7 @@ def save_sharded_state(ckpt_dir: str | os.PathLike, step: int, tensors: dict[str
         atomic_save(extra, tmp / EXTRA)
     dist.barrier()
     names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    digests = _gather_dicts({n: _file_sha256(tmp / n) for n in _my_share(names)})
+    digests = _gather_dicts({n: sha256_file(tmp / n) for n in _my_share(names)})
     if dist.is_main():
         manifest = {"kind": KIND, "step": step, **info, "files": {n: digests[n] for n in names}}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
@@ -146,7 +136,7 @@ def verify_sharded_state(path: str | os.PathLike, collective: bool = True) -> di
             if not f.is_file():
                 problem = f"{f.name} is missing"
                 break
-            if _file_sha256(f) != manifest["files"][n]:
+            if sha256_file(f) != manifest["files"][n]:
                 problem = f"{f.name} does not match its recorded SHA-256 (damaged after it was written)"
                 break
     except DamagedShardedState as e:

@@ -16,13 +16,14 @@ order, so each shard's bytes depend only on its files, never on the worker count
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from pmf.atomic import sha256_file
 
 __all__ = ["MANIFEST", "FORMAT", "ShardDataset", "is_shard_dir", "sha256_file"]
 
@@ -34,14 +35,6 @@ FORMAT_VERSION = 1
 def is_shard_dir(path) -> bool:
     """Whether ``path`` is a directory holding a prepared dataset (its manifest)."""
     return (Path(path) / MANIFEST).is_file()
-
-
-def sha256_file(path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 class ShardDataset(torch.utils.data.Dataset):
