@@ -125,6 +125,27 @@ def _assert_same_state(got: dict, want: dict) -> None:
         assert torch.equal(got["ema"]["shadow"]["ema_hl1"][k], v)
 
 
+def test_a_sharded_state_loads_strictly(tmp_path):
+    """A sharded state loads into a run of the same network, and a state holding a tensor this run does not have
+    is refused, naming it (DCP alone loads only the tensors asked for and would skip it without a word)."""
+    cfg = load_config("tiny-test", overrides=["train.device=cpu"])
+    kw = model_kwargs(cfg)
+    strategy = parallel.make_strategy(cfg, torch.device("cpu"), world=1)
+
+    def built():
+        net = strategy.build_net(kw)
+        return net, strategy.build_optimizer(net), parallel.EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)
+
+    net, opt, ema = built()
+    tensors, extra = sharded_state.split_state(net.state_dict(), opt.state_dict(), ema.state_dict(), {"nimg": 0})
+    save_sharded_training_state(tmp_path / "same", 1, tensors, extra, {"nimg": 0})
+    parallel.load_sharded_into(load_latest(tmp_path / "same", lazy_sharded=True), *built())
+    save_sharded_training_state(tmp_path / "other", 1, {**tensors, "net/extra_scale": torch.ones(3)}, extra,
+                                {"nimg": 0})
+    with pytest.raises(ValueError, match=r"1 are not in this run, e\.g\. \['net/extra_scale'\]"):
+        parallel.load_sharded_into(load_latest(tmp_path / "other", lazy_sharded=True), *built())
+
+
 def test_sharded_state_round_trip_rotation_and_damaged_fallback(tmp_path):
     """A sharded state directory (written here by one process) is self-describing (manifest: kind, step, nimg,
     format version, per-file SHA-256), reads back in the single-file layout, rotates like state files, and a damaged

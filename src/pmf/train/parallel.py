@@ -303,9 +303,10 @@ def load_sharded_into(state: dict, net: nn.Module, opt: torch.optim.Optimizer, e
             else:
                 t = torch.zeros(m.size, dtype=m.properties.dtype)  # e.g. a step count (torch keeps these on the CPU)
             templates[f"optim/{idx}/{key}"] = t
-    missing = sorted(set(templates) - set(meta))
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} tensors of this run, e.g. {missing[:3]} (another model?)")
+    missing, unexpected = sorted(set(templates) - set(meta)), sorted(set(meta) - set(templates))
+    if missing or unexpected:  # strict, as a single-file state loads: DCP alone would skip tensors nobody asked for
+        raise ValueError(f"{path} does not match this run (another model?): {len(missing)} of its tensors are "
+                         f"missing, e.g. {missing[:3]}; {len(unexpected)} are not in this run, e.g. {unexpected[:3]}")
     sharded_state.load_sharded_tensors(path, templates)
     net.load_state_dict(net_sd, strict=True)  # DCP loaded in place; this makes it explicit for any aliasing
     opt_sd = sharded_state.join_state(templates, state)["optimizer"]
