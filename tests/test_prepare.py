@@ -22,7 +22,8 @@ from pmf.cli import main as cli_main
 from pmf.eval.generate import _ImageFiles, image_source_batches
 from pmf.train.config import load_config
 from pmf.train.data import ImageFolderDataset, ShardedLoader
-from pmf.train.loop import dataset_size, train
+from pmf.train.dryrun import dataset_size
+from pmf.train.loop import train
 from pmf.train.prepare import prepare_data
 from pmf.train.shards import ShardDataset
 

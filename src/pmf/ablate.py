@@ -294,7 +294,8 @@ def arm_rows(arms: list[Arm], records: list[dict]) -> list[dict]:
             row[key] = vals
         inst = [v for f in finals for k, v in f.items() if k.startswith("inst_fd_")]
         row["inst_fd"] = inst
-        row["curve"] = sorted((float(k), s["fd_1step"]) for r in recs for k, s in r["stages"].items()) if arm.curve else []
+        row["curve"] = (sorted((float(k), s["fd_1step"]) for r in recs for k, s in r["stages"].items())
+                        if arm.curve else [])
         rows.append(row)
     return rows
 

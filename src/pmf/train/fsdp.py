@@ -1,6 +1,6 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for PMFDiT: sharded parameters, gradients, optimizer state and EMA
-copies; ``train.parallel=fsdp`` and ``hsdp``. The default, ``train.parallel=ddp``, is the bare module with an explicit gradient
-all-reduce (:mod:`pmf.train.dist`). Findings and the reasons for each choice: docs/scale-out.md.
+copies; ``train.parallel=fsdp`` and ``hsdp``. The default, ``train.parallel=ddp``, is the bare module with an
+explicit gradient all-reduce (:mod:`pmf.train.dist`). Findings and the reasons for each choice: docs/scale-out.md.
 
 What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 processes in tests/test_fsdp.py):
 

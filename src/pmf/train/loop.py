@@ -28,7 +28,7 @@ from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
 from pmf.export import FORMAT_VERSION, export_model, upgrade_model_kwargs
 from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, to_json
-from pmf.train.dryrun import dataset_size, dry_run_report, run_plan  # noqa: F401 (dataset_size, run_plan re-exported)
+from pmf.train.dryrun import dry_run_report
 from pmf.train.preempt import stop_on_signals
 from pmf.train.runlock import lock_run_dir
 from pmf.train.validate import check_writable_dir, validate_config
@@ -408,7 +408,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     total_nimg = int(round(cfg.train.total_kimg * 1000))  # round: e.g. 320 epochs = 409973.44 kimg
     n_data = len(data[1]) if isinstance(data, tuple) else len(data)
     summary = {"run_dir": str(run_dir), "world_size": world, "device": str(device), "model": cfg.model.name,
-               "parallel": cfg.train.parallel, "strategy": parallel.mode_of(cfg.train.parallel, world), "total_kimg": cfg.train.total_kimg,
+               "parallel": cfg.train.parallel, "strategy": parallel.mode_of(cfg.train.parallel, world),
+               "total_kimg": cfg.train.total_kimg,
                "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
     state = open_run_dir(cfg, run_dir, restart)
