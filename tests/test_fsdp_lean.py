@@ -143,17 +143,12 @@ def _worker(rank, port, out_dir):
 
         # 5. A MixedPrecisionPolicy (bf16 gathered parameters and compute, fp32 gradient reduction), sharded as
         #    shard_model does: one step of lean and of reference against lean in one process in fp32.
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import MixedPrecisionPolicy
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         step1 = {}
         for impl in ("lean", "reference"):
-            net = _perturbed_tiny()
-            for blk in fsdp.blocks_of(net):
-                fully_shard(blk, mp_policy=policy)
-            fully_shard(net, mp_policy=policy)
-            for name in fsdp.FORWARD_METHODS:
-                register_fsdp_forward_method(net, name)
+            net = fsdp.shard_model(_perturbed_tiny(), torch.device("cpu"), mp_policy=policy)
             loss, metrics = pmf_loss(net, x, y, ObjectiveConfig(impl=impl, class_drop=0.3), gen(0, mine))
             loss.backward()
             fsdp.check_gradients_reduced(net, f"{impl} under a MixedPrecisionPolicy")
