@@ -14,7 +14,7 @@ from pmf.train.config import load_config
 from pmf.train.dist import GradReducer
 from pmf.train.loop import train
 
-from test_dist import SETS, _join_group, _restore_threads, assert_runs_match, run_two  # noqa: F401 (autouse fixture)
+from test_dist import SETS, _join_group, _restore_threads, assert_runs_match, run_two, two_process_results  # noqa: F401 (autouse fixture)
 
 ACCUM = 3  # micro-batches per step
 STEPS = 2  # the first reduction also learns which parameters are unused; the second runs on the learned layout
@@ -108,8 +108,7 @@ def _reduce_worker(rank, port, out_dir):
 
 
 def test_bucketed_reduction_matches_mean_and_overlaps_backward(tmp_path):
-    run_two(_reduce_worker, (str(tmp_path),), timeout=120)
-    res = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    res = two_process_results(_reduce_worker, tmp_path, timeout=120)
     names = [n for n, _ in Net().named_parameters()]
     for out in res:
         assert out["all_reduce_grads_err"] < 1e-6

@@ -74,6 +74,12 @@ def run_two(fn, args=(), timeout=180.0):
                 p.join()
 
 
+def two_process_results(fn, out_dir, timeout=180.0) -> list[dict]:
+    """:func:`run_two` of a worker ``fn(rank, port, out_dir)`` that writes ``out_dir/rank{r}.json``; the two dicts."""
+    run_two(fn, (str(out_dir),), timeout=timeout)
+    return [json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
 def _join_group(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")

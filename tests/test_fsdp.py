@@ -16,7 +16,7 @@ from pmf.train import fsdp
 from pmf.train.config import load_config
 from pmf.train.loop import train
 
-from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, run_two
+from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, two_process_results
 
 # 3 steps of a global batch of 16 in 2 micro-batches, the reference (torch.func.jvp) objective; one log record
 # per step; checkpoints only at the end.
@@ -151,8 +151,7 @@ def _findings_worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def findings(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp_findings")
-    run_two(_findings_worker, (str(out_dir),), timeout=300)  # ~5 s on an idle machine; generous under load
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return two_process_results(_findings_worker, out_dir, timeout=300)  # ~5 s on an idle machine; generous under load
 
 
 def test_torch_func_jvp_works_through_fully_shard(findings):

@@ -17,7 +17,7 @@ from pmf.train import dist, fsdp
 from pmf.train.config import load_config
 from pmf.train.loop import train
 
-from test_dist import ENV, _join_group, assert_runs_match, run_two
+from test_dist import ENV, _join_group, assert_runs_match, two_process_results
 
 B_GLOBAL, B_LOCAL = 8, 4  # a global batch of 8, 4 samples per rank
 STEPS = 3  # optimizer steps of the trajectories
@@ -166,8 +166,7 @@ def _worker(rank, port, out_dir):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("fsdp_lean")
-    run_two(_worker, (str(out_dir),), timeout=300)  # ~15 s on an idle machine; generous under load
-    return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return two_process_results(_worker, out_dir, timeout=300)  # ~15 s on an idle machine; generous under load
 
 
 def test_lean_passes_through_fully_shard(results):

@@ -18,7 +18,7 @@ from pmf.train.checkpoint import (DAMAGED_SUFFIX, STATE_DIR, load_latest, save_s
 from pmf.train.config import load_config
 from pmf.train.loop import model_kwargs, train
 
-from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, read_log, run_two
+from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, read_log, two_process_results
 
 # The objectives the sharded modes run with: every mode of the parity and resume tests runs with each (the lean
 # objective's forward-mode pass enters FSDP2 units with plain tensors, pmf.objective_lean).
@@ -271,9 +271,7 @@ def test_sharded_builds_and_the_bf16_policy(tmp_path):
     exactly the plain CPU build's weights, with the placements of their mesh; ranks whose seeded copies differ are
     stopped before sharding; under train.precision=bf16 the blocks
     run on bfloat16 all-gathered weights while the shards and reduced gradients stay float32."""
-    run_two(_build_worker, (str(tmp_path),), timeout=300)
-    for r in (0, 1):
-        f = json.loads((tmp_path / f"rank{r}.json").read_text())
+    for f in two_process_results(_build_worker, tmp_path, timeout=300):
         for name in ("fsdp", "hsdp"):
             assert f[f"{name}_all_dtensor"] and f[f"{name}_equal"], (name, f)
             assert f[f"{name}_placements"] == [f["expected_placements"][name]], (name, f)
