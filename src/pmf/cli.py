@@ -104,7 +104,7 @@ def cmd_train(args) -> int:
     try:
         summary = train(cfg, args.run_dir, minutes=args.minutes, dry_run=args.dry_run, quiet=args.quiet,
                         restart=args.restart, plan_devices=args.plan_devices,
-                        plan_device_memory=args.plan_device_memory)
+                        plan_device_memory=args.plan_device_memory, init_from=args.init_from)
     finally:
         if started:
             dist.shutdown()
@@ -350,8 +350,16 @@ def cmd_toy(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Any --checkpoint (a run's EMA copy, an export, an official .pt, ...) -> the Hugging Face layout."""
+    """Any --checkpoint (a run's EMA copy, an export, an official .pt, ...) -> the Hugging Face layout, or
+    (``--format official-jax``) the official JAX tree as an Orbax checkpoint."""
     from pmf.hub import save_pretrained
+
+    if args.format == "official-jax":
+        from pmf.train.official_run import export_official
+
+        path = export_official(args.checkpoint, args.out, args.ema)
+        print(f"exported {args.checkpoint} -> {path} (Orbax, official TrainState tree)")
+        return 0
 
     net, meta = _load_net(args.checkpoint, args.ema)
     run = Path(args.checkpoint)
@@ -367,7 +375,12 @@ def cmd_export(args) -> int:
 
 def cmd_import(args) -> int:
     from pmf.convert import import_official_main
+    from pmf.train.official_run import import_official_jax_main, is_orbax_input
 
+    if is_orbax_input(args.input):
+        return import_official_jax_main(args)
+    if args.model is None:
+        raise PmfError("import-official of a .pt needs --model SIZE (e.g. --model pMF-B/16)")
     import_official_main(args.input, args.model, args.out)
     return 0
 
@@ -389,6 +402,17 @@ def cmd_ablate(args) -> int:
     return 0
 
 
+def add_official_jax_args(q) -> None:
+    """import-official's options for an official JAX (Orbax) checkpoint."""
+    q.add_argument("--model-kwargs", metavar="JSON", help="the official pmfDiT constructor kwargs, e.g. "
+                   "'{\"hidden_size\": 768, \"depth\": 16, ...}' (any size; overrides --model's)")
+    q.add_argument("--preset", help="Orbax: write a run directory for this training preset (as pmf train --preset)")
+    q.add_argument("--config", help="Orbax: ... or this YAML config")
+    q.add_argument("--set", action="append", metavar="KEY=VALUE", help="Orbax: ... with these overrides")
+    q.add_argument("--images-per-step", type=int, default=1024, help="Orbax run: images per official step (the "
+                   "official global batch, 1024); images seen = step x this")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pmf", description="pixel MeanFlow: one-step image generation in pixels")
     sub = p.add_subparsers(dest="command", required=True)
@@ -399,6 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True, help="run directory (checkpoints, logs, grids, exports)")
     t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set train.batch_size=64")
     t.add_argument("--minutes", type=float, help="stop cleanly with a checkpoint after this much wall-clock time")
+    t.add_argument("--init-from", metavar="DIR", help="a new run starts from these weights and EMA copies: an "
+                   "official Orbax checkpoint or a pmf run directory (optimizer and counters start fresh)")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and run size, then exit")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--restart", action="store_true",
@@ -508,10 +534,14 @@ def build_parser() -> argparse.ArgumentParser:
     y.add_argument("--seed", type=int, default=0)
     y.set_defaults(fn=cmd_toy)
 
-    i = sub.add_parser("import-official", help="convert an official PyTorch checkpoint to the Hugging Face layout")
-    i.add_argument("input", help="official .pt file")
-    i.add_argument("--model", required=True, help="size, e.g. pMF-B/16")
-    i.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
+    i = sub.add_parser("import-official", help="convert an official checkpoint: a PyTorch .pt to the Hugging Face "
+                       "layout; a JAX (Orbax) checkpoint to exports, or to a run directory that pmf train continues")
+    i.add_argument("input", help="official .pt file, or an Orbax checkpoint_<step> directory (its workdir, or a .zip)")
+    i.add_argument("--model", help="size, e.g. pMF-B/16 (a .pt needs it; an Orbax checkpoint needs it or "
+                   "--model-kwargs)")
+    i.add_argument("--out", required=True, help=".pt: output directory (config.json, model.safetensors, README.md); "
+                   "Orbax: an export directory, or with --preset/--config/--set a run directory")
+    add_official_jax_args(i)
     i.set_defaults(fn=cmd_import)
 
     x = sub.add_parser("export", help="save any checkpoint (e.g. a run's EMA copy) in the Hugging Face layout")
@@ -519,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "official .pt")
     x.add_argument("--ema", help="weights to export, e.g. ema_hl500 (default: the run's sample.ema)")
     x.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
+    x.add_argument("--format", default="hf", choices=["hf", "official-jax"], help="hf: the Hugging Face layout; "
+                   "official-jax: an Orbax checkpoint_<step>/ of the official JAX TrainState (docs/hub.md)")
     x.set_defaults(fn=cmd_export)
 
     a = sub.add_parser("ablate", help="the paper's ablations, small: arms x seeds, a table and a figure per claim")

@@ -265,13 +265,14 @@ def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: Ru
 
 def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = None, dry_run: bool = False,
           quiet: bool = False, restart: bool = False, plan_devices: int | None = None,
-          plan_device_memory: float | None = None) -> dict:
+          plan_device_memory: float | None = None, init_from: str | None = None) -> dict:
     """Train (or resume) the run in ``run_dir``. Returns a summary dict; its ``exit_status`` is the command's
     (pmf.errors). ``minutes`` stops cleanly, with a checkpoint, once that much wall-clock time has passed (the run
     then resumes when the command is rerun). SIGTERM / SIGINT / SIGUSR1 stop after the current step with a
     checkpoint and the exports (:mod:`pmf.train.preempt`). Rank 0 holds ``run_dir/.lock`` throughout
     (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside. ``plan_devices`` /
-    ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`)."""
+    ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`). ``init_from``: a new run's
+    weights and EMA copies come from this Orbax checkpoint or run directory (:mod:`pmf.train.official_run`)."""
     t_start = time.time()
     run_dir = Path(run_dir)
     validate_config(cfg)  # every setting, before any work (also for --dry-run)
@@ -287,7 +288,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     lock = lock_run_dir(run_dir)  # before anything in run_dir is read; a second run on it is refused
     try:
         with stop_on_signals() as stop:
-            return _train_locked(cfg, run_dir, minutes, quiet, restart, stop, t_start, device, kwargs)
+            return _train_locked(cfg, run_dir, minutes, quiet, restart, stop, t_start, device, kwargs, init_from)
     finally:
         if lock is not None:
             lock.release()
@@ -389,7 +390,8 @@ def build_run(cfg: RunConfig, run_dir: Path, device: torch.device, data, state: 
     return run
 
 
-def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, t_start, device, kwargs) -> dict:
+def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, t_start, device, kwargs,
+                  init_from=None) -> dict:
     world = dist.world_size()
     G, accum = cfg.train.batch_size, cfg.train.accum_steps
     if G % (world * accum):
@@ -416,6 +418,10 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     if device.type == "cpu" and not quiet:  # a CPU without native bf16 trains far slower in bf16: say which this is
         dist.print0(f"CPU: {cpu_capability()}")
     run = build_run(cfg, run_dir, device, data, state)
+    if init_from is not None:
+        from pmf.train.official_run import apply_init_from
+
+        apply_init_from(run, init_from, resumed=state is not None)
     del state
     net, opt, ema = run.net, run.opt, run.ema
     perceptual = build_perceptual(cfg.perceptual, cfg.objective.perceptual_weights, device)  # frozen; not saved

@@ -1,0 +1,285 @@
+"""Official JAX checkpoints as pmf runs: import into a run directory, fine-tune from one (``--init-from``), export a
+run back to the official tree. The tree mapping itself is :mod:`pmf.official_jax`, the file format
+:mod:`pmf.orbax_io`; docs/hub.md lists what maps and what does not.
+
+* :func:`import_to_run`: an Orbax TrainState -> ``run_dir`` with ``config.json``, a training state at the official
+  step (network with v-head, every EMA copy of the run's ``train.ema`` found in the tree, Muon / Adam moments,
+  images seen = step x images per step) and the exports, so ``pmf train --run-dir`` with the same settings continues.
+* :func:`import_to_export`: without a training config, the network and every EMA copy as inference exports
+  (:mod:`pmf.export`), for ``pmf sample`` / ``pmf eval``; also takes the inference-only trees of ``just_evaluate``.
+* :func:`init_run_from`: a new run's weights and EMAs from an Orbax checkpoint or another pmf run directory.
+* :func:`export_official`: a run (newest training state) or any exported network -> ``checkpoint_<step>/``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from pmf import official_jax, orbax_io
+from pmf.convert import official_to_ours, ours_to_official, load_official
+from pmf.errors import PmfError
+
+V_HEAD = ("v_heads.", "v_final_layer.")
+
+
+def read_official(path) -> official_jax.OfficialState:
+    """An Orbax checkpoint (directory, workdir or .zip) split into step, network, EMAs and optimizer tree."""
+    directory = orbax_io.find_checkpoint(path)
+    try:
+        return official_jax.split_tree(orbax_io.read_tree(directory))
+    finally:
+        if "pmf-orbax-" in str(directory):  # unpacked from a .zip into a temporary directory
+            shutil.rmtree(next(p for p in directory.parents if p.name.startswith("pmf-orbax-")), ignore_errors=True)
+
+
+def _checked_net(sd: dict, kwargs: dict, what: str) -> dict:
+    """``sd`` (ours) checked against PMFDiT(**kwargs) by :func:`pmf.convert.load_official` (one error listing every
+    key and shape problem, with a hint on the size); returns the state dict of the loaded network."""
+    try:
+        return load_official(ours_to_official(sd, with_rope_freqs=False), **kwargs).state_dict()
+    except ValueError as e:
+        raise PmfError(f"{what} does not fit the model: {e}".replace("\n", " ")) from None
+
+
+def _v_head_note(kwargs: dict, sd: dict) -> str | None:
+    if kwargs.get("v_head", True) and not any(k.startswith(V_HEAD) for k in sd):
+        return "the checkpoint has no v-head (an eval-only tree): the v-head starts from its random initialisation"
+    return None
+
+
+def _load_weights(net: torch.nn.Module, sd: dict) -> None:
+    """Load ``sd`` into ``net``: strictly, except a missing v-head (kept at its initialisation)."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in sd and not k.startswith(V_HEAD)]
+    extra = [k for k in sd if k not in own]
+    if missing or extra:
+        raise PmfError(f"weights do not fit the run's model: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for k, v in sd.items():
+            own[k].copy_(v)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Import
+
+
+def _fill_emas(ema, state: official_jax.OfficialState, params: dict) -> list[str]:
+    """Copy the tree's EMA copies into pmf's ``ema`` by name; copies the run keeps but the tree lacks start from the
+    network's weights. Returns notes."""
+    notes = []
+    for name in ema.names:
+        src = state.emas.get(name)
+        if src is None:
+            notes.append(f"{name}: not in the checkpoint (it has {list(state.emas) or 'none'}); starts from the weights")
+            src = params
+        with torch.no_grad():
+            for k, t in ema.shadow[name].items():
+                if k in src:
+                    t.copy_(src[k])
+                elif k in params:
+                    t.copy_(params[k])
+    dropped = [n for n in state.emas if n not in ema.names]
+    if dropped:
+        notes.append(f"EMA copies {dropped} are not in the run's train.ema {ema.names}: not carried (add them to "
+                     "train.ema to keep them)")
+    return notes
+
+
+def import_to_run(ckpt, cfg, run_dir, images_per_step: int = official_jax.OFFICIAL_IMAGES_PER_STEP) -> list[str]:
+    """Write ``run_dir`` (new or empty) so that ``pmf train --run-dir run_dir`` with the settings ``cfg`` continues
+    the official run of ``ckpt``. Returns notes on what did not map."""
+    from pmf.atomic import atomic_write_text
+    from pmf.train.checkpoint import load_latest
+    from pmf.train.config import to_json
+    from pmf.train.loop import build_run, load_dataset, model_kwargs
+    from pmf.train.runlock import lock_run_dir
+    from pmf.train.validate import validate_config
+
+    run_dir = Path(run_dir)
+    if run_dir.exists() and (load_latest(run_dir) is not None or (run_dir / "log.jsonl").exists()):
+        raise PmfError(f"{run_dir} already holds a run; import into a new --out directory")
+    validate_config(cfg)
+    state = read_official(ckpt)
+    kwargs = model_kwargs(cfg)
+    params = _checked_net(state.params, {**kwargs, "v_head": any(k.startswith(V_HEAD) for k in state.params)},
+                          "the checkpoint's network")
+    notes = [n for n in [_v_head_note(kwargs, params)] if n]
+    data, _ = load_dataset(cfg)
+    lock = lock_run_dir(run_dir)
+    try:
+        run = build_run(cfg, run_dir, torch.device("cpu"), data, None)
+        _load_weights(run.net, params)
+        notes += _fill_emas(run.ema, state, run.net.state_dict())
+        if state.has_optimizer and cfg.optim.name == "muon":
+            notes += official_jax.optimizer_state_to_ours(state, run.net, run.opt)
+        else:
+            notes.append("optimizer state not carried (" + ("an eval-only tree" if not state.has_optimizer else
+                                                           f"optim.name={cfg.optim.name}, not muon") + ")")
+        run.step = state.step
+        run.nimg = official_jax.nimg_of_step(state.step, images_per_step)
+        run.loader.load_state_dict({**run.loader.state_dict(), "nimg": run.nimg})
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.json", to_json(cfg) + "\n")
+        run.checkpoint()
+        run.export()
+    finally:
+        if lock is not None:
+            lock.release()
+    return notes
+
+
+def import_to_export(ckpt, out_dir, model: str | None, model_kwargs: dict) -> list[str]:
+    """The network (``model``) and every EMA copy (``ema_hl<kimg>``) of an Orbax checkpoint as inference exports in
+    ``out_dir`` (v-head dropped), loadable by ``pmf sample --checkpoint out_dir --ema ema_hl2000``."""
+    from pmf.convert import _resolve_kwargs, official_meta
+    from pmf.export import export_model
+
+    state = read_official(ckpt)
+    kwargs = {**_resolve_kwargs(model, model_kwargs), "v_head": False}
+    meta = {**(official_meta(model, str(ckpt)) if model else {"source": str(ckpt), "imported_from_official": True}),
+            "step": state.step}
+    for name, sd in {"model": state.params, **state.emas}.items():
+        infer = {k: v for k, v in sd.items() if not k.startswith(V_HEAD)}
+        try:
+            net = load_official(ours_to_official(infer, with_rope_freqs=False), **kwargs)
+        except ValueError as e:
+            raise PmfError(f"{name} of {ckpt} does not fit the model: {e}".replace("\n", " ")) from None
+        export_model(net, out_dir, kwargs, meta, name=name)
+    return [f"wrote {', '.join(['model', *state.emas])} (v-head dropped) to {out_dir}"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --init-from
+
+
+def init_run_from(run, source) -> list[str]:
+    """A new run's network and EMA copies from ``source``: an Orbax checkpoint, or a pmf run directory (its newest
+    training state). The optimizer, data position and counters stay fresh. Returns notes."""
+    from pmf.train.checkpoint import load_latest
+
+    src = Path(source)
+    if (src / "checkpoints").is_dir():
+        state = load_latest(src)
+        if state is None:
+            raise PmfError(f"--init-from {src}: the run directory holds no training state")
+        params = state["net"]
+        emas = dict(state["ema"]["shadow"])
+    else:
+        official = read_official(src)
+        params, emas = official.params, official.emas
+    kwargs = {**run.kwargs, "v_head": any(k.startswith(V_HEAD) for k in params)}
+    params = _checked_net(official_to_ours(ours_to_official(params, with_rope_freqs=False)), kwargs,
+                          f"--init-from {src}")
+    notes = [n for n in [_v_head_note(run.kwargs, params)] if n]
+    _load_weights(run.net, params)
+    fake = official_jax.OfficialState(step=0, params=params, emas=emas)
+    notes += _fill_emas(run.ema, fake, run.net.state_dict())
+    return notes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export
+
+
+def export_official(checkpoint, out_dir, ema: str | None = None) -> Path:
+    """Write ``out_dir/checkpoint_<step>/``: from a run directory with a training state, the full TrainState
+    (step, params with v-head, every EMA copy, the Muon / Adam state); from any other checkpoint form
+    (:func:`pmf.load.load_checkpoint`), the eval-only tree of `train.py`'s ``just_evaluate`` (params, one EMA copy
+    under its half-life when ``ema`` names one, the empty sgd state)."""
+    from pmf.train.checkpoint import load_latest
+
+    src = Path(checkpoint)
+    state = load_latest(src) if (src / "checkpoints").is_dir() else None
+    if state is not None:
+        from pmf.train.config import from_dict
+        from pmf.train.loop import model_kwargs
+        from pmf.train.optim import build_optimizer
+        from pmf.model import PMFDiT
+
+        cfg = from_dict(json.loads(state["config"]))
+        net = PMFDiT(**model_kwargs(cfg))
+        net.load_state_dict(state["net"], strict=True)
+        opt_tree = None
+        if cfg.optim.name == "muon":
+            opt = build_optimizer(net, cfg.optim)
+            opt.load_state_dict(state["optimizer"])
+            opt_tree = official_jax.optimizer_state_to_official(net, opt)
+        emas = {n: state["ema"]["shadow"][n] for n in state["ema"]["names"]}
+        tree = official_jax.build_tree(int(state["step"]), state["net"], emas, opt_tree)
+        step = int(state["step"])
+    else:
+        from pmf.load import load_checkpoint
+
+        net, meta = load_checkpoint(str(checkpoint), ema)
+        name = meta.get("ema") or ema or "model"
+        sd = net.state_dict()
+        emas = {name: sd} if name.startswith("ema_") else {}
+        step = int(meta.get("step", 0))
+        tree = official_jax.build_tree(step, sd, emas, None)
+    return orbax_io.write_tree(Path(out_dir) / f"checkpoint_{step}", tree)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line (pmf import-official on an Orbax checkpoint; pmf train --init-from)
+
+
+def is_orbax_input(path) -> bool:
+    """An Orbax checkpoint (directory or .zip), as opposed to an official .pt."""
+    p = Path(path)
+    return p.is_dir() or (p.is_file() and p.suffix == ".zip")
+
+
+def import_official_jax_main(args) -> int:
+    """``pmf import-official CKPT --out DIR``: a run directory when a training config is given (--preset, --config,
+    --set), else inference exports; prints what maps and what does not."""
+    from pmf.convert import official_kwargs_to_ours
+    from pmf.train.config import load_config
+
+    try:
+        official_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise PmfError(f"--model-kwargs is not JSON ({e}); e.g. '{{\"hidden_size\": 768, \"depth\": 16}}'") from None
+    if not isinstance(official_kwargs, dict):
+        raise PmfError("--model-kwargs must be a JSON object of the official pmfDiT constructor kwargs")
+    if args.preset or args.config or args.set:
+        cfg = load_config(args.preset, args.config, args.set or [])
+        if args.model:
+            cfg.model.name = args.model
+        if official_kwargs:
+            cfg.model.overrides = {**cfg.model.overrides, **official_kwargs_to_ours(official_kwargs)}
+        notes = import_to_run(args.input, cfg, args.out, args.images_per_step)
+        again = " ".join(f"--{k} {v}" for k, v in (("preset", args.preset), ("config", args.config)) if v)
+        again += "".join(f" --set {s}" for s in args.set or [])
+        if official_kwargs:
+            again += f" --set 'model.overrides={json.dumps(cfg.model.overrides)}'"
+        if args.model:
+            again += f" --set model.name={args.model}"
+        print(f"imported {args.input} -> run {args.out}; continue with: pmf train {again.strip()} --run-dir {args.out}")
+    else:
+        if args.model is None and not official_kwargs:
+            raise PmfError("an Orbax checkpoint needs --model SIZE or --model-kwargs JSON (the official pmfDiT kwargs)")
+        notes = import_to_export(args.input, args.out, args.model, official_kwargs)
+        print(f"imported {args.input} -> exports in {args.out} (pmf sample --checkpoint {args.out} --ema NAME)")
+    for note in notes:
+        print(f"  note: {note}")
+    return 0
+
+
+def apply_init_from(run, source, resumed: bool) -> None:
+    """``pmf train --init-from``: load weights and EMAs into a new run; ignored (said once) when resuming."""
+    from pmf.train import dist, parallel
+
+    if resumed:
+        dist.print0(f"--init-from {source}: ignored, the run resumes from its own training state")
+        return
+    if isinstance(run.strategy, parallel.Sharded):
+        raise PmfError("--init-from needs train.parallel=ddp (or one process): start the run there, then resume it "
+                       "sharded")
+    notes = init_run_from(run, source)
+    dist.print0(f"initialised from {source} (weights and EMA copies; optimizer and counters fresh)")
+    for note in notes:
+        dist.print0(f"  note: {note}")
