@@ -284,8 +284,10 @@ def cmd_prepare_data(args) -> int:
     """ImageFolder -> ADM-center-cropped uint8 shards + dataset.json (pmf.train.prepare)."""
     from pmf.train.prepare import prepare_data
 
+    from pmf.train.sources import SourceOptions
+
     m = prepare_data(args.source, args.out, args.resolution, workers=args.workers, shard_size=args.shard_size,
-                     quiet=args.quiet)
+                     quiet=args.quiet, source_options=SourceOptions(args.image_column, args.label_column, args.split))
     print(f"{args.out}: {m['num_images']} images, {m['num_classes']} classes, {len(m['shards'])} shards at "
           f"{m['resolution']} px; {m['num_skipped']} files skipped ({m['num_unreadable']} unreadable)")
     return 0
@@ -502,7 +504,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_ref_stats)
 
     d = sub.add_parser("prepare-data", help="ImageFolder -> center-cropped uint8 shards for data.dataset=shards")
-    d.add_argument("--source", required=True, help="image folder with one subfolder per class (e.g. ImageNet train)")
+    d.add_argument("--source", required=True, help="image folder with one subfolder per class (e.g. ImageNet train), "
+                   "a Hugging Face datasets folder (.parquet / .arrow), an EDM2 .zip, or WebDataset .tar shards")
+    d.add_argument("--image-column", help="Hugging Face source: the image column (default: found by type and name)")
+    d.add_argument("--label-column", help="Hugging Face source: the class-label column (default: found by name)")
+    d.add_argument("--split", default="train", help="Hugging Face source: the split read when file names mark splits")
     d.add_argument("--resolution", type=int, required=True, help="ADM center-crop size R (256, 512, ...)")
     d.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
     d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")

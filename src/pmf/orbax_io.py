@@ -106,18 +106,24 @@ def read_tree(path: str | Path) -> dict[tuple, np.ndarray | None]:
     ``path``: anything :func:`find_checkpoint` takes."""
     ts = _tensorstore()
     directory = find_checkpoint(path)
-    context = ts.Context()
-    out: dict[tuple, np.ndarray | None] = {}
+    context = ts.Context({"cache_pool": {"total_bytes_limit": 1 << 28}})  # the OCDBT index is read once, not per array
+    pending: dict[tuple, object] = {}
     for key, value_meta in read_metadata(directory).items():
         if value_meta.get("value_type") == "None" or value_meta.get("skip_deserialize"):
-            out[key] = None
+            pending[key] = None
             continue
         spec = {"driver": "zarr", "kvstore": {**_kvstore(directory), "path": ".".join(key)}}
+        pending[key] = ts.open(spec, context=context, open=True)  # futures: every array is read concurrently
+    out: dict[tuple, np.ndarray | None] = {}
+    for key, future in pending.items():
         try:
-            out[key] = np.asarray(ts.open(spec, context=context, open=True).result().read().result())
+            out[key] = None if future is None else future.result().read()
         except Exception as e:  # tensorstore raises ValueError with the store's message
             raise PmfError(f"cannot read array {'.'.join(key)} of {directory} ({type(e).__name__}: {e}); the "
                            "checkpoint is incomplete or damaged") from None
+    for key, value in out.items():
+        if value is not None:
+            out[key] = np.asarray(value.result())
     return out
 
 
@@ -155,7 +161,8 @@ def write_tree(directory: str | Path, tree: dict[tuple, np.ndarray | None]) -> P
     tmp.mkdir()
     t0 = time.time_ns()
     context = ts.Context()
-    tree_meta = {}
+    txn = ts.Transaction()  # one OCDBT commit for every array, not one per array
+    tree_meta, writes = {}, []
     sequences = _sequence_levels(tree)
     for key, value in tree.items():
         key_meta = [{"key": k, "key_type": KEY_TYPE_SEQUENCE if key[:i] in sequences else KEY_TYPE_DICT}
@@ -169,10 +176,12 @@ def write_tree(directory: str | Path, tree: dict[tuple, np.ndarray | None]) -> P
                 "metadata": {"shape": list(a.shape), "chunks": list(a.shape), "dtype": _zarr_dtype(a),
                              "compressor": {"id": "zstd", "level": 1}, "fill_value": None, "filters": None,
                              "order": "C", "dimension_separator": "."}}
-        store = ts.open(spec, context=context, create=True, delete_existing=True).result()
-        store.write(a).result()
+        writes.append(ts.open(spec, context=context, create=True, transaction=txn).result().write(a))
         tree_meta[str(key)] = {"key_metadata": key_meta,
                                "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
+    for w in writes:
+        w.result()
+    txn.commit_sync()
     (tmp / METADATA).write_text(json.dumps({"tree_metadata": tree_meta, "use_zarr3": False}))
     (tmp / CHECKPOINT_METADATA).write_text(json.dumps({"init_timestamp_nsecs": t0,
                                                        "commit_timestamp_nsecs": time.time_ns()}))

@@ -31,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 from pmf.atomic import atomic_path, atomic_write_text
-from pmf.train.data import read_image_adm
-from pmf.train.filelist import IMG_EXTENSIONS, scan_image_folder
+from pmf.train.filelist import IMG_EXTENSIONS
+from pmf.train.sources import SourceOptions, index_source, read_item_adm
 from pmf.train.shards import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 
 __all__ = ["prepare_data", "CROP_RULE", "DEFAULT_SHARD_SIZE"]
@@ -111,7 +111,7 @@ def _make_shard(task: dict) -> dict:
     labels, skipped = [], []
     for rel, label in zip(task["files"], task["labels"]):
         try:
-            images[len(labels)] = read_image_adm(os.path.join(task["source"], rel), R)
+            images[len(labels)] = read_item_adm(task["kind"], task["source"], rel, R, task["options"])
             labels.append(label)
         except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError, ...
             reason = f"{type(e).__name__}: {e}".replace(os.path.join(task["source"], rel), rel)  # location-free
@@ -202,9 +202,11 @@ def _manifest_text(manifest: dict) -> str:
 
 
 def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int = DEFAULT_SHARD_SIZE,
-                 quiet: bool = False, min_free_bytes: int | None = None) -> dict:
-    """Prepare ``source`` (class folders of images) as shards in ``out``; returns the manifest (also written to
-    ``out/dataset.json``).  ``workers`` decoding processes (1 = in this process).  Raises before any work if the
+                 quiet: bool = False, min_free_bytes: int | None = None,
+                 source_options: SourceOptions | None = None) -> dict:
+    """Prepare ``source`` (class folders of images, or a Hugging Face / EDM2 zip / WebDataset source:
+    :mod:`pmf.train.sources`, read as ``source_options`` say) as shards in ``out``; returns the manifest (also
+    written to ``out/dataset.json``).  ``workers`` decoding processes (1 = in this process).  Raises before any work if the
     disk holding ``out`` has less free space than the shards still to write need."""
     resolution, shard_size, workers = int(resolution), int(shard_size), int(workers)
     if resolution <= 0 or shard_size <= 0 or workers <= 0:
@@ -214,7 +216,8 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
     out = Path(out)
     if out.resolve() == source or source in out.resolve().parents:
         raise ValueError(f"--out {out} lies inside --source {source}: it would be read as images; choose another")
-    index = scan_image_folder(source)
+    options = source_options or SourceOptions()
+    kind, index = index_source(source, options)
     samples = [(f, y) for f, y in zip(index.files, index.labels) if y >= 0]
     outside = [{"path": f, "reason": "not inside a class folder (training reads root/<class>/...)"}
                for f, y in zip(index.files, index.labels) if y < 0]
@@ -228,7 +231,8 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
     for k in range(n_shards):
         chunk = samples[k * shard_size: (k + 1) * shard_size]
         files, labels = [f for f, _ in chunk], [y for _, y in chunk]
-        tasks.append({"k": k, "source": str(source), "out": str(out), "resolution": resolution, "files": files,
+        tasks.append({"k": k, "source": str(source), "kind": kind, "options": options, "out": str(out),
+                      "resolution": resolution, "files": files,
                       "labels": labels, "first_source": k * shard_size, "num_sources": len(files),
                       "fingerprint": _fingerprint(resolution, files, labels)})
 
