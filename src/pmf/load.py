@@ -11,7 +11,8 @@ import torch
 
 def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"):
     """A network and its sampling defaults ``(net, meta)`` from any of:
-    a run directory (its ``export/`` folder, EMA copy chosen by ``ema``, default the run's ``sample.ema``);
+    a run directory (its ``export/`` folder, EMA copy chosen by ``ema``, default the run's ``sample.ema``; before
+    the first export, the newest training state: :mod:`pmf.train.run_weights`);
     a Hugging Face layout folder (:mod:`pmf.hub`) or a Hub repo id ``owner/name``;
     an export directory or its .safetensors / .json (:mod:`pmf.export`, copy ``ema``, default "model");
     an official .pt (its size found from its keys and shapes; ``ema`` picks a top-level entry such as "ema")."""
@@ -26,6 +27,10 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
         name = ema or cfg.get("sample", {}).get("ema") or "model"
         net, meta = load_exported(p / "export", name=name)
         meta = {**meta, "ema": name}
+    elif p.is_dir() and _is_run_dir(p):  # a run before its first export
+        from pmf.train.run_weights import load_from_training_state
+
+        net, meta = load_from_training_state(p, ema)
     elif p.is_dir() and hub.is_pretrained_folder(p):
         net, meta = hub.load_pretrained(p)
     elif p.is_dir():
@@ -43,3 +48,12 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
     else:
         net, meta = load_exported(p)
     return net.to(device).eval(), meta
+
+
+def _is_run_dir(p: Path) -> bool:
+    """A training run's directory: config.json holding a run config (sections model and train)."""
+    try:
+        cfg = json.loads((p / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and {"model", "train"} <= set(cfg)

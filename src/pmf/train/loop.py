@@ -30,6 +30,7 @@ from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_p
 from pmf.train.config import RunConfig, config_differences, to_json
 from pmf.train.dryrun import dry_run_report
 from pmf.train.preempt import stop_on_signals
+from pmf.train.progress import bar_total
 from pmf.train.runlock import lock_run_dir
 from pmf.train.validate import check_writable_dir, validate_config
 from pmf.images import to_model_range, to_uint8
@@ -477,6 +478,9 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         window.append(res.metrics.get("loss", float("nan")))
         if pbar is not None:
             pbar.update(G)
+            # --minutes: the bar ends where the time budget stops the run, if that comes before total_kimg.
+            pbar.total = bar_total(total_nimg, run.nimg, nimg_loop, t_loop,
+                                   None if minutes is None else t_start + minutes * 60, time.time())
             # loss_u (raw MSE of V against v_g) moves visibly; the adaptively weighted loss sits near its number of
             # terms by construction (each term is l / sg(l + eps)).
             pbar.set_postfix(loss_u=f"{res.metrics.get('loss_u', float('nan')):.4f}", step=run.step, refresh=False)
