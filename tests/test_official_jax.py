@@ -134,6 +134,19 @@ def test_inference_tree_exports_and_matches(tmp_path, outputs):
     assert _rel(u, outputs["u_infer_ema_2000"]) < 1e-5
 
 
+def test_zip_and_workdir_inputs(tmp_path):
+    """A .zip of the checkpoint directory and the workdir holding checkpoint_<step>/ read as the directory itself;
+    the unpacked copy is removed afterwards."""
+    import shutil
+
+    from pmf.train.official_run import read_official
+
+    archive = shutil.make_archive(str(tmp_path / "ckpt"), "zip", FULL / "checkpoint_100002")
+    a, b = read_official(archive), read_official(FULL)
+    assert a.step == b.step and all(torch.equal(v, b.params[k]) for k, v in a.params.items())
+    assert not list(Path(__import__("tempfile").gettempdir()).glob("pmf-orbax-unpacked-*"))
+
+
 def test_init_from_loads_weights_and_emas(tmp_path):
     """--init-from on a new run: network (v-head included) and EMA copies are the checkpoint's, the optimizer fresh."""
     from pmf.train.loop import build_run, load_dataset

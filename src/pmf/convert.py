@@ -18,12 +18,8 @@ holds exactly the interleaved 2-D RoPE that :func:`pmf.model.rope_2d_angles` imp
 differs (another layout, or the real-valued buffer left by the official ``Module.to(dtype)`` trap of the torch branch)
 would otherwise load and then produce wrong images without any error.
 
-Out of scope: the authors' JAX "full" checkpoints (with v-head and EMA). Converting them would need a Flax pytree ->
-torch-name pass before :func:`official_to_ours`. That pass would make ``net/`` the root and turn ``shared_blocks_0``
-into ``shared_blocks.0`` and ``mlp/layers_{0,2}`` into ``mlp.{0,2}``. It would transpose Dense ``kernel (in, out)``
-into ``weight (out, in)``, turn Conv ``kernel (kh, kw, in, out)`` into ``weight (out, in, kh, kw)`` and RMSNorm
-``kernel`` into ``weight``, and squeeze ``embedding_table/embedding (1, K+1, D)`` to ``(K+1, D)``
-(official torch branch layout). It would also need a msgpack/orbax reader, which this package does not depend on.
+The authors' JAX "full" checkpoints (Orbax, with v-head, EMA copies and optimizer state) are converted by
+:mod:`pmf.official_jax`: its flax-path -> official-torch-name pass feeds :func:`official_to_ours`.
 """
 
 from __future__ import annotations

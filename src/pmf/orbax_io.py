@@ -36,6 +36,7 @@ METADATA = "_METADATA"
 CHECKPOINT_METADATA = "_CHECKPOINT_METADATA"
 _CKPT_RE = re.compile(r"^checkpoint_(\d+)$")
 KEY_TYPE_SEQUENCE, KEY_TYPE_DICT = 1, 2  # orbax's key_metadata "key_type": a list/tuple index or a dict key
+UNPACK_PREFIX = "pmf-orbax-unpacked-"  # temporary directory of an unpacked .zip
 INSTALL_HINT = "pip install 'pixel-meanflow[orbax]' (tensorstore)"
 
 
@@ -62,7 +63,7 @@ def find_checkpoint(path: str | Path, tmp_root: str | None = None) -> Path:
     if p.is_file():
         if not zipfile.is_zipfile(p):
             raise PmfError(f"{p} is neither an Orbax checkpoint directory nor a .zip of one")
-        out = Path(tempfile.mkdtemp(prefix="pmf-orbax-", dir=tmp_root))
+        out = Path(tempfile.mkdtemp(prefix=UNPACK_PREFIX, dir=tmp_root))
         with zipfile.ZipFile(p) as z:
             z.extractall(out)
         p = out

@@ -32,8 +32,9 @@ def read_official(path) -> official_jax.OfficialState:
     try:
         return official_jax.split_tree(orbax_io.read_tree(directory))
     finally:
-        if "pmf-orbax-" in str(directory):  # unpacked from a .zip into a temporary directory
-            shutil.rmtree(next(p for p in directory.parents if p.name.startswith("pmf-orbax-")), ignore_errors=True)
+        unpacked = [p for p in (directory, *directory.parents) if p.name.startswith(orbax_io.UNPACK_PREFIX)]
+        if unpacked and Path(path).is_file():  # a .zip unpacked into a temporary directory
+            shutil.rmtree(unpacked[0], ignore_errors=True)
 
 
 def _checked_net(sd: dict, kwargs: dict, what: str) -> dict:
