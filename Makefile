@@ -15,6 +15,8 @@ install:
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.9"
 	$(PIP) install -q -e ".[test,tensorboard,hub,diffusers]"
 	$(PIP) install -q --no-deps "torch-fidelity==0.4.0"  # the FID cross-check; --no-deps: no torchvision / CUDA torch
+	$(PIP) install -q "orbax-checkpoint==0.6.4" "jax[cpu]==0.4.34" "flax==0.10.0" || \
+	  echo "note: could not install orbax-checkpoint 0.6.4 (the official pin); tests/test_official_jax.py's restore check will skip"
 
 # The main job: train the Fashion-MNIST preset on CPU for ~10 minutes, then the 1-/2-step metrics and a grid.
 demo: install
