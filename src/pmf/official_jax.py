@@ -41,7 +41,6 @@ EMA copies keep their half-life: ``ema_params/2000`` is pmf's ``ema_hl2000`` (a 
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
@@ -303,6 +302,3 @@ def nimg_of_step(step: int, images_per_step: int) -> int:
         raise PmfError(f"--images-per-step={images_per_step} must be >= 1 (the official global batch, 1024)")
     return int(step) * int(images_per_step)
 
-
-def steps_of_nimg(nimg: int, images_per_step: int) -> int:
-    return math.ceil(nimg / images_per_step)
