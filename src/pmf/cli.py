@@ -55,24 +55,25 @@ def _check_args(args, num=None) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _check_ref_stats(path) -> None:
-    """--ref-stats must be readable and hold statistics of the Inception pool features (F = 2048), checked before
-    any sample is generated."""
-    from pmf.eval.inception import FEATURE_DIM
-    from pmf.eval.stats import load_ref_stats
+def _check_ref_stats(path, feature_dim: int | None = 2048) -> None:
+    """--ref-stats must be readable and hold statistics of the extractor's features (default the Inception pool
+    features, F = 2048; None: readability only), checked from the file's headers before any sample is generated or
+    feature computed."""
+    from pmf.userfiles import check_reference_file
 
     if path is None or not Path(path).exists():
         return  # setup_metric names a missing file itself, also before any sample is generated
-    try:
-        mu, _ = load_ref_stats(path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise PmfError(f"--ref-stats {path} cannot be read ({type(e).__name__}: {msg}); recompute it with "
-                       "`pmf ref-stats` or fetch it again") from e
-    if mu.shape[0] != FEATURE_DIM:
-        raise PmfError(f"--ref-stats {path} holds {mu.shape[0]}-dimensional statistics but the Inception extractor's "
-                       f"features are {FEATURE_DIM}-dimensional; use statistics of the FID Inception pool features "
-                       "(`pmf ref-stats`)")
+    check_reference_file(path, feature_dim)
+
+
+def _run_config(checkpoint: str) -> dict:
+    """A run directory's resolved config (config.json; {} for other checkpoint forms); a damaged one is named."""
+    from pmf.userfiles import read_json_object
+
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return {}
+    return read_json_object(path, "the run's config")
 
 
 def _fast(net, args):
@@ -156,18 +157,23 @@ def cmd_eval_samples(args) -> int:
     """``pmf eval --samples FILE.npz``: FID, sFID, IS, precision and recall of a sample archive (one process)."""
     args.batch_size = 256 if args.batch_size is None else args.batch_size
     from pmf.eval.samples import evaluate_samples, fmnist_extractor_and_reference, inception_extractor, load_reference
+    from pmf.userfiles import check_sample_archive
 
     if args.checkpoint:
         raise ValueError("give either --samples (evaluate a sample file) or --checkpoint (generate), not both")
     if args.extractor == "fmnist":
         if args.ref_stats:
             raise ValueError("the fmnist extractor's reference is the Fashion-MNIST test set: drop --ref-stats")
+        check_sample_archive(args.samples, "fmnist", (1,), 28)  # before the CNN is trained or loaded
         extractor, reference = fmnist_extractor_and_reference(args.device, args.batch_size)
     else:
         if not args.ref_stats:
             raise ValueError("--extractor inception needs a reference: --ref-stats NPZ (ADM's "
                              "VIRTUAL_imagenet256_labeled.npz, JiT's jit_in256_stats.npz, or `pmf ref-stats` output)")
+        check_sample_archive(args.samples, "inception", (1, 3), None)  # before any feature is computed
+        _check_ref_stats(args.ref_stats, None)  # readable, before the network is loaded
         extractor = inception_extractor(args.inception, args.device)
+        _check_ref_stats(args.ref_stats, extractor.feature_dim)  # its dimension, before any feature
         reference = load_reference(args.ref_stats, extractor, args.batch_size, args.device)
     res = evaluate_samples(args.samples, extractor, reference, args.batch_size, args.num, k=args.k,
                            device=args.device)
@@ -194,8 +200,7 @@ def cmd_eval(args) -> int:
 
     _check_args(args, num=args.num)
     # a run directory's `eval:` section (pmf.train.config.EvalConfig, set by its preset) gives the defaults
-    run_cfg_path = Path(args.checkpoint) / "config.json"
-    eval_cfg = json.loads(run_cfg_path.read_text()).get("eval", {}) if run_cfg_path.is_file() else {}
+    eval_cfg = _run_config(args.checkpoint).get("eval", {})
     args.num = args.num if args.num is not None else eval_cfg.get("num_samples")
     args.batch_size = args.batch_size if args.batch_size is not None else eval_cfg.get("batch_size", 256)
     step_tokens = args.steps if args.steps is not None else eval_cfg.get("steps", [1, 2, 4])
@@ -226,7 +231,7 @@ def cmd_eval(args) -> int:
             res = {"n": n, **evaluate_generator(net, metric, n, steps, batch_size=args.batch_size, seed=args.seed,
                                                 device=device, **settings.kwargs()), **metric.info}
         run_dir = Path(args.checkpoint)
-        cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        cfg = _run_config(args.checkpoint)
         ema = args.ema or cfg.get("sample", {}).get("ema") or "model"
         res.update({"extractor": args.extractor, "steps": steps, "omega": settings.omega, "t_min": settings.t_min,
                     "t_max": settings.t_max, "ema": ema, "seed": args.seed,
@@ -321,8 +326,7 @@ def cmd_guidance_search(args) -> int:
     device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
     try:
         intervals = [parse_interval(t) for t in args.intervals]
-        run_dir = Path(args.checkpoint)
-        cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        cfg = _run_config(args.checkpoint)
         emas = args.emas or [cfg.get("sample", {}).get("ema") or "model"]
         if args.extractor == "fmnist":
             from pmf.eval.fmnist import get_fmnist_classifier
@@ -542,7 +546,14 @@ def _expected_errors() -> tuple:
     """Exception types that mean bad input or a bad environment, not a bug: reported in one line."""
     from safetensors import SafetensorError
 
-    return (PmfError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, SafetensorError)
+    import pickle
+
+    import yaml
+
+    # pickles refused by torch.load(weights_only=True), YAML that is not plain data: pmf.userfiles names the file
+    # where it reads one; these catch any reader that does not
+    return (PmfError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, SafetensorError,
+            pickle.UnpicklingError, yaml.YAMLError)
 
 
 def error_line(e: BaseException) -> str:
