@@ -114,10 +114,9 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     args.batch_size = 256 if args.batch_size is None else args.batch_size
-    import contextlib
-
-    from pmf.images import npz_sample_writer, save_grid, to_uint8
+    from pmf.images import npz_archive_bytes, npz_sample_writer, png_grid_bytes, png_grid_writer, to_uint8
     from pmf.sampler import SamplerSettings, noise_from_seeds, sample
+    from pmf.userfiles import check_free_space
 
     _check_args(args, num=args.num)
     if args.rows < 1:
@@ -126,29 +125,30 @@ def cmd_sample(args) -> int:
     net = _fast(net, args)
     settings = SamplerSettings.from_meta(meta, args.omega, args.interval or None, args.instantaneous, net)
     omega, t_min, t_max, noise_scale = settings.omega, settings.t_min, settings.t_max, settings.noise_scale
-    shape = (net.in_channels, net.input_size, net.input_size)
+    C, R = net.in_channels, net.input_size
     classes = _class_list(args.classes, net.num_classes)
     out = Path(args.out)
     n = args.num if args.num is not None else args.rows * len(classes)  # --num 0 is refused by _check_args
-    labels = torch.tensor([classes[i % len(classes)] for i in range(n)])  # class-balanced
-    to_npz = out.suffix == ".npz"
-    # an .npz is written batch by batch in the ADM layout (arr_0 uint8 N x H x W x C, arr_1 labels), so 50k samples
-    # never sit in memory; a grid keeps its few images
-    writer_cm = (npz_sample_writer(out, n, net.input_size, net.input_size, net.in_channels) if to_npz
-                 else contextlib.nullcontext())
-    images = []
+    # Both outputs are written batch by batch (an .npz in the ADM layout: arr_0 uint8 N x H x W x C, arr_1 labels; a
+    # grid row of images by row), so memory holds one batch whatever --num; the disk must hold the whole file.
+    scale = max(1, 112 // R)
+    if out.suffix == ".npz":
+        check_free_space(out, npz_archive_bytes(n, R, R, C), f"{n} samples of {R} x {R} x {C}")
+        writer_cm = npz_sample_writer(out, n, R, R, C)
+    else:
+        check_free_space(out, png_grid_bytes(n, len(classes), C, R, R, scale), f"a grid of {n} samples")
+        writer_cm = png_grid_writer(out, n, len(classes), C, R, R, scale)
     with writer_cm as writer:
         for start in range(0, n, args.batch_size):
             idx = list(range(start, min(n, start + args.batch_size)))
-            noise = noise_from_seeds([args.seed * 10**7 + i for i in idx], shape, noise_scale, args.device)
-            x = sample(net, noise, labels[idx].to(args.device), args.steps, omega, t_min, t_max, args.instantaneous)
+            labels = torch.tensor([classes[i % len(classes)] for i in idx])  # class-balanced
+            noise = noise_from_seeds([args.seed * 10**7 + i for i in idx], (C, R, R), noise_scale, args.device)
+            x = sample(net, noise, labels.to(args.device), args.steps, omega, t_min, t_max, args.instantaneous)
             batch = to_uint8(x.float().cpu())
-            if to_npz:
-                writer.write(batch, labels[idx])
+            if out.suffix == ".npz":
+                writer.write(batch, labels)
             else:
-                images.append(batch)
-    if not to_npz:
-        save_grid(torch.cat(images), out, nrow=len(classes), scale=max(1, 112 // net.input_size))
+                writer.write(batch)
     print(f"wrote {n} samples ({args.steps} step(s), omega {omega}, interval [{t_min}, {t_max}]) to {out}")
     return 0
 
@@ -157,20 +157,22 @@ def cmd_eval_samples(args) -> int:
     """``pmf eval --samples FILE.npz``: FID, sFID, IS, precision and recall of a sample archive (one process)."""
     args.batch_size = 256 if args.batch_size is None else args.batch_size
     from pmf.eval.samples import evaluate_samples, fmnist_extractor_and_reference, inception_extractor, load_reference
-    from pmf.userfiles import check_sample_archive
+    from pmf.userfiles import check_evaluation_memory, check_sample_archive
 
     if args.checkpoint:
         raise ValueError("give either --samples (evaluate a sample file) or --checkpoint (generate), not both")
     if args.extractor == "fmnist":
         if args.ref_stats:
             raise ValueError("the fmnist extractor's reference is the Fashion-MNIST test set: drop --ref-stats")
-        check_sample_archive(args.samples, "fmnist", (1,), 28)  # before the CNN is trained or loaded
+        n_file = check_sample_archive(args.samples, "fmnist", (1,), 28)[0]  # before the CNN is trained or loaded
+        check_evaluation_memory(min(n_file, args.num or n_file), 256)
         extractor, reference = fmnist_extractor_and_reference(args.device, args.batch_size)
     else:
         if not args.ref_stats:
             raise ValueError("--extractor inception needs a reference: --ref-stats NPZ (ADM's "
                              "VIRTUAL_imagenet256_labeled.npz, JiT's jit_in256_stats.npz, or `pmf ref-stats` output)")
-        check_sample_archive(args.samples, "inception", (1, 3), None)  # before any feature is computed
+        n_file = check_sample_archive(args.samples, "inception", (1, 3), None)[0]  # before any feature is computed
+        check_evaluation_memory(min(n_file, args.num or n_file), 2048)
         _check_ref_stats(args.ref_stats, None)  # readable, before the network is loaded
         extractor = inception_extractor(args.inception, args.device)
         _check_ref_stats(args.ref_stats, extractor.feature_dim)  # its dimension, before any feature
@@ -194,7 +196,7 @@ def cmd_eval(args) -> int:
     if not args.checkpoint:
         raise ValueError("give --checkpoint (a run or export to sample from) or --samples FILE.npz")
     from pmf.train import dist
-    from pmf.eval.generate import evaluate_generator
+    from pmf.eval.generate import SEED_STRIDE, evaluate_generator
     from pmf.eval.metrics import setup_metric
     from pmf.sampler import SamplerSettings
 
@@ -202,6 +204,9 @@ def cmd_eval(args) -> int:
     # a run directory's `eval:` section (pmf.train.config.EvalConfig, set by its preset) gives the defaults
     eval_cfg = _run_config(args.checkpoint).get("eval", {})
     args.num = args.num if args.num is not None else eval_cfg.get("num_samples")
+    if args.num is not None and args.num > SEED_STRIDE:
+        raise PmfError(f"--num={args.num} exceeds {SEED_STRIDE:,}: sample i is drawn from seed --seed * {SEED_STRIDE:,}"
+                       " + i (pmf.eval.generate), so larger counts would repeat another seed's noise; evaluate fewer")
     args.batch_size = args.batch_size if args.batch_size is not None else eval_cfg.get("batch_size", 256)
     step_tokens = args.steps if args.steps is not None else eval_cfg.get("steps", [1, 2, 4])
     steps = [int(s) for tok in step_tokens for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"

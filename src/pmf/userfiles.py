@@ -149,6 +149,61 @@ def check_reference_file(path, feature_dim: int | None, extractor: str = "Incept
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Outputs that grow with --num: refused before work when the disk cannot hold them
+
+
+def format_bytes(n: float) -> str:
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def check_free_space(path, need: int, what: str, flag: str = "--out") -> None:
+    """A :class:`UserFileError` unless the filesystem that will hold ``path`` has ``need`` bytes free (an existing
+    file at ``path`` counts as free: it is replaced)."""
+    import os
+    import shutil
+
+    path = Path(path).absolute()
+    probe = path.parent
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    try:
+        free = shutil.disk_usage(probe).free
+    except OSError:
+        return  # not a filesystem we can ask; the write itself reports a full disk
+    if path.is_file():
+        free += os.stat(path).st_size
+    if need > free:
+        raise UserFileError(f"{flag} {path}: {what} need {format_bytes(need)} but {format_bytes(free)} are free on "
+                            f"{probe}; lower --num, free space, or choose another {flag}")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_evaluation_memory(n: int, feature_dim: int) -> None:
+    """Evaluating ``n`` samples keeps their pool features (float32, precision / recall) and Inception-Score split
+    indices (int64, a few per sample): refused before work when that cannot fit in the available memory."""
+    need = int(n) * (4 * int(feature_dim) + 4 * 8)
+    avail = available_memory()
+    if avail is not None and need > avail:
+        raise UserFileError(f"evaluating {n:,} samples needs {format_bytes(need)} of memory (their {feature_dim}-d "
+                            f"features for precision / recall, Inception-Score splits) but {format_bytes(avail)} are "
+                            "available; evaluate fewer with --num")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # What a checkpoint or an export says about itself
 
 
