@@ -294,6 +294,13 @@ def cmd_prepare_data(args) -> int:
     """ImageFolder -> ADM-center-cropped uint8 shards + dataset.json (pmf.train.prepare)."""
     from pmf.train.prepare import prepare_data
 
+    if args.check:  # verify --out against its manifest; writes nothing
+        from pmf.train.shards import check_shards
+
+        r = check_shards(args.out)
+        print(f"{args.out}: {r['shards']} shards, {r['images']} images, {r['bytes'] / 1e6:.1f} MB: every SHA-256 "
+              "matches the manifest")
+        return 0
     m = prepare_data(args.source, args.out, args.resolution, workers=args.workers, shard_size=args.shard_size,
                      quiet=args.quiet)
     print(f"{args.out}: {m['num_images']} images, {m['num_classes']} classes, {len(m['shards'])} shards at "
@@ -491,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     d.add_argument("--shard-size", type=int, default=1000, help="source files per shard (one .npy each)")
     d.add_argument("--quiet", action="store_true", help="no progress line")
+    d.add_argument("--check", action="store_true", help="only verify --out: every shard's SHA-256 against "
+                   "dataset.json (exit 2 naming any damaged or altered file)")
     d.set_defaults(fn=cmd_prepare_data)
 
     g = sub.add_parser("guidance-search", help="grid over omega x interval x EMA, then the full count at the best")

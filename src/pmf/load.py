@@ -24,7 +24,7 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
         name = ema or cfg.get("sample", {}).get("ema") or "model"
         net, meta = load_exported(p / "export", name=name)
         meta = {**meta, "ema": name}
-    elif p.is_dir() and (hub.is_pretrained_folder(p) or (p / hub.CONFIG_NAME).is_file()):
+    elif p.is_dir() and (p / hub.CONFIG_NAME).is_file() and (p / hub.WEIGHTS_NAME).is_file():
         read_json_object(p / hub.CONFIG_NAME, "the model config")  # a damaged one is named, never skipped
         net, meta = hub.load_pretrained(p)
     elif p.is_dir():

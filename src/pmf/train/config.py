@@ -40,6 +40,8 @@ class DataConfig:
     resolution: int = 28  # imagefolder: ADM center crop to this size; shards: must equal the prepared resolution
     num_workers: int = field(default=0, metadata=RESUMABLE)  # imagefolder / shards DataLoader workers
     class_conditional: bool = True  # False: all labels are the null class (unconditional training)
+    verify: bool = field(default=False, metadata=RESUMABLE)  # shards: check every shard's SHA-256 against the
+    #   manifest when opened (reads every byte once; `pmf prepare-data --check` does the same alone)
 
 
 @dataclass
