@@ -67,7 +67,7 @@ CASES = [
     ("run dir under a file", lambda f, t: train_argv(f / "a_file" / "run"),
      "is a file, not a directory; choose another --run-dir"),
     ("run dir cannot be created", lambda f, t: train_argv("/proc/pmf-no-such-run", dry_run=False),
-     "cannot create the run directory's lock /proc/pmf-no-such-run/.lock"),
+     "--run-dir /proc/pmf-no-such-run cannot be created"),
     ("unknown config key", lambda f, t: train_argv(t / "r", "train.batchsize=4"),
      "unknown config key 'train.batchsize'"),
     ("sample --num 0", lambda f, t: ["sample", "--checkpoint", str(f / "good"), "--num", "0", "--out",

@@ -108,7 +108,7 @@ def test_npz_round_trip_in_the_adm_layout_and_the_old_one(tmp_path):
     # bad files: a clear error naming the problem
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((2, 4, 4, 3), np.float32))
     np.savez(tmp_path / "other.npz", mu=np.zeros(3))
-    with pytest.raises(TypeError, match="uint8"):
+    with pytest.raises(ValueError, match="uint8"):
         load_npz_samples(tmp_path / "float.npz")
     with pytest.raises(KeyError, match="arr_0"):
         load_npz_samples(tmp_path / "other.npz")

@@ -55,24 +55,25 @@ def _check_args(args, num=None) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def _check_ref_stats(path) -> None:
-    """--ref-stats must be readable and hold statistics of the Inception pool features (F = 2048), checked before
-    any sample is generated."""
-    from pmf.eval.inception import FEATURE_DIM
-    from pmf.eval.stats import load_ref_stats
+def _check_ref_stats(path, feature_dim: int | None = 2048) -> None:
+    """--ref-stats must be readable and hold statistics of the extractor's features (default the Inception pool
+    features, F = 2048; None: readability only), checked from the file's headers before any sample is generated or
+    feature computed."""
+    from pmf.userfiles import check_reference_file
 
     if path is None or not Path(path).exists():
         return  # setup_metric names a missing file itself, also before any sample is generated
-    try:
-        mu, _ = load_ref_stats(path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        raise PmfError(f"--ref-stats {path} cannot be read ({type(e).__name__}: {msg}); recompute it with "
-                       "`pmf ref-stats` or fetch it again") from e
-    if mu.shape[0] != FEATURE_DIM:
-        raise PmfError(f"--ref-stats {path} holds {mu.shape[0]}-dimensional statistics but the Inception extractor's "
-                       f"features are {FEATURE_DIM}-dimensional; use statistics of the FID Inception pool features "
-                       "(`pmf ref-stats`)")
+    check_reference_file(path, feature_dim)
+
+
+def _run_config(checkpoint: str) -> dict:
+    """A run directory's resolved config (config.json; {} for other checkpoint forms); a damaged one is named."""
+    from pmf.userfiles import read_json_object
+
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return {}
+    return read_json_object(path, "the run's config")
 
 
 def _fast(net, args):
@@ -113,10 +114,9 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     args.batch_size = 256 if args.batch_size is None else args.batch_size
-    import contextlib
-
-    from pmf.images import npz_sample_writer, save_grid, to_uint8
+    from pmf.images import npz_archive_bytes, npz_sample_writer, png_grid_bytes, png_grid_writer, to_uint8
     from pmf.sampler import SamplerSettings, noise_from_seeds, sample
+    from pmf.userfiles import check_free_space
 
     _check_args(args, num=args.num)
     if args.rows < 1:
@@ -125,29 +125,30 @@ def cmd_sample(args) -> int:
     net = _fast(net, args)
     settings = SamplerSettings.from_meta(meta, args.omega, args.interval or None, args.instantaneous, net)
     omega, t_min, t_max, noise_scale = settings.omega, settings.t_min, settings.t_max, settings.noise_scale
-    shape = (net.in_channels, net.input_size, net.input_size)
+    C, R = net.in_channels, net.input_size
     classes = _class_list(args.classes, net.num_classes)
     out = Path(args.out)
     n = args.num if args.num is not None else args.rows * len(classes)  # --num 0 is refused by _check_args
-    labels = torch.tensor([classes[i % len(classes)] for i in range(n)])  # class-balanced
-    to_npz = out.suffix == ".npz"
-    # an .npz is written batch by batch in the ADM layout (arr_0 uint8 N x H x W x C, arr_1 labels), so 50k samples
-    # never sit in memory; a grid keeps its few images
-    writer_cm = (npz_sample_writer(out, n, net.input_size, net.input_size, net.in_channels) if to_npz
-                 else contextlib.nullcontext())
-    images = []
+    # Both outputs are written batch by batch (an .npz in the ADM layout: arr_0 uint8 N x H x W x C, arr_1 labels; a
+    # grid row of images by row), so memory holds one batch whatever --num; the disk must hold the whole file.
+    scale = max(1, 112 // R)
+    if out.suffix == ".npz":
+        check_free_space(out, npz_archive_bytes(n, R, R, C), f"{n} samples of {R} x {R} x {C}")
+        writer_cm = npz_sample_writer(out, n, R, R, C)
+    else:
+        check_free_space(out, png_grid_bytes(n, len(classes), C, R, R, scale), f"a grid of {n} samples")
+        writer_cm = png_grid_writer(out, n, len(classes), C, R, R, scale)
     with writer_cm as writer:
         for start in range(0, n, args.batch_size):
             idx = list(range(start, min(n, start + args.batch_size)))
-            noise = noise_from_seeds([args.seed * 10**7 + i for i in idx], shape, noise_scale, args.device)
-            x = sample(net, noise, labels[idx].to(args.device), args.steps, omega, t_min, t_max, args.instantaneous)
+            labels = torch.tensor([classes[i % len(classes)] for i in idx])  # class-balanced
+            noise = noise_from_seeds([args.seed * 10**7 + i for i in idx], (C, R, R), noise_scale, args.device)
+            x = sample(net, noise, labels.to(args.device), args.steps, omega, t_min, t_max, args.instantaneous)
             batch = to_uint8(x.float().cpu())
-            if to_npz:
-                writer.write(batch, labels[idx])
+            if out.suffix == ".npz":
+                writer.write(batch, labels)
             else:
-                images.append(batch)
-    if not to_npz:
-        save_grid(torch.cat(images), out, nrow=len(classes), scale=max(1, 112 // net.input_size))
+                writer.write(batch)
     print(f"wrote {n} samples ({args.steps} step(s), omega {omega}, interval [{t_min}, {t_max}]) to {out}")
     return 0
 
@@ -156,18 +157,25 @@ def cmd_eval_samples(args) -> int:
     """``pmf eval --samples FILE.npz``: FID, sFID, IS, precision and recall of a sample archive (one process)."""
     args.batch_size = 256 if args.batch_size is None else args.batch_size
     from pmf.eval.samples import evaluate_samples, fmnist_extractor_and_reference, inception_extractor, load_reference
+    from pmf.userfiles import check_evaluation_memory, check_sample_archive
 
     if args.checkpoint:
         raise ValueError("give either --samples (evaluate a sample file) or --checkpoint (generate), not both")
     if args.extractor == "fmnist":
         if args.ref_stats:
             raise ValueError("the fmnist extractor's reference is the Fashion-MNIST test set: drop --ref-stats")
+        n_file = check_sample_archive(args.samples, "fmnist", (1,), 28)[0]  # before the CNN is trained or loaded
+        check_evaluation_memory(min(n_file, args.num or n_file), 256)
         extractor, reference = fmnist_extractor_and_reference(args.device, args.batch_size)
     else:
         if not args.ref_stats:
             raise ValueError("--extractor inception needs a reference: --ref-stats NPZ (ADM's "
                              "VIRTUAL_imagenet256_labeled.npz, JiT's jit_in256_stats.npz, or `pmf ref-stats` output)")
+        n_file = check_sample_archive(args.samples, "inception", (1, 3), None)[0]  # before any feature is computed
+        check_evaluation_memory(min(n_file, args.num or n_file), 2048)
+        _check_ref_stats(args.ref_stats, None)  # readable, before the network is loaded
         extractor = inception_extractor(args.inception, args.device)
+        _check_ref_stats(args.ref_stats, extractor.feature_dim)  # its dimension, before any feature
         reference = load_reference(args.ref_stats, extractor, args.batch_size, args.device)
     res = evaluate_samples(args.samples, extractor, reference, args.batch_size, args.num, k=args.k,
                            device=args.device)
@@ -188,15 +196,17 @@ def cmd_eval(args) -> int:
     if not args.checkpoint:
         raise ValueError("give --checkpoint (a run or export to sample from) or --samples FILE.npz")
     from pmf.train import dist
-    from pmf.eval.generate import evaluate_generator
+    from pmf.eval.generate import SEED_STRIDE, evaluate_generator
     from pmf.eval.metrics import setup_metric
     from pmf.sampler import SamplerSettings
 
     _check_args(args, num=args.num)
     # a run directory's `eval:` section (pmf.train.config.EvalConfig, set by its preset) gives the defaults
-    run_cfg_path = Path(args.checkpoint) / "config.json"
-    eval_cfg = json.loads(run_cfg_path.read_text()).get("eval", {}) if run_cfg_path.is_file() else {}
+    eval_cfg = _run_config(args.checkpoint).get("eval", {})
     args.num = args.num if args.num is not None else eval_cfg.get("num_samples")
+    if args.num is not None and args.num > SEED_STRIDE:
+        raise PmfError(f"--num={args.num} exceeds {SEED_STRIDE:,}: sample i is drawn from seed --seed * {SEED_STRIDE:,}"
+                       " + i (pmf.eval.generate), so larger counts would repeat another seed's noise; evaluate fewer")
     args.batch_size = args.batch_size if args.batch_size is not None else eval_cfg.get("batch_size", 256)
     step_tokens = args.steps if args.steps is not None else eval_cfg.get("steps", [1, 2, 4])
     steps = [int(s) for tok in step_tokens for s in str(tok).split(",") if s.strip()]  # "1 2 4" or "1,2,4"
@@ -226,7 +236,7 @@ def cmd_eval(args) -> int:
             res = {"n": n, **evaluate_generator(net, metric, n, steps, batch_size=args.batch_size, seed=args.seed,
                                                 device=device, **settings.kwargs()), **metric.info}
         run_dir = Path(args.checkpoint)
-        cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        cfg = _run_config(args.checkpoint)
         ema = args.ema or cfg.get("sample", {}).get("ema") or "model"
         res.update({"extractor": args.extractor, "steps": steps, "omega": settings.omega, "t_min": settings.t_min,
                     "t_max": settings.t_max, "ema": ema, "seed": args.seed,
@@ -284,6 +294,13 @@ def cmd_prepare_data(args) -> int:
     """ImageFolder -> ADM-center-cropped uint8 shards + dataset.json (pmf.train.prepare)."""
     from pmf.train.prepare import prepare_data
 
+    if args.check:  # verify --out against its manifest; writes nothing
+        from pmf.train.shards import check_shards
+
+        r = check_shards(args.out)
+        print(f"{args.out}: {r['shards']} shards, {r['images']} images, {r['bytes'] / 1e6:.1f} MB: every SHA-256 "
+              "matches the manifest")
+        return 0
     from pmf.train.sources import SourceOptions
 
     m = prepare_data(args.source, args.out, args.resolution, workers=args.workers, shard_size=args.shard_size,
@@ -323,8 +340,7 @@ def cmd_guidance_search(args) -> int:
     device = f"cuda:{dist.local_rank()}" if args.device == "cuda" and dist.world_size() > 1 else args.device
     try:
         intervals = [parse_interval(t) for t in args.intervals]
-        run_dir = Path(args.checkpoint)
-        cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        cfg = _run_config(args.checkpoint)
         emas = args.emas or [cfg.get("sample", {}).get("ema") or "model"]
         if args.extractor == "fmnist":
             from pmf.eval.fmnist import get_fmnist_classifier
@@ -514,6 +530,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     d.add_argument("--shard-size", type=int, default=1000, help="source files per shard (one .npy each)")
     d.add_argument("--quiet", action="store_true", help="no progress line")
+    d.add_argument("--check", action="store_true", help="only verify --out: every shard's SHA-256 against "
+                   "dataset.json (exit 2 naming any damaged or altered file)")
     d.set_defaults(fn=cmd_prepare_data)
 
     g = sub.add_parser("guidance-search", help="grid over omega x interval x EMA, then the full count at the best")
@@ -580,7 +598,14 @@ def _expected_errors() -> tuple:
     """Exception types that mean bad input or a bad environment, not a bug: reported in one line."""
     from safetensors import SafetensorError
 
-    return (PmfError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, SafetensorError)
+    import pickle
+
+    import yaml
+
+    # pickles refused by torch.load(weights_only=True), YAML that is not plain data: pmf.userfiles names the file
+    # where it reads one; these catch any reader that does not
+    return (PmfError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, SafetensorError,
+            pickle.UnpicklingError, yaml.YAMLError)
 
 
 def error_line(e: BaseException) -> str:

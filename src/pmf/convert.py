@@ -200,7 +200,10 @@ def ours_to_official(
 def _read_state_dict(obj) -> dict[str, torch.Tensor]:
     """Path or dict -> a flat {name: tensor} dict, unwrapping the usual nesting ({"model": sd}, {"ema": sd}, ...)."""
     if isinstance(obj, (str, os.PathLike)):
-        obj = torch.load(obj, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+        from pmf.userfiles import load_torch_file  # never unpickles arbitrary objects
+
+        obj = load_torch_file(obj, "the official checkpoint", "give the authors' released .pt (a state dict of "
+                              "tensors), or load it yourself if you trust it and pass its state dict")
     for _ in range(3):  # e.g. {"state_dict": {"model": sd}}
         if not isinstance(obj, Mapping):
             raise ValueError(f"expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")

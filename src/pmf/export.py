@@ -116,14 +116,17 @@ def load_exported(path_or_dir: str | os.PathLike, name: str = "model", **overrid
     (:func:`upgrade_model_kwargs`).
     """
     weights, config_path = _export_paths(path_or_dir, name)
+    from pmf.userfiles import check_model_kwargs, read_json_object
+
     if config_path.exists():
-        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config = read_json_object(config_path, "the export's config")
     else:  # the .json went missing: the header carries the same JSON
         with safe_open(weights, framework="pt") as f:
             header = (f.metadata() or {}).get("pmf_config")
         if header is None:
             raise FileNotFoundError(f"{config_path} is missing and {weights} carries no pmf_config metadata")
         config = json.loads(header)
+    check_model_kwargs(config.get("model_kwargs"), str(config_path if config_path.exists() else weights))
     model_kwargs = upgrade_model_kwargs(config["model_kwargs"], config.get("format_version", 1))
     net = PMFDiT(**{**model_kwargs, **overrides})
     net.load_state_dict(load_file(weights, device="cpu"), strict=True)

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from pmf.atomic import atomic_path, atomic_write_text
 from pmf.export import FORMAT_VERSION, _fit_problems, _unwrap  # one format version for exports and this layout
 from pmf.model import MODELS, PMFDiT
+from pmf.userfiles import check_model_kwargs, read_json_object
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 PAPER_URL = "https://arxiv.org/abs/2601.22158"
@@ -269,7 +270,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: {folder} is not a pmf model folder (save_pretrained layout)")
-    config = json.loads(path.read_text(encoding="utf-8"))
+    config = read_json_object(path, "the model config")
     version = config.get("pmf_format_version")
     if not isinstance(config.get("model_kwargs"), dict) or version is None:
         raise ValueError(f"{path} is not a pmf config (no 'model_kwargs' / 'pmf_format_version'): was it written "
@@ -296,6 +297,7 @@ def load_pretrained(name_or_path: str | os.PathLike, cls: type = PMFDiT, cache_d
     that do not change the weights' shapes (e.g. ``attn_backend="math"``). Strict load."""
     folder = resolve_pretrained(name_or_path, cache_dir, revision, token)
     config = read_config(folder)
+    check_model_kwargs(config["model_kwargs"], str(Path(folder) / CONFIG_NAME))
     net = cls(**{**config["model_kwargs"], **overrides})
     net.load_state_dict(load_file(folder / WEIGHTS_NAME, device="cpu"), strict=True)
     net.pretrained_meta = dict(config.get("meta", {}))  # so a re-save keeps the sampling defaults and provenance

@@ -6,7 +6,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import struct
+import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +59,82 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 
     return path
 
 
+def png_grid_bytes(num: int, nrow: int, channels: int, height: int, width: int, scale: int = 1, pad: int = 2) -> int:
+    """Raw pixel bytes of a grid of ``num`` images (the PNG's size when its pixels do not compress, plus 1 %)."""
+    rows = math.ceil(num / nrow)
+    raw = (rows * (height + pad) + pad) * scale * ((nrow * (width + pad) + pad) * scale * channels + 1)
+    return raw + raw // 100 + 4096
+
+
+class PngGridWriter:
+    """A sample grid written as a PNG row of images by row of images (the layout of :func:`make_grid`, enlarged
+    ``scale`` times as :func:`save_grid`): memory holds one row of ``nrow`` images whatever the number of images.
+    PNG (RFC 2083): signature, IHDR, the deflated filter-0 scanlines as IDAT chunks, IEND."""
+
+    def __init__(self, f, num: int, nrow: int, channels: int, height: int, width: int, scale: int = 1, pad: int = 2):
+        if channels not in (1, 3):
+            raise ValueError(f"a PNG grid holds 1- or 3-channel images, got {channels}")
+        self.f, self.num, self.nrow, self.scale, self.pad = f, int(num), int(nrow), int(scale), int(pad)
+        self.cell = (int(channels), int(height), int(width))
+        self.count, self._pending = 0, []
+        self.width = (self.nrow * (width + pad) + pad) * self.scale
+        self.height = (math.ceil(self.num / self.nrow) * (height + pad) + pad) * self.scale
+        self._z = zlib.compressobj(6)
+        f.write(b"\x89PNG\r\n\x1a\n")
+        self._chunk(b"IHDR", struct.pack(">IIBBBBB", self.width, self.height, 8, 0 if channels == 1 else 2, 0, 0, 0))
+        self._lines(np.zeros((pad, self.width // self.scale, channels), np.uint8))  # the top border
+
+    def _chunk(self, tag: bytes, data: bytes) -> None:
+        self.f.write(struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data)))
+
+    def _lines(self, block: np.ndarray) -> None:
+        """Deflate the unscaled pixel rows ``block`` (rows, W, C), each enlarged ``scale`` times."""
+        if self.scale > 1:
+            block = block.repeat(self.scale, axis=0).repeat(self.scale, axis=1)
+        rows = np.zeros((block.shape[0], 1 + block.shape[1] * block.shape[2]), np.uint8)  # column 0: filter "none"
+        rows[:, 1:] = block.reshape(block.shape[0], -1)
+        if data := self._z.compress(rows.tobytes()):
+            self._chunk(b"IDAT", data)
+
+    def _emit_row(self) -> None:
+        C, H, W = self.cell
+        block = np.zeros((H + self.pad, self.width // self.scale, C), np.uint8)
+        for c, img in enumerate(self._pending):
+            x0 = self.pad + c * (W + self.pad)
+            block[:H, x0 : x0 + W] = img.permute(1, 2, 0).numpy()
+        self._pending = []
+        self._lines(block)
+
+    def write(self, images: torch.Tensor) -> None:
+        """uint8 (B, C, H, W), the next B cells in row-major order."""
+        if images.dtype != torch.uint8 or tuple(images.shape[1:]) != self.cell:
+            raise ValueError(f"expected uint8 images (B, {', '.join(map(str, self.cell))}), got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if self.count + images.shape[0] > self.num:
+            raise ValueError(f"the grid was opened for {self.num} images; {self.count + images.shape[0]} written")
+        for img in images.cpu():
+            self._pending.append(img)
+            self.count += 1
+            if len(self._pending) == self.nrow or self.count == self.num:
+                self._emit_row()
+
+    def finish(self) -> None:
+        if self.count != self.num:
+            raise ValueError(f"the grid was opened for {self.num} images but {self.count} were written")
+        self._chunk(b"IDAT", self._z.flush())
+        self._chunk(b"IEND", b"")
+
+
+@contextlib.contextmanager
+def png_grid_writer(path, num: int, nrow: int, channels: int, height: int, width: int, scale: int = 1):
+    """Write a grid of ``num`` images, ``nrow`` per row, to the PNG ``path`` as they come (``writer.write(images)``);
+    the same pixels :func:`save_grid` writes. Atomic: the file appears complete or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        writer = PngGridWriter(f, num, nrow, channels, height, width, scale)
+        yield writer
+        writer.finish()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Sample archives (.npz): the ADM layout arr_0 = uint8 images (N, H, W, C), arr_1 = int labels (N,), written and
 # read in batches, so 50k 512 x 512 samples (39 GB) never sit in memory at once.
@@ -63,13 +143,24 @@ IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # guided-diffusion's sampler and the 
 LEGACY_KEYS = ("images", "labels")  # what pmf wrote before; still read
 
 
-class NpzSampleWriter:
-    """Appends uint8 batches to ``arr_0.npy`` inside an open zip; see :func:`npz_sample_writer`."""
+NPY_HEADER_BYTES = 4096  # an upper bound of one .npy header plus its zip entry records (zip64 included)
 
-    def __init__(self, zf: zipfile.ZipFile, num: int, height: int, width: int, channels: int):
+
+def npz_archive_bytes(num: int, height: int, width: int, channels: int) -> int:
+    """Bytes of a sample archive of ``num`` images (uncompressed ``arr_0`` uint8 and ``arr_1`` int64), plus the
+    label spool :class:`NpzSampleWriter` keeps until the images are written: what must be free before writing."""
+    return int(num) * (int(height) * int(width) * int(channels) + 2 * 8) + 2 * NPY_HEADER_BYTES
+
+
+class NpzSampleWriter:
+    """Appends uint8 batches to ``arr_0.npy`` inside an open zip, and their labels to an anonymous temporary file
+    (a zip takes one member at a time), copied in as ``arr_1.npy`` at the end: memory holds one batch whatever
+    ``num``; see :func:`npz_sample_writer`."""
+
+    def __init__(self, zf: zipfile.ZipFile, num: int, height: int, width: int, channels: int, spool_dir=None):
         self.num, self.shape = int(num), (int(num), int(height), int(width), int(channels))
         self.count = 0
-        self.labels = np.zeros(self.num, dtype=np.int64)
+        self._labels = tempfile.TemporaryFile(dir=spool_dir)  # int64 labels as written; gone when closed
         self._zf = zf
         self._f = zf.open(f"{IMAGES_KEY}.npy", "w", force_zip64=True)
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
@@ -89,7 +180,7 @@ class NpzSampleWriter:
         if labels.shape != (b,):
             raise ValueError(f"need one label per image: {b} images, {labels.size} labels")
         self._f.write(np.ascontiguousarray(images.permute(0, 2, 3, 1).cpu().numpy()).tobytes())
-        self.labels[self.count : self.count + b] = labels
+        self._labels.write(labels.astype("<i8").tobytes())
         self.count += b
 
     def _finish(self) -> None:
@@ -97,7 +188,16 @@ class NpzSampleWriter:
         if self.count != self.num:
             raise ValueError(f"the archive was opened for {self.num} samples but {self.count} were written")
         with self._zf.open(f"{LABELS_KEY}.npy", "w", force_zip64=True) as f:
-            np.lib.format.write_array(f, self.labels)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<i8")), "fortran_order": False,
+                      "shape": (self.num,)}
+            np.lib.format.write_array_header_2_0(f, header)
+            self._labels.seek(0)
+            shutil.copyfileobj(self._labels, f, 1 << 20)
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+        self._labels.close()
 
 
 @contextlib.contextmanager
@@ -107,13 +207,12 @@ def npz_sample_writer(path, num: int, height: int, width: int, channels: int):
     write them (readable by ``np.load``, the ADM evaluator and its ports). Atomic: the file appears complete, with
     exactly ``num`` samples, or not at all."""
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        writer = NpzSampleWriter(zf, num, height, width, channels)
+        writer = NpzSampleWriter(zf, num, height, width, channels, spool_dir=Path(tmp).parent)
         try:
             yield writer
+            writer._finish()
         finally:
-            if not writer._f.closed:
-                writer._f.close()
-        writer._finish()
+            writer.close()
 
 
 def save_npz(path, images: torch.Tensor, labels: torch.Tensor) -> Path:
@@ -145,7 +244,7 @@ def npz_sample_keys(path) -> tuple[str, str | None]:
 def _check_image_array(shape, dtype, path) -> tuple[int, ...]:
     """(N, H, W, C) of a stored image array; grey (N, H, W) counts as C = 1."""
     if dtype != np.uint8:
-        raise TypeError(f"{path}: images must be uint8 [0, 255], got {dtype} (convert with pmf.images.to_uint8)")
+        raise ValueError(f"{path}: images must be uint8 [0, 255], got {dtype} (convert with pmf.images.to_uint8)")
     shape = tuple(shape) + ((1,) if len(shape) == 3 else ())
     if len(shape) != 4 or shape[-1] not in (1, 3):
         raise ValueError(f"{path}: expected images (N, H, W, 1 or 3), got {tuple(shape)}")

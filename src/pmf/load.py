@@ -3,10 +3,7 @@ official .pt. Returns the network in eval mode and its sampling defaults (noise 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import torch
 
 
 def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"):
@@ -18,12 +15,13 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
     an official .pt (its size found from its keys and shapes; ``ema`` picks a top-level entry such as "ema")."""
     from pmf import hub
     from pmf.export import load_exported
+    from pmf.userfiles import check_loaded_network, read_json_object
 
     p = Path(checkpoint)
     if not p.exists():  # a Hub repo id, or a clear error saying why it is neither a path nor a reachable repo
         net, meta = hub.load_pretrained(checkpoint)
     elif p.is_dir() and (p / "export").is_dir():
-        cfg = json.loads((p / "config.json").read_text()) if (p / "config.json").exists() else {}
+        cfg = read_json_object(p / "config.json", "the run's config") if (p / "config.json").exists() else {}
         name = ema or cfg.get("sample", {}).get("ema") or "model"
         net, meta = load_exported(p / "export", name=name)
         meta = {**meta, "ema": name}
@@ -31,14 +29,18 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
         from pmf.train.run_weights import load_from_training_state
 
         net, meta = load_from_training_state(p, ema)
-    elif p.is_dir() and hub.is_pretrained_folder(p):
+    elif p.is_dir() and (p / hub.CONFIG_NAME).is_file() and (p / hub.WEIGHTS_NAME).is_file() and (
+            read_json_object(p / hub.CONFIG_NAME, "the model config") is not None  # a damaged one is named
+            and hub.is_pretrained_folder(p)):
         net, meta = hub.load_pretrained(p)
     elif p.is_dir():
         net, meta = load_exported(p, name=ema or "model")
     elif p.suffix in (".pt", ".pth", ".bin"):
         from pmf.convert import infer_model, load_official, official_meta
+        from pmf.userfiles import load_torch_file
 
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = load_torch_file(p, "the checkpoint", "give an official pMF checkpoint (a state dict of tensors), or "
+                                "load it yourself if you trust it and save its state dict")
         if ema is not None:
             if not (isinstance(state, dict) and isinstance(state.get(ema), dict)):
                 raise KeyError(f"--ema {ema}: {p} has no top-level entry {ema!r}")
@@ -47,6 +49,7 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
         net, meta = load_official(state, model=model), official_meta(model, p.name)
     else:
         net, meta = load_exported(p)
+    check_loaded_network(net, meta, str(p))  # the flags' rules for the stored defaults; finite weights
     return net.to(device).eval(), meta
 
 

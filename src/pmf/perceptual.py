@@ -439,7 +439,9 @@ def _read_state_dict(path: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    from pmf.userfiles import load_torch_file
+
+    obj = load_torch_file(path, "the perceptual network's weights", "download the released weights file again")
     for wrapper in ("state_dict", "model"):  # common checkpoint wrappers (e.g. the ConvNeXt-V2 authors' "model")
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]

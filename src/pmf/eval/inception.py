@@ -309,7 +309,9 @@ def load_inception(path=None, device="cpu", resize: str = "tf1") -> InceptionV3F
             f"FID Inception weights not found {where}. Download {WEIGHTS_NAME} from {WEIGHTS_URL} "
             f"(the pytorch-fid 'fid_weights' release on GitHub) and pass its path with --inception PATH "
             f"(pmf eval / ref-stats / guidance-search), or set ${ENV_VAR}.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    from pmf.userfiles import load_torch_file
+
+    state = load_torch_file(path, "--inception", f"download {WEIGHTS_NAME} again from {WEIGHTS_URL}")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     model = InceptionV3FID(resize=resize)

@@ -61,6 +61,8 @@ class Extractor:
     is_key: str | None = "is"  # key of the Inception Score of "logits"; None: do not report one
     accuracy: bool = False  # the logits' classes are the samples' labels: report the class accuracy
     info: dict = dataclasses.field(default_factory=dict)  # reported alongside the metrics
+    feature_dim: int | None = None  # F of "pool", when known before any image is seen (reference files are checked
+    #   against it before any feature is computed: pmf.userfiles.check_reference_file)
 
 
 @dataclasses.dataclass
@@ -281,7 +283,10 @@ def inception_extractor(weights=None, device="cpu") -> Extractor:
     from pmf.eval.inception import load_inception
 
     model = load_inception(weights, device=device)
-    return Extractor(model.extract, "fid", "is", accuracy=False, info={"extractor": "inception"})
+    from pmf.eval.inception import FEATURE_DIM
+
+    return Extractor(model.extract, "fid", "is", accuracy=False, info={"extractor": "inception"},
+                     feature_dim=FEATURE_DIM)
 
 
 def fmnist_extractor_and_reference(device="cpu", batch_size: int = 500, cache_dir=None, classifier=None,

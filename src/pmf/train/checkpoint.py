@@ -241,6 +241,30 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside
 # The run directory's history
 
 
+def clear_unfinished_first_run(run_dir: Path) -> list[str]:
+    """A run killed before its first checkpoint left no state, only temporaries (``.state-*.tmp`` of an unfinished
+    write) and perhaps a log of steps that will be trained again: the temporaries are removed and the log moved
+    aside (``log.old-TIMESTAMP.jsonl``), by the single writer (rank 0). Returns what was removed or moved."""
+    from pmf.train import dist
+
+    if not dist.is_main():
+        return []
+    done = []
+    ckpt_dir = run_dir / STATE_DIR
+    for tmp in sorted(ckpt_dir.glob(".state-*.tmp")) if ckpt_dir.is_dir() else []:
+        _remove_state(tmp)
+        done.append(f"removed {STATE_DIR}/{tmp.name}")
+    log = run_dir / "log.jsonl"
+    if log.exists():
+        target = log.with_name(f"log.old-{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        log.rename(target)
+        done.append(f"moved {log.name} aside as {target.name}")
+    if done:
+        print(f"{run_dir}: the earlier run stopped before its first checkpoint, so there is nothing to resume; "
+              f"starting from step 0 ({'; '.join(done)})", flush=True)
+    return done
+
+
 def set_aside_previous_run(run_dir: Path) -> list[str]:
     """``--restart``: move the states and the log of the run in ``run_dir`` aside (``*.old-TIMESTAMP``), so the new
     run starts from step 0 and nothing of the old one is deleted. Exports and grids are overwritten later."""
@@ -256,9 +280,17 @@ def set_aside_previous_run(run_dir: Path) -> list[str]:
 
 
 def refuse_silent_restart(run_dir: Path) -> None:
-    """No training state but a log or an export of an earlier run: starting from step 0 would overwrite them."""
-    found = [n for n in ("log.jsonl", "export", "summary.json") if (run_dir / n).exists()]
-    if found:
-        raise PmfError(f"{run_dir} holds {', '.join(found)} of an earlier run but no training state in "
-                       f"{run_dir / STATE_DIR}; pass --restart to train again from step 0 (the old log and states are "
-                       "moved aside, the exports overwritten), or use a new --run-dir")
+    """No training state but an export, a summary or damaged states of an earlier run: starting from step 0 would
+    overwrite them. An earlier run stopped before its first checkpoint (a log at most) holds nothing to resume:
+    :func:`clear_unfinished_first_run` starts it cleanly, so rerunning the same command just works."""
+    ckpt_dir = run_dir / STATE_DIR
+    found = [n for n in ("export", "summary.json") if (run_dir / n).exists()]
+    found += [p.name for p in sorted(ckpt_dir.glob(f"*{DAMAGED_SUFFIX}"))] if ckpt_dir.is_dir() else []
+    if not found:
+        clear_unfinished_first_run(run_dir)
+        return
+    if (run_dir / "log.jsonl").exists():
+        found.insert(0, "log.jsonl")
+    raise PmfError(f"{run_dir} holds {', '.join(found)} of an earlier run but no training state in "
+                   f"{run_dir / STATE_DIR}; pass --restart to train again from step 0 (the old log and states are "
+                   "moved aside, the exports overwritten), or use a new --run-dir")

@@ -13,11 +13,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from pmf.objective import ObjectiveConfig
 from pmf.train.optim import OptimConfig
 from pmf.perceptual import PerceptualConfig
+from pmf.userfiles import load_yaml
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 # Field metadata of settings that may change when a run is resumed: they do not change what the training state
@@ -41,6 +40,8 @@ class DataConfig:
     resolution: int = 28  # imagefolder: ADM center crop to this size; shards: must equal the prepared resolution
     num_workers: int = field(default=0, metadata=RESUMABLE)  # imagefolder / shards DataLoader workers
     class_conditional: bool = True  # False: all labels are the null class (unconditional training)
+    verify: bool = field(default=False, metadata=RESUMABLE)  # shards: check every shard's SHA-256 against the
+    #   manifest when opened (reads every byte once; `pmf prepare-data --check` does the same alone)
 
 
 @dataclass
@@ -156,13 +157,13 @@ def _coerce(value, tp):
             return None
         return _coerce(value, args[0])
     if origin is tuple or tp is tuple:
-        value = yaml.safe_load(value) if isinstance(value, str) else value
+        value = load_yaml(value, repr(value)) if isinstance(value, str) else value
         return tuple(value)
     if origin is list or tp is list:
-        value = yaml.safe_load(value) if isinstance(value, str) else value
+        value = load_yaml(value, repr(value)) if isinstance(value, str) else value
         return list(value) if isinstance(value, (list, tuple)) else [value]
     if origin is dict or tp is dict:
-        value = yaml.safe_load(value) if isinstance(value, str) else value
+        value = load_yaml(value, repr(value)) if isinstance(value, str) else value
         if value is None:
             return None
         if not isinstance(value, dict):
@@ -231,7 +232,10 @@ def read_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
     path = Path(path)
     if path in _seen:
         raise ValueError(f"config files include each other in a loop: {' -> '.join(map(str, (*_seen, path)))}")
-    mapping = yaml.safe_load(path.read_text()) or {}
+    mapping = load_yaml(path.read_text(), f"config file {path}") or {}
+    if not isinstance(mapping, dict):
+        raise ValueError(f"config file {path} holds a YAML {type(mapping).__name__}, not a mapping of sections "
+                         "(train:, data:, ...)")
     base = mapping.pop("base", None)
     if base is None:
         return mapping
@@ -293,7 +297,7 @@ def load_config(preset: str | None = None, config_file: str | None = None, overr
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value")
         key, value = item.split("=", 1)
-        set_value(cfg, key.strip(), yaml.safe_load(value) if value.strip() else value)
+        set_value(cfg, key.strip(), load_yaml(value, f"--set {item}") if value.strip() else value)
     return cfg
 
 

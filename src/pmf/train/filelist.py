@@ -7,11 +7,16 @@ directory it lists (adding, removing or renaming a file or a folder changes its 
 ``stat`` calls for ImageNet instead of listing 1.28 M entries.  An index is not cached while a directory was
 modified in the last 2 s (its next change might not move its mtime): a folder still being written is walked again.
 
-Order and contents (unchanged from the former walk of :class:`pmf.train.data.ImageFolderDataset`): ``os.walk(root)``
-top-down, directories and files sorted by name, following symlinks; classes are the non-hidden subfolders of root,
-sorted by name -> labels 0..C-1; an image is a non-hidden file whose lower-cased name ends in one of the extensions.
-Files directly in root get label -1 (a flat folder: what ``pmf ref-stats`` may read; training uses class folders
-only). Files with other extensions are listed as ``ignored``.
+Order and contents: ``os.walk(root)`` top-down, directories and files sorted by name; classes are the walked
+non-hidden subfolders of root, sorted by name -> labels 0..C-1 (one without images is warned about); an image is a
+non-hidden file whose lower-cased name ends in one of the extensions. Files directly in root get label -1 (a flat
+folder: what ``pmf ref-stats`` may read; training uses class folders only). Files with other extensions are listed
+as ``ignored``.
+
+Symbolic links: a link to a file is read only when the file lies inside root; a link to a folder is followed only
+when the folder lies inside root, does not contain the link (a loop) and is not walked anyway (only folders under
+a hidden top-level folder are not), once. Every link not followed is listed in ``skipped`` with the reason and
+warned about: a link to ``/`` or a loop cannot multiply the files or leak outside files into the data.
 
 Cache location: next to the data, as the hidden sibling file ``<parent>/.<root name>.pmf-files.json`` (not inside
 root: writing there would change root's mtime and invalidate the cache), else, when the parent is not writable,
@@ -34,7 +39,7 @@ from pmf.atomic import atomic_write_text
 __all__ = ["IMG_EXTENSIONS", "FileIndex", "scan_image_folder", "index_cache_paths"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: symbolic links checked (skipped ones listed), walked top-level folders are the classes
 RACY_NS = 2_000_000_000  # 2 s: directories modified this recently are not trusted to show the next change
 
 
@@ -49,6 +54,17 @@ class FileIndex:
     labels: list[int]
     ignored: list[str]  # files in the walked folders without an image extension (relative paths)
     from_cache: bool = False  # whether this index was read from a valid cache file
+    skipped: list[dict] = dataclasses.field(default_factory=list)  # {"path", "reason"}: links not followed
+    #   (out of the source, loops, duplicates) and broken ones
+
+    @property
+    def empty_classes(self) -> list[str]:
+        """Class folders without any image (they still get a label, in sorted order)."""
+        counts = [0] * len(self.classes)
+        for y in self.labels:
+            if y >= 0:
+                counts[y] += 1
+        return [c for c, n in zip(self.classes, counts) if n == 0]
 
     def class_samples(self) -> list[tuple[str, int]]:
         """(absolute path, label) of the images in class folders, in index order (the training list)."""
@@ -69,20 +85,68 @@ def index_cache_paths(root) -> list[Path]:
     return [root.parent / f".{root.name}.pmf-files.json", _user_cache_dir() / f"{key}.json"]
 
 
+def _inside(real: str, root: Path) -> bool:
+    return real == str(root) or real.startswith(str(root) + os.sep)
+
+
+def _dir_link_problem(link: str, dirpath: str, root: Path, followed: set) -> str | None:
+    """Why the directory link ``link`` (found in ``dirpath``) is not followed, or None to follow it: only a link to
+    a folder inside the source that the walk does not reach otherwise (one under a hidden top-level folder), once."""
+    real = os.path.realpath(link)
+    if not _inside(real, root):
+        return f"a link to {real}, outside the source: not followed"
+    rel = Path(os.path.relpath(real, root)).as_posix()
+    here = os.path.realpath(dirpath)
+    if here == real or here.startswith(real.rstrip(os.sep) + os.sep):
+        return f"a link to {'the source root' if rel == '.' else rel}, a folder that contains it (a loop): not followed"
+    if not rel.split("/", 1)[0].startswith(".") or real in followed:
+        return f"a link to {rel}, which is listed as itself: not followed (its images would count twice)"
+    followed.add(real)
+    return None
+
+
+def _file_link_problem(path: str, root: Path) -> str | None:
+    """Why the file link ``path`` is not read, or None: only links to files inside the source are read."""
+    real = os.path.realpath(path)
+    if not os.path.exists(real):
+        return "a broken link: not read"
+    if not _inside(real, root):
+        return f"a link to {real}, outside the source: not read"
+    return None
+
+
 def _walk(root: Path, exts: tuple[str, ...]) -> dict:
-    """One walk: {"classes", "dirs": [{"path", "mtime_ns", "files", "ignored"}, ...]} in index order."""
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    dirs = []
+    """One walk: {"classes", "dirs": [{"path", "mtime_ns", "files", "ignored"}, ...], "skipped": [{"path",
+    "reason"}]} in index order. Directory links are followed only into the source and never into a folder that
+    contains them or is listed anyway (:func:`_dir_link_problem`); file links only to files inside the source."""
+    dirs, skipped, followed = [], [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         rel = os.path.relpath(dirpath, root)
+        prefix = "" if rel == "." else Path(rel).as_posix() + "/"
         if rel == ".":
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # hidden top-level folders are no class
-        dirnames.sort()
-        names = sorted(f for f in filenames if not f.startswith("."))
-        dirs.append({"path": "" if rel == "." else Path(rel).as_posix(), "mtime_ns": os.stat(dirpath).st_mtime_ns,
+        keep = []
+        for d in sorted(dirnames):
+            full = os.path.join(dirpath, d)
+            why = _dir_link_problem(full, dirpath, root, followed) if os.path.islink(full) else None
+            if why is None:
+                keep.append(d)
+            else:
+                skipped.append({"path": prefix + d, "reason": why})
+        dirnames[:] = keep
+        names = []
+        for f in sorted(f for f in filenames if not f.startswith(".")):
+            full = os.path.join(dirpath, f)
+            why = _file_link_problem(full, root) if os.path.islink(full) else None
+            if why is None:
+                names.append(f)
+            else:
+                skipped.append({"path": prefix + f, "reason": why})
+        dirs.append({"path": prefix.rstrip("/"), "mtime_ns": os.stat(dirpath).st_mtime_ns,
                      "files": [f for f in names if f.lower().endswith(exts)],
                      "ignored": [f for f in names if not f.lower().endswith(exts)]})
-    return {"classes": classes, "dirs": dirs}
+    classes = sorted(d["path"] for d in dirs if d["path"] and "/" not in d["path"])  # the walked top-level folders
+    return {"classes": classes, "dirs": dirs, "skipped": skipped}
 
 
 def _valid(cached: dict, root: Path, exts: tuple[str, ...]) -> bool:
@@ -106,7 +170,7 @@ def _to_index(walk: dict, root: Path, from_cache: bool) -> FileIndex:
         files += [prefix + f for f in d["files"]]
         labels += [label] * len(d["files"])
         ignored += [prefix + f for f in d["ignored"]]
-    return FileIndex(str(root), list(walk["classes"]), files, labels, ignored, from_cache)
+    return FileIndex(str(root), list(walk["classes"]), files, labels, ignored, from_cache, list(walk["skipped"]))
 
 
 def scan_image_folder(root, extensions=IMG_EXTENSIONS, cache: bool = True) -> FileIndex:
@@ -123,7 +187,7 @@ def scan_image_folder(root, extensions=IMG_EXTENSIONS, cache: bool = True) -> Fi
             except (OSError, ValueError):
                 continue
             if _valid(cached, root, exts):
-                return _to_index(cached, root, from_cache=True)
+                return _said(_to_index(cached, root, from_cache=True))
     started_ns = time.time_ns()
     walk = _walk(root, exts)
     # A directory changed within RACY_NS of the walk could change again within its mtime's granularity (1 s or
@@ -142,4 +206,17 @@ def scan_image_folder(root, extensions=IMG_EXTENSIONS, cache: bool = True) -> Fi
         else:
             warnings.warn(f"could not cache the file index of {root} (tried {', '.join(map(str, paths))}); "
                           "the folder will be walked again next time")
-    return _to_index(walk, root, from_cache=False)
+    return _said(_to_index(walk, root, from_cache=False))
+
+
+def _said(index: FileIndex) -> FileIndex:
+    """Warn about what the walk skipped (links) and about class folders without images; return the index."""
+    if index.skipped:
+        listed = "; ".join(f"{s['path']}: {s['reason']}" for s in index.skipped[:5])
+        more = f"; and {len(index.skipped) - 5} more" if len(index.skipped) > 5 else ""
+        warnings.warn(f"{index.root}: {len(index.skipped)} symbolic link(s) skipped ({listed}{more})", stacklevel=3)
+    if empty := index.empty_classes:
+        warnings.warn(f"{index.root}: class folder(s) {', '.join(empty[:10])}{', ...' if len(empty) > 10 else ''} "
+                      "hold no image; they still count as classes (labels in sorted order): add images or remove "
+                      "them", stacklevel=3)
+    return index

@@ -80,7 +80,7 @@ def load_dataset(cfg: RunConfig):
     if cfg.data.dataset == "shards":  # `pmf prepare-data` output, memory-mapped (pmf.train.shards)
         if not cfg.data.path:
             raise ValueError("data.dataset=shards needs data.path=/path/to/shards (the pmf prepare-data --out dir)")
-        ds = ShardDataset(cfg.data.path, cfg.data.resolution)
+        ds = ShardDataset(cfg.data.path, cfg.data.resolution, verify=cfg.data.verify)
         return ds, len(ds.classes)
     raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist, imagefolder or shards")
 

@@ -304,7 +304,7 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
         first += rec["count"]
         skipped += rec["skipped"]
     unreadable = len(skipped)
-    skipped = sorted(skipped + outside + ignored, key=lambda s: s["path"])
+    skipped = sorted(skipped + outside + ignored + index.skipped, key=lambda s: s["path"])  # + links not followed
     class_counts = [0] * len(index.classes)
     for k in range(n_shards):
         for y in np.load(out / records[k]["labels"]).tolist():

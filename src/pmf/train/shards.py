@@ -25,7 +25,7 @@ import torch
 
 from pmf.atomic import sha256_file
 
-__all__ = ["MANIFEST", "FORMAT", "ShardDataset", "is_shard_dir", "sha256_file"]
+__all__ = ["MANIFEST", "FORMAT", "ShardDataset", "is_shard_dir", "sha256_file", "check_shards"]
 
 MANIFEST = "dataset.json"
 FORMAT = "pmf-shards"
@@ -89,8 +89,8 @@ class ShardDataset(torch.utils.data.Dataset):
                     raise ValueError(f"{f}: {arr.dtype} {arr.shape}, the manifest says {np.dtype(dtype)} {shape} "
                                      "(a damaged or foreign file): rerun `pmf prepare-data` to redo it")
                 if verify and sha256_file(f) != s[f"sha256_{key}"]:
-                    raise ValueError(f"{f}: SHA-256 differs from the manifest's (a damaged file): delete it and rerun "
-                                     "`pmf prepare-data` to redo it")
+                    raise ValueError(f"{f}: SHA-256 differs from the manifest's (a damaged or altered file): delete "
+                                     "it and rerun `pmf prepare-data` to redo it")
 
     def _open(self) -> list:
         if self._maps is None:
@@ -149,3 +149,22 @@ class ShardDataset(torch.utils.data.Dataset):
         """Relative source path of each image, in dataset order (the sorted list minus the skipped files)."""
         skipped = {s["path"] for s in self.manifest["skipped"]}
         return [f for f, _ in self.manifest["files"] if f not in skipped]
+
+
+def check_shards(root) -> dict:
+    """``pmf prepare-data --check``: the manifest, every shard file's size and header, then every file's SHA-256
+    against the manifest (reads every byte). Returns {"shards", "images", "bytes"}; a mismatch raises ValueError
+    listing every damaged file."""
+    ds = ShardDataset(root)  # manifest, shapes and dtypes
+    bad, total = [], 0
+    for s in ds.shards:
+        for key in ("images", "labels"):
+            f = ds.root / s[key]
+            total += f.stat().st_size
+            if sha256_file(f) != s[f"sha256_{key}"]:
+                bad.append(s[key])
+    if bad:
+        raise ValueError(f"{ds.root}: {len(bad)} shard file(s) differ from the manifest's SHA-256 ({', '.join(bad[:5])}"
+                         f"{', ...' if len(bad) > 5 else ''}): damaged or altered; delete them and rerun `pmf "
+                         "prepare-data` with the same arguments to redo them")
+    return {"shards": len(ds.shards), "images": len(ds), "bytes": total}

@@ -148,7 +148,7 @@ def validate_config(cfg) -> None:
 
 def check_writable_dir(path: str | os.PathLike, flag: str = "--run-dir") -> None:
     """Raise :class:`ConfigError` unless ``path`` is a writable directory or can be created as one (its nearest
-    existing ancestor is a writable directory). Creates nothing."""
+    existing ancestor is a writable directory, and creating it works). Leaves nothing created."""
     path = Path(path).absolute()
     probe = path
     while not probe.exists():
@@ -160,3 +160,15 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--run-dir") -> None
     if not os.access(probe, os.W_OK | os.X_OK):
         what = "is not writable" if probe == path else f"cannot be created ({probe} is not writable)"
         raise ConfigError(f"{flag} {path} {what}; choose a writable directory or fix its permissions")
+    if probe != path:  # permissions can pass where creation cannot (/proc, a read-only mount as root): try it
+        created = []
+        try:
+            for d in reversed([path, *path.parents]):
+                if not d.exists():
+                    d.mkdir()
+                    created.append(d)
+        except OSError as e:
+            raise ConfigError(f"{flag} {path} cannot be created ({e.strerror or e}); choose another {flag}") from None
+        finally:
+            for d in reversed(created):
+                d.rmdir()
