@@ -3,6 +3,7 @@ official .pt. Returns the network in eval mode and its sampling defaults (noise 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 
