@@ -301,6 +301,9 @@ def cmd_prepare_data(args) -> int:
         print(f"{args.out}: {r['shards']} shards, {r['images']} images, {r['bytes'] / 1e6:.1f} MB: every SHA-256 "
               "matches the manifest")
         return 0
+    missing = [flag for flag, value in (("--source", args.source), ("--resolution", args.resolution)) if value is None]
+    if missing:
+        raise PmfError(f"prepare-data needs {' and '.join(missing)} (only --check goes without them)")
     from pmf.train.sources import SourceOptions
 
     m = prepare_data(args.source, args.out, args.resolution, workers=args.workers, shard_size=args.shard_size,
@@ -520,12 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(fn=cmd_ref_stats)
 
     d = sub.add_parser("prepare-data", help="ImageFolder -> center-cropped uint8 shards for data.dataset=shards")
-    d.add_argument("--source", required=True, help="image folder with one subfolder per class (e.g. ImageNet train), "
+    d.add_argument("--source", help="(required unless --check) image folder with one subfolder per class (e.g. ImageNet train), "
                    "a Hugging Face datasets folder (.parquet / .arrow), an EDM2 .zip, or WebDataset .tar shards")
     d.add_argument("--image-column", help="Hugging Face source: the image column (default: found by type and name)")
     d.add_argument("--label-column", help="Hugging Face source: the class-label column (default: found by name)")
     d.add_argument("--split", default="train", help="Hugging Face source: the split read when file names mark splits")
-    d.add_argument("--resolution", type=int, required=True, help="ADM center-crop size R (256, 512, ...)")
+    d.add_argument("--resolution", type=int, help="(required unless --check) ADM center-crop size R (256, 512, ...)")
     d.add_argument("--out", required=True, help="output directory (rerun the same command to resume)")
     d.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="decoding processes")
     d.add_argument("--shard-size", type=int, default=1000, help="source files per shard (one .npy each)")
