@@ -14,6 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pmf.images import to_model_range, to_uint8
 from pmf.train import data
 from pmf.train.data import (
     ChecksumError,
@@ -24,8 +25,6 @@ from pmf.train.data import (
     load_fashion_mnist,
     make_loader,
     parse_idx,
-    to_model_range,
-    to_uint8,
 )
 
 DEB = Path(data.DEBIAN_DIR)

@@ -60,7 +60,6 @@ def save_grid(images: torch.Tensor, path, nrow: int | None = None, scale: int = 
 # read in batches, so 50k 512 x 512 samples (39 GB) never sit in memory at once.
 
 IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # guided-diffusion's sampler and the ADM evaluator (np.savez positional)
-LEGACY_KEYS = ("images", "labels")  # what pmf wrote before; still read
 
 
 class NpzSampleWriter:
@@ -131,15 +130,12 @@ def _npz_member(zf: zipfile.ZipFile, keys) -> str | None:
 
 
 def npz_sample_keys(path) -> tuple[str, str | None]:
-    """(images key, labels key or None) of a sample archive: ``arr_0`` / ``arr_1`` (ADM, pmf) or ``images`` /
-    ``labels`` (pmf before the ADM layout)."""
+    """(images key, labels key or None) of a sample archive in the ADM layout: ``arr_0`` / ``arr_1``."""
     with zipfile.ZipFile(path) as zf:
-        key = _npz_member(zf, (IMAGES_KEY, LEGACY_KEYS[0]))
-        if key is None:
+        if _npz_member(zf, (IMAGES_KEY,)) is None:
             raise KeyError(f"{path} holds {sorted(n.removesuffix('.npy') for n in zf.namelist())}; expected uint8 "
-                           f"images under '{IMAGES_KEY}' (ADM layout) or '{LEGACY_KEYS[0]}'")
-        label_key = LABELS_KEY if key == IMAGES_KEY else LEGACY_KEYS[1]
-        return key, (label_key if f"{label_key}.npy" in zf.namelist() else None)
+                           f"images under '{IMAGES_KEY}' (the ADM layout)")
+        return IMAGES_KEY, _npz_member(zf, (LABELS_KEY,))
 
 
 def _check_image_array(shape, dtype, path) -> tuple[int, ...]:

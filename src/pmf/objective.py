@@ -29,7 +29,7 @@ from typing import Callable
 import torch
 
 from pmf import objective_lean
-from pmf.objective_lean import ConstantOperandTangents, RowPlan  # noqa: F401  (re-exported)
+from pmf.objective_lean import RowPlan
 
 
 @dataclass

@@ -1,13 +1,11 @@
 """Data: Fashion-MNIST (IDX files), ImageFolder with the ADM center crop, and a resumable sharded sampler.
 
-Batches stay uint8 until they reach the device; :func:`to_model_range` maps them to [-1, 1] there.
+Batches stay uint8 until they reach the device; :func:`pmf.images.to_model_range` maps them to [-1, 1] there.
 
 Data position is one integer, ``nimg`` (global images seen).  The sampler reads the data as an endless stream, the
 concatenation of per-epoch permutations ``perm(seed, 0), perm(seed, 1), ...``; the global batch at ``nimg`` is
 ``stream[nimg : nimg + G]`` and rank r takes the r-th contiguous slice of it.  So a restart, a new world size or a
 new global batch size continue from exactly the same image.
-
-Imports only torch, numpy, PIL and the standard library (so the data path can be read and reused alone).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmf.images import to_model_range, to_uint8  # noqa: F401 (re-exported: pixel range of the data)
 from pmf.train.filelist import IMG_EXTENSIONS, scan_image_folder
 from pmf.train.preempt import ignore_stop_signals
 
@@ -37,8 +34,6 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "parse_idx",
     "ChecksumError",
-    "to_model_range",
-    "to_uint8",
     "EpochSampler",
     "ImageFolderDataset",
     "center_crop_adm",

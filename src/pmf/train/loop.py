@@ -25,7 +25,7 @@ import torch
 from pmf.train import dist, parallel, plan
 from pmf.atomic import atomic_write_text
 from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
-from pmf.export import FORMAT_VERSION, export_model, upgrade_model_kwargs
+from pmf.export import export_model
 from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, to_json
 from pmf.train.dryrun import dry_run_report
@@ -354,8 +354,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
     """The training state to resume from (None: start at step 0), after ``--restart`` moved an old run aside, a
     silent restart over an existing run was refused, and the config was checked against the run's. Damaged states
     are skipped (rank 0 renames them *.damaged); every rank reads a single-file state memory-mapped, and only the
-    checked manifest and non-tensor part of a sharded one (its shards are read into the built run). An older pmf's
-    state has its model overrides read in their old meaning (:func:`pmf.export.upgrade_model_kwargs`)."""
+    checked manifest and non-tensor part of a sharded one (its shards are read into the built run)."""
     if restart:
         if dist.is_main():
             moved = set_aside_previous_run(run_dir)
@@ -367,8 +366,6 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
         refuse_silent_restart(run_dir)
     if not restart:
         check_resume_config(run_dir, cfg, state.get("config") if state is not None else None)
-    if state is not None and state.get("format_version", 1) < FORMAT_VERSION:
-        cfg.model.overrides = upgrade_model_kwargs(cfg.model.overrides, state.get("format_version", 1))
     return state
 
 

@@ -220,5 +220,5 @@ def read_full_state(path: str | os.PathLike) -> dict:
     manifest = read_manifest(path)
     state = join_state(read_full_tensors(path), read_extra(path))
     state.setdefault("step", manifest["step"])
-    state.setdefault("format_version", manifest.get("format_version", 1))
+    state.setdefault("format_version", manifest.get("format_version"))
     return state
