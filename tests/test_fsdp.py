@@ -52,7 +52,8 @@ def _perturbed_tiny(seed: int = 0):
 def _findings_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws, u_and_dudt
+    from pmf.objective import ObjectiveConfig, pmf_loss, sample_draws, u_and_dudt
+    from pmf.rng import PerSampleGenerator
 
     _join_group(rank, port)
     out = {}

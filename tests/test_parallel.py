@@ -217,7 +217,8 @@ def test_dry_run_reports_the_strategy_and_memory_per_mode(tmp_path, monkeypatch)
 def _build_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss
+    from pmf.objective import ObjectiveConfig, pmf_loss
+    from pmf.rng import PerSampleGenerator
     from pmf.train.speed import autocast_context
 
     _join_group(rank, port)

@@ -85,7 +85,7 @@ def generate(
     labels_all = class_balanced_labels(n, num_classes)
     indices = torch.arange(rank, n, world_size)
     chunks = indices.split(batch_size)
-    # noise drawn per sample seed in a background thread, a batch ahead of the sampler (pmf.sampler.noise_batches)
+    # noise keyed by each sample's seed, drawn on the device batch by batch (pmf.sampler.noise_batches)
     noises = noise_batches(((seed * SEED_STRIDE + c).tolist() for c in chunks), tuple(shape), noise_scale, device)
     for chunk, noise in zip(chunks, noises):
         y = labels_all[chunk]
