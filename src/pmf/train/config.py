@@ -49,7 +49,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch (all processes together)
     accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide by world_size * accum_steps)
     seed: int = 0  # all randomness derives from (seed, images seen, sample index)
-    ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.train.optim.EMASpec)
+    ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.train.ema.EMASpec)
     ema_ramp: float = 0.05  # EDM ramp-up of the half-life: min(half-life, ramp * images seen)
     grad_clip: float = field(default=0.0, metadata=RESUMABLE)  # max global grad norm; 0 = off (official: off)
     max_nonfinite: int = field(default=10, metadata=RESUMABLE)  # stop (with a checkpoint) after this many non-finite

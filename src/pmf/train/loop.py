@@ -37,9 +37,11 @@ from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
 from pmf.train.shards import ShardDataset
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
-from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
-from pmf.train.optim import EMA, lr_at, set_lr
+from pmf.objective import objective_at, pmf_loss
+from pmf.train.ema import EMA
+from pmf.train.optim import lr_at, set_lr
 from pmf.perceptual import build_perceptual
+from pmf.rng import PerSampleGenerator
 from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, maybe_compile, set_tf32
 from pmf.sampler import noise_from_seeds, sample
 
@@ -118,7 +120,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
         y = labels[sl].to(device) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
-        gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)
+        gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices)
         with autocast_context(device.type, cfg.train.precision):
             loss, metrics = loss_fn(net, x, y, objective, gen, perceptual=perceptual)
         (loss / accum).backward()

@@ -36,7 +36,8 @@ from pmf.model import PMFDiT
 from pmf.train import dist, fsdp, sharded_state
 from pmf.train.checkpoint import payload_digest, save_sharded_training_state, save_training_state
 from pmf.train.config import RunConfig
-from pmf.train.optim import EMA, build_optimizer
+from pmf.train.ema import EMA
+from pmf.train.optim import build_optimizer
 
 MODES = ("none", "ddp", "fsdp", "hsdp")
 SHARDED_MODES = ("fsdp", "hsdp")

@@ -75,7 +75,7 @@ def sampling_problems(omega=None, t_min=None, t_max=None, steps=None, num=None, 
 def config_problems(cfg) -> list[str]:
     """Every problem of a resolved RunConfig, as "key=value: what is wrong; the fix"."""
     from pmf.model import MODELS
-    from pmf.train.optim import EMASpec
+    from pmf.train.ema import EMASpec
 
     p = []
     t, d, s, e = cfg.train, cfg.data, cfg.sample, cfg.eval
