@@ -20,10 +20,17 @@ from pmf.images import (
     load_npz_samples,
     npz_sample_shape,
     npz_sample_writer,
-    save_npz,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def save_npz(path, images: torch.Tensor, labels: torch.Tensor):
+    """uint8 ``images`` (N, C, H, W) and ``labels`` (N,) as an ADM-layout .npz, through npz_sample_writer."""
+    n, c, h, w = images.shape
+    with npz_sample_writer(path, n, h, w, c) as writer:
+        writer.write(images, labels)
+    return path
 
 
 def random_images(n, c=3, h=8, w=8, seed=0, shift=0):

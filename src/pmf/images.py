@@ -115,15 +115,6 @@ def npz_sample_writer(path, num: int, height: int, width: int, channels: int):
         writer._finish()
 
 
-def save_npz(path, images: torch.Tensor, labels: torch.Tensor) -> Path:
-    """uint8 ``images`` (N, C, H, W) and ``labels`` (N,) as an .npz in the ADM layout (``arr_0`` (N, H, W, C) uint8,
-    ``arr_1`` (N,) int64; :func:`npz_sample_writer`)."""
-    n, c, h, w = images.shape
-    with npz_sample_writer(path, n, h, w, c) as writer:
-        writer.write(images, labels)
-    return Path(path)
-
-
 def _npz_member(zf: zipfile.ZipFile, keys) -> str | None:
     names = set(zf.namelist())
     return next((k for k in keys if f"{k}.npy" in names), None)

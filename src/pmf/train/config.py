@@ -330,8 +330,3 @@ def to_dict(cfg) -> dict:
 def to_json(cfg) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
 
-
-def from_dict(d: dict) -> RunConfig:
-    cfg = RunConfig()
-    apply_mapping(cfg, d)
-    return cfg

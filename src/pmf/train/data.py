@@ -40,7 +40,6 @@ __all__ = [
     "read_image_adm",
     "collate_uint8",
     "ShardedLoader",
-    "make_loader",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -545,10 +544,3 @@ class ShardedLoader:
         """Set the position; takes effect at the next ``iter(loader)``."""
         self.sampler.load_state_dict(state)
         self.nimg = self.sampler.nimg
-
-
-def make_loader(data, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                **kw) -> ShardedLoader:
-    """Shorthand for :class:`ShardedLoader` (rank/world_size from the caller, e.g. ``pmf.train.dist``)."""
-    return ShardedLoader(data, global_batch, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
-                         **kw)

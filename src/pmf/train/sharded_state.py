@@ -104,10 +104,6 @@ def save_sharded_state(ckpt_dir: str | os.PathLike, step: int, tensors: dict[str
     return final
 
 
-def is_sharded_state(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir()
-
-
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
