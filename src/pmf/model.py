@@ -516,7 +516,7 @@ def build_model(name: str, **overrides) -> PMFDiT:
 # ----------------------------------------------------------------------------------------------------------------
 # Constructor arguments, kept on every instance: a saved network (pmf.hub's config.json) must be rebuilt from
 # exactly the kwargs it was built with, and several of them (depth, mlp_ratio, token counts, ...) cannot be read
-# back from the modules without guessing. Added after the class so the constructor above stays as it is.
+# back from the modules without guessing.
 
 
 def _keep_init_kwargs(init):

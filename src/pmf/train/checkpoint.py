@@ -6,7 +6,7 @@ bytes, every number and string; :func:`payload_digest`) under ``"sha256"``; the 
 older states are deleted, and :func:`load_latest` skips, with a message, a file that cannot be read or whose digest
 does not match (bit rot, a partial copy), and returns the newest good one. Rotation deletes only states older than
 the one just written and verified. Restarting is rerunning the command. Exported inference weights, kept apart from
-training state (design habit 5), are :mod:`pmf.export`.
+training state, are :mod:`pmf.export`.
 
 Sharded runs (``train.parallel=fsdp`` / ``hsdp``) write ``state-{step:09d}/`` directories instead
 (:mod:`pmf.train.sharded_state`: every rank its own shards, per-file SHA-256 in a manifest); listing, rotation, the
@@ -177,13 +177,8 @@ def save_sharded_training_state(run_dir: str | os.PathLike, step: int, tensors: 
 
 
 def _load_file(path: Path, weights_only: bool) -> dict:
-    """A single-file state, memory-mapped where the file allows it (zip format: every state this pmf writes)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # not the legacy-format refusal: a real read error
-            raise
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    """A single-file state, memory-mapped (torch's zip format, which every state this pmf writes has)."""
+    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
 
 
 def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside: bool = False,
