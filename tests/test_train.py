@@ -20,7 +20,7 @@ from PIL import Image
 import pmf.train.loop
 from pmf.train.checkpoint import load_latest
 from pmf.cli import main as cli_main
-from pmf.train.config import RunConfig, apply_mapping, load_config
+from pmf.train.config import from_dict, load_config
 from pmf.train.loop import train
 
 # 8 steps of 16 images; one log record per step; checkpoints only at the end; one thread (fast under load and
@@ -29,12 +29,6 @@ SMALL = ["train.total_kimg=0.128", "train.batch_size=16", "train.sample_every_ki
          "train.ckpt_every_kimg=1000", "train.ckpt_every_minutes=1000", "train.threads=1"]
 GOLDEN = Path(__file__).parent / "golden" / "tiny_train_losses.json"
 
-
-def from_dict(d: dict) -> RunConfig:
-    """The config a resolved config.json describes: the inverse of pmf.train.config.to_dict."""
-    cfg = RunConfig()
-    apply_mapping(cfg, d)
-    return cfg
 
 
 @pytest.fixture(autouse=True)

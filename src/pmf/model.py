@@ -504,6 +504,12 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def pmfdit_kwargs() -> list[str]:
+    """The keyword arguments PMFDiT accepts (what ``model.overrides`` and a saved network's kwargs may name)."""
+    return [n for n, p in inspect.signature(PMFDiT.__init__).parameters.items()
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def build_model(name: str, **overrides) -> PMFDiT:
     """Instantiate a registered size; ``overrides`` replace constructor kwargs (e.g. v_head=False)."""
     if name not in MODELS:

@@ -12,6 +12,7 @@ not depend on batch size or position.
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 
 import torch
@@ -50,6 +51,28 @@ class SamplerSettings:
 def _per_sample(value, batch: int, ref: torch.Tensor) -> torch.Tensor:
     """Scalar or (B,) -> (B,) float tensor on ref's device."""
     return torch.as_tensor(value, dtype=torch.float32, device=ref.device).expand(batch).contiguous()
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def sampling_problems(omega=None, t_min=None, t_max=None, steps=None, num=None, prefix="--") -> list[str]:
+    """Problems of sampling arguments (None = not given): omega finite, 0 <= t_min <= t_max <= 1, steps >= 1,
+    num >= 1. ``prefix`` names them as command-line flags ("--") or config keys ("sample.")."""
+    out = []
+    if omega is not None and not _finite(omega):
+        out.append(f"{prefix}omega={omega} must be a finite number (e.g. 1.0: no guidance)")
+    if t_min is not None or t_max is not None:
+        lo, hi = (0.0 if t_min is None else t_min), (1.0 if t_max is None else t_max)
+        name = "--interval" if prefix == "--" else f"{prefix}t_min/{prefix}t_max"
+        if not (_finite(lo) and _finite(hi) and 0.0 <= lo <= hi <= 1.0):
+            out.append(f"{name} {lo} {hi} must satisfy 0 <= t_min <= t_max <= 1 (e.g. 0.1 0.7)")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        out.append(f"{prefix}steps={steps} must be >= 1")
+    if num is not None and num < 1:
+        out.append(f"{prefix}num={num} must be >= 1 (the number of samples)")
+    return out
 
 
 def noise_from_seeds(seeds, shape: tuple[int, ...], noise_scale: float = 1.0, device="cpu") -> torch.Tensor:

@@ -83,16 +83,6 @@ class TrainConfig:
     #   weights after its forward (less memory, one more all-gather per block in backward); False keeps them until
     #   the backward (ZeRO-2-like)
 
-    def __post_init__(self):
-        if self.parallel not in ("ddp", "fsdp", "hsdp"):
-            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp' (or 'hsdp': sharded within a node, replicated "
-                             f"across nodes), got {self.parallel!r}")
-        if self.hsdp_shard_size < 0:
-            raise ValueError(f"train.hsdp_shard_size must be >= 0 (0: the processes per node), got "
-                             f"{self.hsdp_shard_size}")
-        if self.accum_steps < 1:
-            raise ValueError(f"train.accum_steps must be >= 1, got {self.accum_steps}")
-
 
 @dataclass
 class SampleConfig:
@@ -197,8 +187,6 @@ def set_value(cfg: RunConfig, dotted: str, value) -> None:
             setattr(node, part, coerced)
         else:
             node = getattr(node, part)
-    if dataclasses.is_dataclass(node) and hasattr(node, "__post_init__"):
-        node.__post_init__()  # re-validate the section
 
 
 def apply_mapping(cfg: RunConfig, mapping: dict, prefix: str = "") -> None:
@@ -330,3 +318,9 @@ def to_dict(cfg) -> dict:
 def to_json(cfg) -> str:
     return json.dumps(to_dict(cfg), indent=2, sort_keys=False)
 
+
+def from_dict(d: dict) -> RunConfig:
+    """The config a resolved config.json describes: the inverse of :func:`to_dict`."""
+    cfg = RunConfig()
+    apply_mapping(cfg, d)
+    return cfg

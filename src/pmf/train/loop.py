@@ -58,9 +58,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_kwargs(cfg: RunConfig) -> dict:
-    """PMFDiT kwargs of the run: registry entry + overrides, with the objective's noise scale and guidance range."""
-    if cfg.model.name not in MODELS:
-        raise KeyError(f"unknown model {cfg.model.name!r}; registered: {', '.join(MODELS)}")
+    """PMFDiT kwargs of the run (a validated config): registry entry + overrides, with the objective's noise scale
+    and guidance range."""
     spec = MODELS[cfg.model.name]
     omega_max = 1.0 + cfg.objective.cfg_max if cfg.objective.guidance else 1.0
     kw = {**spec.kwargs, "noise_scale": cfg.objective.noise_scale, "omega_max": omega_max, **cfg.model.overrides}
@@ -70,20 +69,17 @@ def model_kwargs(cfg: RunConfig) -> dict:
 
 
 def load_dataset(cfg: RunConfig):
-    """(data, num_classes): Fashion-MNIST as in-memory uint8 tensors, an ImageFolder dataset, or prepared shards."""
+    """(data, num_classes) of a validated config: Fashion-MNIST as in-memory uint8 tensors, an ImageFolder dataset,
+    or prepared shards (`pmf prepare-data` output, memory-mapped: pmf.train.shards). data.path is checked here, not
+    by the config gate: ``--dry-run`` plans a run without its data."""
     if cfg.data.dataset == "fashion_mnist":
         return load_fashion_mnist("train", root=cfg.data.path or None), 10
-    if cfg.data.dataset == "imagefolder":
-        if not cfg.data.path:
-            raise ValueError("data.dataset=imagefolder needs data.path=/path/to/train (one folder per class)")
-        ds = ImageFolderDataset(cfg.data.path, cfg.data.resolution)
-        return ds, len(ds.classes)
-    if cfg.data.dataset == "shards":  # `pmf prepare-data` output, memory-mapped (pmf.train.shards)
-        if not cfg.data.path:
-            raise ValueError("data.dataset=shards needs data.path=/path/to/shards (the pmf prepare-data --out dir)")
-        ds = ShardDataset(cfg.data.path, cfg.data.resolution)
-        return ds, len(ds.classes)
-    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist, imagefolder or shards")
+    if not cfg.data.path:
+        raise ValueError(f"data.dataset={cfg.data.dataset} needs data.path=" + (
+            "/path/to/train (one folder per class)" if cfg.data.dataset == "imagefolder"
+            else "/path/to/shards (the pmf prepare-data --out dir)"))
+    ds = (ImageFolderDataset if cfg.data.dataset == "imagefolder" else ShardDataset)(cfg.data.path, cfg.data.resolution)
+    return ds, len(ds.classes)
 
 
 def sample_seeds(seed: int, nimg: int, indices: torch.Tensor) -> list[int]:
@@ -279,8 +275,6 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     validate_config(cfg)  # every setting, before any work (also for --dry-run)
     check_writable_dir(run_dir)
     device = resolve_device(cfg.train.device)
-    parallel.check_config(cfg)
-    autocast_context(device.type, cfg.train.precision)  # rejects an unknown precision before any work
     kwargs = model_kwargs(cfg)
     if dry_run:
         return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
