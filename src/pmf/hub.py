@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pmf.atomic import atomic_path, atomic_write_text
-from pmf.export import FORMAT_VERSION, _fit_problems, _unwrap, check_format_version  # one format version for exports and this layout
+# one format version for exports and this layout
+from pmf.export import FORMAT_VERSION, _fit_problems, _unwrap, check_format_version
 from pmf.model import MODELS, PMFDiT
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
