@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from pmf.errors import PmfError
-from pmf.model import pmfdit_kwargs
+from pmf.model import MODELS, pmfdit_kwargs
 from pmf.sampler import sampling_problems
 
 
@@ -49,7 +49,6 @@ def _finite(x) -> bool:
 
 def config_problems(cfg) -> list[str]:
     """Every problem of a resolved RunConfig, as "key=value: what is wrong; the fix"."""
-    from pmf.model import MODELS
     from pmf.train.ema import EMASpec
     from pmf.train.speed import PRECISIONS
 
