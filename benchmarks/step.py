@@ -73,7 +73,8 @@ import warnings
 import torch
 
 from pmf.model import Attention, build_model
-from pmf.objective import ObjectiveConfig, PerSampleGenerator, conditional_velocity, noisy_image, pmf_loss
+from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.rng import PerSampleGenerator
 from pmf.sampler import sample
 from pmf.train.optim import OptimConfig, build_optimizer
 from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype, maybe_compile
@@ -504,7 +505,7 @@ def compile_comparison(args, device) -> dict:
             m = nets[n]
             m.zero_grad(set_to_none=True)
             seeds = range(1000 * i, 1000 * i + x.shape[0])  # per-sample host draws, as in the training loop
-            loss, metrics = pmf_loss(m, x, y, objective, PerSampleGenerator(seeds, device=device))
+            loss, metrics = pmf_loss(m, x, y, objective, PerSampleGenerator(seeds))
             loss.backward()
             sync(device)
             return metrics

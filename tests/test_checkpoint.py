@@ -7,14 +7,9 @@ import os
 import pytest
 import torch
 
-from pmf.train.checkpoint import (
-    atomic_save,
-    atomic_write_text,
-    export_model,
-    load_exported,
-    load_latest,
-    save_training_state,
-)
+from pmf.atomic import atomic_save, atomic_write_text
+from pmf.export import export_model, load_exported
+from pmf.train.checkpoint import load_latest, save_training_state
 from pmf.model import MODELS, build_model
 
 TINY = "pMF-tiny"

@@ -12,6 +12,7 @@ from PIL import Image
 
 from pmf.cli import main as cli_main
 from pmf.train.config import PRESET_DIR, list_presets, load_config
+from pmf.train.validate import ConfigError, validate_config
 from pmf.model import MODELS
 
 GFLOPS = {"pmf-b16-in256": 33, "pmf-l16-in256": 117, "pmf-h16-in256": 271, "pmf-b32-in512": 34,
@@ -145,9 +146,20 @@ def test_dry_run_lists_an_existing_image_folder_without_decoding(tmp_path, capsy
     assert summary["steps_per_epoch"] == 1
 
 
-def test_train_section_is_validated():
-    with pytest.raises(ValueError, match="ddp' or 'fsdp"):
-        load_config("tiny-test", overrides=["train.parallel=deepspeed"])
-    with pytest.raises(ValueError, match="accum_steps"):
-        load_config("tiny-test", overrides=["train.accum_steps=0"])
+def test_every_section_is_validated_by_the_one_gate():
+    """load_config only parses; validate_config (pmf.train.validate) refuses every bad value, all in one line,
+    the objective section by ObjectiveConfig's own rules."""
+    cfg = load_config("tiny-test", overrides=[
+        "train.parallel=deepspeed", "train.accum_steps=0", "train.hsdp_shard_size=-1", "train.precision=fp16",
+        "objective.impl=fast", "data.dataset=images"])
+    with pytest.raises(ConfigError) as e:
+        validate_config(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for part in ("train.parallel='deepspeed' must be ddp, fsdp or hsdp", "train.accum_steps=0",
+                 "train.hsdp_shard_size=-1 must be >= 0", "train.precision='fp16'", "use bf16",
+                 "objective.impl must be 'lean' or 'reference', got 'fast'",
+                 "data.dataset='images' must be fashion_mnist, imagefolder or shards"):
+        assert part in msg, part
     assert load_config("tiny-test").train.parallel == "ddp"  # the manual all-reduce path is the default
+    validate_config(load_config("tiny-test"))

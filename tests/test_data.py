@@ -14,18 +14,17 @@ import pytest
 import torch
 from PIL import Image
 
+from pmf.images import to_model_range, to_uint8
 from pmf.train import data
 from pmf.train.data import (
     ChecksumError,
     EpochSampler,
     ImageFolderDataset,
+    ShardedLoader,
     center_crop_adm,
     collate_uint8,
     load_fashion_mnist,
-    make_loader,
     parse_idx,
-    to_model_range,
-    to_uint8,
 )
 
 DEB = Path(data.DEBIAN_DIR)
@@ -251,14 +250,14 @@ def test_resume_from_state_dict_and_batch_at_is_pure():
 def test_loader_over_tensors_resumes_at_consumed_position():
     images = torch.arange(30, dtype=torch.uint8).view(30, 1, 1, 1).expand(30, 1, 2, 2).contiguous()
     labels = torch.arange(30) % 10
-    loader = make_loader((images, labels), global_batch=8, seed=0, rank=1, world_size=2)
+    loader = ShardedLoader((images, labels), global_batch=8, seed=0, rank=1, world_size=2)
     it = iter(loader)
     for _ in range(3):
         x, y = next(it)
         assert x.shape == (4, 1, 2, 2) and x.dtype == torch.uint8 and torch.equal(y, x[:, 0, 0, 0].long() % 10)
     state = loader.state_dict()
     want = [next(it) for _ in range(3)]
-    again = make_loader((images, labels), global_batch=8, seed=0, rank=1, world_size=2)
+    again = ShardedLoader((images, labels), global_batch=8, seed=0, rank=1, world_size=2)
     again.load_state_dict(state)
     got = [b for _, b in zip(range(3), again)]  # range first: zip must not pull a 4th batch
     assert all(torch.equal(g[0], w[0]) and torch.equal(g[1], w[1]) for g, w in zip(got, want))
@@ -341,7 +340,7 @@ def test_image_folder_shapes_labels_and_skips(folder):
 
 def test_image_folder_loader_with_worker_reports_skips_and_resumes(folder):
     ds = ImageFolderDataset(folder, resolution=8)
-    loader = make_loader(ds, global_batch=7, seed=0, num_workers=1)  # one epoch per batch
+    loader = ShardedLoader(ds, global_batch=7, seed=0, num_workers=1)  # one epoch per batch
     with pytest.warns(UserWarning, match="skipping unreadable image"):
         it = iter(loader)
         x, y = next(it)
@@ -349,7 +348,7 @@ def test_image_folder_loader_with_worker_reports_skips_and_resumes(folder):
     assert ds.num_skipped == 2  # recorded in the worker, carried back to the main process's dataset
     state = loader.state_dict()
     want = next(it)
-    plain = make_loader(ImageFolderDataset(folder, resolution=8), global_batch=7, seed=0)  # no workers
+    plain = ShardedLoader(ImageFolderDataset(folder, resolution=8), global_batch=7, seed=0)  # no workers
     plain.load_state_dict(state)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -18,7 +18,8 @@ from pmf.train import dist
 from pmf.train.checkpoint import load_latest
 from pmf.train.config import load_config
 from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss
+from pmf.objective import ObjectiveConfig, pmf_loss
+from pmf.rng import PerSampleGenerator
 from pmf.train.loop import train
 
 # 3 steps of a global batch of 16; a log record and a cross-rank parameter check after every step.

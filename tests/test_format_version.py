@@ -1,19 +1,17 @@
-"""Format versions of what pmf writes (pmf.export.FORMAT_VERSION): exports, training state and run directories
-written before ``num_interval_tokens`` meant "per endpoint" (version 1: the total over t_min and t_max) keep loading
-into the same network, with identical outputs."""
+"""One format version (pmf.export.FORMAT_VERSION) for what pmf writes: exports, Hugging Face folders, training
+states. New files carry it; a file of any other version, or without one, or a training state without its checksum,
+is refused with one line naming the file (a PmfError: exit status 2 from the CLI), never read in another meaning."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from pmf.export import FORMAT_VERSION, export_model, load_exported, upgrade_model_kwargs
+from pmf.errors import PmfError
+from pmf.export import FORMAT_VERSION, UnsupportedFormat, export_model, load_exported
 from pmf.model import MODELS, PMFDiT
-from pmf.train.checkpoint import load_latest, save_training_state
-from pmf.train.config import load_config
-from pmf.train.loop import train
+from pmf.train.checkpoint import DAMAGED_SUFFIX, STATE_DIR, load_latest, payload_digest, save_training_state
 
 TINY_KW = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
 
@@ -38,34 +36,6 @@ def _outputs(net):
     return u
 
 
-def test_upgrade_model_kwargs():
-    assert upgrade_model_kwargs({"num_interval_tokens": 4, "depth": 3}, 1) == {"num_interval_tokens": 2, "depth": 3}
-    assert upgrade_model_kwargs({"depth": 3}, 1) == {"depth": 3}  # v1 default 4 total = v2 default 2 per endpoint
-    assert upgrade_model_kwargs({"num_interval_tokens": 3}, 2) == {"num_interval_tokens": 3}
-    with pytest.raises(ValueError, match="must be even"):
-        upgrade_model_kwargs({"num_interval_tokens": 3}, 1)
-    with pytest.raises(ValueError, match="newer pmf"):
-        upgrade_model_kwargs({}, FORMAT_VERSION + 1)
-
-
-@pytest.mark.parametrize("where", ["json", "safetensors header"])
-@pytest.mark.parametrize("total", [4, 2])
-def test_old_format_export_loads_into_the_per_endpoint_network(tmp_path, where, total):
-    """A version-1 export written by hand (JSON without format_version, num_interval_tokens = the total) loads into
-    the network with total/2 tokens per endpoint and gives bit-identical outputs; the same from the weights file's
-    header when the .json is gone."""
-    net = _perturbed(**TINY_KW, num_interval_tokens=total // 2)
-    state = {k: v.contiguous() for k, v in net.state_dict().items()}
-    old_config = json.dumps({"model_kwargs": {**TINY_KW, "num_interval_tokens": total}, "meta": {"omega": 2.0}})
-    save_file(state, tmp_path / "model.safetensors", metadata={"pmf_config": old_config})
-    if where == "json":
-        (tmp_path / "model.json").write_text(old_config)
-    loaded, meta = load_exported(tmp_path)
-    assert meta == {"omega": 2.0}
-    assert tuple(loaded.t_min_tokens.shape) == (1, total // 2, 32) and loaded.num_prefix == 16 + total
-    assert torch.equal(_outputs(loaded), _outputs(net))
-
-
 def test_new_exports_carry_the_version_and_round_trip(tmp_path):
     net = _perturbed(**TINY_KW, num_interval_tokens=3)
     export_model(net, tmp_path, {**TINY_KW, "num_interval_tokens": 3})
@@ -75,54 +45,48 @@ def test_new_exports_carry_the_version_and_round_trip(tmp_path):
     assert torch.equal(_outputs(loaded), _outputs(net))
 
 
-def test_training_state_version(tmp_path):
-    """New states carry format_version; a state file written without one reads as version 1."""
+@pytest.mark.parametrize("where", ["json", "safetensors header"])
+@pytest.mark.parametrize("version", [None, 1, FORMAT_VERSION + 1])
+def test_exports_of_another_version_are_refused(tmp_path, where, version):
+    """An export whose JSON (or, with the .json gone, the weights' header) has no or another format_version."""
+    net = _perturbed(**TINY_KW)
+    config = {"model_kwargs": TINY_KW, "meta": {}} | ({} if version is None else {"format_version": version})
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "model.safetensors",
+              metadata={"pmf_config": json.dumps(config)})
+    if where == "json":
+        (tmp_path / "model.json").write_text(json.dumps(config))
+    with pytest.raises(UnsupportedFormat) as e:
+        load_exported(tmp_path)
+    msg = str(e.value)
+    assert isinstance(e.value, PmfError) and "\n" not in msg
+    assert ("model.json" if where == "json" else "model.safetensors") in msg
+    assert ("no format_version" if version is None else f"format_version {version}") in msg
+    assert f"reads only version {FORMAT_VERSION}" in msg
+
+
+def _write_state(run_dir, step, payload, digest=True):
+    (run_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
+    state = {**payload, "step": step}
+    if digest:
+        state["sha256"] = payload_digest(state)
+    path = run_dir / STATE_DIR / f"state-{step:09d}.pt"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("case", ["no version", "version 1", "no checksum"])
+def test_training_states_of_another_format_are_refused(tmp_path, case):
+    """A state of another format is refused as it is: not renamed aside as damaged, and not skipped for an older
+    state of the same run (which would be of the same old format)."""
     save_training_state(tmp_path, {"x": torch.tensor(1.0)}, 1)
     assert load_latest(tmp_path)["format_version"] == FORMAT_VERSION
-    old = tmp_path / "old"
-    (old / "checkpoints").mkdir(parents=True)
-    torch.save({"x": torch.tensor(2.0), "step": 3}, old / "checkpoints" / "state-000000003.pt")
-    assert load_latest(old)["format_version"] == 1
-
-
-SMALL = ["train.batch_size=16", "train.sample_every_kimg=0", "train.log_every_kimg=0.016",
-         "train.ckpt_every_kimg=1000", "train.ckpt_every_minutes=1000", "train.threads=1"]
-
-
-@pytest.fixture
-def _restore_threads():
-    n = torch.get_num_threads()  # train() sets the process-wide thread count
-    yield
-    torch.set_num_threads(n)
-
-
-def test_old_run_directory_resumes_with_its_old_command(tmp_path, _restore_threads):
-    """A version-1 run dir (config and command say num_interval_tokens=2 in total; state without format_version)
-    resumes when its command is rerun, and ends bit-identical to an uninterrupted run with 1 token per endpoint."""
-    def cfg(tokens, kimg):
-        return load_config("tiny-test", overrides=[*SMALL, f"train.total_kimg={kimg}", "model.overrides={hidden_size: "
-                           f"32, depth: 2, num_heads: 2, aux_head_depth: 1, bottleneck_dim: 8, num_interval_tokens: "
-                           f"{tokens}}}"])
-
-    train(cfg(1, 0.064), tmp_path / "full", quiet=True)
-    train(cfg(1, 0.032), tmp_path / "old", quiet=True)
-    # age "old" to version 1: the total in its config, no version in its state
-    config_path = tmp_path / "old" / "config.json"
-    config = json.loads(config_path.read_text())
-    config["model"]["overrides"]["num_interval_tokens"] = 2
-    config_path.write_text(json.dumps(config))
-    for path in (tmp_path / "old" / "checkpoints").glob("state-*.pt"):
-        state = torch.load(path, weights_only=True)
-        del state["format_version"]
-        state.pop("sha256", None)  # written before versions, checksums and stored configs
-        state.pop("config", None)
-        torch.save(state, path)
-
-    resumed = train(cfg(2, 0.064), tmp_path / "old", quiet=True)  # the old command, total 2
-    assert resumed["step"] == 4
-    a, b = load_latest(tmp_path / "full"), load_latest(tmp_path / "old")
-    assert b["format_version"] == FORMAT_VERSION and tuple(b["net"]["t_min_tokens"].shape) == (1, 1, 32)
-    for key in a["net"]:
-        assert torch.equal(a["net"][key], b["net"][key]), key
-    assert json.loads(config_path.read_text())["model"]["overrides"]["num_interval_tokens"] == 1  # now v2
-    assert Path(tmp_path / "old" / "export").is_dir()
+    payload = {"x": torch.tensor(2.0)}
+    if case == "version 1":
+        payload["format_version"] = 1
+    elif case == "no checksum":
+        payload["format_version"] = FORMAT_VERSION
+    path = _write_state(tmp_path, 2, payload, digest=case != "no checksum")
+    with pytest.raises(UnsupportedFormat, match="state-000000002.pt") as e:
+        load_latest(tmp_path, set_aside=True)
+    assert "\n" not in str(e.value) and "--restart" in str(e.value)
+    assert path.exists() and not path.with_name(path.name + DAMAGED_SUFFIX).exists()

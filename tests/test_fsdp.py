@@ -14,6 +14,7 @@ from pmf.train import dist
 
 from pmf.train import fsdp
 from pmf.train.config import load_config
+from pmf.train.validate import validate_config
 from pmf.train.loop import train
 
 from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, two_process_results
@@ -52,7 +53,8 @@ def _perturbed_tiny(seed: int = 0):
 def _findings_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws, u_and_dudt
+    from pmf.objective import ObjectiveConfig, pmf_loss, sample_draws, u_and_dudt
+    from pmf.rng import PerSampleGenerator
 
     _join_group(rank, port)
     out = {}
@@ -196,9 +198,9 @@ def test_fsdp_config_guards():
     """Both objectives are accepted with FSDP (the lean one: tests/test_fsdp_lean.py); an unknown parallel mode is
     refused."""
     for impl in ("lean", "reference"):
-        fsdp.check_objective(impl)
-    with pytest.raises(ValueError, match="ddp' or 'fsdp"):
-        load_config("tiny-test", overrides=["train.parallel=zero3"])
+        validate_config(load_config("tiny-test", overrides=["train.parallel=fsdp", f"objective.impl={impl}"]))
+    with pytest.raises(ValueError, match="train.parallel='zero3' must be ddp, fsdp or hsdp"):
+        validate_config(load_config("tiny-test", overrides=["train.parallel=zero3"]))
 
 
 # ----------------------------------------------------------------------------------------------------------------

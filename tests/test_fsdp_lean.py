@@ -46,8 +46,8 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank, port, out_dir):
-    from pmf.objective import (ObjectiveConfig, PerSampleGenerator, lean_rows, pmf_loss, sample_draws,
-                               u_and_dudt)
+    from pmf.objective import ObjectiveConfig, lean_rows, pmf_loss, sample_draws, u_and_dudt
+    from pmf.rng import PerSampleGenerator
     from pmf.objective_lean import u_and_dudt as u_and_dudt_lean
     from pmf.train.speed import autocast_context
 

@@ -125,12 +125,13 @@ def test_model_card_of_imported_official_weights_quotes_the_paper_fid():
     assert "official PyTorch checkpoint `pMF-B-16.pt`" in card and "| 1 | 8.5 | 0.1 | 0.7 | 1 |" in card
 
 
-def test_newer_format_and_foreign_folders_are_refused(tmp_path):
+def test_other_formats_and_foreign_folders_are_refused(tmp_path):
     tiny_net().save_pretrained(tmp_path / "m")
     cfg = json.loads((tmp_path / "m" / CONFIG_NAME).read_text())
-    (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps({**cfg, "pmf_format_version": FORMAT_VERSION + 1}))
-    with pytest.raises(ValueError, match="newer than this pmf reads"):
-        PMFDiT.from_pretrained(tmp_path / "m")
+    for version in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
+        (tmp_path / "m" / CONFIG_NAME).write_text(json.dumps({**cfg, "pmf_format_version": version}))
+        with pytest.raises(ValueError, match=f"format_version {version}; this pmf reads only version {FORMAT_VERSION}"):
+            PMFDiT.from_pretrained(tmp_path / "m")
     (tmp_path / "x").mkdir()
     with pytest.raises(FileNotFoundError, match="config.json is missing"):
         PMFDiT.from_pretrained(tmp_path / "x")

@@ -10,7 +10,6 @@ import pmf
 PKG = Path(pmf.__file__).parent
 METHOD = {"pmf.model", "pmf.attention", "pmf.objective", "pmf.objective_lean", "pmf.sampler", "pmf.convert",
           "pmf.perceptual", "pmf.images", "pmf.export", "pmf.atomic", "pmf.hub"}
-SHIMS = {"pmf.evaluate", "pmf.inception"}  # former locations that re-export the stable API
 
 
 def module_name(path: Path) -> str:
@@ -75,7 +74,7 @@ def test_import_graph_is_acyclic():
 
 def test_method_modules_do_not_import_infrastructure():
     g = graph()
-    bad = {m: sorted(d for d in g[m] if d.startswith(("pmf.train", "pmf.eval", "pmf.cli")) or d in SHIMS)
+    bad = {m: sorted(d for d in g[m] if d.startswith(("pmf.train", "pmf.eval", "pmf.cli")))
            for m in METHOD if m in g}
     assert not any(bad.values()), f"method modules importing training/evaluation code: {bad}"
 

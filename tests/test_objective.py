@@ -20,7 +20,6 @@ from pmf.model import TimestepEmbedder, build_model
 from pmf.objective import (
     Draws,
     ObjectiveConfig,
-    PerSampleGenerator,
     adaptive_weight,
     compound_velocity,
     conditional_velocity,
@@ -36,6 +35,7 @@ from pmf.objective import (
     sample_draws,
     u_and_dudt,
 )
+from pmf.rng import PerSampleGenerator, keyed_normal
 
 F64 = torch.float64
 NULL = 3  # pMF-tiny has num_classes = 3; label 3 is the null class
@@ -884,61 +884,14 @@ def test_lean_without_a_host_plan_matches_reference(monkeypatch):
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
 
 
-def _splitmix64_py(z: int) -> int:
-    """SplitMix64's output function on Python integers (mod 2^64): the independent truth for obj.splitmix64."""
-    m = (1 << 64) - 1
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
-    return z ^ (z >> 31)
-
-
-def test_keyed_normal_is_splitmix64_box_muller():
-    """keyed_normal against a pure-Python computation: word n of sample i is mix(mix(seed_i ^ "noise") + (n + 1)
-    gamma) (SplitMix64, mod 2^64; this also checks that int64 tensor arithmetic wraps here), and element 2n, 2n + 1
-    are the Box-Muller pair of its top two 24-bit fields. Also SplitMix64's published first output for seed 0
-    (0xE220A8397B1DCDAF)."""
-    m = (1 << 64) - 1
-    assert _splitmix64_py((0 + 0x9E3779B97F4A7C15) & m) == 0xE220A8397B1DCDAF
-    z = torch.tensor([1, -1, 2**62, -(2**63)], dtype=torch.long)
-    got = [v & m for v in obj.splitmix64(z).tolist()]
-    assert got == [_splitmix64_py(v & m) for v in z.tolist()]
-
-    seeds = [0, 12345, 2**63 - 1]
-    e = obj.keyed_normal(seeds, (1, 3, 3), "cpu", F64)
-    assert e.shape == (3, 1, 3, 3)
-    for i, s in enumerate(seeds):
-        key = _splitmix64_py(s ^ 0x6E6F697365)
-        for n in range(5):  # 9 values: 5 words, the last one's second normal unused
-            w = _splitmix64_py((key + (n + 1) * 0x9E3779B97F4A7C15) & m)
-            u1, u2 = ((w >> 40) + 0.5) * 2.0**-24, ((w >> 16) & 0xFFFFFF) * 2.0**-24
-            rad = math.sqrt(-2 * math.log(u1))
-            for k, val in enumerate((rad * math.cos(2 * math.pi * u2), rad * math.sin(2 * math.pi * u2))):
-                if 2 * n + k < 9:
-                    assert abs(e[i].flatten()[2 * n + k].item() - val) < 2e-6 * max(1.0, abs(val))
-
-
-def test_keyed_normal_distribution_and_independence():
-    """Standard normal (KS p > 1e-3 over 200 x 256 values, and per-column means of the first two elements across
-    4000 seeds within 4 standard errors); row i depends on seeds[i] only (another batch around it, another
-    position: the same values); neighbouring seeds are uncorrelated (|corr| < 4 / sqrt(n))."""
-    e = obj.keyed_normal(list(range(200)), (256,), "cpu")
-    assert stats.kstest(e.flatten().double().numpy(), "norm").pvalue > KS_P
-    col = obj.keyed_normal(list(range(1000, 5000)), (2,), "cpu").double()
-    assert (col.mean(0).abs() < 4 / math.sqrt(4000)).all()
-    again = obj.keyed_normal([7, 3, 150], (256,), "cpu")
-    assert torch.equal(again[1], e[3]) and torch.equal(again[2], e[150]) and torch.equal(again[0], e[7])
-    a, b = e[:-1].flatten().double(), e[1:].flatten().double()
-    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 4 / math.sqrt(a.numel())
-
-
 def test_per_sample_generator_draws_on_the_host():
     """A PerSampleGenerator's per-sample scalars are host tensors (so the lean row plan needs no device read), its
     noise is keyed_normal of the seeds times noise_scale, and its generators are host generators."""
     x, y = _data(6)
     cfg = ObjectiveConfig(noise_scale=2.0)
-    gen = PerSampleGenerator([5, 6, 7, 8, 9, 10], [10, 11, 12, 13, 14, 15], device="cpu")
+    gen = PerSampleGenerator([5, 6, 7, 8, 9, 10], [10, 11, 12, 13, 14, 15])
     d = sample_draws(x, y, cfg, gen)
     assert d.on_host() and all(g.device.type == "cpu" for g in gen.generators)
-    torch.testing.assert_close(d.e, 2.0 * obj.keyed_normal([5, 6, 7, 8, 9, 10], (1, 8, 8), "cpu", F64),
+    torch.testing.assert_close(d.e, 2.0 * keyed_normal([5, 6, 7, 8, 9, 10], (1, 8, 8), "cpu", F64),
                                rtol=0, atol=0)
     assert torch.equal(d.fm_mask, obj.fm_pattern(torch.arange(10, 16), 0.5))

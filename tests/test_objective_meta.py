@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss
+from pmf.objective import ObjectiveConfig, pmf_loss
+from pmf.rng import PerSampleGenerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -54,7 +55,7 @@ def test_default_step_runs_on_meta(impl, meta_autocast):
     parameter gets a gradient of its own shape."""
     net, x, y = _meta_net_and_batch()
     seeds, idx = list(range(100, 108)), torch.arange(8, 16)
-    for gen in (PerSampleGenerator(seeds, idx, device="meta"), None):
+    for gen in (PerSampleGenerator(seeds, idx), None):
         net.zero_grad(set_to_none=True)
         loss, metrics = pmf_loss(net, x, y, ObjectiveConfig(impl=impl), gen)
         assert loss.device.type == "meta" and loss.shape == ()

@@ -13,15 +13,13 @@ import torch.nn as nn
 
 from pmf.model import build_model
 from pmf.train import speed
+from pmf.train.ema import EMA, EMASpec, ema_beta
 from pmf.train.optim import (
-    EMA,
-    EMASpec,
     MuonWithAdam,
     BatchedMuon,
     NesterovAdam,
     OptimConfig,
     build_optimizer,
-    ema_beta,
     lr_at,
     param_groups,
     set_lr,

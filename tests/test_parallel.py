@@ -16,6 +16,7 @@ from pmf.train import dist, fsdp, parallel, sharded_state
 from pmf.train.checkpoint import (DAMAGED_SUFFIX, STATE_DIR, load_latest, save_sharded_training_state,
                                   save_training_state)
 from pmf.train.config import load_config
+from pmf.train.validate import validate_config
 from pmf.train.loop import model_kwargs, train
 
 from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, read_log, two_process_results
@@ -84,8 +85,8 @@ def test_strategy_choice_and_hsdp_mesh_shape(monkeypatch):
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     with pytest.raises(ValueError, match="does not divide"):
         fsdp.hsdp_mesh_shape(8)
-    with pytest.raises(ValueError, match="hsdp_shard_size must be >= 0"):
-        load_config("tiny-test", overrides=["train.hsdp_shard_size=-1"])
+    with pytest.raises(ValueError, match="hsdp_shard_size=-1 must be >= 0"):
+        validate_config(load_config("tiny-test", overrides=["train.hsdp_shard_size=-1"]))
     assert load_config("tiny-test", overrides=["train.parallel=hsdp"]).train.parallel == "hsdp"
     assert fsdp.mixed_precision("bf16").param_dtype == torch.bfloat16
     assert fsdp.mixed_precision("bf16").reduce_dtype == torch.float32
@@ -217,7 +218,8 @@ def test_dry_run_reports_the_strategy_and_memory_per_mode(tmp_path, monkeypatch)
 def _build_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss
+    from pmf.objective import ObjectiveConfig, pmf_loss
+    from pmf.rng import PerSampleGenerator
     from pmf.train.speed import autocast_context
 
     _join_group(rank, port)

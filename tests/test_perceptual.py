@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss, sample_draws
+from pmf.objective import ObjectiveConfig, pmf_loss, sample_draws
+from pmf.rng import PerSampleGenerator
 from pmf.perceptual import (
     CONVNEXT_V2_BASE,
     GRN,

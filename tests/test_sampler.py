@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pmf.model import Block, FinalLayer, build_model
-from pmf.sampler import noise_from_seeds, sample, step
+from pmf.rng import keyed_normal
+from pmf.sampler import noise_batches, noise_from_seeds, sample, step
 
 F64 = torch.float64
 
@@ -118,10 +119,10 @@ def test_instantaneous_sampler_is_euler_on_v(net, num_steps):
 
 
 def test_per_sample_seeds_independent_of_batch(net):
-    """noise_from_seeds draws sample i from torch.Generator().manual_seed(seed_i): the noise (and the sampled image)
-    for a seed does not depend on batch size, position, or the other seeds; noise_scale multiplies it."""
+    """noise_from_seeds draws sample i as keyed_normal of seed_i alone: the noise (and the sampled image) for a seed
+    does not depend on batch size, position, or the other seeds; noise_scale multiplies it."""
     shape = (1, 8, 8)
-    ref = {s: torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in (3, 7, 11)}
+    ref = {s: keyed_normal([s], shape, "cpu")[0] for s in (3, 7, 11)}
     batches = [[3, 7, 11], [11, 3], [7], [3, 3, 7, 11]]
     labels = {3: 0, 7: 1, 11: 3}
     images = {}
@@ -159,30 +160,12 @@ def test_num_steps_zero_raises(net):
         sample(net, _noise(), Y, num_steps=0)
 
 
-def test_noise_depends_only_on_its_seed_threads_and_prefetch(monkeypatch):
-    """Threaded per-sample draws and the background prefetch of pmf.sampler give every sample the noise its seed
-    gives alone, bit for bit, whatever the batch or the number of threads; the prefetch draws off the main thread."""
-    import threading
-
-    import pmf.sampler as sampler
-
+def test_noise_batches_equal_noise_from_seeds():
+    """noise_batches yields, batch by batch, what noise_from_seeds gives for all the seeds at once."""
     seeds = [11, 3, 10**7 + 5, 42, 7, 8, 9, 1234567]
-    alone = torch.stack([torch.randn((3, 4, 4), generator=torch.Generator().manual_seed(s)) for s in seeds]) * 2.0
-    assert torch.equal(sampler.noise_from_seeds(seeds, (3, 4, 4), 2.0), alone)
-    monkeypatch.setattr(sampler, "NOISE_THREADS", 1)
-    assert torch.equal(sampler.noise_from_seeds(seeds[::-1], (3, 4, 4), 2.0), alone.flip(0))
-    monkeypatch.setattr(sampler, "NOISE_THREADS", 3)
-    threads = []
-    fill = sampler._fill_noise
-
-    def spy(*args):
-        threads.append(threading.current_thread() is threading.main_thread())
-        return fill(*args)
-
-    monkeypatch.setattr(sampler, "_fill_noise", spy)
-    batches = list(sampler.noise_batches([seeds[:3], seeds[3:5], seeds[5:]], (3, 4, 4), 2.0))
-    assert torch.equal(torch.cat(batches), alone) and [b.shape[0] for b in batches] == [3, 2, 3]
-    assert threads and not any(threads)
+    whole = noise_from_seeds(seeds, (3, 4, 4), 2.0)
+    batches = list(noise_batches([seeds[:3], seeds[3:5], seeds[5:]], (3, 4, 4), 2.0))
+    assert torch.equal(torch.cat(batches), whole) and [b.shape[0] for b in batches] == [3, 2, 3]
 
 
 def test_sampler_settings_resolve_meta_and_fit_every_sampling_entry_point():

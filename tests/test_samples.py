@@ -20,10 +20,17 @@ from pmf.images import (
     load_npz_samples,
     npz_sample_shape,
     npz_sample_writer,
-    save_npz,
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+def save_npz(path, images: torch.Tensor, labels: torch.Tensor):
+    """uint8 ``images`` (N, C, H, W) and ``labels`` (N,) as an ADM-layout .npz, through npz_sample_writer."""
+    n, c, h, w = images.shape
+    with npz_sample_writer(path, n, h, w, c) as writer:
+        writer.write(images, labels)
+    return path
 
 
 def random_images(n, c=3, h=8, w=8, seed=0, shift=0):
@@ -83,11 +90,13 @@ def test_npz_round_trip_in_the_adm_layout_and_the_old_one(tmp_path):
         np.testing.assert_array_equal(f["arr_0"], x.permute(0, 2, 3, 1).numpy())
         np.testing.assert_array_equal(f["arr_1"], y.numpy())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.npz"]  # no temp file left
-    # the same data as np.savez writes it positionally (ADM's sampler) and in pmf's older layout
+    # the same data as np.savez writes it positionally (ADM's sampler); any other layout is refused
     np.savez(tmp_path / "adm.npz", x.permute(0, 2, 3, 1).numpy(), y.numpy())
-    np.savez(tmp_path / "old.npz", images=x.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
+    np.savez(tmp_path / "other.npz", images=x.permute(0, 2, 3, 1).numpy(), labels=y.numpy())
     np.savez_compressed(tmp_path / "nolabels.npz", arr_0=x.permute(0, 2, 3, 1).numpy())
-    for name in ("s.npz", "adm.npz", "old.npz"):
+    with pytest.raises(KeyError, match=r"other.npz holds \['images', 'labels'\]; expected uint8 images under 'arr_0'"):
+        load_npz_samples(tmp_path / "other.npz")
+    for name in ("s.npz", "adm.npz"):
         images, labels = load_npz_samples(tmp_path / name)
         torch.testing.assert_close(images, x, rtol=0, atol=0)
         torch.testing.assert_close(labels, y, rtol=0, atol=0)
@@ -130,11 +139,11 @@ def test_streamed_writer_is_atomic_and_counts(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]
 
 
-def test_image_source_batches_reads_both_layouts_and_splits_ranks(tmp_path):
+def test_image_source_batches_reads_adm_archives_and_splits_ranks(tmp_path):
     x = random_images(13, seed=4)
-    np.savez(tmp_path / "old.npz", images=x.permute(0, 2, 3, 1).numpy())
+    np.savez(tmp_path / "adm.npz", x.permute(0, 2, 3, 1).numpy())  # positional, no labels: ADM's reference batches
     save_npz(tmp_path / "new.npz", x, torch.zeros(13))
-    for name in ("old.npz", "new.npz"):
+    for name in ("adm.npz", "new.npz"):
         got = {}
         for rank in range(3):
             for images, _, idx in ev.image_source_batches(tmp_path / name, None, 2, num=12, rank=rank, world_size=3):

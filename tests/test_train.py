@@ -30,6 +30,7 @@ SMALL = ["train.total_kimg=0.128", "train.batch_size=16", "train.sample_every_ki
 GOLDEN = Path(__file__).parent / "golden" / "tiny_train_losses.json"
 
 
+
 @pytest.fixture(autouse=True)
 def _restore_threads():
     n = torch.get_num_threads()  # train() sets the process-wide thread count (train.threads)

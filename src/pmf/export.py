@@ -4,11 +4,8 @@ Weights only, plus the PMFDiT kwargs that rebuild the network and a ``meta`` dic
 t_min / t_max, provenance). We use safetensors because loading it cannot run code, and any framework can read it
 without torch's pickle format. Written atomically (:mod:`pmf.atomic`).
 
-The JSON carries ``format_version`` (:data:`FORMAT_VERSION`); files without one are version 1 and are converted on
-read by :func:`upgrade_model_kwargs`:
-
-  1: ``num_interval_tokens`` was the *total* over t_min and t_max (always even; default 4).
-  2: ``num_interval_tokens`` is per endpoint, as in the official ``models/pmfDiT.py`` (default 2).
+The JSON carries ``format_version`` (:data:`FORMAT_VERSION`); a file of any other version, or of none, is refused
+(:func:`check_format_version`): pmf reads the one format it writes.
 """
 
 from __future__ import annotations
@@ -23,27 +20,22 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pmf.atomic import atomic_path, atomic_write_text
+from pmf.errors import PmfError
 from pmf.model import PMFDiT
 
 FORMAT_VERSION = 2  # of the exported JSON, the training state and the run directory (see the module docstring)
 
 
-def upgrade_model_kwargs(model_kwargs: dict, version: int) -> dict:
-    """PMFDiT kwargs written by format ``version`` -> the current meaning. Returns a new dict.
+class UnsupportedFormat(PmfError, ValueError):
+    """A file written in a format version other than :data:`FORMAT_VERSION`."""
 
-    Version 1 counted ``num_interval_tokens`` over both endpoints; it is halved (a missing key meant 4 in total, now
-    the default 2 per endpoint, so nothing changes). A version newer than this code's is an error.
-    """
-    if not isinstance(version, int) or not 1 <= version <= FORMAT_VERSION:
-        raise ValueError(f"format_version {version!r} is not one this pmf reads (1..{FORMAT_VERSION}): written by a "
-                         "newer pmf? Upgrade pmf to load it")
-    kwargs = dict(model_kwargs)
-    if version < 2 and "num_interval_tokens" in kwargs:
-        total = kwargs["num_interval_tokens"]
-        if total % 2:
-            raise ValueError(f"a version-1 num_interval_tokens must be even (a total over t_min and t_max), got {total}")
-        kwargs["num_interval_tokens"] = total // 2
-    return kwargs
+
+def check_format_version(version, source) -> None:
+    """Refuse, in one line, anything but this pmf's format version (``None``: the file carries none)."""
+    if version != FORMAT_VERSION:
+        found = "no format_version" if version is None else f"format_version {version!r}"
+        raise UnsupportedFormat(f"{source} has {found}; this pmf reads only version {FORMAT_VERSION}: write it again "
+                                "with this pmf (export, or train from step 0 with --restart)")
 
 # ----------------------------------------------------------------------------------------------------------------
 # Exported inference weights
@@ -112,8 +104,8 @@ def load_exported(path_or_dir: str | os.PathLike, name: str = "model", **overrid
     ``(net in eval mode on CPU, meta)``.
 
     ``path_or_dir`` is the export directory, or the .safetensors / .json path. ``overrides`` replace stored kwargs
-    that do not change the weights' shapes (e.g. ``attn_backend="math"``). Exports of an older format are converted
-    (:func:`upgrade_model_kwargs`).
+    that do not change the weights' shapes (e.g. ``attn_backend="math"``). Only this pmf's format version is read
+    (:func:`check_format_version`).
     """
     weights, config_path = _export_paths(path_or_dir, name)
     from pmf.userfiles import check_model_kwargs, read_json_object
@@ -126,8 +118,9 @@ def load_exported(path_or_dir: str | os.PathLike, name: str = "model", **overrid
         if header is None:
             raise FileNotFoundError(f"{config_path} is missing and {weights} carries no pmf_config metadata")
         config = json.loads(header)
-    check_model_kwargs(config.get("model_kwargs"), str(config_path if config_path.exists() else weights))
-    model_kwargs = upgrade_model_kwargs(config["model_kwargs"], config.get("format_version", 1))
-    net = PMFDiT(**{**model_kwargs, **overrides})
+    source = config_path if config_path.exists() else weights
+    check_format_version(config.get("format_version"), source)
+    check_model_kwargs(config.get("model_kwargs"), str(source))
+    net = PMFDiT(**{**config["model_kwargs"], **overrides})
     net.load_state_dict(load_file(weights, device="cpu"), strict=True)
     return net.eval(), config.get("meta", {})

@@ -31,7 +31,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pmf.atomic import atomic_path, atomic_write_text
-from pmf.export import FORMAT_VERSION, _fit_problems, _unwrap  # one format version for exports and this layout
+# one format version for exports and this layout
+from pmf.export import FORMAT_VERSION, _fit_problems, _unwrap, check_format_version
 from pmf.model import MODELS, PMFDiT
 from pmf.userfiles import check_model_kwargs, read_json_object
 
@@ -275,9 +276,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     if not isinstance(config.get("model_kwargs"), dict) or version is None:
         raise ValueError(f"{path} is not a pmf config (no 'model_kwargs' / 'pmf_format_version'): was it written "
                          "by pmf's save_pretrained?")
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {version}, newer than this pmf reads ({FORMAT_VERSION}): "
-                         "upgrade pixel-meanflow")
+    check_format_version(version, path)
     return config
 
 

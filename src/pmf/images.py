@@ -140,7 +140,6 @@ def png_grid_writer(path, num: int, nrow: int, channels: int, height: int, width
 # read in batches, so 50k 512 x 512 samples (39 GB) never sit in memory at once.
 
 IMAGES_KEY, LABELS_KEY = "arr_0", "arr_1"  # guided-diffusion's sampler and the ADM evaluator (np.savez positional)
-LEGACY_KEYS = ("images", "labels")  # what pmf wrote before; still read
 
 
 NPY_HEADER_BYTES = 4096  # an upper bound of one .npy header plus its zip entry records (zip64 included)
@@ -215,30 +214,18 @@ def npz_sample_writer(path, num: int, height: int, width: int, channels: int):
             writer.close()
 
 
-def save_npz(path, images: torch.Tensor, labels: torch.Tensor) -> Path:
-    """uint8 ``images`` (N, C, H, W) and ``labels`` (N,) as an .npz in the ADM layout (``arr_0`` (N, H, W, C) uint8,
-    ``arr_1`` (N,) int64; :func:`npz_sample_writer`)."""
-    n, c, h, w = images.shape
-    with npz_sample_writer(path, n, h, w, c) as writer:
-        writer.write(images, labels)
-    return Path(path)
-
-
 def _npz_member(zf: zipfile.ZipFile, keys) -> str | None:
     names = set(zf.namelist())
     return next((k for k in keys if f"{k}.npy" in names), None)
 
 
 def npz_sample_keys(path) -> tuple[str, str | None]:
-    """(images key, labels key or None) of a sample archive: ``arr_0`` / ``arr_1`` (ADM, pmf) or ``images`` /
-    ``labels`` (pmf before the ADM layout)."""
+    """(images key, labels key or None) of a sample archive in the ADM layout: ``arr_0`` / ``arr_1``."""
     with zipfile.ZipFile(path) as zf:
-        key = _npz_member(zf, (IMAGES_KEY, LEGACY_KEYS[0]))
-        if key is None:
+        if _npz_member(zf, (IMAGES_KEY,)) is None:
             raise KeyError(f"{path} holds {sorted(n.removesuffix('.npy') for n in zf.namelist())}; expected uint8 "
-                           f"images under '{IMAGES_KEY}' (ADM layout) or '{LEGACY_KEYS[0]}'")
-        label_key = LABELS_KEY if key == IMAGES_KEY else LEGACY_KEYS[1]
-        return key, (label_key if f"{label_key}.npy" in zf.namelist() else None)
+                           f"images under '{IMAGES_KEY}' (the ADM layout)")
+        return IMAGES_KEY, _npz_member(zf, (LABELS_KEY,))
 
 
 def _check_image_array(shape, dtype, path) -> tuple[int, ...]:

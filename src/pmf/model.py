@@ -41,9 +41,10 @@ PREDICTIONS = ("x", "u", "linear", "edm", "scm")
 # The one place where the network's output becomes a velocity.
 
 
-def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) -> (B, 1, ..., 1) to broadcast against ``like``."""
-    return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+def bcast(t: torch.Tensor, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) to broadcast against ``like`` (cast to ``dtype`` when given)."""
+    t = t.reshape(-1, *([1] * (like.ndim - 1)))
+    return t if dtype is None else t.to(dtype)
 
 
 def precondition(t: torch.Tensor, prediction: str, noise_scale: float = 1.0, sigma_data: float = 0.5):
@@ -91,8 +92,8 @@ def velocity_from_output(z: torch.Tensor, t: torch.Tensor, out: torch.Tensor, c_
     """
     if prediction == "u":
         return out
-    x_theta = _bcast(c_skip, z) * z + _bcast(c_out, z) * out
-    return (z - x_theta) / _bcast(t.clamp(min=T_CLIP), z)
+    x_theta = bcast(c_skip, z, z.dtype) * z + bcast(c_out, z, z.dtype) * out
+    return (z - x_theta) / bcast(t.clamp(min=T_CLIP), z, z.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -426,7 +427,7 @@ class PMFDiT(nn.Module):
     def trunk(self, z, t, h, omega, t_min, t_max, y) -> torch.Tensor:
         """Shared trunk output (B, 20 + N, D)."""
         c_in, _, _ = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
-        return self.run_blocks(self.shared_blocks, self.embed(_bcast(c_in, z) * z, h, omega, t_min, t_max, y))
+        return self.run_blocks(self.shared_blocks, self.embed(bcast(c_in, z, z.dtype) * z, h, omega, t_min, t_max, y))
 
     def head(self, trunk_out: torch.Tensor, which: str = "u") -> torch.Tensor:
         """Run the u- or v-head on the trunk output and return its raw image output (B, C, H, W)."""
@@ -503,6 +504,12 @@ MODELS: dict[str, ModelSpec] = {
 }
 
 
+def pmfdit_kwargs() -> list[str]:
+    """The keyword arguments PMFDiT accepts (what ``model.overrides`` and a saved network's kwargs may name)."""
+    return [n for n, p in inspect.signature(PMFDiT.__init__).parameters.items()
+            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def build_model(name: str, **overrides) -> PMFDiT:
     """Instantiate a registered size; ``overrides`` replace constructor kwargs (e.g. v_head=False)."""
     if name not in MODELS:
@@ -515,7 +522,7 @@ def build_model(name: str, **overrides) -> PMFDiT:
 # ----------------------------------------------------------------------------------------------------------------
 # Constructor arguments, kept on every instance: a saved network (pmf.hub's config.json) must be rebuilt from
 # exactly the kwargs it was built with, and several of them (depth, mlp_ratio, token counts, ...) cannot be read
-# back from the modules without guessing. Added after the class so the constructor above stays as it is.
+# back from the modules without guessing.
 
 
 def _keep_init_kwargs(init):

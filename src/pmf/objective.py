@@ -29,7 +29,9 @@ from typing import Callable
 import torch
 
 from pmf import objective_lean
-from pmf.objective_lean import ConstantOperandTangents, RowPlan  # noqa: F401  (re-exported)
+from pmf.model import T_CLIP, bcast as _b  # _b: (B,) -> (B, 1, ..., 1)
+from pmf.objective_lean import RowPlan
+from pmf.rng import PerSampleGenerator, keyed_normal
 
 
 @dataclass
@@ -88,70 +90,10 @@ def objective_at(cfg: ObjectiveConfig, nimg: int) -> ObjectiveConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Randomness
-
-
-class PerSampleGenerator:
-    """Per-sample random streams: sample i's draws depend only on ``seeds[i]`` (and, through :func:`fm_pattern`, on
-    ``indices[i]``, its position in the global batch), so 1 process and N processes holding slices of the global batch
-    draw the same values, and a step replays from (run seed, images seen).
-
-    * the per-sample scalars (times, guidance scale and interval, dropout) come from ``generators[i]``, a host
-      ``torch.Generator`` seeded with ``seeds[i]``: a few numbers per sample, drawn on the host, so everything derived
-      from them (which rows need which network pass) is known on the host;
-    * the noise e comes from :func:`keyed_normal`, a counter-based generator keyed by the seed, for the whole batch in
-      one set of kernels on the batch's device (not one kernel per sample).
-
-    ``generators`` also serve other per-sample draws that follow (the perceptual crops). ``device`` is kept for
-    callers that name where the batch lives; the draws follow the batch itself."""
-
-    def __init__(self, seeds, indices=None, device="cpu"):
-        self.seeds = [int(s) % (2**63) for s in seeds]
-        self.generators = [torch.Generator().manual_seed(s) for s in self.seeds]
-        self.indices = torch.arange(len(self.seeds)) if indices is None else torch.as_tensor(indices).cpu()
-        self.device = torch.device(device)
-
+# Randomness (per-sample streams: pmf.rng)
 
 _NUM_UNIFORMS = 9  # columns: unif_mask, t_unif, r_unif, omega, t_min, t_max, drop, (2 spare for stable layout)
 _NUM_NORMALS = 2  # columns: t, r (logit-normal)
-
-# SplitMix64 (Steele, Lea, Flood 2014; the finaliser is Stafford's "Mix13"): word n of the stream with key k is
-# mix(k + (n + 1) gamma). int64 tensors wrap modulo 2^64 like the unsigned arithmetic it is defined with; >> on int64
-# is arithmetic, so each shift masks off the sign-extended bits.
-_GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
-_NOISE_STREAM = 0x6E6F697365  # "noise": the key of the noise stream is mix(seed ^ this), apart from other uses of seed
-
-
-def _signed(c: int) -> int:
-    return c - (1 << 64) if c >= 1 << 63 else c
-
-
-def _shr(z: torch.Tensor, k: int) -> torch.Tensor:
-    return (z >> k) & ((1 << (64 - k)) - 1)  # logical right shift of a 64-bit word held in int64
-
-
-def splitmix64(z: torch.Tensor) -> torch.Tensor:
-    """The SplitMix64 output function on int64 tensors (bit pattern of the uint64 result)."""
-    z = (z ^ _shr(z, 30)) * _signed(_MIX1)
-    z = (z ^ _shr(z, 27)) * _signed(_MIX2)
-    return z ^ _shr(z, 31)
-
-
-def keyed_normal(seeds, shape, device, dtype=torch.float32) -> torch.Tensor:
-    """(B, *shape) standard normals; row i is a fixed function of ``seeds[i]`` alone (any batch, any device kind
-    gives it the same values up to rounding of log / cos). Box-Muller on two 24-bit uniforms per 64-bit SplitMix64
-    word, u1 in (0, 1) so log u1 is finite: |e| <= 5.9, a tail mass of 4e-9 cut off."""
-    n = math.prod(shape)
-    words = (n + 1) // 2
-    keys = splitmix64(torch.tensor([_signed(s ^ _NOISE_STREAM) for s in seeds], dtype=torch.long))
-    keys = keys.to(device, non_blocking=True)  # a host -> device copy; nothing is read back
-    counter = torch.arange(1, words + 1, device=device, dtype=torch.long) * _signed(_GAMMA)
-    w = splitmix64(keys[:, None] + counter[None, :])
-    u1 = (_shr(w, 40).float() + 0.5) * 2.0**-24
-    u2 = (_shr(w, 16) & 0xFFFFFF).float() * 2.0**-24
-    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), (2 * math.pi) * u2
-    z = torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)[:, :n]
-    return z.reshape(len(seeds), *shape).to(dtype)
 
 
 def _raw_draws(x: torch.Tensor, generator):
@@ -278,10 +220,6 @@ def sample_draws(x: torch.Tensor, y: torch.Tensor | None, cfg: ObjectiveConfig, 
 # The steps of the objective
 
 
-def _b(t, like):
-    return t.reshape(-1, *([1] * (like.ndim - 1)))
-
-
 def noisy_image(x, t, e):
     """z_t = (1 - t) x + t e  [P Eq. 1]."""
     return (1 - _b(t, x)) * x + _b(t, x) * e
@@ -289,7 +227,7 @@ def noisy_image(x, t, e):
 
 def conditional_velocity(z_t, x, t):
     """v_t = (z_t - x) / clip(t, 0.05) = e - x for t >= 0.05  [P Eq. 2; official code]."""
-    return (z_t - x) / _b(t.clamp(min=0.05), x)
+    return (z_t - x) / _b(t.clamp(min=T_CLIP), x)
 
 
 def boundary_velocity(net, z, t, omega, y, use_v_head: bool):

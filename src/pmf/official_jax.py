@@ -49,7 +49,7 @@ import torch
 
 from pmf.convert import official_to_ours, ours_to_official
 from pmf.errors import PmfError
-from pmf.train.optim import EMASpec
+from pmf.train.ema import EMASpec
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # optax.contrib.muon's default and pmf's (pmf.train.optim.build_optimizer)
 OFFICIAL_IMAGES_PER_STEP = 1024  # the official configs' training.batch_size: images per optimizer step

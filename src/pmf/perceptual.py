@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmf.objective import PerSampleGenerator
+from pmf.rng import PerSampleGenerator, mix_seeds
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -67,16 +67,7 @@ class PerceptualConfig:
 # Paired RandomResizedCrop (official ``utils/auxloss_util.py``: ``paired_random_resized_crop``)
 
 _CROP_UNIFORMS = 4  # per sample: area fraction, log aspect ratio, top, left
-_MASK64 = (1 << 64) - 1
 _CROP_SALT = 0x5EED_C409  # keeps the crop stream apart from the objective's draws made from the same seed
-
-
-def _mix64(x: int) -> int:
-    """splitmix64's finaliser: a host integer seed -> a well-mixed 63-bit seed (a plain function of x)."""
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (x ^ (x >> 31)) & ((1 << 63) - 1)
 
 
 def _host_generator(g: torch.Generator) -> torch.Generator:
@@ -86,7 +77,7 @@ def _host_generator(g: torch.Generator) -> torch.Generator:
         offset = int(g.get_offset())
     except (AttributeError, RuntimeError):
         offset = 0
-    return torch.Generator().manual_seed(_mix64(_mix64(g.initial_seed() ^ _CROP_SALT) ^ offset))
+    return torch.Generator().manual_seed(mix_seeds([mix_seeds([g.initial_seed() ^ _CROP_SALT])[0] ^ offset])[0])
 
 
 def crop_uniforms(batch: int, generator=None) -> torch.Tensor:
@@ -100,7 +91,8 @@ def crop_uniforms(batch: int, generator=None) -> torch.Tensor:
     if isinstance(generator, PerSampleGenerator):
         if len(generator.generators) != batch:
             raise ValueError(f"PerSampleGenerator has {len(generator.generators)} seeds for a batch of {batch}")
-        gens = [torch.Generator().manual_seed(_mix64(g.initial_seed() ^ _CROP_SALT)) for g in generator.generators]
+        seeds = mix_seeds([g.initial_seed() ^ _CROP_SALT for g in generator.generators])
+        gens = [torch.Generator().manual_seed(s) for s in seeds]
         return torch.stack([torch.rand(_CROP_UNIFORMS, generator=g, dtype=torch.float64) for g in gens])
     if isinstance(generator, torch.Generator) and generator.device.type != "cpu":
         generator = _host_generator(generator)

@@ -12,13 +12,13 @@ not depend on batch size or position.
 from __future__ import annotations
 
 import dataclasses
-import os
+import math
 import warnings
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
-from itertools import islice
 
 import torch
+
+from pmf.model import bcast
+from pmf.rng import keyed_normal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,50 +53,38 @@ def _per_sample(value, batch: int, ref: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(value, dtype=torch.float32, device=ref.device).expand(batch).contiguous()
 
 
-NOISE_THREADS = min(8, os.cpu_count() or 1)  # CPU threads drawing the per-sample noise of one batch
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _fill_noise(out: torch.Tensor, seeds, rows) -> None:
-    """out[i] = N(0, I) from a CPU generator seeded with seeds[i], for i in rows (in place)."""
-    for i in rows:
-        torch.randn(out.shape[1:], generator=torch.Generator().manual_seed(int(seeds[i])), out=out[i])
-
-
-def _noise_cpu(seeds, shape, noise_scale: float, pin: bool) -> torch.Tensor:
-    seeds = list(seeds)
-    out = torch.empty(len(seeds), *shape, pin_memory=pin)
-    parts = min(NOISE_THREADS, len(seeds))
-    if parts <= 1:
-        _fill_noise(out, seeds, range(len(seeds)))
-    else:  # rows are independent (one generator each); torch releases the GIL while it draws
-        with ThreadPoolExecutor(parts) as pool:
-            list(pool.map(lambda k: _fill_noise(out, seeds, range(k, len(seeds), parts)), range(parts)))
-    return out.mul_(noise_scale)
+def sampling_problems(omega=None, t_min=None, t_max=None, steps=None, num=None, prefix="--") -> list[str]:
+    """Problems of sampling arguments (None = not given): omega finite, 0 <= t_min <= t_max <= 1, steps >= 1,
+    num >= 1. ``prefix`` names them as command-line flags ("--") or config keys ("sample.")."""
+    out = []
+    if omega is not None and not _finite(omega):
+        out.append(f"{prefix}omega={omega} must be a finite number (e.g. 1.0: no guidance)")
+    if t_min is not None or t_max is not None:
+        lo, hi = (0.0 if t_min is None else t_min), (1.0 if t_max is None else t_max)
+        name = "--interval" if prefix == "--" else f"{prefix}t_min/{prefix}t_max"
+        if not (_finite(lo) and _finite(hi) and 0.0 <= lo <= hi <= 1.0):
+            out.append(f"{name} {lo} {hi} must satisfy 0 <= t_min <= t_max <= 1 (e.g. 0.1 0.7)")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        out.append(f"{prefix}steps={steps} must be >= 1")
+    if num is not None and num < 1:
+        out.append(f"{prefix}num={num} must be >= 1 (the number of samples)")
+    return out
 
 
 def noise_from_seeds(seeds, shape: tuple[int, ...], noise_scale: float = 1.0, device="cpu") -> torch.Tensor:
-    """z_1 = noise_scale * N(0, I), one CPU ``torch.Generator`` per sample seed: (len(seeds), *shape). Sample i's
-    noise depends only on seeds[i] (not on the batch, the device or the number of threads drawing it); rows are
-    drawn by up to :data:`NOISE_THREADS` threads."""
-    cuda = torch.device(device).type == "cuda"
-    return _noise_cpu(seeds, shape, noise_scale, pin=cuda).to(device, non_blocking=cuda)
+    """z_1 = noise_scale * N(0, I): (len(seeds), *shape), drawn on ``device``; sample i's noise is
+    :func:`pmf.rng.keyed_normal` of seeds[i] alone (not of the batch, its position or the device kind)."""
+    return keyed_normal(list(seeds), shape, device).mul_(noise_scale)
 
 
-def noise_batches(seed_batches, shape: tuple[int, ...], noise_scale: float = 1.0, device="cpu", ahead: int = 2):
-    """Yield :func:`noise_from_seeds` of each seed list in ``seed_batches``, drawn in a background thread up to
-    ``ahead`` batches before they are used, so the device samples one batch while the CPU draws the next (the
-    draw is ~200 images/s per thread at 256 px). Same values as :func:`noise_from_seeds`."""
-    cuda = torch.device(device).type == "cuda"
-    batches = iter(seed_batches)
-    with ThreadPoolExecutor(1) as worker:
-        pending = deque(worker.submit(_noise_cpu, list(s), shape, noise_scale, cuda)
-                        for s in islice(batches, max(1, ahead)))
-        while pending:
-            noise = pending.popleft().result()
-            nxt = next(batches, None)
-            if nxt is not None:
-                pending.append(worker.submit(_noise_cpu, list(nxt), shape, noise_scale, cuda))
-            yield noise.to(device, non_blocking=cuda)
+def noise_batches(seed_batches, shape: tuple[int, ...], noise_scale: float = 1.0, device="cpu"):
+    """:func:`noise_from_seeds` of each seed list in ``seed_batches``, one batch at a time."""
+    for seeds in seed_batches:
+        yield noise_from_seeds(seeds, shape, noise_scale, device)
 
 
 def step(net, z, t, r, y, omega=1.0, t_min=0.0, t_max=1.0, instantaneous: bool = False) -> torch.Tensor:
@@ -107,7 +95,7 @@ def step(net, z, t, r, y, omega=1.0, t_min=0.0, t_max=1.0, instantaneous: bool =
     w, lo, hi = _per_sample(omega, B, z), _per_sample(t_min, B, z), _per_sample(t_max, B, z)
     h = torch.zeros_like(t) if instantaneous else t - r
     u, _ = net(z, t, h, w, lo, hi, y, heads="u")
-    return z - (t - r).view(-1, *([1] * (z.ndim - 1))) * u
+    return z - bcast(t - r, z) * u
 
 
 def check_omega(net, omega) -> None:

@@ -75,7 +75,7 @@ def generate(
     and any number of ranks (the union over ranks is the 1-process set), up to the last-bit float differences of
     batched kernels (rarely one uint8 level on a pixel). ``net`` is used as it is (call ``.eval()``
     and move it to ``device`` first); images are sampled with :func:`pmf.sampler.sample` and quantised with
-    :func:`pmf.train.data.to_uint8` (round(127.5 (x + 1)), clamped); ``instantaneous`` is passed on to it (Euler steps
+    :func:`pmf.images.to_uint8` (round(127.5 (x + 1)), clamped); ``instantaneous`` is passed on to it (Euler steps
     with v = u(z, t, t)). Images are yielded on ``device``, labels on CPU.
     """
     if not 0 <= rank < world_size:
@@ -85,7 +85,7 @@ def generate(
     labels_all = class_balanced_labels(n, num_classes)
     indices = torch.arange(rank, n, world_size)
     chunks = indices.split(batch_size)
-    # noise drawn per sample seed in a background thread, a batch ahead of the sampler (pmf.sampler.noise_batches)
+    # noise keyed by each sample's seed, drawn on the device batch by batch (pmf.sampler.noise_batches)
     noises = noise_batches(((seed * SEED_STRIDE + c).tolist() for c in chunks), tuple(shape), noise_scale, device)
     for chunk, noise in zip(chunks, noises):
         y = labels_all[chunk]

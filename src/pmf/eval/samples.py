@@ -167,7 +167,7 @@ def load_reference(path, extractor: Extractor | None = None, batch_size: int = 2
     with np.load(path) as f:
         keys = set(f.keys())
         arrays = {k: f[k] for k in ("mu", "sigma", "mu_s", "sigma_s", "features") if k in keys}
-    has_images = "arr_0" in keys or "images" in keys
+    has_images = "arr_0" in keys
     if "mu" not in arrays and not has_images:
         raise KeyError(f"{path} holds {sorted(keys)}: neither reference statistics (mu, sigma) nor reference "
                        f"images (arr_0)")

@@ -6,7 +6,7 @@ bytes, every number and string; :func:`payload_digest`) under ``"sha256"``; the 
 older states are deleted, and :func:`load_latest` skips, with a message, a file that cannot be read or whose digest
 does not match (bit rot, a partial copy), and returns the newest good one. Rotation deletes only states older than
 the one just written and verified. Restarting is rerunning the command. Exported inference weights, kept apart from
-training state (design habit 5), are :mod:`pmf.export`.
+training state, are :mod:`pmf.export`.
 
 Sharded runs (``train.parallel=fsdp`` / ``hsdp``) write ``state-{step:09d}/`` directories instead
 (:mod:`pmf.train.sharded_state`: every rank its own shards, per-file SHA-256 in a manifest); listing, rotation, the
@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from pmf.atomic import atomic_save
 from pmf.errors import PmfError
-from pmf.atomic import atomic_path, atomic_save, atomic_write_text  # noqa: F401 (re-exported)
-from pmf.export import FORMAT_VERSION, export_model, load_exported  # noqa: F401 (re-exported)
+from pmf.export import FORMAT_VERSION, UnsupportedFormat, check_format_version
 from pmf.train import sharded_state
 
 STATE_DIR = "checkpoints"
@@ -80,12 +80,13 @@ def payload_digest(obj) -> str:
 
 
 def verify_state(state: dict, path: str | os.PathLike = "state") -> None:
-    """Raise :class:`DamagedState` when ``state``'s stored digest does not match its payload. A state without a
-    digest (written before digests existed) passes with a warning."""
+    """Raise :class:`UnsupportedFormat` for a state of another format version or without a digest (not written by
+    this pmf), :class:`DamagedState` when the stored digest does not match the payload."""
+    check_format_version(state.get("format_version"), path)
     stored = state.get(DIGEST_KEY)
     if stored is None:
-        warnings.warn(f"{path} carries no checksum (written by an older pmf); it is not verified", stacklevel=3)
-        return
+        raise UnsupportedFormat(f"{path} carries no checksum: not a training state this pmf wrote; train from step 0 "
+                                "with --restart")
     actual = payload_digest({k: v for k, v in state.items() if k != DIGEST_KEY})
     if actual != stored:
         raise DamagedState(f"checksum mismatch (stored {stored[:12]}..., content {actual[:12]}...): the file was "
@@ -126,8 +127,7 @@ def _rotate(run_dir: str | os.PathLike, step: int, keep: int) -> None:
 def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep: int = 2,
                         verify: bool = True) -> Path:
     """Write ``{**state, "step": step, "format_version": FORMAT_VERSION, "sha256": digest}`` to
-    run_dir/checkpoints/state-{step:09d}.pt atomically (the version says how the run's config is to be read,
-    :func:`pmf.export.upgrade_model_kwargs`);
+    run_dir/checkpoints/state-{step:09d}.pt atomically;
     read it back and check the digest (``verify``; memory-mapped, so no second copy in RAM); then delete the older
     states beyond the ``keep`` newest (this one included) and any temp files left by writes that crashed. States with
     a higher step (left by a run that resumed from an older state because they were damaged) are not touched.
@@ -177,19 +177,15 @@ def save_sharded_training_state(run_dir: str | os.PathLike, step: int, tensors: 
 
 
 def _load_file(path: Path, weights_only: bool) -> dict:
-    """A single-file state, memory-mapped where the file allows it (zip format: every state this pmf writes)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-    except RuntimeError as e:
-        if "mmap" not in str(e):  # not the legacy-format refusal: a real read error
-            raise
-        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    """A single-file state, memory-mapped (torch's zip format, which every state this pmf writes has)."""
+    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
 
 
 def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside: bool = False,
                 lazy_sharded: bool = False) -> dict | None:
-    """The newest readable, verified training state in run_dir/checkpoints (a dict with "step" and "format_version",
-    1 for a file written before versions were stored), or None if there is none.
+    """The newest readable, verified training state in run_dir/checkpoints (a dict with "step" and "format_version"),
+    or None if there is none. A state of another format version is refused (:class:`UnsupportedFormat`), not
+    skipped: an older one of the same run would be no better.
 
     A sharded state (a ``state-*/`` directory) is returned in the single-file layout with full tensors, read in
     this process (:func:`pmf.train.sharded_state.read_full_state`); with ``lazy_sharded`` (the trainer, every rank
@@ -208,17 +204,17 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside
         try:
             if path.is_dir():
                 manifest = sharded_state.verify_sharded_state(path, collective=lazy_sharded)
+                check_format_version(manifest.get("format_version"), path)
                 if lazy_sharded:
-                    state = {**sharded_state.read_extra(path), "sharded_path": str(path)}
-                    state.setdefault("format_version", manifest.get("format_version", 1))
-                    return state
+                    return {**sharded_state.read_extra(path), "sharded_path": str(path)}
                 return sharded_state.read_full_state(path)
             state = _load_file(path, weights_only)
             if not isinstance(state, dict):
                 raise TypeError(f"holds a {type(state).__name__}, not a dict")
             verify_state(state, path)
-            state.setdefault("format_version", 1)  # written before versions were stored
             return state
+        except UnsupportedFormat:
+            raise
         except Exception as e:  # truncated zip, bad pickle, wrong type, bad digest: cannot resume from this file
             failures.append(f"{path}: {type(e).__name__}: {e}")
             aside = ""

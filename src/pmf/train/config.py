@@ -50,7 +50,7 @@ class TrainConfig:
     batch_size: int = 128  # global batch (all processes together)
     accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide by world_size * accum_steps)
     seed: int = 0  # all randomness derives from (seed, images seen, sample index)
-    ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.train.optim.EMASpec)
+    ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.train.ema.EMASpec)
     ema_ramp: float = 0.05  # EDM ramp-up of the half-life: min(half-life, ramp * images seen)
     grad_clip: float = field(default=0.0, metadata=RESUMABLE)  # max global grad norm; 0 = off (official: off)
     max_nonfinite: int = field(default=10, metadata=RESUMABLE)  # stop (with a checkpoint) after this many non-finite
@@ -83,16 +83,6 @@ class TrainConfig:
     fsdp_reshard_after_forward: bool = field(default=True, metadata=RESUMABLE)  # fsdp: free each block's gathered
     #   weights after its forward (less memory, one more all-gather per block in backward); False keeps them until
     #   the backward (ZeRO-2-like)
-
-    def __post_init__(self):
-        if self.parallel not in ("ddp", "fsdp", "hsdp"):
-            raise ValueError(f"train.parallel must be 'ddp' or 'fsdp' (or 'hsdp': sharded within a node, replicated "
-                             f"across nodes), got {self.parallel!r}")
-        if self.hsdp_shard_size < 0:
-            raise ValueError(f"train.hsdp_shard_size must be >= 0 (0: the processes per node), got "
-                             f"{self.hsdp_shard_size}")
-        if self.accum_steps < 1:
-            raise ValueError(f"train.accum_steps must be >= 1, got {self.accum_steps}")
 
 
 @dataclass
@@ -198,8 +188,6 @@ def set_value(cfg: RunConfig, dotted: str, value) -> None:
             setattr(node, part, coerced)
         else:
             node = getattr(node, part)
-    if dataclasses.is_dataclass(node) and hasattr(node, "__post_init__"):
-        node.__post_init__()  # re-validate the section
 
 
 def apply_mapping(cfg: RunConfig, mapping: dict, prefix: str = "") -> None:
@@ -336,6 +324,7 @@ def to_json(cfg) -> str:
 
 
 def from_dict(d: dict) -> RunConfig:
+    """The config a resolved config.json describes: the inverse of :func:`to_dict`."""
     cfg = RunConfig()
     apply_mapping(cfg, d)
     return cfg

@@ -1,13 +1,11 @@
 """Data: Fashion-MNIST (IDX files), ImageFolder with the ADM center crop, and a resumable sharded sampler.
 
-Batches stay uint8 until they reach the device; :func:`to_model_range` maps them to [-1, 1] there.
+Batches stay uint8 until they reach the device; :func:`pmf.images.to_model_range` maps them to [-1, 1] there.
 
 Data position is one integer, ``nimg`` (global images seen).  The sampler reads the data as an endless stream, the
 concatenation of per-epoch permutations ``perm(seed, 0), perm(seed, 1), ...``; the global batch at ``nimg`` is
 ``stream[nimg : nimg + G]`` and rank r takes the r-th contiguous slice of it.  So a restart, a new world size or a
 new global batch size continue from exactly the same image.
-
-Imports only torch, numpy, PIL and the standard library (so the data path can be read and reused alone).
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmf.images import to_model_range, to_uint8  # noqa: F401 (re-exported: pixel range of the data)
 from pmf.train.filelist import IMG_EXTENSIONS, scan_image_folder
 from pmf.train.preempt import ignore_stop_signals
 
@@ -37,15 +34,12 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "parse_idx",
     "ChecksumError",
-    "to_model_range",
-    "to_uint8",
     "EpochSampler",
     "ImageFolderDataset",
     "center_crop_adm",
     "read_image_adm",
     "collate_uint8",
     "ShardedLoader",
-    "make_loader",
 ]
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -550,10 +544,3 @@ class ShardedLoader:
         """Set the position; takes effect at the next ``iter(loader)``."""
         self.sampler.load_state_dict(state)
         self.nimg = self.sampler.nimg
-
-
-def make_loader(data, global_batch: int, seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                **kw) -> ShardedLoader:
-    """Shorthand for :class:`ShardedLoader` (rank/world_size from the caller, e.g. ``pmf.train.dist``)."""
-    return ShardedLoader(data, global_batch, seed=seed, rank=rank, world_size=world_size, num_workers=num_workers,
-                         **kw)

@@ -31,7 +31,7 @@ def init(device_type: str = "cpu") -> None:
         device = torch.device("cuda", local_rank())
         torch.cuda.set_device(device)
         # Binds the group to this rank's GPU: NCCL communicators are created eagerly on it, and barrier() and
-        # object collectives no longer guess the device from the rank (a wrong guess hangs on some layouts).
+        # object collectives do not guess the device from the rank (a wrong guess hangs on some layouts).
         extra["device_id"] = device
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30), **extra)
 

@@ -17,7 +17,7 @@ from pmf.model import PMFDiT
 from pmf.train import dist, fsdp, parallel, plan
 from pmf.train.config import RunConfig, to_json
 from pmf.train.data import ImageFolderDataset
-from pmf.train.optim import EMASpec, ema_beta
+from pmf.train.ema import EMASpec, ema_beta
 from pmf.train.shards import ShardDataset, is_shard_dir
 
 # Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k

@@ -7,7 +7,7 @@ directory it lists (adding, removing or renaming a file or a folder changes its 
 ``stat`` calls for ImageNet instead of listing 1.28 M entries.  An index is not cached while a directory was
 modified in the last 2 s (its next change might not move its mtime): a folder still being written is walked again.
 
-Order and contents: ``os.walk(root)`` top-down, directories and files sorted by name; classes are the walked
+Order and contents (those :class:`pmf.train.data.ImageFolderDataset` trains on): ``os.walk(root)`` top-down, directories and files sorted by name; classes are the walked
 non-hidden subfolders of root, sorted by name -> labels 0..C-1 (one without images is warned about); an image is a
 non-hidden file whose lower-cased name ends in one of the extensions. Files directly in root get label -1 (a flat
 folder: what ``pmf ref-stats`` may read; training uses class folders only). Files with other extensions are listed

@@ -75,15 +75,6 @@ FORWARD_METHODS = ("trunk", "head")
 
 
 
-def check_objective(impl: str) -> None:
-    """Both objectives run on sharded networks: ``reference`` (``torch.func.jvp`` passes FSDP2's hooks) and ``lean``,
-    whose forward-AD pass enters every FSDP unit with plain tensors (the rules: :mod:`pmf.objective_lean`; parity
-    with one process: tests/test_fsdp_lean.py). Refuses only an objective this module does not know."""
-    if impl not in ("lean", "reference"):
-        raise ValueError("objective.impl must be 'lean' or 'reference' with a sharded train.parallel (fsdp, hsdp), "
-                         f"got {impl!r}")
-
-
 def blocks_of(net: nn.Module) -> list[nn.Module]:
     """The transformer blocks of a PMFDiT (trunk, u-head, v-head): one FSDP unit each."""
     out = [*net.shared_blocks, *net.u_heads]

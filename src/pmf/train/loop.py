@@ -25,7 +25,7 @@ import torch
 from pmf.train import dist, parallel, plan
 from pmf.atomic import atomic_write_text
 from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
-from pmf.export import FORMAT_VERSION, export_model, upgrade_model_kwargs
+from pmf.export import export_model
 from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, to_json
 from pmf.train.dryrun import dry_run_report
@@ -38,9 +38,11 @@ from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
 from pmf.train.shards import ShardDataset
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
-from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
-from pmf.train.optim import EMA, lr_at, set_lr
+from pmf.objective import objective_at, pmf_loss
+from pmf.train.ema import EMA
+from pmf.train.optim import lr_at, set_lr
 from pmf.perceptual import build_perceptual
+from pmf.rng import PerSampleGenerator
 from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, maybe_compile, set_tf32
 from pmf.sampler import noise_from_seeds, sample
 
@@ -57,9 +59,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_kwargs(cfg: RunConfig) -> dict:
-    """PMFDiT kwargs of the run: registry entry + overrides, with the objective's noise scale and guidance range."""
-    if cfg.model.name not in MODELS:
-        raise KeyError(f"unknown model {cfg.model.name!r}; registered: {', '.join(MODELS)}")
+    """PMFDiT kwargs of the run (a validated config): registry entry + overrides, with the objective's noise scale
+    and guidance range."""
     spec = MODELS[cfg.model.name]
     omega_max = 1.0 + cfg.objective.cfg_max if cfg.objective.guidance else 1.0
     kw = {**spec.kwargs, "noise_scale": cfg.objective.noise_scale, "omega_max": omega_max, **cfg.model.overrides}
@@ -69,20 +70,20 @@ def model_kwargs(cfg: RunConfig) -> dict:
 
 
 def load_dataset(cfg: RunConfig):
-    """(data, num_classes): Fashion-MNIST as in-memory uint8 tensors, an ImageFolder dataset, or prepared shards."""
+    """(data, num_classes) of a validated config: Fashion-MNIST as in-memory uint8 tensors, an ImageFolder dataset,
+    or prepared shards (`pmf prepare-data` output, memory-mapped: pmf.train.shards). data.path is checked here, not
+    by the config gate: ``--dry-run`` plans a run without its data."""
     if cfg.data.dataset == "fashion_mnist":
         return load_fashion_mnist("train", root=cfg.data.path or None), 10
+    if not cfg.data.path:
+        raise ValueError(f"data.dataset={cfg.data.dataset} needs data.path=" + (
+            "/path/to/train (one folder per class)" if cfg.data.dataset == "imagefolder"
+            else "/path/to/shards (the pmf prepare-data --out dir)"))
     if cfg.data.dataset == "imagefolder":
-        if not cfg.data.path:
-            raise ValueError("data.dataset=imagefolder needs data.path=/path/to/train (one folder per class)")
         ds = ImageFolderDataset(cfg.data.path, cfg.data.resolution)
-        return ds, len(ds.classes)
-    if cfg.data.dataset == "shards":  # `pmf prepare-data` output, memory-mapped (pmf.train.shards)
-        if not cfg.data.path:
-            raise ValueError("data.dataset=shards needs data.path=/path/to/shards (the pmf prepare-data --out dir)")
+    else:
         ds = ShardDataset(cfg.data.path, cfg.data.resolution, verify=cfg.data.verify)
-        return ds, len(ds.classes)
-    raise ValueError(f"unknown data.dataset {cfg.data.dataset!r}; use fashion_mnist, imagefolder or shards")
+    return ds, len(ds.classes)
 
 
 def sample_seeds(seed: int, nimg: int, indices: torch.Tensor) -> list[int]:
@@ -119,7 +120,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
         y = labels[sl].to(device) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
-        gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)
+        gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices)
         with autocast_context(device.type, cfg.train.precision):
             loss, metrics = loss_fn(net, x, y, objective, gen, perceptual=perceptual)
         (loss / accum).backward()
@@ -279,8 +280,6 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     validate_config(cfg)  # every setting, before any work (also for --dry-run)
     check_writable_dir(run_dir)
     device = resolve_device(cfg.train.device)
-    parallel.check_config(cfg)
-    autocast_context(device.type, cfg.train.precision)  # rejects an unknown precision before any work
     kwargs = model_kwargs(cfg)
     if dry_run:
         return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
@@ -356,8 +355,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
     """The training state to resume from (None: start at step 0), after ``--restart`` moved an old run aside, a
     silent restart over an existing run was refused, and the config was checked against the run's. Damaged states
     are skipped (rank 0 renames them *.damaged); every rank reads a single-file state memory-mapped, and only the
-    checked manifest and non-tensor part of a sharded one (its shards are read into the built run). An older pmf's
-    state has its model overrides read in their old meaning (:func:`pmf.export.upgrade_model_kwargs`)."""
+    checked manifest and non-tensor part of a sharded one (its shards are read into the built run)."""
     if restart:
         if dist.is_main():
             moved = set_aside_previous_run(run_dir)
@@ -369,8 +367,6 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
         refuse_silent_restart(run_dir)
     if not restart:
         check_resume_config(run_dir, cfg, state.get("config") if state is not None else None)
-    if state is not None and state.get("format_version", 1) < FORMAT_VERSION:
-        cfg.model.overrides = upgrade_model_kwargs(cfg.model.overrides, state.get("format_version", 1))
     return state
 
 

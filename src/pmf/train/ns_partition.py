@@ -1,7 +1,7 @@
 """Muon's Newton-Schulz work split across data-parallel ranks (``optim.muon_partition``).
 
 With replicated parameters (``train.parallel=ddp``) every rank holds the same averaged gradients and the same momentum
-buffers, so every rank used to orthogonalise every matrix: the same numbers computed W times. Here each matrix gets
+buffers, so every rank would orthogonalise every matrix: the same numbers computed W times. Here each matrix gets
 one owner rank, the owner alone runs Newton-Schulz on it, and the results are shared with one all-gather. The update
 each rank applies is then the owner's, i.e. that of one process (batched matmuls over a subset of a shape's stack may
 round differently from the whole stack on some backends; on CPU they agree to the bit in our tests).

@@ -36,24 +36,17 @@ from pmf.model import PMFDiT
 from pmf.train import dist, fsdp, sharded_state
 from pmf.train.checkpoint import payload_digest, save_sharded_training_state, save_training_state
 from pmf.train.config import RunConfig
-from pmf.train.optim import EMA, build_optimizer
+from pmf.train.ema import EMA
+from pmf.train.optim import build_optimizer
 
 MODES = ("none", "ddp", "fsdp", "hsdp")
 SHARDED_MODES = ("fsdp", "hsdp")
 
 
 def mode_of(parallel: str, world: int) -> str:
-    """The strategy for ``train.parallel`` on ``world`` processes: ``none`` in one process, else ``parallel``."""
-    if parallel not in ("ddp", *SHARDED_MODES):
-        raise ValueError(f"train.parallel must be 'ddp', 'fsdp' or 'hsdp', got {parallel!r}")
+    """The strategy for ``train.parallel`` (checked by :mod:`pmf.train.validate`) on ``world`` processes: ``none``
+    in one process, else ``parallel``."""
     return "none" if world == 1 else parallel
-
-
-def check_config(cfg: RunConfig) -> None:
-    """What a sharded mode needs of the rest of the config, checked before any work (also in one process, where the
-    mode runs unsharded, so a config is refused the same way on 1 and N processes)."""
-    if cfg.train.parallel in SHARDED_MODES:
-        fsdp.check_objective(cfg.objective.impl)
 
 
 def make_strategy(cfg: RunConfig, device: torch.device, world: int | None = None) -> "Strategy":

@@ -104,10 +104,6 @@ def save_sharded_state(ckpt_dir: str | os.PathLike, step: int, tensors: dict[str
     return final
 
 
-def is_sharded_state(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir()
-
-
 def read_manifest(path: str | os.PathLike) -> dict:
     path = Path(path)
     try:
@@ -220,5 +216,5 @@ def read_full_state(path: str | os.PathLike) -> dict:
     manifest = read_manifest(path)
     state = join_state(read_full_tensors(path), read_extra(path))
     state.setdefault("step", manifest["step"])
-    state.setdefault("format_version", manifest.get("format_version", 1))
+    state.setdefault("format_version", manifest.get("format_version"))
     return state

@@ -7,7 +7,6 @@ together, on one line.
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from pathlib import Path
@@ -15,18 +14,12 @@ from pathlib import Path
 import torch
 
 from pmf.errors import PmfError
+from pmf.model import MODELS, pmfdit_kwargs
+from pmf.sampler import sampling_problems
 
 
 class ConfigError(PmfError, ValueError):
     """A setting or argument that cannot work."""
-
-
-def pmfdit_kwargs() -> list[str]:
-    """The keyword arguments PMFDiT accepts (model.overrides must use these)."""
-    from pmf.model import PMFDiT
-
-    return [n for n, p in inspect.signature(PMFDiT.__init__).parameters.items()
-            if n != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 def device_problem(name: str, key: str) -> str | None:
@@ -54,28 +47,10 @@ def _finite(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def sampling_problems(omega=None, t_min=None, t_max=None, steps=None, num=None, prefix="--") -> list[str]:
-    """Problems of sampling arguments (None = not given): omega finite, 0 <= t_min <= t_max <= 1, steps >= 1,
-    num >= 1. ``prefix`` names them as command-line flags ("--") or config keys ("sample.")."""
-    out = []
-    if omega is not None and not _finite(omega):
-        out.append(f"{prefix}omega={omega} must be a finite number (e.g. 1.0: no guidance)")
-    if t_min is not None or t_max is not None:
-        lo, hi = (0.0 if t_min is None else t_min), (1.0 if t_max is None else t_max)
-        name = "--interval" if prefix == "--" else f"{prefix}t_min/{prefix}t_max"
-        if not (_finite(lo) and _finite(hi) and 0.0 <= lo <= hi <= 1.0):
-            out.append(f"{name} {lo} {hi} must satisfy 0 <= t_min <= t_max <= 1 (e.g. 0.1 0.7)")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        out.append(f"{prefix}steps={steps} must be >= 1")
-    if num is not None and num < 1:
-        out.append(f"{prefix}num={num} must be >= 1 (the number of samples)")
-    return out
-
-
 def config_problems(cfg) -> list[str]:
     """Every problem of a resolved RunConfig, as "key=value: what is wrong; the fix"."""
-    from pmf.model import MODELS
-    from pmf.train.optim import EMASpec
+    from pmf.train.ema import EMASpec
+    from pmf.train.speed import PRECISIONS
 
     p = []
     t, d, s, e = cfg.train, cfg.data, cfg.sample, cfg.eval
@@ -89,6 +64,15 @@ def config_problems(cfg) -> list[str]:
         if not (_finite(value) and value >= 0):
             p.append(f"{key}={value!r} must be >= 0")
 
+    if t.parallel not in ("ddp", "fsdp", "hsdp"):
+        p.append(f"train.parallel={t.parallel!r} must be ddp, fsdp or hsdp (hsdp: sharded within a node, replicated "
+                 "across nodes)")
+    if not (isinstance(t.hsdp_shard_size, int) and t.hsdp_shard_size >= 0):
+        p.append(f"train.hsdp_shard_size={t.hsdp_shard_size!r} must be >= 0 (0: the processes per node)")
+    if str(t.precision).lower() not in PRECISIONS:
+        fp16 = str(t.precision).lower() in ("fp16", "float16", "half")
+        p.append(f"train.precision={t.precision!r} must be one of {', '.join(PRECISIONS)}"
+                 + (" (fp16 needs loss scaling; use bf16)" if fp16 else ""))
     positive("train.total_kimg", t.total_kimg)
     positive("train.batch_size", t.batch_size, integer=True)
     positive("train.accum_steps", t.accum_steps, integer=True)
@@ -119,6 +103,10 @@ def config_problems(cfg) -> list[str]:
     non_negative("data.num_workers", d.num_workers)
     if d.dataset not in ("fashion_mnist", "imagefolder", "shards"):
         p.append(f"data.dataset={d.dataset!r} must be fashion_mnist, imagefolder or shards")
+    try:  # the objective section's own rules (pmf.objective.ObjectiveConfig), reported here with the rest
+        cfg.objective.__post_init__()
+    except ValueError as err:
+        p.append(f"objective.{err}")
     if not (_finite(cfg.optim.lr) and cfg.optim.lr > 0):
         p.append(f"optim.lr={cfg.optim.lr!r} must be a positive number")
     positive("objective.noise_scale", cfg.objective.noise_scale)
