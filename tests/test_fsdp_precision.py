@@ -12,6 +12,7 @@ import torch
 from pmf.train import dist, fsdp, parallel
 from pmf.train.config import load_config
 from pmf.train.loop import model_kwargs
+from pmf.train.step_end import end_of_step
 
 from test_dist import _join_group, two_process_results
 
@@ -48,9 +49,11 @@ def _one_step(net, strategy, cfg, x, y, gen) -> dict:
     strategy.finish_gradients(net, 0)
     for h in handles:
         h.remove()
+    # the step's gradient norm from local shards (pmf.train.step_end): sharded, each element counted once
+    norm = end_of_step([p for p in net.parameters() if p.grad is not None], {}, (), 0, torch.device("cpu")).grad_norm
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).double()
              for n, p in net.named_parameters() if p.grad is not None}
-    return {"block_inputs": sorted(inputs), "linear_weights": sorted(weights),
+    return {"norm": norm, "block_inputs": sorted(inputs), "linear_weights": sorted(weights),
             "loss": dist.all_reduce_scalar(float(metrics["loss_u"]), "sum") / dist.world_size(), "grads": grads}
 
 
@@ -105,7 +108,8 @@ def _worker(rank, port, out_dir):
             grad_rel = max(rel.values())
             out[mode] = {"block_inputs": r["block_inputs"], "linear_weights": r["linear_weights"], "loss": r["loss"],
                          "loss_rel": abs(r["loss"] - ref["loss"]) / abs(ref["loss"]), "grad_rel": grad_rel,
-                         "grads_missing": sorted(set(ref["grads"]) - set(r["grads"]))}
+                         "grads_missing": sorted(set(ref["grads"]) - set(r["grads"])), "norm": r["norm"],
+                         "norm_of_grads": float(torch.cat([g.flatten() for g in r["grads"].values()]).norm())}
     finally:
         dist.shutdown()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(out))
@@ -118,7 +122,8 @@ def test_sharded_bf16_keeps_the_residual_stream_float32_like_ddp(tmp_path):
     tensor of ddp's. The gradients are not bitwise: a weight used by several passes (forward-mode, plain, guidance)
     has its per-pass gradients summed in bfloat16 where ddp's autocast cache shares one bf16 copy, and in float32
     where the sharded path casts per pass (the root's embedders; measured 1.8e-3 worst, in x_embedder). The
-    single-policy contrast puts bfloat16 on the residual stream: loss and gradients move several times further."""
+    gradient norm of the step (pmf.train.step_end, from local shards: hsdp's replicas counted once) is the full
+    gradient's. The single-policy contrast puts bfloat16 on the residual stream: loss and gradients move several times further."""
     for r in two_process_results(_worker, tmp_path, timeout=300):
         assert r["ddp"]["block_inputs"] == ["torch.float32"] and r["ddp"]["linear_weights"] == ["torch.float32"]
         for mode in ("fsdp", "hsdp"):
@@ -127,6 +132,8 @@ def test_sharded_bf16_keeps_the_residual_stream_float32_like_ddp(tmp_path):
             assert c["linear_weights"] == ["torch.bfloat16"], (mode, c)
             assert c["grads_missing"] == [], (mode, c)
             assert c["loss_rel"] < 1e-6 and c["grad_rel"] < 4e-3, (mode, c)
+        for mode in ("ddp", "fsdp", "hsdp"):  # the step's norm, from this rank's shards, is the full gradient's
+            assert abs(r[mode]["norm"] - r[mode]["norm_of_grads"]) < 1e-6 * r[mode]["norm_of_grads"], r[mode]
         contrast = r["one_bf16_policy"]
         assert "torch.bfloat16" in contrast["block_inputs"], contrast
         assert contrast["loss_rel"] > 1e-5 and contrast["grad_rel"] > 2 * r["fsdp"]["grad_rel"], contrast

@@ -281,16 +281,27 @@ def build_sharded_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
 # Checks
 
 
+def missing_gradients(net: nn.Module, ignore_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """This rank's trainable parameters without a gradient (names starting with ``ignore_prefixes`` excepted)."""
+    return [n for n, p in net.named_parameters()
+            if p.requires_grad and p.grad is None and not n.startswith(tuple(ignore_prefixes))]
+
+
+def gradients_not_reduced(what: str, missing: list[str]) -> dist.ConsistencyError:
+    """The error of :func:`check_gradients_reduced`, raised on every rank once any rank counted a missing one."""
+    detail = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "") if missing else "on another rank"
+    return dist.ConsistencyError(
+        f"{what}: parameters without a reduce-scattered gradient at rank {dist.rank()}: {detail}. FSDP's "
+        "post-backward hook did not run for them (a forward that bypassed the FSDP module's hooks?).")
+
+
 def check_gradients_reduced(net: nn.Module, what: str = "gradients", ignore_prefixes: tuple[str, ...] = ()) -> None:
     """FSDP's analogue of the DDP-path consistency check. With sharded parameters no replica can drift (each
     element lives on one rank), but a backward that bypasses FSDP's hooks leaves the sharded gradients empty (the
     gradient lands on a freed unsharded tensor and is never reduce-scattered), and the optimizer then silently skips
     those parameters. Raises :class:`pmf.train.dist.ConsistencyError` on every rank when any rank has a trainable
-    sharded parameter without a gradient (names starting with ``ignore_prefixes`` are allowed none)."""
-    missing = [n for n, p in net.named_parameters()
-               if p.requires_grad and p.grad is None and not n.startswith(tuple(ignore_prefixes))]
+    sharded parameter without a gradient (names starting with ``ignore_prefixes`` are allowed none). The training
+    step makes the same check inside its one end-of-step reduction (:meth:`pmf.train.parallel.Strategy.missing_gradients`)."""
+    missing = missing_gradients(net, ignore_prefixes)
     if dist.all_reduce_scalar(float(len(missing)), "max") > 0:
-        detail = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "") if missing else "on another rank"
-        raise dist.ConsistencyError(
-            f"{what}: parameters without a reduce-scattered gradient at rank {dist.rank()}: {detail}. FSDP's "
-            "post-backward hook did not run for them (a forward that bypassed the FSDP module's hooks?).")
+        raise gradients_not_reduced(what, missing)

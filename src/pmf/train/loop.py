@@ -41,6 +41,7 @@ from pmf.objective import PerSampleGenerator, objective_at, pmf_loss
 from pmf.train.optim import EMA, lr_at, set_lr
 from pmf.perceptual import build_perceptual
 from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, maybe_compile, set_tf32
+from pmf.train.step_end import end_of_step
 from pmf.sampler import noise_from_seeds, sample
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,17 +95,21 @@ class StepResult:
     metrics: dict
     finite: bool
     grad_norm: float
+    flags: tuple = ()  # end_flags() of train_step, each true when true on any rank
 
 
 def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None,
-               loss_fn=pmf_loss, strategy: parallel.Strategy | None = None) -> StepResult:
+               loss_fn=pmf_loss, strategy: parallel.Strategy | None = None, end_flags=None) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
     averaged over ranks by the ``strategy`` (:mod:`pmf.train.parallel`; default: the one ``net`` was built for):
     bucketed all-reduces launched during the last micro-batch's backward (``ddp``), or FSDP's reduce-scatter
     (``fsdp``, ``hsdp``); the earlier micro-batches accumulate gradients without communication.
     ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
     :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.train.speed.maybe_compile`; its forward passes run
-    under ``train.precision`` autocast, the backward outside it."""
+    under ``train.precision`` autocast, the backward outside it. ``end_flags``: a function returning host booleans
+    the ranks must agree on (time budget, checkpoint due, stop signal), called after the backward; they travel in
+    the step's one end-of-step reduction (:mod:`pmf.train.step_end`) and come back in ``StepResult.flags``. The
+    step reads the device on the host once, at its end."""
     rank = dist.rank()
     strategy = strategy or parallel.strategy_of(net, cfg, device)
     per_rank = images_u8.shape[0]
@@ -116,7 +121,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         strategy.start_micro_batch(net, last=a == accum - 1)
         sl = slice(a * micro, (a + 1) * micro)
         x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
-        y = labels[sl].to(device) if cfg.data.class_conditional else None
+        y = labels[sl].to(device, non_blocking=True) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
         gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices, device=device)
         with autocast_context(device.type, cfg.train.precision):
@@ -127,21 +132,18 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
             sums[k] = sums[k] + v if k in sums else v
     strategy.finish_gradients(net, nimg)
     params = [p for p in net.parameters() if p.grad is not None]
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    # Metrics averaged over ranks (a non-finite value on any rank makes the mean non-finite).
-    keys = sorted(sums)
-    vals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=device)
-    dist.all_reduce_mean_([vals])  # a no-op in one process
-    metrics = dict(zip(keys, vals.tolist()))
-    # Decided on all-reduced values only, so every rank skips or steps together (rank-local metrics would let one
-    # replica skip a step the others take).
-    finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())
+    missing = strategy.missing_gradients(net)
+    # One all-reduce and one host read: grad norm (clipped on the device), metrics averaged over ranks, the flags,
+    # FSDP's reduction check. Decided on reduced values only, so every rank skips or steps together.
+    end = end_of_step(params, sums, tuple(end_flags()) if end_flags is not None else (), len(missing), device,
+                      cfg.train.grad_clip)
+    if end.missing_gradients:
+        raise strategy.gradient_error(missing, nimg)
+    finite = math.isfinite(end.grad_norm) and all(math.isfinite(v) for v in end.metrics.values())
     if finite:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return StepResult(metrics, finite, grad_norm)
+    return StepResult(end.metrics, finite, end.grad_norm, end.flags)
 
 
 GRID_MAX_IMAGES = 64  # training grids stay small: rank 0 samples them between steps, at any model size
@@ -449,8 +451,19 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     while run.nimg < total_nimg:
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, run.nimg / 1000))
+
+        def end_flags(nimg_after=run.nimg + G):
+            # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (in the step's
+            # one reduction), or one rank stops or enters checkpoint()'s barrier while the others wait in another
+            # collective. A stop signal on any rank stops every rank after this same step (pmf.train.preempt).
+            now = time.time()
+            return (minutes is not None and now - t_start > minutes * 60,
+                    nimg_after >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60,
+                    stop.requested)
+
         try:
-            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn, run.strategy)
+            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn, run.strategy,
+                             end_flags)
         except Exception as e:
             if is_out_of_memory(e):  # say what did not fit and what to turn, not just the allocator's line
                 raise plan.out_of_memory_error(e, cfg, run.kwargs, world, device) from e
@@ -490,13 +503,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         if run.nimg >= next_grid:
             run.grid(f"{run.nimg // 1000:06d}kimg", grid_classes)
             next_grid += cfg.train.sample_every_kimg * 1000
-        # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (one collective per
-        # step), or one rank stops or enters checkpoint()'s barrier while the others wait in another collective.
-        now = time.time()
-        time_up = minutes is not None and now - t_start > minutes * 60
-        ckpt_due = run.nimg >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
-        # A stop signal on any rank stops every rank after this same step (pmf.train.preempt).
-        time_up, ckpt_due, preempted = dist.any_rank(time_up, ckpt_due, stop.requested)
+        time_up, ckpt_due, preempted = res.flags  # agreed on by all ranks in the step's reduction (end_flags)
         if preempted:  # the checkpoint and exports after the loop save this step
             stop_reason = f"preempted ({stop.signal_name or 'signal on another rank'})"
             break
