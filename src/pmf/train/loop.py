@@ -275,6 +275,7 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside. ``plan_devices`` /
     ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`)."""
     t_start = time.time()
+    plan.set_allocator_defaults()  # before anything touches CUDA
     run_dir = Path(run_dir)
     validate_config(cfg)  # every setting, before any work (also for --dry-run)
     check_writable_dir(run_dir)
@@ -282,6 +283,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     parallel.check_config(cfg)
     autocast_context(device.type, cfg.train.precision)  # rejects an unknown precision before any work
     kwargs = model_kwargs(cfg)
+    # accum_steps=auto resolved, and a run that cannot fit refused, before any data or model set-up (pmf.train.plan)
+    world_at_hand = (plan_devices if dry_run and plan_devices else None) or int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, _ = plan.fit_to_devices(cfg, kwargs, world_at_hand, device, plan_device_memory if dry_run else None,
+                                 refuse=not dry_run)
     if dry_run:
         return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
 
