@@ -146,6 +146,18 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     return StepResult(end.metrics, finite, end.grad_norm, end.flags)
 
 
+def next_log_at(nimg: int, batch: int, every: float) -> float:
+    """The images seen at which the next log record is written after ``nimg``: every ``every`` images, and before
+    the first of them after 1, 2, 4, 8, ... steps (so the first records of a slow run, e.g. one GPU with a large
+    global batch, come within minutes). A function of the images seen only, so a resumed run logs where an
+    uninterrupted one does."""
+    regular = (math.floor(nimg / every) + 1) * every if every > 0 else float("inf")
+    early = batch
+    while early <= nimg:
+        early *= 2
+    return min(regular, early) if early < every else regular
+
+
 GRID_MAX_IMAGES = 64  # training grids stay small: rank 0 samples them between steps, at any model size
 GRID_CHUNK = 16  # images per network call while sampling a grid
 GRID_WIDTH_PX = 640  # about this wide on disk: small images are enlarged, large ones averaged down
@@ -438,7 +450,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         # Unreadable ImageFolder files this process met (each warned about once); rank 0's count on N processes.
         return data.num_skipped if isinstance(data, ImageFolderDataset) else 0
 
-    next_log = run.nimg + cfg.train.log_every_kimg * 1000
+    next_log = next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
     next_grid = run.nimg + cfg.train.sample_every_kimg * 1000 if cfg.train.sample_every_kimg > 0 else float("inf")
     next_ckpt = run.nimg + cfg.train.ckpt_every_kimg * 1000
     next_check = run.nimg + cfg.train.check_every_kimg * 1000
@@ -499,7 +511,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
                    "img_per_s": (run.nimg - nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": run.nonfinite_total,
                    "skipped_files": skipped_files(), "time_s": time.time() - t_start}
             logger.log(rec)
-            window, next_log = [], next_log + cfg.train.log_every_kimg * 1000
+            window, next_log = [], next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
         if world > 1 and cfg.train.consistency_check and run.nimg >= next_check:
             # Sharded strategies: only replicated tensors are compared; their finish_gradients checks every step that
             # the sharded gradients were reduce-scattered.

@@ -524,7 +524,7 @@ def fit_to_devices(cfg, kwargs: dict, world: int, device, plan_device_memory: fl
     if auto:
         cfg = replace(cfg, train=replace(cfg.train, accum_steps=p["accum_steps"],
                                          activation_checkpointing=p["activation_checkpointing"]))
-        if int(os.environ.get("RANK", "0")) == 0:
+        if refuse and int(os.environ.get("RANK", "0")) == 0:  # a dry run reports it in its JSON instead
             print(f"train.accum_steps=auto: micro-batch {p['micro_batch_per_device']} x {p['accum_steps']} "
                   f"accumulation steps per device, activation checkpointing "
                   f"{'on' if p['activation_checkpointing'] else 'off'} ({format_plan(p)})", flush=True)
