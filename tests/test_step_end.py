@@ -1,6 +1,6 @@
 """The end of a training step (pmf.train.step_end, pmf.train.loop.train_step): one host read of the device per
 step, counted on the meta device (every read of a meta tensor's value passes through a counting TorchFunctionMode),
-and the gradient norm and clipping of the one reduction against torch.nn.utils.clip_grad_norm_."""
+one reduction, and the gradient norm and clipping of it against torch.nn.utils.clip_grad_norm_."""
 
 import pytest
 import torch
@@ -10,6 +10,7 @@ from pmf.model import PMFDiT
 from pmf.train.config import load_config
 from pmf.train.loop import model_kwargs, train_step
 from pmf.train.optim import build_optimizer
+from pmf.train import step_end
 from pmf.train.step_end import end_of_step
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__,
@@ -35,7 +36,8 @@ class CountHostReads(TorchFunctionMode):
 @pytest.mark.parametrize("sets", [["train.accum_steps=2"], ["train.accum_steps=1", "train.grad_clip=1.0"]])
 def test_a_step_reads_the_device_once(sets, monkeypatch):
     """train_step of tiny-test with its network, batch and gradients on the meta device: the micro-batches, the
-    gradient norm, clipping, the metrics and the end-of-step flags read the device once in all (one ``tolist``)."""
+    gradient norm, clipping, the metrics and the end-of-step flags read the device once in all (one ``tolist``),
+    after one reduction (a no-op in one process; its call is counted)."""
     real = torch.autocast  # autocast has no meta backend; the attention's autocast-off region asks for one
     monkeypatch.setattr(torch, "autocast", lambda device_type, *a, **k: real(
         "cpu" if device_type == "meta" else device_type, *a, **k))
@@ -44,9 +46,14 @@ def test_a_step_reads_the_device_once(sets, monkeypatch):
         net = PMFDiT(**model_kwargs(cfg))
     opt = build_optimizer(net, cfg.optim)
     images, labels = torch.zeros(8, 1, 28, 28, dtype=torch.uint8), torch.arange(8) % 10
+    reductions = []
+    real_reduce = step_end.dist.all_reduce_sum_
+    monkeypatch.setattr(step_end.dist, "all_reduce_sum_", lambda t: reductions.append(t.numel()) or real_reduce(t))
     with CountHostReads() as counter:
         res = train_step(net, opt, images, labels, cfg, 0, torch.device("meta"), end_flags=lambda: (False, True))
     assert counter.reads == ["tolist"], counter.reads
+    # one reduction: the metrics, ||g||^2, the missing-gradient count and the two flags
+    assert reductions == [len(res.metrics) + 2 + 2], reductions
     assert set(res.metrics) >= {"loss", "loss_u"} and len(res.flags) == 2
 
 
