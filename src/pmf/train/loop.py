@@ -513,8 +513,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
             logger.log(rec)
             window, next_log = [], next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
         if world > 1 and cfg.train.consistency_check and run.nimg >= next_check:
-            # Sharded strategies: only replicated tensors are compared; their finish_gradients checks every step that
-            # the sharded gradients were reduce-scattered.
+            # Sharded strategies: only replicated tensors are compared; that the sharded gradients were
+            # reduce-scattered is checked in every step's end-of-step reduction (Strategy.missing_gradients).
             dist.check_consistency(net, f"parameters at {run.nimg / 1000:.1f} kimg")
             next_check += cfg.train.check_every_kimg * 1000
         if run.nimg >= next_grid:
