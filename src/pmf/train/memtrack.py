@@ -93,6 +93,12 @@ CUDA_LOW_PRECISION_OPS = {"linear", "conv2d", "matmul", "mm", "bmm", "addmm", "b
                           "scaled_dot_product_attention", "__matmul__"}
 
 
+# Custom autograd Functions whose forward is one op of the list above (pmf.attention's fused attention with its
+# forward-mode rule): under torch.func.jvp they are called through a higher-order op that runs them with the
+# function modes off, so their inputs are cast where the call is seen.
+LOW_PRECISION_FUNCTIONS = {"_JvpSDPA"}
+
+
 class MetaAutocast(torch.overrides.TorchFunctionMode):
     """CUDA autocast's dtype rules for tensors on the meta device (autocast has no meta backend): the ops of
     :data:`CUDA_LOW_PRECISION_OPS` run on ``dtype`` copies of their floating inputs (a parameter's copy made once
@@ -118,7 +124,10 @@ class MetaAutocast(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if not self.disabled:
-            if name in CUDA_LOW_PRECISION_OPS:
+            if name == "custom_function_call" and getattr(args[0], "__name__", "") in LOW_PRECISION_FUNCTIONS:
+                # under torch.func transforms a custom Function runs with the modes off: cast its inputs here
+                args = (args[0], *(self._cast(a, self.dtype) for a in args[1:]))
+            elif name in CUDA_LOW_PRECISION_OPS:
                 args = tuple(self._cast(a, self.dtype) for a in args)
                 kwargs = {k: self._cast(v, self.dtype) for k, v in kwargs.items()}
             elif name in CUDA_FLOAT32_OPS:
