@@ -8,10 +8,16 @@ starting sections once its internal deadline is near (default 8 minutes: section
 result is one JSON line on stdout: {"section", "name", "status": PASS | FAIL | SKIP | INFO, ...numbers}; a summary
 line (PASS / FAIL counts) ends the run, and the exit code is 1 if anything failed.
 
-Sections:
+Sections (in this order):
   env          torch, CUDA, cuDNN, NCCL, GPU, TF32 flags, SDPA backends
+  fsdp         first: a one-rank NCCL (gloo on CPU) all-reduce, the lean objective on an FSDP2-sharded model under
+               bf16, two train_steps, a DCP save / load round trip of the sharded training state
   attn_jvp     pmf.attention's JVP per SDPA backend (flash, efficient, cudnn, math) in fp32, TF32 and bf16 against
                float64 (relative error of O and of dO; the centred tangent dO = (P * (dS - rowsum(P dS))) V + P dV)
+  train_step   pmf.train.loop.train_step as the presets train (lean, per-sample host generators, bf16, TF32,
+               activation checkpointing), pMF-B/16 micro-batches 32 / 64 / 128: eager, compiled
+               (train.compile=true) and compiled with CUDA graphs (train.compile_mode=reduce-overhead); time, MFU
+               from a FLOP count of the real step, peak memory against the plan; an OOM is one line
   step         pMF (lean default objective) vs flow matching: step time and peak memory, pMF-B/16 at 256 px,
                fp32 / TF32 / bf16, micro-batches 32 and 64; the pMF / FM time ratio
   max_micro    the largest micro-batch of pMF-B/16 (bf16) that fits, found by doubling, against the plan's
@@ -20,8 +26,8 @@ Sections:
   sample       1-NFE sampling images/s of pMF-B/16: fp32, bf16, compiled (pmf.train.speed.InferenceNet)
   data         ImageFolder loader images/s at 256 and 512 px (synthetic JPEGs, 8 workers)
   h16          one pMF-H/16 training step at micro-batch 4 (bf16): time and peak memory
-  fsdp         one-rank NCCL (gloo on CPU) process group, FSDP2-sharded tiny model, two train_steps
 
+Every section runs under a watchdog (an alarm per section and faulthandler stack dumps): a hang is a FAIL line.
 The smoke mode runs each section with a tiny model on the CPU (checks the script, not the numbers).
 """
 
@@ -37,12 +43,13 @@ import sys
 import tempfile
 import time
 import traceback
+from pathlib import Path
 
 import torch
 
 from pmf.attention import attention, math_attention
 from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.objective import ObjectiveConfig, PerSampleGenerator, conditional_velocity, noisy_image, pmf_loss
 from pmf.sampler import noise_from_seeds, sample
 from pmf.train.speed import InferenceNet, autocast_context, set_tf32
 
@@ -187,9 +194,9 @@ def sec_attn_jvp(ck: Check, dev, smoke):
 def _step_fns(net, x, y, dev, precision):
     cfg = ObjectiveConfig()
 
-    def pmf_step():
+    def pmf_step():  # per-sample host generators, as train_step draws (the lean row plan; a CUDA generator would not)
         with autocast_context(dev.type, precision):
-            loss, _ = pmf_loss(net, x, y, cfg, torch.Generator(dev).manual_seed(3))
+            loss, _ = pmf_loss(net, x, y, cfg, PerSampleGenerator(range(3, 3 + x.shape[0])))
         loss.backward()
         net.zero_grad(set_to_none=True)
 
@@ -221,6 +228,91 @@ def sec_step(ck: Check, dev, smoke):
                     ratio=ratio, img_per_s=micro / t_p, pmf_peak_gib=mem_p.get("peak_gib"),
                     fm_peak_gib=mem_f.get("peak_gib"))
     set_tf32(dev, True)
+
+
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense bf16 tensor-core peaks
+
+
+def _peak_flops(dev) -> float | None:
+    if dev.type != "cuda":
+        return None
+    name = torch.cuda.get_device_properties(dev).name
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def sec_train_step(ck: Check, dev, smoke):
+    """pmf.train.loop.train_step itself, as the presets train (lean objective, per-sample host generators, bf16,
+    TF32 on, activation checkpointing), per micro-batch and path (eager, compiled: train.compile=true, compiled with
+    CUDA graphs: train.compile_mode=reduce-overhead): time, images/s, MFU from a FLOP count of the real step
+    (torch.utils.flop_counter over one step), peak memory against the plan's estimate; an OOM is one line per
+    (micro-batch, path) and the next one runs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pmf.train import plan
+    from pmf.train.config import load_config
+    from pmf.train.loop import model_kwargs, train_step
+    from pmf.train.memtrack import tracking
+    from pmf.train.optim import build_optimizer
+    from pmf.train.speed import maybe_compile
+
+    model, micros, iters = ("pMF-tiny", (4,), 2) if smoke else ("pMF-B/16", (32, 64, 128), 4)
+    paths = [("eager", False, "default")] + ([] if smoke else [("compiled", True, "default")])
+    if smoke:  # compiling even pMF-tiny's step takes minutes on a shared CPU; the GPU run times both paths
+        ck.emit("train_step", "compiled (smoke)", "SKIP", reason="compile skipped in --smoke (minutes on a CPU)")
+    if dev.type == "cuda":
+        paths.append(("compiled+cudagraphs", True, "reduce-overhead"))
+    set_tf32(dev, True)
+    for micro in micros:
+        for path, compiled, mode in paths:
+            if ck.left() < (20 if smoke else 45):
+                ck.emit("train_step", f"{model} micro {micro} {path}", "SKIP", reason="deadline")
+                continue
+            cfg = load_config("pmf-b16-in256", overrides=[
+                f"model.name={model}", f"train.batch_size={micro}", "train.accum_steps=1", "train.precision=bf16",
+                "train.activation_checkpointing=true", f"train.compile={str(compiled).lower()}",
+                "objective.perceptual_weights={}", "data.class_conditional=true"])
+            cfg.train.compile_mode = mode
+            kw = model_kwargs(cfg)
+            try:
+                torch.manual_seed(0)
+                net = build_model(model).to(dev)
+                net.activation_checkpointing = True
+                opt = build_optimizer(net, cfg.optim)
+                imgs = torch.randint(0, 256, (micro, net.in_channels, net.input_size, net.input_size),
+                                     dtype=torch.uint8)
+                labels = torch.arange(micro) % net.num_classes
+                extra = {} if mode == "default" else {"mode": mode}
+                loss_fn = maybe_compile(pmf_loss, compiled, **extra)
+
+                def step(i=[0]):
+                    i[0] += 1
+                    return train_step(net, opt, imgs, labels, cfg, i[0] * micro, dev, loss_fn=loss_fn)
+
+                t0 = time.time()
+                step()  # compiles, allocates the optimizer state
+                first_s = time.time() - t0
+                with FlopCounterMode(display=False) as flops:
+                    step()
+                mem = {}
+                with peak_memory(dev, mem):
+                    s = timed(step, dev, iters, warmup=0)
+                if dev.type == "cpu":  # the peak of one step, measured by storage lifetimes (pmf.train.memtrack)
+                    with tracking(cuda_dtypes=False) as tr:  # the dtypes this CPU step really has
+                        step()
+                    mem["peak_gib"] = tr.peak / 2**30
+                terms = plan.estimate_memory(cfg, kw, 1, micro, 1, True)
+                planned = sum(terms[k] for k in ("gradients", "activations")) / 2**30  # the step's own allocations
+                peak = _peak_flops(dev)
+                mfu = flops.get_total_flops() / s / peak if peak else None
+                ck.emit("train_step", f"{model} micro {micro} {path}", "PASS", s_per_step=s, img_per_s=micro / s,
+                        first_step_s=first_s, tflop_per_step=flops.get_total_flops() / 1e12, mfu=mfu,
+                        peak_gib=mem.get("peak_gib"), plan_step_gib=planned,
+                        plan_over_measured=planned / mem["peak_gib"] if mem.get("peak_gib") else None)
+            except torch.OutOfMemoryError as e:
+                ck.emit("train_step", f"{model} micro {micro} {path}", "INFO", oom=str(e).splitlines()[0][:200])
+            finally:
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
 
 
 def sec_max_micro(ck: Check, dev, smoke):
@@ -344,35 +436,84 @@ def sec_h16(ck: Check, dev, smoke):
 
 
 def sec_fsdp(ck: Check, dev, smoke):
+    """First after env: a one-rank NCCL (gloo on CPU) process group, then the lean objective on an FSDP2-sharded
+    model under bf16 (linear layers gathered in bf16, the rest float32: pmf.train.fsdp), two train_steps, and a
+    torch.distributed.checkpoint save / load round trip of its training state."""
     import torch.distributed as tdist
 
-    from pmf.train import fsdp
+    from pmf.train import fsdp, parallel
+    from pmf.train.checkpoint import load_latest
     from pmf.train.config import load_config
     from pmf.train.loop import train_step
+    from pmf.train.optim import EMA
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PMF_CHECK_PORT", "29517"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
     backend = "nccl" if dev.type == "cuda" else "gloo"
     tdist.init_process_group(backend, rank=0, world_size=1)
     try:
-        cfg = load_config("tiny-test", overrides=["model.name=pMF-tiny", "train.batch_size=8",
-                                                   "objective.impl=reference", "train.parallel=fsdp"])
-        torch.manual_seed(0)
-        net = build_model("pMF-tiny").to(dev)
-        fsdp.shard_model(net, dev, True)
-        opt = fsdp.build_sharded_optimizer(net, cfg.optim)
+        t = torch.ones(4, device=dev)
+        tdist.all_reduce(t)
+        ck.emit("fsdp", f"{backend} all_reduce", "PASS" if t.sum().item() == 4 else "FAIL")
+        cfg = load_config("tiny-test", overrides=["model.name=pMF-tiny", "train.batch_size=8", "objective.impl=lean",
+                                                   "train.parallel=fsdp", "train.precision=bf16", "train.ema=[hl1]"])
+
+        def build():
+            torch.manual_seed(0)
+            net = build_model("pMF-tiny").to(dev)
+            fsdp.shard_model(net, dev, True, mp_policy=fsdp.mixed_precision("bf16"))
+            return net, fsdp.build_sharded_optimizer(net, cfg.optim)
+
+        net, opt = build()
+        strategy = parallel.strategy_of(net, cfg, dev)
         x, y = batch_for(net, 8, torch.device("cpu"))
         imgs = ((x + 1) * 127.5).to(torch.uint8)
-        losses = [train_step(net, opt, imgs, y, cfg, i * 8, dev).metrics["loss"] for i in range(2)]
-        ck.emit("fsdp", f"one-rank {backend} FSDP2", "PASS" if all(map(math.isfinite, losses)) else "FAIL",
+        losses = [train_step(net, opt, imgs, y, cfg, i * 8, dev, strategy=strategy).metrics["loss"] for i in range(2)]
+        ck.emit("fsdp", f"one-rank {backend} FSDP2, lean, bf16", "PASS" if all(map(math.isfinite, losses)) else "FAIL",
                 losses=losses)
+        ema = EMA(net, cfg.train.ema)
+        with tempfile.TemporaryDirectory() as run_dir:
+            strategy.save_training_state(Path(run_dir), 2, net, opt, ema, {"nimg": 16})
+            state = load_latest(Path(run_dir), lazy_sharded=True)
+            net2, opt2 = build()
+            strategy.load_training_state(state, net2, opt2, EMA(net2, cfg.train.ema))
+            same = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(net.parameters(), net2.parameters()))
+        ck.emit("fsdp", "DCP save / load round trip", "PASS" if same else "FAIL", step=state["step"])
     finally:
         tdist.destroy_process_group()
 
 
-SECTIONS = [("env", sec_env, 1), ("attn_jvp", sec_attn_jvp, 20), ("step", sec_step, 90), ("max_micro", sec_max_micro, 60),
-            ("train", sec_train, 90), ("sample", sec_sample, 60), ("data", sec_data, 45), ("h16", sec_h16, 40),
-            ("fsdp", sec_fsdp, 20)]  # (name, function, seconds it needs on an H100: started only if that is left)
+SECTIONS = [("env", sec_env, 1), ("fsdp", sec_fsdp, 20), ("attn_jvp", sec_attn_jvp, 20),
+            ("train_step", sec_train_step, 150), ("step", sec_step, 60), ("max_micro", sec_max_micro, 60),
+            ("train", sec_train, 60), ("sample", sec_sample, 45), ("data", sec_data, 30), ("h16", sec_h16, 30)]
+# (name, function, seconds it needs on an H100: started only if that is left). NCCL first: a broken collective
+# setup is the likeliest first-light failure, and the last section is the one a deadline skips.
+
+
+class SectionTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def watchdog(seconds: float):
+    """A section that hangs (an NCCL collective, a DataLoader worker, a compile) is stopped: after ``seconds`` an
+    alarm raises :class:`SectionTimeout` in it (a FAIL line, the next section runs), and faulthandler dumps every
+    thread's stack to stderr a little later if even that does not return (e.g. stuck inside a C call)."""
+    import faulthandler
+    import signal
+
+    def fire(signum, frame):
+        raise SectionTimeout(f"section still running after {seconds:.0f} s (watchdog)")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(max(1, int(seconds)))
+    faulthandler.dump_traceback_later(seconds + 30, exit=False)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        faulthandler.cancel_dump_traceback_later()
+        signal.signal(signal.SIGALRM, old)
 
 
 def main(argv=None) -> int:
@@ -382,6 +523,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also append the JSON lines to this file")
     ap.add_argument("--only", nargs="+", help="run only these sections")
     args = ap.parse_args(argv)
+    from pmf.train import plan
+
+    plan.set_allocator_defaults()  # as training runs: expandable segments unless the user set the allocator
     dev = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.smoke:
         torch.set_num_threads(1)  # tiny tensors: one thread is fastest on a shared CPU
@@ -396,7 +540,8 @@ def main(argv=None) -> int:
             continue
         t = time.time()
         try:
-            fn(ck, dev, args.smoke)
+            with watchdog(max(need * 3, 120) if not args.smoke else 240):
+                fn(ck, dev, args.smoke)
         except Exception as e:  # noqa: BLE001  (one section's failure must not stop the others)
             ck.emit(name, "section", "FAIL", error=f"{type(e).__name__}: {str(e)[:300]}",
                     where=traceback.format_exc().strip().splitlines()[-3][:200])

@@ -141,15 +141,16 @@ def _worker(rank, port, out_dir):
         # 4. bf16 autocast: lean under FSDP2 against lean in one process, both in bf16.
         out["bf16"] = compare(trajectory("lean", True, precision="bf16"), trajectory("lean", False, precision="bf16"))
 
-        # 5. A MixedPrecisionPolicy (bf16 gathered parameters and compute, fp32 gradient reduction), sharded as
-        #    shard_model does: one step of lean and of reference against lean in one process in fp32.
+        # 5. A MixedPrecisionPolicy (bf16 gathered linear weights, fp32 gradient reduction) with bf16 autocast,
+        #    sharded as shard_model does: one step of lean and of reference against lean in one process in fp32.
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
         policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         step1 = {}
         for impl in ("lean", "reference"):
             net = fsdp.shard_model(_perturbed_tiny(), torch.device("cpu"), mp_policy=policy)
-            loss, metrics = pmf_loss(net, x, y, ObjectiveConfig(impl=impl, class_drop=0.3), gen(0, mine))
+            with autocast_context("cpu", "bf16"):  # the policy's companion: train.precision=bf16 runs both
+                loss, metrics = pmf_loss(net, x, y, ObjectiveConfig(impl=impl, class_drop=0.3), gen(0, mine))
             loss.backward()
             fsdp.check_gradients_reduced(net, f"{impl} under a MixedPrecisionPolicy")
             step1[impl] = ([dist.all_reduce_scalar(float(metrics["loss_u"]), "sum") / dist.world_size()],
@@ -220,10 +221,9 @@ def test_lean_fsdp_under_bf16_autocast(results):
 
 
 def test_lean_fsdp_under_a_mixed_precision_policy(results):
-    """With FSDP2's MixedPrecisionPolicy (bf16 parameters and compute, fp32 reduce-scatter) the lean step runs
-    (every parameter gets its reduced gradient) and its loss_u and gradients stay with the fp32 one-process lean
-    step within bf16 rounding, as the reference step's do. Measured: gradients 2.1e-2 from fp32 (lean and reference
-    alike), 9e-3 lean from reference; loss_u 6e-4."""
+    """With FSDP2's MixedPrecisionPolicy (bf16 linear weights under bf16 autocast, fp32 reduce-scatter) the lean
+    step runs (every parameter gets its reduced gradient) and its loss_u and gradients stay with the fp32
+    one-process lean step within bf16 rounding, as the reference step's do."""
     for r in results:
         m = r["mixed_precision"]
         for name in ("lean_vs_1p_fp32", "reference_vs_1p_fp32", "lean_vs_reference"):

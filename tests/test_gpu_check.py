@@ -20,8 +20,12 @@ def test_gpu_check_smoke(tmp_path):
     summary = lines[-1]
     assert summary["summary"] == "PASS" and summary["fail"] == 0 and summary["pass"] >= 8
     sections = {ln["section"] for ln in lines[:-1]}
-    assert sections == {"env", "attn_jvp", "step", "max_micro", "train", "sample", "data", "h16", "fsdp"}
+    assert sections == {"env", "attn_jvp", "train_step", "step", "max_micro", "train", "sample", "data", "h16", "fsdp"}
+    assert lines[2]["section"] == "fsdp"  # the collective check runs first, after the environment line
     by = {(ln["section"], ln["name"]): ln for ln in lines[:-1]}
     assert by[("train", "pMF-tiny 60 steps")]["loss_u_last"] < by[("train", "pMF-tiny 60 steps")]["loss_u_first"]
     assert by[("attn_jvp", "default/bf16")]["rel_err_dO"] < 0.05
+    assert by[("fsdp", "DCP save / load round trip")]["status"] == "PASS"
+    step = by[("train_step", "pMF-tiny micro 4 eager")]  # the real train_step: time, FLOPs, plan vs measured peak
+    assert step["tflop_per_step"] > 0 and 0.7 < step["plan_over_measured"] < 1.3, step
     assert len((tmp_path / "r.jsonl").read_text().splitlines()) == len(lines) - 1  # --json copy, summary aside

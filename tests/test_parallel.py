@@ -252,8 +252,9 @@ def _build_worker(rank, port, out_dir):
         cfg = load_config("tiny-test", overrides=[*base, "train.parallel=fsdp", "train.precision=bf16"])
         net = parallel.make_strategy(cfg, cpu).build_net(kw)
         seen = []
-        for blk in fsdp.blocks_of(net):
-            blk.register_forward_pre_hook(lambda m, a: seen.append(str(m.attn_scale.dtype)))
+        for blk in fsdp.blocks_of(net):  # the linear layers gathered in bf16; the gates (as autocast) float32
+            blk.attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.dtype)))
+            blk.register_forward_pre_hook(lambda m, a: seen.append("gate " + str(m.attn_scale.dtype)))
         x = torch.rand(2, 1, 28, 28) * 2 - 1
         y = torch.tensor([1, 2])
         idx = torch.arange(2) + 2 * rank
@@ -271,15 +272,16 @@ def _build_worker(rank, port, out_dir):
 def test_sharded_builds_and_the_bf16_policy(tmp_path):
     """fsdp (1-D mesh) and hsdp (2x1 mesh: replicate x shard) networks built from the meta device hold, gathered,
     exactly the plain CPU build's weights, with the placements of their mesh; ranks whose seeded copies differ are
-    stopped before sharding; under train.precision=bf16 the blocks
-    run on bfloat16 all-gathered weights while the shards and reduced gradients stay float32."""
+    stopped before sharding; under train.precision=bf16 the blocks'
+    linear layers run on bfloat16 all-gathered weights (their gates stay float32, as under autocast) while the shards
+    and reduced gradients stay float32."""
     for f in two_process_results(_build_worker, tmp_path, timeout=300):
         for name in ("fsdp", "hsdp"):
             assert f[f"{name}_all_dtensor"] and f[f"{name}_equal"], (name, f)
             assert f[f"{name}_placements"] == [f["expected_placements"][name]], (name, f)
         assert f["hsdp_describe"] == {"mode": "hsdp", "world_size": 2, "sharded": True, "mesh": [2, 1]}
         assert f["seed_mismatch"].startswith("initial parameters differ across ranks"), f["seed_mismatch"]
-        assert f["bf16_block_weights"] == ["torch.bfloat16"], f
+        assert f["bf16_block_weights"] == ["gate torch.float32", "torch.bfloat16"], f
         assert f["bf16_shards"] == ["torch.float32"] and f["bf16_grads"] == ["torch.float32"], f
 
 

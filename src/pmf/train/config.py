@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,10 @@ class DataConfig:
 class TrainConfig:
     total_kimg: float = field(default=1000.0, metadata=RESUMABLE)  # length of the run in thousands of training images
     batch_size: int = 128  # global batch (all processes together)
-    accum_steps: int = 1  # micro-batches per optimizer step (batch_size must divide by world_size * accum_steps)
+    accum_steps: int | str = field(default=1, metadata=RESUMABLE)  # micro-batches per optimizer step (batch_size
+    #   must divide by world_size * accum_steps); "auto": micro-batch, accumulation and activation checkpointing
+    #   from the memory plan for the devices at hand, global batch kept (pmf.train.plan.auto_settings). Resumable:
+    #   the per-sample draws make any split of the global batch the same step
     seed: int = 0  # all randomness derives from (seed, images seen, sample index)
     ema: list = field(default_factory=lambda: ["hl500", "hl1000", "hl2000"])  # EMA copies (see pmf.train.ema.EMASpec)
     ema_ramp: float = 0.05  # EDM ramp-up of the half-life: min(half-life, ramp * images seen)
@@ -65,6 +69,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata=RESUMABLE)  # "auto" | "cpu" | "cuda"
     compile: bool = field(default=False, metadata=RESUMABLE)  # torch.compile the network by regions: blocks on
     #   the passes without tangents, the no-grad forward whole (pmf.train.speed.compile_regions; loud eager fallback)
+    compile_mode: str = "default"  # torch.compile mode: "default", or "reduce-overhead" (CUDA graphs on CUDA)
     precision: str = "fp32"  # "fp32" | "bf16" autocast of the forward passes (params, grads, optimizer in fp32)
     tf32: bool = field(default=True, metadata=RESUMABLE)  # CUDA: fp32 matmuls / convolutions on TF32 tensor cores
     #   (10-bit mantissa inputs); false: true fp32
@@ -141,11 +146,17 @@ def _coerce(value, tp):
         return v
     if tp is str:
         return str(value)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in typing.get_args(tp) and (
+                value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
             return None
-        return _coerce(value, args[0])
+        for a in args[:-1]:  # the first type that takes the value (int | str: 2 -> 2, "auto" -> "auto")
+            try:
+                return _coerce(value, a)
+            except (TypeError, ValueError):
+                pass
+        return _coerce(value, args[-1])
     if origin is tuple or tp is tuple:
         value = load_yaml(value, repr(value)) if isinstance(value, str) else value
         return tuple(value)

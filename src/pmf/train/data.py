@@ -491,6 +491,41 @@ def _shutdown_workers(loader_ref) -> None:
         it._shutdown_workers()
 
 
+SHM_PATH = "/dev/shm"  # where DataLoader workers put the batches they hand over (torch's file-descriptor sharing)
+
+
+def shared_memory_need(batch_bytes: int, num_workers: int, prefetch_factor: int, processes: int = 1) -> int:
+    """Bytes of shared memory the loaders of ``processes`` processes on one machine hold at once: each worker keeps
+    ``prefetch_factor`` batches ready, and the batch the step is reading is still there until it is freed."""
+    if num_workers <= 0:
+        return 0
+    return processes * (num_workers * prefetch_factor + 1) * batch_bytes
+
+
+def shared_memory_line(batch_bytes: int, num_workers: int, prefetch_factor: int, processes: int = 1,
+                       path: str = SHM_PATH) -> tuple[str, bool]:
+    """(the start-up line about the loader's shared memory, whether ``path`` has room for it). A container's
+    default /dev/shm is 64 MB (Docker); the workers then die with a bus error at the first batches that do not
+    fit. The fix is the container's: ``docker run --ipc=host`` (or ``--shm-size=NNg``; Kubernetes: an
+    ``emptyDir`` with ``medium: Memory`` mounted at /dev/shm), else fewer ``data.num_workers``."""
+    need = shared_memory_need(batch_bytes, num_workers, prefetch_factor, processes)
+    try:
+        st = os.statvfs(path)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    who = f" x {processes} processes on this machine" if processes > 1 else ""
+    line = (f"data loader: {num_workers} workers x {prefetch_factor} prefetched batches of {batch_bytes / 1e6:.1f} MB"
+            f"{who} need {need / 1e9:.2f} GB of shared memory; {path}: "
+            + ("size unknown" if free is None else f"{free / 1e9:.2f} GB free"))
+    fits = free is None or need <= free
+    if not fits:
+        line += (f". Too little: the workers would die with a bus error. Give the container more shared memory "
+                 f"(docker run --ipc=host, or --shm-size={max(1, -(-int(need * 1.5) // 10**9))}g) or lower "
+                 f"data.num_workers (docs/data.md)")
+    return line, fits
+
+
 class ShardedLoader:
     """Endless iterator of this rank's ``(images uint8 (B, C, H, W), labels int64 (B,))`` batches.
 
@@ -523,6 +558,7 @@ class ShardedLoader:
             batches = (self._fetch[idx] for idx in _Positions(self))
         else:
             if self._dataloader is None:
+                self._report_shared_memory()
                 self._dataloader = torch.utils.data.DataLoader(
                     self._fetch, sampler=_Positions(self), batch_size=None, collate_fn=_passthrough,
                     num_workers=self.num_workers, pin_memory=self.pin_memory,
@@ -536,6 +572,20 @@ class ShardedLoader:
                     self.data.record_skipped(path, err)
             self.nimg += self.sampler.global_batch
             yield images, labels
+
+    def _report_shared_memory(self) -> None:
+        """One line at start (first process of each machine) on the shared memory the workers need; a warning when
+        /dev/shm is too small (:func:`shared_memory_line`)."""
+        idx = torch.arange(min(len(self._fetch), 1))
+        images, labels, _ = self._fetch[idx]
+        per_image = (images.numel() * images.element_size() + labels.numel() * labels.element_size()) / max(len(idx), 1)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        line, fits = shared_memory_line(int(per_image * self.batch_size), self.num_workers, self.prefetch_factor,
+                                        processes)
+        if not fits:
+            warnings.warn(line, RuntimeWarning, stacklevel=3)
+        elif int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            print(line, flush=True)
 
     def state_dict(self) -> dict:
         return {"nimg": self.nimg, "seed": self.sampler.seed, "num_items": self.sampler.num_items}

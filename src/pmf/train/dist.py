@@ -83,6 +83,13 @@ def all_reduce_mean_(tensors: list[torch.Tensor]) -> None:
         offset += n
 
 
+def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks of one tensor, without reading it on the host; a no-op in one process."""
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
 BUCKET_MB = 25.0  # gradient bucket size of GradReducer: large enough to amortise a collective's launch latency,
 #   small enough that the first buckets are reduced while backward still runs (the size DDP uses by default)
 

@@ -24,12 +24,20 @@ ranks (default: the processes of one node, LOCAL_WORLD_SIZE) and replicated acro
 all-gathers and reduce-scatters stay on the fast intra-node links and only the gradient all-reduce of each shard
 crosses nodes. Placements are then ``(Replicate(), Shard(0))``; everything below works on either mesh.
 
-Mixed precision (:func:`mixed_precision`): with ``train.precision=bf16`` each unit all-gathers its parameters in
-bfloat16 (``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``): half the all-gather traffic, the
-gradients are reduce-scattered in float32 into float32 shards, and the optimizer and EMAs see float32 as before.
-``cast_forward_inputs=False``: the autocast region of the training step decides the compute dtypes, so the times
-t, r, h and the guidance scalars keep float32 on their way into the sinusoidal embeddings (a bfloat16 cast there
-would quantise t to 8 mantissa bits, which plain autocast does not do).
+Mixed precision (:func:`mixed_precision`, :func:`shard_model`): with ``train.precision=bf16`` the numbers are those of
+the replicated run under bf16 autocast, and only the matrix weights travel in bfloat16. Autocast casts exactly the
+inputs of the matrix products (``nn.Linear``, ``nn.Conv2d``) to bfloat16 and leaves the rest in float32: the learned
+tokens, ``pos_embed``, the label embedding, the RMSNorm scales and the zero-initialised gates, so the residual stream
+(and du/dt riding on it) stays float32 through every block. FSDP2's ``MixedPrecisionPolicy`` casts every parameter of
+a unit, so a single bf16 policy per block would make all of those bfloat16 and the residual stream with them. Hence
+two units per block: the block's linear layers form one group (``fully_shard`` of a list) under
+``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)`` (half the all-gather traffic; their bf16 values
+are the ones autocast would make), and the block itself, with its norms and gates, under a float32 policy; the root
+unit (tokens, position embedding, embedders, final layers: about 4 % of the parameters) is float32 as well, its
+matrix products cast by autocast as in a replicated run. Gradients are reduce-scattered in float32 into float32
+shards; the optimizer and EMAs see float32 as before. ``cast_forward_inputs=False``: autocast decides the compute
+dtypes, so the times t, r, h and the guidance scalars keep float32 on their way into the sinusoidal embeddings.
+Checked against the replicated run under bf16 (block-input dtypes, loss, gradients): tests/test_fsdp_precision.py.
 
 What may run inside the JVP (the MeanFlow loss differentiates u(z_t, r, t) along the tangent (v, 0, 1), Eq. 6):
 
@@ -58,6 +66,7 @@ every rank, in the same order.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn as nn
@@ -107,26 +116,49 @@ def build_mesh(device_type: str, parallel: str, shard_size: int = 0) -> DeviceMe
 
 
 def mixed_precision(precision: str) -> MixedPrecisionPolicy:
-    """bf16 training: all-gather parameters in bfloat16, reduce gradients in float32; fp32: no casting. Inputs are
-    not cast (module doc)."""
+    """The policy of the matrix weights (the linear layers of each block): under bf16 all-gathered in bfloat16,
+    gradients reduced in float32; fp32: no casting. Inputs are not cast (module doc). Everything else is sharded
+    under :data:`FLOAT32_POLICY`."""
     if precision == "bf16":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
     return MixedPrecisionPolicy(cast_forward_inputs=False)
+
+
+# Parameters that autocast leaves in float32 (tokens, position embedding, norms, gates, the root's embedders whose
+# products autocast casts itself) are gathered and kept in float32 (module doc).
+FLOAT32_POLICY = MixedPrecisionPolicy(cast_forward_inputs=False)
+MATRIX_LAYERS = (nn.Linear, nn.Conv2d)  # the layers whose weights autocast casts to the compute dtype
+
+
+def matrix_layers(block: nn.Module) -> list[nn.Module]:
+    """The linear / convolution layers inside ``block`` (one FSDP group under a low-precision policy)."""
+    return [m for m in block.modules() if isinstance(m, MATRIX_LAYERS)]
 
 
 def shard_model(net: nn.Module, device: torch.device, reshard_after_forward: bool = True,
                 mesh: DeviceMesh | None = None, mp_policy: MixedPrecisionPolicy | None = None) -> nn.Module:
     """Shard ``net`` in place over ``mesh`` (default: 1-D over all ranks): every block is its own FSDP unit
     (all-gathered just before it runs, freed after when ``reshard_after_forward``), the root unit holds the rest.
-    ``net`` may live on the meta device (then materialise it with ``to_empty`` and fill it, :mod:`pmf.train.parallel`);
-    a real module must have the same parameters on every rank (:func:`pmf.train.dist.broadcast_module_`): each
-    rank keeps its own chunk of its own copy, so differing copies would be silently mixed into one model."""
+    With a low-precision ``mp_policy`` (:func:`mixed_precision`) only each block's linear layers take it, as a group
+    of their own inside the block; the block's other parameters and the root stay float32, as autocast keeps them
+    (module doc). ``net`` may live on the meta device (then materialise it with ``to_empty`` and fill it,
+    :mod:`pmf.train.parallel`); a real module must have the same parameters on every rank
+    (:func:`pmf.train.dist.broadcast_module_`): each rank keeps its own chunk of its own copy, so differing copies
+    would be silently mixed into one model."""
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist.world_size(),))
-    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=mp_policy or MixedPrecisionPolicy())
+    mp_policy = mp_policy or MixedPrecisionPolicy()
+    low = mp_policy.param_dtype is not None and mp_policy.param_dtype != torch.float32
+    kw = dict(mesh=mesh, reshard_after_forward=reshard_after_forward)
+    if low:
+        # A linear layer on a (B, L, D) input returns a view of its 2-D product; FSDP2 warns that an in-place op on it
+        # would skip the pre-backward hook. The network never writes into a layer's output in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPLinear", category=UserWarning)
     for blk in blocks_of(net):
-        fully_shard(blk, **kw)
-    fully_shard(net, **kw)
+        if low:
+            fully_shard(matrix_layers(blk), **kw, mp_policy=mp_policy)
+        fully_shard(blk, **kw, mp_policy=FLOAT32_POLICY if low else mp_policy)
+    fully_shard(net, **kw, mp_policy=FLOAT32_POLICY if low else mp_policy)
     for name in FORWARD_METHODS:
         register_fsdp_forward_method(net, name)
     return net
@@ -240,16 +272,27 @@ def build_sharded_optimizer(net: nn.Module, cfg) -> torch.optim.Optimizer:
 # Checks
 
 
+def missing_gradients(net: nn.Module, ignore_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """This rank's trainable parameters without a gradient (names starting with ``ignore_prefixes`` excepted)."""
+    return [n for n, p in net.named_parameters()
+            if p.requires_grad and p.grad is None and not n.startswith(tuple(ignore_prefixes))]
+
+
+def gradients_not_reduced(what: str, missing: list[str]) -> dist.ConsistencyError:
+    """The error of :func:`check_gradients_reduced`, raised on every rank once any rank counted a missing one."""
+    detail = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "") if missing else "on another rank"
+    return dist.ConsistencyError(
+        f"{what}: parameters without a reduce-scattered gradient at rank {dist.rank()}: {detail}. FSDP's "
+        "post-backward hook did not run for them (a forward that bypassed the FSDP module's hooks?).")
+
+
 def check_gradients_reduced(net: nn.Module, what: str = "gradients", ignore_prefixes: tuple[str, ...] = ()) -> None:
     """FSDP's analogue of the DDP-path consistency check. With sharded parameters no replica can drift (each
     element lives on one rank), but a backward that bypasses FSDP's hooks leaves the sharded gradients empty (the
     gradient lands on a freed unsharded tensor and is never reduce-scattered), and the optimizer then silently skips
     those parameters. Raises :class:`pmf.train.dist.ConsistencyError` on every rank when any rank has a trainable
-    sharded parameter without a gradient (names starting with ``ignore_prefixes`` are allowed none)."""
-    missing = [n for n, p in net.named_parameters()
-               if p.requires_grad and p.grad is None and not n.startswith(tuple(ignore_prefixes))]
+    sharded parameter without a gradient (names starting with ``ignore_prefixes`` are allowed none). The training
+    step makes the same check inside its one end-of-step reduction (:meth:`pmf.train.parallel.Strategy.missing_gradients`)."""
+    missing = missing_gradients(net, ignore_prefixes)
     if dist.all_reduce_scalar(float(len(missing)), "max") > 0:
-        detail = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "") if missing else "on another rank"
-        raise dist.ConsistencyError(
-            f"{what}: parameters without a reduce-scattered gradient at rank {dist.rank()}: {detail}. FSDP's "
-            "post-backward hook did not run for them (a forward that bypassed the FSDP module's hooks?).")
+        raise gradients_not_reduced(what, missing)

@@ -44,6 +44,7 @@ from pmf.train.optim import lr_at, set_lr
 from pmf.perceptual import build_perceptual
 from pmf.rng import PerSampleGenerator
 from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, maybe_compile, set_tf32
+from pmf.train.step_end import end_of_step
 from pmf.sampler import noise_from_seeds, sample
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -96,17 +97,21 @@ class StepResult:
     metrics: dict
     finite: bool
     grad_norm: float
+    flags: tuple = ()  # end_flags() of train_step, each true when true on any rank
 
 
 def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None,
-               loss_fn=pmf_loss, strategy: parallel.Strategy | None = None) -> StepResult:
+               loss_fn=pmf_loss, strategy: parallel.Strategy | None = None, end_flags=None) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
     averaged over ranks by the ``strategy`` (:mod:`pmf.train.parallel`; default: the one ``net`` was built for):
     bucketed all-reduces launched during the last micro-batch's backward (``ddp``), or FSDP's reduce-scatter
     (``fsdp``, ``hsdp``); the earlier micro-batches accumulate gradients without communication.
     ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
     :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.train.speed.maybe_compile`; its forward passes run
-    under ``train.precision`` autocast, the backward outside it."""
+    under ``train.precision`` autocast, the backward outside it. ``end_flags``: a function returning host booleans
+    the ranks must agree on (time budget, checkpoint due, stop signal), called after the backward; they travel in
+    the step's one end-of-step reduction (:mod:`pmf.train.step_end`) and come back in ``StepResult.flags``. The
+    step reads the device on the host once, at its end."""
     rank = dist.rank()
     strategy = strategy or parallel.strategy_of(net, cfg, device)
     per_rank = images_u8.shape[0]
@@ -118,7 +123,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
         strategy.start_micro_batch(net, last=a == accum - 1)
         sl = slice(a * micro, (a + 1) * micro)
         x = to_model_range(images_u8[sl].to(device, non_blocking=True).contiguous())  # shards: CHW view of HWC
-        y = labels[sl].to(device) if cfg.data.class_conditional else None
+        y = labels[sl].to(device, non_blocking=True) if cfg.data.class_conditional else None
         indices = torch.arange(rank * per_rank + a * micro, rank * per_rank + (a + 1) * micro)
         gen = PerSampleGenerator(sample_seeds(cfg.train.seed, nimg, indices), indices)
         with autocast_context(device.type, cfg.train.precision):
@@ -129,21 +134,30 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
             sums[k] = sums[k] + v if k in sums else v
     strategy.finish_gradients(net, nimg)
     params = [p for p in net.parameters() if p.grad is not None]
-    max_norm = cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-    # Metrics averaged over ranks (a non-finite value on any rank makes the mean non-finite).
-    keys = sorted(sums)
-    vals = torch.stack([sums[k] for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=device)
-    dist.all_reduce_mean_([vals])  # a no-op in one process
-    metrics = dict(zip(keys, vals.tolist()))
-    # Decided on all-reduced values only, so every rank skips or steps together (rank-local metrics would let one
-    # replica skip a step the others take).
-    finite = math.isfinite(grad_norm) and all(math.isfinite(v) for v in metrics.values())
+    missing = strategy.missing_gradients(net)
+    # One all-reduce and one host read: grad norm (clipped on the device), metrics averaged over ranks, the flags,
+    # FSDP's reduction check. Decided on reduced values only, so every rank skips or steps together.
+    end = end_of_step(params, sums, tuple(end_flags()) if end_flags is not None else (), len(missing), device,
+                      cfg.train.grad_clip)
+    if end.missing_gradients:
+        raise strategy.gradient_error(missing, nimg)
+    finite = math.isfinite(end.grad_norm) and all(math.isfinite(v) for v in end.metrics.values())
     if finite:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return StepResult(metrics, finite, grad_norm)
+    return StepResult(end.metrics, finite, end.grad_norm, end.flags)
+
+
+def next_log_at(nimg: int, batch: int, every: float) -> float:
+    """The images seen at which the next log record is written after ``nimg``: every ``every`` images, and before
+    the first of them after 1, 2, 4, 8, ... steps (so the first records of a slow run, e.g. one GPU with a large
+    global batch, come within minutes). A function of the images seen only, so a resumed run logs where an
+    uninterrupted one does."""
+    regular = (math.floor(nimg / every) + 1) * every if every > 0 else float("inf")
+    early = batch
+    while early <= nimg:
+        early *= 2
+    return min(regular, early) if early < every else regular
 
 
 GRID_MAX_IMAGES = 64  # training grids stay small: rank 0 samples them between steps, at any model size
@@ -276,11 +290,16 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`). ``init_from``: a new run's
     weights and EMA copies come from this Orbax checkpoint or run directory (:mod:`pmf.train.official_run`)."""
     t_start = time.time()
+    plan.set_allocator_defaults()  # before anything touches CUDA
     run_dir = Path(run_dir)
     validate_config(cfg)  # every setting, before any work (also for --dry-run)
     check_writable_dir(run_dir)
     device = resolve_device(cfg.train.device)
     kwargs = model_kwargs(cfg)
+    # accum_steps=auto resolved, and a run that cannot fit refused, before any data or model set-up (pmf.train.plan)
+    world_at_hand = (plan_devices if dry_run and plan_devices else None) or int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, _ = plan.fit_to_devices(cfg, kwargs, world_at_hand, device, plan_device_memory if dry_run else None,
+                                 refuse=not dry_run)
     if dry_run:
         return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
 
@@ -434,7 +453,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         # Unreadable ImageFolder files this process met (each warned about once); rank 0's count on N processes.
         return data.num_skipped if isinstance(data, ImageFolderDataset) else 0
 
-    next_log = run.nimg + cfg.train.log_every_kimg * 1000
+    next_log = next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
     next_grid = run.nimg + cfg.train.sample_every_kimg * 1000 if cfg.train.sample_every_kimg > 0 else float("inf")
     next_ckpt = run.nimg + cfg.train.ckpt_every_kimg * 1000
     next_check = run.nimg + cfg.train.check_every_kimg * 1000
@@ -452,8 +471,19 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     while run.nimg < total_nimg:
         images_u8, labels = next(it)
         set_lr(opt, lr_at(cfg.optim, run.nimg / 1000))
+
+        def end_flags(nimg_after=run.nimg + G):
+            # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (in the step's
+            # one reduction), or one rank stops or enters checkpoint()'s barrier while the others wait in another
+            # collective. A stop signal on any rank stops every rank after this same step (pmf.train.preempt).
+            now = time.time()
+            return (minutes is not None and now - t_start > minutes * 60,
+                    nimg_after >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60,
+                    stop.requested)
+
         try:
-            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn, run.strategy)
+            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn, run.strategy,
+                             end_flags)
         except Exception as e:
             if is_out_of_memory(e):  # say what did not fit and what to turn, not just the allocator's line
                 raise plan.out_of_memory_error(e, cfg, run.kwargs, world, device) from e
@@ -487,22 +517,16 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
                    "img_per_s": (run.nimg - nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": run.nonfinite_total,
                    "skipped_files": skipped_files(), "time_s": time.time() - t_start}
             logger.log(rec)
-            window, next_log = [], next_log + cfg.train.log_every_kimg * 1000
+            window, next_log = [], next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
         if world > 1 and cfg.train.consistency_check and run.nimg >= next_check:
-            # Sharded strategies: only replicated tensors are compared; their finish_gradients checks every step that
-            # the sharded gradients were reduce-scattered.
+            # Sharded strategies: only replicated tensors are compared; that the sharded gradients were
+            # reduce-scattered is checked in every step's end-of-step reduction (Strategy.missing_gradients).
             dist.check_consistency(net, f"parameters at {run.nimg / 1000:.1f} kimg")
             next_check += cfg.train.check_every_kimg * 1000
         if run.nimg >= next_grid:
             run.grid(f"{run.nimg // 1000:06d}kimg", grid_classes)
             next_grid += cfg.train.sample_every_kimg * 1000
-        # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (one collective per
-        # step), or one rank stops or enters checkpoint()'s barrier while the others wait in another collective.
-        now = time.time()
-        time_up = minutes is not None and now - t_start > minutes * 60
-        ckpt_due = run.nimg >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60
-        # A stop signal on any rank stops every rank after this same step (pmf.train.preempt).
-        time_up, ckpt_due, preempted = dist.any_rank(time_up, ckpt_due, stop.requested)
+        time_up, ckpt_due, preempted = res.flags  # agreed on by all ranks in the step's reduction (end_flags)
         if preempted:  # the checkpoint and exports after the loop save this step
             stop_reason = f"preempted ({stop.signal_name or 'signal on another rank'})"
             break

@@ -149,6 +149,15 @@ class Strategy:
         """After the last micro-batch's backward: every rank holds the mean gradient (its shard when sharded)."""
         dist.grad_reducer(net).finish()  # waits for the buckets launched during backward, launches the rest
 
+    def missing_gradients(self, net: nn.Module) -> list[str]:
+        """This rank's parameters that should hold a reduced gradient after :meth:`finish_gradients` and hold none
+        (counted in the step's one end-of-step reduction; any on any rank: :meth:`gradient_error` on every rank).
+        Replicas: none to check here (the reducer fills every gradient; ``dist.check_consistency`` compares them)."""
+        return []
+
+    def gradient_error(self, missing: list[str], nimg: int) -> Exception:
+        return dist.ConsistencyError(f"gradients at {nimg / 1000:.3f} kimg: missing at rank {dist.rank()}: {missing}")
+
     # -- full state dicts (rank 0; None / {} elsewhere when sharded) -------------------------------------------------
     def model_state(self, net: nn.Module) -> dict:
         return net.state_dict()
@@ -227,11 +236,17 @@ class Sharded(Strategy):
         net.set_requires_gradient_sync(last)  # earlier micro-batches accumulate unsharded gradients locally
 
     def finish_gradients(self, net: nn.Module, nimg: int) -> None:
-        # FSDP reduce-scattered during the last backward; a skipped reduce-scatter would leave parameters silently
-        # untrained.
-        if self.cfg.train.consistency_check:
-            unused = () if self.cfg.objective.use_v_head else ("v_heads.", "v_final_layer.")
-            fsdp.check_gradients_reduced(net, f"gradients at {nimg / 1000:.3f} kimg", ignore_prefixes=unused)
+        pass  # FSDP reduce-scattered during the last backward
+
+    def missing_gradients(self, net: nn.Module) -> list[str]:
+        # A skipped reduce-scatter would leave parameters silently untrained (pmf.train.fsdp.check_gradients_reduced).
+        if not self.cfg.train.consistency_check:
+            return []
+        unused = () if self.cfg.objective.use_v_head else ("v_heads.", "v_final_layer.")
+        return fsdp.missing_gradients(net, ignore_prefixes=unused)
+
+    def gradient_error(self, missing: list[str], nimg: int) -> Exception:
+        return fsdp.gradients_not_reduced(f"gradients at {nimg / 1000:.3f} kimg", missing)
 
     def model_state(self, net: nn.Module) -> dict:
         return fsdp.full_model_state_dict(net)

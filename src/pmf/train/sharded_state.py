@@ -10,8 +10,8 @@ Every rank writes its own shards with ``torch.distributed.checkpoint`` (DCP), so
 * ``extra.pt``: everything that is not a tensor (optimizer param groups, the per-parameter optimizer state keys, EMA
   names and ramp, data position, counters, config), a small ``torch.save`` file.
 
-Atomic: the ranks write into ``.state-{step:09d}.tmp/``; after a barrier each rank hashes its share of the files
-(SHA-256), rank 0 writes the manifest and renames the directory into place. A reader checks the hashes (split over
+Atomic: the ranks write into ``.state-{step:09d}.tmp/``; after a barrier the ranks agree on one list of the files
+(the union of their listings), each rank hashes its share of it (SHA-256), rank 0 writes the manifest and renames the directory into place. A reader checks the hashes (split over
 the ranks) before trusting a state, so bit rot or a partial copy is found like a bad digest of a single-file state
 (:mod:`pmf.train.checkpoint`). The hashes are of the files as written; that the files hold what was in memory is
 DCP's (it writes through ``torch.save`` per shard). All ranks must see the same filesystem (as DCP requires).
@@ -60,6 +60,23 @@ def _gather_dicts(part: dict) -> dict:
     return out
 
 
+def _union_over_ranks(names) -> list[str]:
+    """The sorted union of every rank's ``names``, on every rank (all_gather_object; sorted in one process)."""
+    mine = sorted(set(names))
+    if not torch.distributed.is_initialized():
+        return mine
+    parts = [None] * dist.world_size()
+    torch.distributed.all_gather_object(parts, mine)
+    return sorted(set().union(*parts))
+
+
+def _hash_or_problem(path: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as e:
+        return f"unreadable at rank {dist.rank()}: {type(e).__name__}: {e}"
+
+
 @contextlib.contextmanager
 def _quiet_dcp():
     """DCP warns that it assumes a single process when no group is joined: that is what we mean there."""
@@ -88,8 +105,18 @@ def save_sharded_state(ckpt_dir: str | os.PathLike, step: int, tensors: dict[str
     if dist.is_main():
         atomic_save(extra, tmp / EXTRA)
     dist.barrier()
-    names = sorted(p.name for p in tmp.iterdir() if p.is_file())
-    digests = _gather_dicts({n: sha256_file(tmp / n) for n in _my_share(names)})
+    # One list of the files for every rank: the union of what each rank sees (a rank always sees the files it wrote),
+    # the same on every rank, each rank hashing its share of it. On storage with lagging directory listings
+    # (NFS-like, several nodes) a rank's own listing can miss another node's files; per-rank lists would then split
+    # the files differently on each rank and leave one unhashed. A file a rank cannot read is reported by every rank
+    # together, never one rank raising while the others wait in a collective.
+    names = _union_over_ranks(p.name for p in tmp.iterdir() if p.is_file())
+    digests = _gather_dicts({n: _hash_or_problem(tmp / n) for n in _my_share(names)})
+    unreadable = sorted(n for n, d in digests.items() if d.startswith("unreadable"))
+    if unreadable:
+        raise DamagedShardedState(f"{tmp}: files written by the ranks could not be read back for hashing: "
+                                  + "; ".join(f"{n} ({digests[n]})" for n in unreadable[:4])
+                                  + ". Do all ranks see the same filesystem (DCP needs shared storage)?")
     if dist.is_main():
         manifest = {"kind": KIND, "step": step, **info, "files": {n: digests[n] for n in names}}
         atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")

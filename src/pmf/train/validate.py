@@ -75,8 +75,9 @@ def config_problems(cfg) -> list[str]:
                  + (" (fp16 needs loss scaling; use bf16)" if fp16 else ""))
     positive("train.total_kimg", t.total_kimg)
     positive("train.batch_size", t.batch_size, integer=True)
-    positive("train.accum_steps", t.accum_steps, integer=True)
-    if t.batch_size > 0 and t.accum_steps > 0 and t.batch_size % t.accum_steps:
+    if t.accum_steps != "auto":  # auto: chosen from the plan (pmf.train.plan.auto_settings)
+        positive("train.accum_steps", t.accum_steps, integer=True)
+    if t.accum_steps != "auto" and t.batch_size > 0 and t.accum_steps > 0 and t.batch_size % t.accum_steps:
         p.append(f"train.batch_size={t.batch_size} must be divisible by train.accum_steps={t.accum_steps}")
     positive("train.max_nonfinite", t.max_nonfinite, integer=True)
     for key in ("log_every_kimg", "ckpt_every_kimg", "ckpt_every_minutes", "check_every_kimg"):
