@@ -49,7 +49,8 @@ import torch
 
 from pmf.attention import attention, math_attention
 from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, PerSampleGenerator, conditional_velocity, noisy_image, pmf_loss
+from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.rng import PerSampleGenerator
 from pmf.sampler import noise_from_seeds, sample
 from pmf.train.speed import InferenceNet, autocast_context, set_tf32
 

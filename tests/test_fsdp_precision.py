@@ -60,7 +60,7 @@ def _one_step(net, strategy, cfg, x, y, gen) -> dict:
 def _worker(rank, port, out_dir):
     from torch.distributed.fsdp import fully_shard
 
-    from pmf.objective import PerSampleGenerator
+    from pmf.rng import PerSampleGenerator
 
     _join_group(rank, port)
     out = {}

@@ -129,7 +129,8 @@ def step_peak_bytes(net, obj_cfg, batch: int, precision: str = "fp32", seed: int
     CUDA autocast's dtypes. ``net`` on the meta device (shapes only, nothing computed:
     :func:`pmf.train.memtrack.meta_autocast`) or the CPU (computed, CPU autocast with CUDA's float32 ops).
     Per-sample draws as in training (:class:`pmf.objective.PerSampleGenerator`, fixed seeds)."""
-    from pmf.objective import PerSampleGenerator, pmf_loss
+    from pmf.objective import pmf_loss
+    from pmf.rng import PerSampleGenerator
     from pmf.train.memtrack import meta_autocast, tracking
     from pmf.train.speed import autocast_context
 
