@@ -71,7 +71,7 @@ from pmf.train.optim import BatchedMuon, MuonWithAdam, build_optimizer
 
 # Methods of PMFDiT that the objective calls directly (lean path, guidance); FSDP's root hooks must run around them
 # too, or the root's own parameters (tokens, embedders, final layers) stay sharded inside them.
-FORWARD_METHODS = ("trunk", "head")
+FORWARD_METHODS = ("trunk", "head", "u_and_tangent")
 
 
 

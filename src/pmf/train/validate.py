@@ -101,6 +101,11 @@ def config_problems(cfg) -> list[str]:
         non_negative(f"train.{key}", getattr(t, key))
     if (why := device_problem(t.device, "train.device")) is not None:
         p.append(why)
+    if t.compile_mode not in ("default", "reduce-overhead"):
+        p.append(f"train.compile_mode={t.compile_mode!r} must be 'default' or 'reduce-overhead' (CUDA graphs)")
+    if t.compile and cfg.objective.impl != "lean":
+        p.append(f"train.compile=true compiles the lean objective only (objective.impl={cfg.objective.impl!r}); set "
+                 "objective.impl=lean or train.compile=false")
     ema_names = []
     for spec in t.ema:
         try:
