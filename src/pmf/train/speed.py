@@ -315,6 +315,7 @@ def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
 # The compiled training step
 
 COMPILE_MODES = ("default", "reduce-overhead")
+BACKEND = "inductor"  # what StepCompiler compiles with by default; tests set "aot_eager" (same capture, no codegen)
 
 
 class CompileError(RuntimeError):
@@ -330,10 +331,10 @@ class StepCompiler:
     recompiles, compile seconds). ``backend="aot_eager"`` (tests) captures the same graphs without inductor's code
     generation."""
 
-    def __init__(self, mode: str = "default", recompile_limit: int = 27, backend: str = "inductor"):
+    def __init__(self, mode: str = "default", recompile_limit: int = 27, backend: str | None = None):
         if mode not in COMPILE_MODES:
             raise ValueError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
-        self.mode, self.recompile_limit, self.backend = mode, recompile_limit, backend
+        self.mode, self.recompile_limit, self.backend = mode, recompile_limit, backend or BACKEND
         self.graphs = 0  # graphs compiled (each first compile and each recompile)
         self.compile_s = 0.0  # seconds spent in calls that compiled
         self.breaks0 = _graph_breaks()
@@ -341,10 +342,8 @@ class StepCompiler:
 
     def _backend(self, gm, example_inputs):
         self.graphs += 1
-        if self.backend == "aot_eager":  # the same capture (Dynamo, AOT autograd's joint graph), no code generation
-            from torch._dynamo.backends.debugging import aot_eager
-
-            return aot_eager(gm, example_inputs)
+        if self.backend != "inductor":  # "aot_eager": the same capture (Dynamo, AOT autograd's joint graph), no
+            return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)  # code generation
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
@@ -369,8 +368,7 @@ class StepCompiler:
         except Exception as e:
             if is_out_of_memory(e):
                 raise
-            msg = f"{type(e).__name__}: {e}".splitlines()[0][:500]
-            raise CompileError(f"train.compile: the compiled step {name} cannot run compiled ({msg}); set "
+            raise CompileError(f"train.compile: the compiled step {name} cannot run compiled: {_why(e)}; set "
                                "train.compile=false to train eagerly") from e
         if self.graphs > before:
             self.compile_s += time.perf_counter() - t0
@@ -390,6 +388,18 @@ class StepCompiler:
                 "graph_breaks": _graph_breaks() - self.breaks0, "compile_s": round(self.compile_s, 3)}
 
 
+def _why(e: BaseException) -> str:
+    """What kind of compile failure ``e`` is, and its first line."""
+    import torch._dynamo.exc as exc
+
+    first = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+    if isinstance(e, exc.Unsupported):
+        return f"a graph break in a region compiled whole (fullgraph=True): {first}"
+    if isinstance(e, getattr(exc, "FailOnRecompileLimitHit", ())) or "recompile" in first.lower():
+        return f"the recompile limit was hit (more row-plan shapes than the bound): {first}"
+    return f"a compiler failure: {first}"
+
+
 def _graph_breaks() -> int:
     from torch._dynamo.utils import counters
 
@@ -402,7 +412,7 @@ class CompiledLoss:
     objective only: the reference one's ``torch.func.jvp`` needs forward-mode rules that the fused attention kernel
     traced by ``torch.compile`` does not have."""
 
-    def __init__(self, loss_fn, mode: str = "default", recompile_limit: int = 27, backend: str = "inductor"):
+    def __init__(self, loss_fn, mode: str = "default", recompile_limit: int = 27, backend: str | None = None):
         self.loss_fn, self.compiler = loss_fn, StepCompiler(mode, recompile_limit, backend)
         functools.update_wrapper(self, loss_fn, updated=())
 
