@@ -23,6 +23,7 @@ network, so attention must carry tangents. Three backends:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -65,8 +66,8 @@ def attention_tangent(q, k, v, dq, dk, dv, out_dtype: torch.dtype | None = None)
         if dq is not None or dk is not None:
             scale = 1.0 / math.sqrt(q.shape[-1])
             f = _softmax_dtype(q)
-            # Autocast off: it would run these einsums in bf16/fp16.
-            with torch.autocast(q.device.type, enabled=False):
+            # Autocast off: it would run these einsums in bf16/fp16 (the meta device has no autocast to turn off)
+            with contextlib.nullcontext() if q.device.type == "meta" else torch.autocast(q.device.type, enabled=False):
                 qf, kf = q.to(f) * scale, k.to(f)
                 probs = torch.softmax(torch.einsum("bhqd,bhkd->bhqk", qf, kf), dim=-1)
                 dS = None
