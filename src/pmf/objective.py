@@ -459,6 +459,8 @@ def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | Non
     d = draws if draws is not None else sample_draws(x, y, cfg, generator)
     rows = lean_rows(net, d, cfg)  # None: the reference passes
     d = d.to(x.device)
+    if rows is not None and compiler is not None:  # compiled graphs take device inputs only (CUDA-graph capture)
+        rows = rows.to(x.device)
     run = compiler or (lambda fn: fn)
     z_t, v_t, omega_m, v_c, v_u = run(guidance_step)(net, x, y, d, rows, cfg, null_label)
     total, metrics, u = run(heads_step)(net, y, d, rows, cfg, null_label, z_t, v_t, omega_m, v_c, v_u)

@@ -123,6 +123,12 @@ class RowPlan:
         return RowPlan(batch, jvp, plain, order, torch.cat([cond, null]), guide_null,
                        torch.cat([cond, null + batch]), torch.as_tensor(shared, dtype=torch.bool))
 
+    def to(self, device) -> "RowPlan":
+        """The plan's tensors on ``device`` (copies that do not block the host). Done before a compiled step, so the
+        compiled graphs take device inputs only (CUDA graphs capture no host-to-device copy)."""
+        return RowPlan(self.batch, *(_rows(getattr(self, f), device) for f in
+                                     ("jvp", "plain", "order", "guide", "guide_null", "guide_slot", "shared")))
+
     @staticmethod
     def every_row(batch: int, guidance: bool) -> "RowPlan":
         """No split (for draws that live on the device: their masks cannot be read without a sync): the tangent
