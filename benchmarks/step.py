@@ -4,8 +4,9 @@
                               [--threads N] [--sample-batch N] [--profile] [--breakdown] [--bf16] [--compile]
                               [--no-optimizer | --optimizer-only] [--json OUT]
     python benchmarks/step.py --fsdp 2 [--model ...] [--batch B per process] [--iters N] [--threads T per process]
-    python benchmarks/step.py --compile-regions [--preset fmnist-demo] [--model-kw hidden_size=768 ...]
+    python benchmarks/step.py --compiled-step [--preset fmnist-demo] [--model-kw hidden_size=768 ...]
                               [--threads N] [--batch N] [--iters N] [--warm-cache] [--json OUT]
+    python benchmarks/step.py --meta [--model pMF-B/16] [--batch 64] [--iters N]
 
 Configurations, each forward + backward of the loss only (no optimizer step, gradients set to None before each),
 on the same batch and the same random draws per iteration:
@@ -14,8 +15,7 @@ on the same batch and the same random draws per iteration:
   b   pMF, impl="reference": two guidance calls + torch.func.jvp over the whole net, default attention ("jvp_sdpa")
   b'  pMF, impl="reference" with "math" attention (explicit einsum + float32 softmax): the naive port
   c   pMF, impl="lean" (the default), "jvp_sdpa" attention
-  c16 (--bf16) c under bf16 autocast;  cC (--compile) c with speed.maybe_compile(net): the forward that the guidance
-      pass calls is compiled, the forward-AD pass stays eager (a compiled lean loss fails in torch 2.13)
+  c16 (--bf16) c under bf16 autocast
 
 Timing: the configurations run round-robin (iteration i of every configuration, then i + 1), so load drift on a
 shared machine hits all of them alike; medians over ``--iters`` after ``--warmup``. On CUDA each step is synchronised.
@@ -45,12 +45,14 @@ AMX it is the faster one.
 (``pmf.train.fsdp.shard_model``) in N gloo processes, round-robin in every process (the unsharded steps of the N
 processes run side by side, so both kinds see the same load), batch ``--batch`` per process; ratios sharded /
 unsharded and c/a, b/a in each kind.
---compile-regions: what ``train.compile`` does (``speed.compile_regions``: the blocks compiled on the passes without
-tangents, the no-grad forward compiled whole, the forward-AD pass eager) against the eager step, in the same run,
-round-robin: the lean training step (the preset's objective, e.g. ``--preset fmnist-demo``: XS/7-28, 75 % r = t)
-eager, compiled by regions, and compiled by blocks only; plus the compile time (first compiled step minus an eager
-step; a fresh inductor cache unless --warm-cache, so it is what a first run pays), the break-even step count, and
-each region's call counts (what actually ran compiled, what ran eagerly and why). Only this comparison runs.
+--compiled-step: what ``train.compile`` does (``speed.StepCompiler``: the guidance forwards and the tangent pass +
+losses + backward each one graph) against the eager step, and flow matching eager against compiled
+(``torch.compile(fm_core, fullgraph=True)``), in the same run, round-robin, the same draws every iteration; plus the
+compile time (first step minus a later one, wall and CPU seconds with the C++ builds; a fresh inductor cache unless
+--warm-cache), the break-even step count, aten ops dispatched per eager step (a counting TorchDispatchMode) and, per
+compiled step, inductor's generated kernels and the top-level aten calls left (profiler). Only this comparison runs.
+--meta: the host time of an eager pMF and flow-matching step with the network and batch on the ``meta`` device
+(shapes only) and the aten ops each dispatches.
 
 --breakdown times the lean step's named parts (guidance, the forward-AD pass, ...); --profile prints the top 15 ops
 of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
