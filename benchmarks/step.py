@@ -4,8 +4,9 @@
                               [--threads N] [--sample-batch N] [--profile] [--breakdown] [--bf16] [--compile]
                               [--no-optimizer | --optimizer-only] [--json OUT]
     python benchmarks/step.py --fsdp 2 [--model ...] [--batch B per process] [--iters N] [--threads T per process]
-    python benchmarks/step.py --compile-regions [--preset fmnist-demo] [--model-kw hidden_size=768 ...]
+    python benchmarks/step.py --compiled-step [--preset fmnist-demo] [--model-kw hidden_size=768 ...]
                               [--threads N] [--batch N] [--iters N] [--warm-cache] [--json OUT]
+    python benchmarks/step.py --meta [--model pMF-B/16] [--batch 64] [--iters N]
 
 Configurations, each forward + backward of the loss only (no optimizer step, gradients set to None before each),
 on the same batch and the same random draws per iteration:
@@ -14,8 +15,7 @@ on the same batch and the same random draws per iteration:
   b   pMF, impl="reference": two guidance calls + torch.func.jvp over the whole net, default attention ("jvp_sdpa")
   b'  pMF, impl="reference" with "math" attention (explicit einsum + float32 softmax): the naive port
   c   pMF, impl="lean" (the default), "jvp_sdpa" attention
-  c16 (--bf16) c under bf16 autocast;  cC (--compile) c with speed.maybe_compile(net): the forward that the guidance
-      pass calls is compiled, the forward-AD pass stays eager (a compiled lean loss fails in torch 2.13)
+  c16 (--bf16) c under bf16 autocast
 
 Timing: the configurations run round-robin (iteration i of every configuration, then i + 1), so load drift on a
 shared machine hits all of them alike; medians over ``--iters`` after ``--warmup``. On CUDA each step is synchronised.
@@ -45,12 +45,14 @@ AMX it is the faster one.
 (``pmf.train.fsdp.shard_model``) in N gloo processes, round-robin in every process (the unsharded steps of the N
 processes run side by side, so both kinds see the same load), batch ``--batch`` per process; ratios sharded /
 unsharded and c/a, b/a in each kind.
---compile-regions: what ``train.compile`` does (``speed.compile_regions``: the blocks compiled on the passes without
-tangents, the no-grad forward compiled whole, the forward-AD pass eager) against the eager step, in the same run,
-round-robin: the lean training step (the preset's objective, e.g. ``--preset fmnist-demo``: XS/7-28, 75 % r = t)
-eager, compiled by regions, and compiled by blocks only; plus the compile time (first compiled step minus an eager
-step; a fresh inductor cache unless --warm-cache, so it is what a first run pays), the break-even step count, and
-each region's call counts (what actually ran compiled, what ran eagerly and why). Only this comparison runs.
+--compiled-step: what ``train.compile`` does (``speed.StepCompiler``: the guidance forwards and the tangent pass +
+losses + backward each one graph) against the eager step, and flow matching eager against compiled
+(``torch.compile(fm_core, fullgraph=True)``), in the same run, round-robin, the same draws every iteration; plus the
+compile time (first step minus a later one, wall and CPU seconds with the C++ builds; a fresh inductor cache unless
+--warm-cache), the break-even step count, aten ops dispatched per eager step (a counting TorchDispatchMode) and, per
+compiled step, inductor's generated kernels and the top-level aten calls left (profiler). Only this comparison runs.
+--meta: the host time of an eager pMF and flow-matching step with the network and batch on the ``meta`` device
+(shapes only) and the aten ops each dispatches.
 
 --breakdown times the lean step's named parts (guidance, the forward-AD pass, ...); --profile prints the top 15 ops
 of one lean step (torch.profiler, by self CPU time, or self CUDA time on a GPU).
@@ -61,7 +63,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import platform
 import statistics
@@ -77,7 +78,7 @@ from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pm
 from pmf.rng import PerSampleGenerator
 from pmf.sampler import sample
 from pmf.train.optim import OptimConfig, build_optimizer
-from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype, maybe_compile
+from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype
 
 CONFIGS = {  # name: (label, objective impl or None for flow matching, attention backend)
     "a": ("flow matching (sdpa)", None, "sdpa"),
@@ -85,7 +86,6 @@ CONFIGS = {  # name: (label, objective impl or None for flow matching, attention
     "b'": ("pMF reference, math attn", "reference", "math"),
     "c": ("pMF lean (jvp_sdpa)", "lean", "jvp_sdpa"),
     "c16": ("pMF lean, bf16 autocast", "lean", "jvp_sdpa"),
-    "cC": ("pMF lean, compiled forward", "lean", "jvp_sdpa"),
 }
 
 
@@ -137,9 +137,7 @@ def make_step(name: str, net, x, y, device):
         def loss_fn(net, x, y, gen):
             return pmf_loss(net, x, y, cfg, gen)
 
-    # cC: the network's forward compiled (what the guidance pass calls); the lean path's trunk / head calls under
-    # forward AD stay eager (compiling the whole lean loss fails in torch 2.13: make_dual under symbolic shapes).
-    model = maybe_compile(net, True) if name == "cC" else net
+    model = net
 
     def step(i: int):
         set_backend(net, backend)
@@ -295,8 +293,8 @@ def breakdown_lean(net, x, y, device, iters: int) -> dict:
             return out
         return run
 
-    names = {"guidance_velocities": "c: guidance (inference mode)", "u_and_dudt": "c: u, du/dt, v (with grad)",
-             "forward_ad_trunk": "c:   of which the forward-AD pass"}  # pmf.objective_lean's lean passes
+    names = {"guidance_velocities": "c: guidance (no grad)", "u_and_dudt": "c: u, du/dt, v (with grad)",
+             "tangent_pass": "c:   of which the tangent pass"}  # pmf.objective_lean's lean passes
     saved = {n: getattr(L, n) for n in names}
     try:
         for n, label in names.items():
@@ -444,7 +442,7 @@ def print_fsdp(res: dict, args) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# --compile-regions: eager against train.compile's compiled regions, in the same run
+# --compiled-step: the eager step against train.compile's compiled step, pMF and flow matching, in the same run
 
 
 def _parse_kw(items) -> dict:
@@ -461,112 +459,172 @@ def _parse_kw(items) -> dict:
     return out
 
 
-def compile_time_child(args, variant: str) -> dict:
-    """Seconds the first step of ``variant`` spends compiling, measured in a fresh process (fresh inductor cache
-    unless --warm-cache): its first step minus its second, wall ("compile_s") and CPU seconds of the process and its
-    C++ compiler children ("compile_cpu_s", with one compile thread: the cost on an idle core, whatever the load)."""
-    cmd = [sys.executable, __file__, "--compile-regions", "--compile-child", variant, "--batch", str(args.batch),
-           "--device", args.device, "--threads", str(args.threads), "--model", args.model]
-    cmd += (["--preset", args.preset] if args.preset else []) + (["--model-kw", *args.model_kw] if args.model_kw
-                                                                else []) + (["--warm-cache"] if args.warm_cache else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
+def count_dispatched_ops(step) -> int:
+    """aten operations that one call of ``step`` dispatches (forward and backward: CPU autograd runs the backward on
+    the calling thread, under the same dispatch mode)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.n
 
 
-def compile_comparison(args, device) -> dict:
-    """Eager vs regional compile (``train.compile``) of the lean training step, same run, round-robin; see the
-    module docstring (--compile-regions)."""
+def count_profiled_aten_calls(step) -> int:
+    """Top-level aten calls of one call of ``step`` in the profiler (for a compiled step: the extern kernels its
+    generated code calls through the dispatcher: matmuls, attention, convolutions)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    evs = prof.events()
+    return sum(1 for e in evs if e.name.startswith("aten::") and not (e.cpu_parent and
+                                                                       e.cpu_parent.name.startswith("aten::")))
+
+
+def fm_core(net, x, y, t, e):
+    """The flow-matching loss of :func:`fm_loss` from given draws (t, e): traceable whole by torch.compile."""
+    z = noisy_image(x, t, e)
+    v_t = conditional_velocity(z, x, t)
+    zero, one = torch.zeros_like(t), torch.ones_like(t)
+    u, v = net(z, t, zero, one, zero, one, y)
+    return (u - v_t).pow(2).flatten(1).sum(1).mean() + (v - v_t).pow(2).flatten(1).sum(1).mean()
+
+
+def compiled_step_comparison(args, device) -> dict:
+    """pMF lean step and flow-matching step, eager and compiled (pmf's StepCompiler; FM: its loss compiled whole),
+    same run, round-robin, same draws every iteration (so the compiled step keeps one row plan: the shapes the
+    timing sees are compiled once). Compile time: the first compiled step's wall and CPU seconds (this process and
+    its C++ compiler children) minus a later step's, with a fresh inductor cache unless --warm-cache."""
+    import resource
     import tempfile
 
     from pmf.train.config import load_config
-    from pmf.train.speed import compile_regions, compiled_regions
+    from pmf.train.speed import compile_step
 
     if not args.warm_cache:  # a cold inductor cache: the compile time a first run pays
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="pmf-inductor-")
-    if args.compile_child:  # compile in this process (C++ builds as waited-for children): CPU seconds add up
-        os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
     cfg = load_config(args.preset) if args.preset else None
     model = cfg.model.name if cfg is not None else args.model
     objective = cfg.objective if cfg is not None else ObjectiveConfig()
     overrides = _parse_kw(args.model_kw)
     net, x, y = make_net_and_batch(model, args.batch, device, **overrides)
-    nets = {"eager": net, "blocks": copy.deepcopy(net), "blocks+forward": copy.deepcopy(net)}
-    compile_regions(nets["blocks"])  # what train.compile runs
-    compile_regions(nets["blocks+forward"], whole_forward=True)  # and the no-grad forward compiled whole
     n_params = sum(p.numel() for p in net.parameters())
-    if not args.compile_child:
-        print(f"{model}{' ' + str(overrides) if overrides else ''}  batch {args.batch}  {n_params / 1e6:.2f}M params  "
-              f"device {device}  threads {torch.get_num_threads()}  torch {torch.__version__}  objective: "
-              f"{args.preset or 'ObjectiveConfig()'} (impl {objective.impl}, r = t fraction "
-              f"{objective.data_proportion})  load average {os.getloadavg()[0]:.1f}")
+    print(f"{model}{' ' + str(overrides) if overrides else ''}  batch {args.batch}  {n_params / 1e6:.2f}M params  "
+          f"device {device}  threads {torch.get_num_threads()}  torch {torch.__version__}  objective: "
+          f"{args.preset or 'ObjectiveConfig()'} (r = t fraction {objective.data_proportion})  load average "
+          f"{os.getloadavg()[0]:.1f}")
+    nets = {n: copy.deepcopy(net) for n in ("fm eager", "fm compiled", "pmf eager", "pmf compiled")}
+    for n in ("fm eager", "fm compiled"):
+        set_backend(nets[n], "sdpa")
+    pmf_compiled = compile_step(pmf_loss, True)
+    fm_compiled = torch.compile(fm_core, fullgraph=True, dynamic=False)
+    seeds = range(x.shape[0])
+    g = torch.Generator().manual_seed(7)
+    t_fm = torch.sigmoid(torch.randn(x.shape[0], generator=g) * 0.8 + 0.8).to(device)
+    e_fm = torch.randn(x.shape, generator=g).to(device)
 
     def make(n):
-        def step(i):
-            m = nets[n]
+        m = nets[n]
+
+        def step(i=0):
             m.zero_grad(set_to_none=True)
-            seeds = range(1000 * i, 1000 * i + x.shape[0])  # per-sample host draws, as in the training loop
-            loss, metrics = pmf_loss(m, x, y, objective, PerSampleGenerator(seeds))
+            if n.startswith("fm"):
+                loss = (fm_compiled if n == "fm compiled" else fm_core)(m, x, y, t_fm, e_fm)
+            else:
+                loss, _ = (pmf_compiled if n == "pmf compiled" else pmf_loss)(
+                    m, x, y, objective, PerSampleGenerator(seeds))
             loss.backward()
             sync(device)
-            return metrics
+            return loss.detach()
         return step
 
     steps = {n: make(n) for n in nets}
-    if args.compile_child:  # a fresh process: the first compiled step of one variant, minus its second step
-        import resource
 
-        def cpu_now():  # this process and its finished children (the C++ compiler runs): CPU seconds
-            return time.process_time() + resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime \
-                + resource.getrusage(resource.RUSAGE_CHILDREN).ru_stime
+    def cpu_now():  # this process and its finished children (the C++ compiler runs): CPU seconds
+        ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + ch.ru_utime + ch.ru_stime
 
+    from torch._inductor import metrics as inductor_metrics
+
+    compile_s, compile_cpu_s, kernels, losses = {}, {}, {}, {}
+    for n in nets:
+        k0 = inductor_metrics.generated_kernel_count
         walls, cpus = [], []
         for i in range(2):
             t0, c0 = time.perf_counter(), cpu_now()
-            steps[args.compile_child](i)
+            losses[n] = float(steps[n]())
             walls.append(time.perf_counter() - t0)
             cpus.append(cpu_now() - c0)
-        print(json.dumps({"compile_s": walls[0] - walls[1], "compile_cpu_s": cpus[0] - cpus[1]}))
-        return {}
-    # Compile time, each variant in a fresh process with a fresh inductor cache: in this process the second variant
-    # would reuse the block graphs the first compiled (Dynamo caches per code object).
-    child = {n: compile_time_child(args, n) if not args.no_compile_time else {"compile_s": float("nan"),
-                                                                                "compile_cpu_s": float("nan")}
-             for n in nets if n != "eager"}
-    compile_s = {n: c["compile_s"] for n, c in child.items()}
-    compile_cpu_s = {n: c["compile_cpu_s"] for n, c in child.items()}
-    metrics = {n: {k: float(v) for k, v in steps[n](0).items()} for n in nets}  # (and this process's compiles)
+        if n.endswith("compiled"):
+            compile_s[n], compile_cpu_s[n] = walls[0] - walls[1], cpus[0] - cpus[1]
+            kernels[n] = inductor_metrics.generated_kernel_count - k0
+        print(f"  {n}: first step {walls[0]:.1f} s, second {walls[1]:.2f} s", flush=True)
+    ops = {n: count_dispatched_ops(steps[n]) for n in ("fm eager", "pmf eager")}
+    extern = {n: count_profiled_aten_calls(steps[n]) for n in ("fm compiled", "pmf compiled")}
     wall, cpu = time_round_robin(steps, args.iters, args.warmup, device)
-    med = {n: statistics.median(wall[n]) for n in nets}
-    med_cpu = {n: statistics.median(cpu[n]) for n in nets}
-    print(f"lean step, forward + backward; medians of {args.iters} round-robin iterations after {args.warmup} warm-up")
-    # Break-even: compile CPU seconds over the CPU time a step saves (on a shared machine both wall numbers include
-    # time spent descheduled; with --threads 1 the CPU numbers are the uncontended ones). On CUDA: wall.
-    on_cpu = device.type == "cpu"
-    print(f"{'':14s}{'wall ms':>9s}{'x eager':>9s}{'cpu ms':>9s}{'x eager':>9s}{'compile s':>11s}{'(cpu s)':>9s}"
-          f"{'break-even steps':>18s}  loss_u (first step)")
-    result = {"model": model, "overrides": overrides, "preset": args.preset, "batch": args.batch,
-              "threads": torch.get_num_threads(), "torch": torch.__version__, "params": n_params,
-              "cold_inductor_cache": not args.warm_cache, "load_average": os.getloadavg()[0], "median_wall_ms": {}, "median_cpu_ms": {},
-              "ratio_wall": {}, "ratio_cpu": {}, "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "first_step_metrics": metrics, "regions": {}}
+    med = {n: statistics.median(wall[n]) * 1e3 for n in nets}
+    med_cpu = {n: statistics.median(cpu[n]) * 1e3 for n in nets}
+    print(f"forward + backward of the loss; medians of {args.iters} round-robin iterations after {args.warmup} warm-up")
+    print(f"{'':14s}{'wall ms':>9s}{'cpu ms':>9s}{'compile s':>11s}{'(cpu s)':>9s}{'host work per step':>34s}  loss")
     for n in nets:
-        r_w, r_c = med[n] / med["eager"], med_cpu[n] / med_cpu["eager"]
-        saved = (med_cpu["eager"] - med_cpu[n]) if on_cpu else (med["eager"] - med[n])
-        cost = compile_cpu_s.get(n, 0.0) if on_cpu else compile_s.get(n, 0.0)
-        even = "" if n == "eager" or math.isnan(cost) else f"{cost / saved:.0f}" if saved > 0 else "never"
-        comp = f"{compile_s[n]:.1f}" if n != "eager" and not args.no_compile_time else ""
-        comp_cpu = f"{compile_cpu_s[n]:.1f}" if n != "eager" and not args.no_compile_time else ""
-        print(f"{n:14s}{med[n] * 1e3:9.1f}{r_w:9.2f}{med_cpu[n] * 1e3:9.1f}{r_c:9.2f}{comp:>11s}{comp_cpu:>9s}"
-              f"{even:>18s}  {metrics[n]['loss_u']:.6g}")
-        result.setdefault("break_even_steps", {})[n] = cost / saved if n != "eager" and saved > 0 and \
-            not math.isnan(cost) else None
-        result["median_wall_ms"][n], result["median_cpu_ms"][n] = med[n] * 1e3, med_cpu[n] * 1e3
-        result["ratio_wall"][n], result["ratio_cpu"][n] = r_w, r_c
-    print("what ran compiled (calls over all steps above):")
-    for n in ("blocks", "blocks+forward"):
-        for r in compiled_regions(nets[n]):
-            print(f"  {n:12s} {r.summary()}")
-            result["regions"].setdefault(n, {})[r.name] = {"state": r.state, "calls": dict(r.calls)}
-    return result
+        if n.endswith("eager"):
+            work = f"{ops[n]} aten ops dispatched"
+            comp = comp_cpu = ""
+        else:
+            work = f"{kernels[n]} kernels + {extern[n]} aten calls"
+            comp, comp_cpu = f"{compile_s[n]:.1f}", f"{compile_cpu_s[n]:.1f}"
+        print(f"{n:14s}{med[n]:9.1f}{med_cpu[n]:9.1f}{comp:>11s}{comp_cpu:>9s}{work:>34s}  {losses[n]:.6g}")
+    for label, t in (("wall", med), ("cpu", med_cpu)):
+        print(f"{label}: pmf/fm eager {t['pmf eager'] / t['fm eager']:.2f}, compiled {t['pmf compiled'] / t['fm compiled']:.2f};"
+              f"  compiled/eager: pmf {t['pmf compiled'] / t['pmf eager']:.2f}, fm {t['fm compiled'] / t['fm eager']:.2f}")
+    saved = med_cpu["pmf eager"] - med_cpu["pmf compiled"]
+    print("break-even (compile CPU s / CPU ms saved per step): "
+          + (f"{compile_cpu_s['pmf compiled'] / (saved / 1e3):.0f} steps" if saved > 0 else "never"))
+    print("compiled step:", pmf_compiled.report())
+    return {"model": model, "overrides": overrides, "preset": args.preset, "batch": args.batch, "params": n_params,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "load_average": os.getloadavg()[0],
+            "cold_inductor_cache": not args.warm_cache, "median_wall_ms": med, "median_cpu_ms": med_cpu,
+            "compile_s": compile_s, "compile_cpu_s": compile_cpu_s, "eager_aten_ops": ops,
+            "compiled_kernels": kernels, "compiled_aten_calls": extern, "first_loss": losses,
+            "compile_report": pmf_compiled.report()}
+
+
+def meta_host_time(args) -> dict:
+    """Host time per eager step with the network and batch on the ``meta`` device (shapes only: what is left is the
+    host's work: Python, dispatcher, autograd), pMF lean step and flow matching, and the aten ops each dispatches."""
+    from pmf.model import PMFDiT, MODELS
+
+    with torch.device("meta"):
+        net = PMFDiT(**MODELS[args.model].kwargs)
+    B, dev = args.batch, torch.device("meta")
+    x = torch.empty(B, net.in_channels, net.input_size, net.input_size, device=dev)
+    y = torch.zeros(B, dtype=torch.long, device=dev)
+    t_fm, e_fm = torch.empty(B, device=dev).fill_(0.5), torch.empty_like(x)
+
+    def pmf_step(i=0):
+        loss, _ = pmf_loss(net, x, y, ObjectiveConfig(), PerSampleGenerator(range(i * B, (i + 1) * B)))
+        loss.backward()
+
+    def fm_step(i=0):
+        fm_core(net, x, y, t_fm, e_fm).backward()
+
+    out = {}
+    for name, step in (("pmf eager", pmf_step), ("fm eager", fm_step)):
+        step(0)
+        times = []
+        for i in range(args.iters):
+            t0 = time.perf_counter()
+            step(i + 1)
+            times.append(time.perf_counter() - t0)
+        out[name] = {"host_ms": statistics.median(times) * 1e3, "aten_ops": count_dispatched_ops(step)}
+        print(f"{args.model} batch {B} on meta, {name}: {out[name]['host_ms']:.0f} ms host time per step "
+              f"(median of {args.iters}), {out[name]['aten_ops']} aten ops dispatched", flush=True)
+    return out
 
 
 def main() -> int:
@@ -581,23 +639,22 @@ def main() -> int:
     p.add_argument("--profile", action="store_true", help="print the top ops of the lean step")
     p.add_argument("--breakdown", action="store_true", help="time the lean step's parts (guidance, forward AD, ...)")
     p.add_argument("--bf16", action="store_true", help="add c16 (the lean step under bf16 autocast) and bf16 sampling")
-    p.add_argument("--compile", action="store_true",
-                   help="add cC (lean step with speed.maybe_compile(net)) and compiled sampling")
+    p.add_argument("--compile", action="store_true", help="add compiled sampling (speed.InferenceNet)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     p.add_argument("--no-sampling", action="store_true", help="skip the sampling throughput")
     p.add_argument("--sampling-only", action="store_true", help="only the sampling throughput")
     p.add_argument("--no-optimizer", action="store_true", help="skip the optimizer step (bf16 vs fp32 Newton-Schulz)")
     p.add_argument("--optimizer-only", action="store_true", help="only the optimizer step (bf16 vs fp32 Newton-Schulz)")
-    p.add_argument("--compile-regions", action="store_true",
-                   help="only: eager vs regional compile (train.compile) of the lean step, with compile time")
-    p.add_argument("--preset", default="", help="--compile-regions: take the model and objective from this preset")
+    p.add_argument("--compiled-step", action="store_true",
+                   help="only: eager vs compiled (train.compile) pMF and flow-matching steps, with compile time and "
+                        "the host work per step")
+    p.add_argument("--meta", action="store_true",
+                   help="only: host time per eager step with the network on the meta device (e.g. --model pMF-B/16)")
+    p.add_argument("--preset", default="", help="--compiled-step: take the model and objective from this preset")
     p.add_argument("--model-kw", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="--compile-regions: model constructor overrides, e.g. hidden_size=768 num_heads=12")
+                   help="--compiled-step: model constructor overrides, e.g. hidden_size=768 num_heads=12")
     p.add_argument("--warm-cache", action="store_true",
-                   help="--compile-regions: keep the inductor cache (default: a fresh one, a first run's compile)")
-    p.add_argument("--no-compile-time", action="store_true",
-                   help="--compile-regions: skip the fresh-process compile-time measurements")
-    p.add_argument("--compile-child", default="", help=argparse.SUPPRESS)
+                   help="--compiled-step: keep the inductor cache (default: a fresh one, a first run's compile)")
     p.add_argument("--json", default="", help="write all numbers to this file")
     p.add_argument("--fsdp", type=int, default=0, metavar="N",
                    help="only the FSDP2 comparison: a, b, c sharded over N gloo processes vs unsharded (CPU)")
@@ -623,14 +680,14 @@ def main() -> int:
                           indent=1)
         return 0
 
-    if args.compile_regions:
-        result = compile_comparison(args, device)
-        if args.json and not args.compile_child:
+    if args.compiled_step or args.meta:
+        result = compiled_step_comparison(args, device) if args.compiled_step else meta_host_time(args)
+        if args.json:
             with open(args.json, "w") as f:
                 json.dump(result, f, indent=1)
         return 0
 
-    names = ["a", "b", "b'", "c"] + (["c16"] if args.bf16 else []) + (["cC"] if args.compile else [])
+    names = ["a", "b", "b'", "c"] + (["c16"] if args.bf16 else [])
     names = [] if args.sampling_only or args.optimizer_only else names
     net, x, y = make_net_and_batch(args.model, args.batch, device)
     n_params = sum(p.numel() for p in net.parameters())
@@ -656,7 +713,7 @@ def main() -> int:
             for n in names:
                 if device.type == "cuda":
                     mem[n] = peak_memory_cuda(steps[n], net, device)
-                elif n != "cC":  # a compile in each subprocess would take minutes
+                else:
                     mem[n] = peak_memory_cpu(n, args)
 
         # On a shared CPU, wall time includes time spent descheduled; the process CPU time (all threads) does not, and

@@ -174,3 +174,29 @@ def test_plain_sdpa_raises_under_jvp():
         _jvp("sdpa", primals, primals)
     for backend in ("jvp_sdpa", "math"):
         _jvp(backend, primals, primals)
+
+
+def test_tangent_has_no_autograd_history():
+    """The forward-mode rule builds its tangent under no_grad: with q, k, v requiring grad (a training forward), the
+    tangent of the output carries no grad_fn, so its float32 (B, H, L, L) temporaries are freed at once instead of
+    living until the dual level closes."""
+    import torch.autograd.forward_ad as fwAD
+
+    q, k, v = (x.float().requires_grad_(True) for x in qkv())
+    dq, dk, dv = (torch.randn_like(x) for x in (q, k, v))
+    with fwAD.dual_level():
+        out = attention(*(fwAD.make_dual(x, d) for x, d in ((q, dq), (k, dk), (v, dv))), "jvp_sdpa")
+        primal, tangent = fwAD.unpack_dual(out)
+        assert primal.grad_fn is not None and tangent.grad_fn is None and not tangent.requires_grad
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_output_saved_for_backward_only_where_read(autocast):
+    """The CPU flash-kernel path (float32, no autocast) saves its output and logsumexp for the kernel's backward;
+    the other path (here: CPU bf16 autocast) recomputes the forward and saves no output."""
+    q, k, v = (x.float().requires_grad_(True) for x in qkv())
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(tuple(t.shape)) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            attention(q, k, v, "jvp_sdpa")
+    assert saved.count(tuple(q.shape)) == (3 if autocast else 4)  # q, k, v (+ out)

@@ -122,7 +122,8 @@ def test_dry_run_plans_a_multi_process_launch(tmp_path, capsys, monkeypatch):
     """WORLD_SIZE (torchrun's, or set by hand) and accumulation split the global batch; nothing is joined."""
     monkeypatch.setenv("WORLD_SIZE", "8")
     _, summary = _dry_run(["--preset", "pmf-h16-in256", "--run-dir", str(tmp_path / "x"), "--set",
-                           "train.accum_steps=4", "--set", "train.parallel=fsdp", "--set", "objective.impl=reference"],
+                           "train.accum_steps=4", "--set", "train.parallel=fsdp", "--set", "objective.impl=reference",
+                           "--set", "train.compile=false"],  # (the compiled step needs replicas and the lean objective)
                           capsys)
     assert not torch.distributed.is_initialized()
     assert (summary["world_size"], summary["per_device_batch"], summary["micro_batch_per_device"]) == (8, 128, 32)

@@ -131,7 +131,8 @@ def guided_target_lean(net, z_t, v_t, y, d, cfg, null_label):
     conditional row for every sample and an unconditional one for each guided sample) and the target formula."""
     guided, omega_m = masked_omega(d)
     every, none = torch.arange(len(d.t)), torch.zeros(0, dtype=torch.long)
-    rows = lean.RowPlan(len(d.t), None, none, every, guided.nonzero().squeeze(1) if cfg.guidance else none, none)
+    rows = lean.RowPlan.from_rows(len(d.t), every, every, guided.nonzero().squeeze(1) if cfg.guidance else none,
+                                  torch.zeros(len(d.t), dtype=torch.bool))
     v_c, v_u = lean.guidance_velocities(net, z_t, y, d.t, omega_m, rows, cfg.use_v_head, null_label)
     v_g = guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel) if cfg.guidance else v_t
     return v_g, v_c
@@ -874,7 +875,7 @@ def test_lean_without_a_host_plan_matches_reference(monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(Draws, "on_host", lambda self: False)
             if impl == "lean":
-                assert lean_rows(net, d, ObjectiveConfig()).jvp is None
+                assert lean_rows(net, d, ObjectiveConfig()).jvp.tolist() == list(range(len(d.t)))
             loss, met = pmf_loss(net, x, y, ObjectiveConfig(impl=impl), draws=d)
         out[impl] = (met, torch.autograd.grad(loss, params, allow_unused=True))
     for k in out["reference"][0]:

@@ -200,7 +200,8 @@ def test_dry_run_reports_the_strategy_and_memory_per_mode(tmp_path, monkeypatch)
     monkeypatch.setenv("WORLD_SIZE", "16")
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cfg = load_config("pmf-b16-in256", overrides=["train.parallel=hsdp", "train.hsdp_shard_size=8",
-                                                  "objective.impl=reference", "train.device=cpu"])
+                                                  "objective.impl=reference", "train.device=cpu",
+                                                  "train.compile=false"])
     summary = train(cfg, tmp_path / "x", dry_run=True, plan_device_memory=80)
     assert (summary["strategy"], summary["shard_degree"], summary["hsdp_mesh"]) == ("hsdp", 8, [2, 8])
     by_mode = summary["est_peak_gib_per_device_by_mode"]

@@ -232,45 +232,6 @@ def test_speed_imports_nothing_from_the_loop():
     assert not any(m and m.startswith("pmf") for m in mods)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# The lean objective's speed devices (pmf.objective_lean): exact, not approximations
-
-
-def test_constant_operand_tangents_equal_generic_rules():
-    """ConstantOperandTangents computes, for linear / mul / div / add / sub with one constant operand (broadcast
-    either way), the same primal and tangent as PyTorch's generic forward-AD rules (float64, to rounding), and the
-    primal keeps its autograd history: the gradient through it is unchanged."""
-    import torch.autograd.forward_ad as fwAD
-    import torch.nn.functional as F
-
-    from pmf.objective_lean import ConstantOperandTangents
-
-    g = torch.Generator().manual_seed(0)
-    x, dx = (torch.randn(2, 5, 4, generator=g, dtype=torch.float64) for _ in range(2))
-    w = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(3, generator=g, dtype=torch.float64, requires_grad=True)
-    c_small = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)  # broadcast into x
-    c_big = torch.randn(3, 2, 5, 4, generator=g, dtype=torch.float64)  # x broadcast into it
-
-    def fn(x):
-        h = F.linear(x, w, b) + F.linear(x, w)[..., :1]
-        return [h, x * c_small, c_small * x, x / c_small, x + c_big, c_big - x, x - c_small, torch.mul(x, c_big)]
-
-    def run(mode: bool):
-        xx = x.clone().requires_grad_(True)
-        with fwAD.dual_level():
-            ctx = ConstantOperandTangents() if mode else torch.enable_grad()
-            with ctx:
-                outs = [fwAD.unpack_dual(o) for o in fn(fwAD.make_dual(xx, dx))]
-        loss = sum((o.primal ** 2).sum() for o in outs)
-        grads = torch.autograd.grad(loss, (xx, w, b, c_small))
-        return [o.primal.detach() for o in outs], [o.tangent.detach() for o in outs], grads
-
-    (p1, t1, g1), (p2, t2, g2) = run(True), run(False)
-    for a, b_ in zip(p1 + t1 + list(g1), p2 + t2 + list(g2)):
-        torch.testing.assert_close(a, b_, rtol=1e-14, atol=1e-14)
-
-
 def _sampling_inputs(net, B=4):
     g = torch.Generator().manual_seed(3)
     noise = torch.randn(B, net.in_channels, net.input_size, net.input_size, generator=g)

@@ -280,20 +280,6 @@ def test_imagefolder_with_a_corrupt_file_trains_and_reports_it(tmp_path):
     assert (tmp_path / "run" / "samples-latest.png").exists()
 
 
-def test_compile_switch_falls_back_to_identical_eager_losses(tmp_path):
-    """train.compile=true goes through pmf.train.speed.maybe_compile: whether torch.compile works on this platform or
-    falls back to eager, the logged losses equal the eager run's (to float tolerance)."""
-    import warnings
-
-    train(small_cfg(), tmp_path / "eager", quiet=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        train(small_cfg("train.compile=true"), tmp_path / "compiled", quiet=True)
-    a, b = read_log(tmp_path / "eager"), read_log(tmp_path / "compiled")
-    assert len(a) == len(b) > 0
-    np.testing.assert_allclose([r["loss_u"] for r in b], [r["loss_u"] for r in a], rtol=1e-4)
-
-
 def test_bf16_precision_trains_close_to_fp32(tmp_path):
     """train.precision=bf16 autocasts the forward passes; the first logged raw loss stays within bf16 tolerance of
     fp32, and an unknown precision is refused before any work."""

@@ -15,6 +15,15 @@ Shared trunk of ``depth - aux_head_depth`` blocks, then a u-head and (training o
 ``aux_head_depth`` blocks each, each with its own final layer. Parameter names follow the official PyTorch
 checkpoint minus its ``_flax_linear`` / ``_flax_embedding`` wrappers, so :mod:`pmf.convert` is a short, explicit map.
 
+Explicit tangents. Each module also has a ``jvp(x, dx, ...) -> (y, dy)``: its forward and the forward-mode tangent
+dy = J(x) dx along dx, written as plain tensor ops (the closed form per layer: linear maps take the tangent through
+the weight alone, RMSNorm d(x s) = dx s - x s^3 mean(x dx), silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))),
+attention :func:`pmf.attention.attention_tangent`), so the same code runs eagerly and inside ``torch.compile`` as
+one graph. :meth:`PMFDiT.u_and_tangent` is the lean objective's jvp of u along (dz, dt, dr) [MF Eq. 8]. Tangents
+are built under ``no_grad``: the objective stops gradients through du/dt (pMF Eq. 12), so they need no history.
+Blocks take the tangent through ``forward`` (``block(x, cos, sin, dx)``) so that FSDP2's per-block hooks run around
+it.
+
 This module needs only torch (and :mod:`pmf.attention`), so it can be lifted out alone.
 """
 
@@ -31,7 +40,7 @@ import torch.nn.functional as F
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint
 
-from pmf.attention import attention
+from pmf.attention import attention, attention_tangent
 
 T_CLIP = 0.05  # x -> u divides by max(t, 0.05): JiT's clip of the noise-side time [J section 4.3]
 PREDICTIONS = ("x", "u", "linear", "edm", "scm")
@@ -96,6 +105,30 @@ def velocity_from_output(z: torch.Tensor, t: torch.Tensor, out: torch.Tensor, c_
     return (z - x_theta) / bcast(t.clamp(min=T_CLIP), z, z.dtype)
 
 
+def precondition_tangent(t: torch.Tensor, dt: torch.Tensor, prediction: str, noise_scale: float = 1.0,
+                         sigma_data: float = 0.5):
+    """(dc_in, dc_skip, dc_out): the tangents of :func:`precondition`'s coefficients along dt (zeros for "x" / "u",
+    whose coefficients are constants; ``torch.func.jvp`` of the (B,)-sized formulas otherwise)."""
+    if prediction in ("x", "u"):
+        zero = torch.zeros_like(t)
+        return zero, zero, zero
+    _, tangents = torch.func.jvp(lambda s: precondition(s, prediction, noise_scale, sigma_data), (t,), (dt,))
+    return tangents
+
+
+def _linear_tangent(layer: nn.Linear | nn.Conv2d, dx: torch.Tensor) -> torch.Tensor:
+    """The tangent of an affine layer: the weight applied to dx, no bias."""
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(dx, layer.weight, None, layer.stride, layer.padding)
+    return F.linear(dx, layer.weight)
+
+
+def _silu_tangent(a: torch.Tensor, da: torch.Tensor) -> torch.Tensor:
+    """d silu(a) = sigmoid(a) (1 + a (1 - sigmoid(a))) da."""
+    sig = torch.sigmoid(a)
+    return sig * (1 + a * (1 - sig)) * da
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
 
@@ -111,6 +144,14 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
+    def jvp(self, x, dx):
+        """(y, dy): with s = rsqrt(mean(x^2) + eps), dy = (dx s - x s^3 mean(x dx)) * weight."""
+        s = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        y = x * s * self.weight
+        with torch.no_grad():
+            dy = (dx * s - x * (s.pow(3) * (x * dx).mean(-1, keepdim=True))) * self.weight
+        return y, dy
+
 
 class TimestepEmbedder(nn.Module):
     """Scalar -> sinusoidal 256-d [cos, sin] (no x1000, max period 1e4) -> Linear -> SiLU -> Linear
@@ -121,13 +162,30 @@ class TimestepEmbedder(nn.Module):
         self.freq_dim = freq_dim
         self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
-    def forward(self, s: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, D)
+    def _args(self, s: torch.Tensor):
         half = self.freq_dim // 2
         f = torch.promote_types(self.mlp[0].weight.dtype, torch.float32)  # float32 (official); float64 stays float64
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=s.device, dtype=f) / half)
-        args = s.to(f)[:, None] * freqs[None]  # (B, 128)
+        return s.to(f)[:, None] * freqs[None], freqs  # (B, 128)
+
+    def forward(self, s: torch.Tensor) -> torch.Tensor:  # (B,) -> (B, D)
+        args, _ = self._args(s)
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(self.mlp[0].weight.dtype)  # cos first
         return self.mlp(emb)
+
+    def jvp(self, s, ds):
+        """(emb, d emb) along ds: d[cos a, sin a] = [-sin a, cos a] freqs ds, then the MLP's tangent."""
+        args, freqs = self._args(s)
+        wdtype = self.mlp[0].weight.dtype
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(wdtype)
+        lin1, act, lin2 = self.mlp
+        a = lin1(emb)
+        out = lin2(act(a))
+        with torch.no_grad():
+            d_args = ds.to(args.dtype)[:, None] * freqs[None]
+            d_emb = torch.cat([-torch.sin(args) * d_args, torch.cos(args) * d_args], dim=-1).to(wdtype)
+            d_out = _linear_tangent(lin2, _silu_tangent(a, _linear_tangent(lin1, d_emb)))
+        return out, d_out
 
 
 class LabelEmbedder(nn.Module):
@@ -156,6 +214,13 @@ class PatchEmbed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D), row-major over the grid
         x = self.proj2(self.proj1(x)) if hasattr(self, "proj1") else self.proj(x)
         return x.flatten(2).transpose(1, 2)
+
+    def jvp(self, x, dx):
+        with torch.no_grad():
+            convs = (self.proj1, self.proj2) if hasattr(self, "proj1") else (self.proj,)
+            for conv in convs:
+                dx = _linear_tangent(conv, dx)
+        return self(x), dx.flatten(2).transpose(1, 2)
 
 
 def rope_2d_angles(grid: int, head_dim: int, theta: float = 10000.0) -> torch.Tensor:
@@ -207,6 +272,30 @@ class Attention(nn.Module):
         o = attention(q, k, v, self.backend)  # (B, H, L, hd)
         return self.out_proj(o.transpose(1, 2).reshape(B, L, D))
 
+    def jvp(self, x, dx, cos, sin):
+        """(out, d out): the projections, QK-norm and RoPE are linear or have their own rules; attention's tangent
+        is the centred closed form (float32 P; :func:`pmf.attention.attention_tangent`)."""
+        B, L, D = x.shape
+        n_img = cos.shape[0]
+
+        def heads(t):
+            return t.view(B, L, self.num_heads, self.head_dim).transpose(1, 2)
+
+        def rope(t):
+            return torch.cat([t[:, :, : L - n_img], apply_rope(t[:, :, L - n_img :], cos, sin)], dim=2)
+
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        with torch.no_grad():
+            dq, dk, dv = (heads(_linear_tangent(p, dx)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        (q, dq), (k, dk) = self.q_norm.jvp(q, dq), self.k_norm.jvp(k, dk)
+        q, k = rope(q), rope(k)
+        o = attention(q, k, v, self.backend)  # (B, H, L, hd)
+        with torch.no_grad():
+            dq, dk = rope(dq), rope(dk)  # RoPE is linear in its input
+            d_o = attention_tangent(q, k, v, dq, dk, dv, o.dtype)
+            d_out = _linear_tangent(self.out_proj, d_o.transpose(1, 2).reshape(B, L, D))
+        return self.out_proj(o.transpose(1, 2).reshape(B, L, D)), d_out
+
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), bias-free."""
@@ -219,6 +308,15 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def jvp(self, x, dx):
+        a, b = self.w1(x), self.w3(x)
+        act = F.silu(a)
+        out = self.w2(act * b)
+        with torch.no_grad():
+            dg = _silu_tangent(a, _linear_tangent(self.w1, dx)) * b + act * _linear_tangent(self.w3, dx)
+            d_out = _linear_tangent(self.w2, dg)
+        return out, d_out
 
 
 class Block(nn.Module):
@@ -234,9 +332,23 @@ class Block(nn.Module):
         self.attn_scale = nn.Parameter(torch.zeros(dim))
         self.mlp_scale = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x, cos, sin):  # (B, L, D) -> (B, L, D)
+    def forward(self, x, cos, sin, dx=None):
+        """(B, L, D) -> (B, L, D); with a tangent ``dx``, (out, d out) (the explicit tangent pass; through
+        ``forward`` so that FSDP2's hooks gather this block for it too)."""
+        if dx is not None:
+            return self._jvp(x, dx, cos, sin)
         x = x + self.attn(self.norm1(x), cos, sin) * self.attn_scale
         return x + self.mlp(self.norm2(x)) * self.mlp_scale
+
+    def _jvp(self, x, dx, cos, sin):
+        a, da = self.attn.jvp(*self.norm1.jvp(x, dx), cos, sin)
+        x = x + a * self.attn_scale
+        with torch.no_grad():
+            dx = dx + da * self.attn_scale
+        m, dm = self.mlp.jvp(*self.norm2.jvp(x, dx))
+        with torch.no_grad():
+            dx = dx + dm * self.mlp_scale
+        return x + m * self.mlp_scale, dx
 
 
 class FinalLayer(nn.Module):
@@ -249,6 +361,12 @@ class FinalLayer(nn.Module):
 
     def forward(self, x):
         return self.linear(self.norm(x))
+
+    def jvp(self, x, dx):
+        n, dn = self.norm.jvp(x, dx)
+        with torch.no_grad():
+            d_out = _linear_tangent(self.linear, dn)
+        return self.linear(n), d_out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -379,7 +497,10 @@ class PMFDiT(nn.Module):
     # -- pieces, so a training step can run only what it needs -----------------------------------------------------
     def embed(self, z_in, h, omega, t_min, t_max, y) -> torch.Tensor:
         """Build the token sequence (B, 20 + N, D) from the (pre-scaled) image and the conditions."""
-        B = z_in.shape[0]
+        return self._sequence(omega, t_min, t_max, y, self.h_embedder(h), self.x_embedder(z_in))
+
+    def _sequence(self, omega, t_min, t_max, y, h_emb, patches) -> torch.Tensor:
+        B = patches.shape[0]
 
         def group(tokens, emb):  # (1, n, D) + (B, 1, D) -> (B, n, D)
             return tokens + emb[:, None, :]
@@ -390,12 +511,24 @@ class PMFDiT(nn.Module):
                 group(self.omega_tokens, self.omega_embedder(1 - 1 / omega)),  # omega enters as 1 - 1/omega
                 group(self.t_min_tokens, self.cfg_t_start_embedder(t_min)),
                 group(self.t_max_tokens, self.cfg_t_end_embedder(t_max)),
-                group(self.time_tokens, self.h_embedder(h)),  # only h = t - r; t is not embedded
-                self.x_embedder(z_in),  # (B, N, D)
+                group(self.time_tokens, h_emb),  # only h = t - r; t is not embedded
+                patches,  # (B, N, D)
             ],
             dim=1,
         )
         return seq.expand(B, -1, -1) + self.pos_embed
+
+    def embed_jvp(self, z_in, dz_in, h, dh, omega, t_min, t_max, y):
+        """(sequence, its tangent): only the time tokens (through h) and the patches (through z) move; the other
+        conditions, the learned tokens and the position embedding are constants."""
+        h_emb, dh_emb = self.h_embedder.jvp(h, dh)
+        patches, d_patches = self.x_embedder.jvp(z_in, dz_in)
+        seq = self._sequence(omega, t_min, t_max, y, h_emb, patches)
+        with torch.no_grad():
+            B, n_time = patches.shape[0], self.time_tokens.shape[1]
+            still = d_patches.new_zeros(B, self.num_prefix - n_time, self.hidden_size)
+            d_seq = torch.cat([still, dh_emb[:, None, :].to(d_patches.dtype).expand(B, n_time, -1), d_patches], 1)
+        return seq, d_seq
 
     # Activation checkpointing (``train.activation_checkpointing``): a flag, not a constructor argument, so exports
     # and checkpoints do not change. Each block runs under non-reentrant torch.utils.checkpoint when gradients are
@@ -409,12 +542,10 @@ class PMFDiT(nn.Module):
         return x
 
     def _checkpointed_block(self, blk: Block, x: torch.Tensor) -> torch.Tensor:
-        """One block under checkpointing. A forward-mode dual input (the lean JVP of du/dt) cannot go through the
-        checkpoint as it is (the recomputation, outside the dual level, would save fewer tensors than the original
-        forward): its tangent is computed by a dual pass without autograd history (the objective never
-        differentiates du/dt), and the primal goes through the checkpoint. Costs one more primal forward per block
-        on the JVP rows. Under ``torch.func.jvp`` (objective.impl=reference) the functorch-wrapped input goes through
-        the checkpoint directly (same gradients: tests/test_checkpointing.py)."""
+        """One block under checkpointing. Under ``torch.func.jvp`` (objective.impl=reference) the input carries a
+        forward-mode tangent, which cannot go through the checkpoint as it is (the recomputation, outside the dual
+        level, would save fewer tensors than the original forward): its tangent is computed by a dual pass without
+        autograd history (the objective never differentiates du/dt), and the primal goes through the checkpoint."""
         primal, tangent = fwAD.unpack_dual(x)
         if tangent is None:
             return torch.utils.checkpoint.checkpoint(blk, x, self.rope_cos, self.rope_sin, use_reentrant=False)
@@ -423,6 +554,19 @@ class PMFDiT(nn.Module):
                                          self.rope_sin)).tangent
         out = torch.utils.checkpoint.checkpoint(blk, primal, self.rope_cos, self.rope_sin, use_reentrant=False)
         return fwAD.make_dual(out, d_out)
+
+    def run_blocks_jvp(self, blocks: nn.ModuleList, x: torch.Tensor, dx: torch.Tensor):
+        """(x, dx) through ``blocks``. Under activation checkpointing the tangent comes from a pass without history
+        and the primal goes through the checkpoint (one more primal forward per block on these rows)."""
+        ckpt = self.activation_checkpointing and torch.is_grad_enabled()
+        for blk in blocks:
+            if ckpt:
+                with torch.no_grad():
+                    _, dx = blk(x.detach(), self.rope_cos, self.rope_sin, dx)
+                x = torch.utils.checkpoint.checkpoint(blk, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x, dx = blk(x, self.rope_cos, self.rope_sin, dx)
+        return x, dx
 
     def trunk(self, z, t, h, omega, t_min, t_max, y) -> torch.Tensor:
         """Shared trunk output (B, 20 + N, D)."""
@@ -434,6 +578,31 @@ class PMFDiT(nn.Module):
         blocks, final = (self.u_heads, self.u_final_layer) if which == "u" else (self.v_heads, self.v_final_layer)
         x = final(self.run_blocks(blocks, trunk_out)[:, self.num_prefix :])  # drop the prefix tokens
         return self.unpatchify(x)
+
+    def u_and_tangent(self, z, t, r, omega, t_min, t_max, y, dz, dt, dr):
+        """(u, du, trunk output): u = u-head velocity of (z, t, h = t - r) and its tangent along (dz, dt, dr)
+        [MF Eq. 8: du/dt = v d_z u + d_t u for (dz, dt, dr) = (v, 1, 0)], by the explicit tangent pass. du carries
+        no autograd history; u and the trunk output do."""
+        p = (self.prediction, self.noise_scale, self.sigma_data)
+        (c_in, c_skip, c_out), (dc_in, dc_skip, dc_out) = precondition(t, *p), precondition_tangent(t, dt, *p)
+        z_in = bcast(c_in, z, z.dtype) * z
+        with torch.no_grad():
+            dz_in = bcast(dc_in, z, z.dtype) * z + bcast(c_in, z, z.dtype) * dz
+        s, ds = self.run_blocks_jvp(self.shared_blocks, *self.embed_jvp(z_in, dz_in, t - r, dt - dr, omega, t_min,
+                                                                        t_max, y))
+        x, dx = self.run_blocks_jvp(self.u_heads, s, ds)
+        out, d_out = self.u_final_layer.jvp(x[:, self.num_prefix :], dx[:, self.num_prefix :])
+        out, d_out = self.unpatchify(out), self.unpatchify(d_out)
+        u = velocity_from_output(z, t, out, c_skip, c_out, self.prediction)
+        if self.prediction == "u":
+            return u, d_out, s
+        with torch.no_grad():  # u = (z - x_theta) / max(t, 0.05): du = (dz - dx_theta - u d max(t, 0.05)) / max(...)
+            dx_theta = (bcast(dc_skip, z, z.dtype) * z + bcast(c_skip, z, z.dtype) * dz + bcast(dc_out, z, z.dtype) * out
+                        + bcast(c_out, z, z.dtype) * d_out)
+            t_c = t.clamp(min=T_CLIP)
+            dt_c = torch.where(t >= T_CLIP, dt, torch.zeros_like(dt))
+            du = (dz - dx_theta - u * bcast(dt_c, z, z.dtype)) / bcast(t_c, z, z.dtype)
+        return u, du, s
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, p*p*C), each token ordered (p_row, p_col, c) -> (B, C, H, W)  (official `unpatchify`)."""

@@ -379,27 +379,56 @@ def perceptual_term(perceptual, z_t, u, x, d: Draws, cfg: ObjectiveConfig, gener
 
 
 def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | None = None,
-             perceptual: Callable | None = None):
+             perceptual: Callable | None = None, compiler: Callable | None = None):
     """The pMF training loss [P Alg. 2; official ``pmf.py: forward``]. x: (B, C, H, W) clean images in [-1, 1];
     y: (B,) labels or None (unconditional). Returns (loss, metrics): loss = mean_batch(adp(loss_u) + adp(loss_v) +
     perceptual). ``impl`` picks the network passes (reference, or the lean ones of :mod:`pmf.objective_lean`); the
     steps and values are the same. Reads no device value on the host when the draws come from a
-    :class:`PerSampleGenerator` or live on the host (the lean rows are planned there)."""
+    :class:`PerSampleGenerator` or live on the host (the lean rows are planned there).
+
+    Two device steps follow the host's draws and row plan: :func:`guidance_step` (no gradient) and
+    :func:`heads_step` (u, du/dt, v and the heads' losses). ``compiler(fn)`` returns the callable that runs each
+    (``pmf.train.speed.StepCompiler``: each compiled as one graph); None runs them as they are. The perceptual hook
+    (host generators for its crops) runs after them, eagerly."""
     null_label = net.num_classes
     if y is None:
         y = torch.full((x.shape[0],), null_label, dtype=torch.long, device=x.device)
-    use_v = cfg.use_v_head and getattr(net, "has_v_head", True)
     # sample_tr, the noise, sample_cfg_interval, sample_cfg_scale and cond_drop's mask, all up front
     d = draws if draws is not None else sample_draws(x, y, cfg, generator)
     rows = lean_rows(net, d, cfg)  # None: the reference passes
     d = d.to(x.device)
+    if rows is not None and compiler is not None:  # compiled graphs take device inputs only (CUDA-graph capture)
+        rows = rows.to(x.device)
+    run = compiler or (lambda fn: fn)
+    z_t, v_t, omega_m, v_c, v_u = run(guidance_step)(net, x, y, d, rows, cfg, null_label)
+    total, metrics, u = run(heads_step)(net, y, d, rows, cfg, null_label, z_t, v_t, omega_m, v_c, v_u)
+    if perceptual is not None:
+        term, logs = perceptual_term(perceptual, z_t, u, x, d, cfg, generator)
+        total = total + term
+        metrics.update(logs)
+    loss = total.mean()
+    metrics["loss"] = loss.detach()
+    return loss, metrics
 
+
+def guidance_step(net, x, y, d: Draws, rows: RowPlan | None, cfg: ObjectiveConfig, null_label: int):
+    """(z_t, v_t, omega', v_c', v_u): the noisy image, its conditional velocity and ``guidance_fn``'s network
+    velocities, without gradient."""
     z_t = noisy_image(x, d.t, d.e)  # z_t = (1 - t) x + t e
     v_t = conditional_velocity(z_t, x, d.t)  # v_t = (z_t - x) / t = e - x
     # guidance_fn, network part: v_c' = v(z_t | y, omega'), v_u = v(z_t | null, 1), without gradient
     _, omega_m = masked_omega(d)
+    use_v = cfg.use_v_head and getattr(net, "has_v_head", True)
     v_c, v_u = (guidance_velocities(net, z_t, y, d, omega_m, cfg, null_label) if rows is None else
                 objective_lean.guidance_velocities(net, z_t, y, d.t, omega_m, rows, use_v, null_label))
+    return z_t, v_t, omega_m, v_c, v_u
+
+
+def heads_step(net, y, d: Draws, rows: RowPlan | None, cfg: ObjectiveConfig, null_label: int, z_t, v_t, omega_m,
+               v_c, v_u):
+    """((B,) adaptively weighted losses of both heads, metrics, u): cond_drop, the JVP, the guided target,
+    V = u + (t - r) sg(du/dt) and the heads' losses."""
+    use_v = cfg.use_v_head and getattr(net, "has_v_head", True)
     y_in = torch.where(d.drop_mask, null_label, y)  # cond_drop: the null label (and, below, the target v_t)
     # jvp(u_fn, (z_t, t, r), (v_c, 1, 0)): pMF's tangent is the predicted v_c; the original MeanFlow's the target
     tangent_v = v_c if cfg.tangent == "predicted" else target_velocity(v_t, v_c, v_u, omega_m, z_t, d, cfg)
@@ -410,16 +439,10 @@ def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | Non
     v_g = target_velocity(v_t, v_c, v_u, omega_m, z_t, d, cfg)  # sg(v_g), v_t where dropped
     V = compound_velocity(u, dudt, d.t, d.r)  # V = u + (t - r) sg(du/dt)
 
-    # the heads' losses, per-sample sums with adaptive weights (adp_wt_fn), plus the perceptual terms (aux_fn)
+    # the heads' losses, per-sample sums with adaptive weights (adp_wt_fn); the perceptual terms follow (aux_fn)
     total = adaptive_weight(per_sample_sq_error(V, v_g), cfg)
     metrics = {"loss_u": (V - v_g).pow(2).mean().detach()}
     if use_v:
         total = total + adaptive_weight(per_sample_sq_error(v, v_g), cfg)
         metrics["loss_v"] = (v - v_g).pow(2).mean().detach()
-    if perceptual is not None:
-        term, logs = perceptual_term(perceptual, z_t, u, x, d, cfg, generator)
-        total = total + term
-        metrics.update(logs)
-    loss = total.mean()
-    metrics["loss"] = loss.detach()
-    return loss, metrics
+    return total, metrics, u

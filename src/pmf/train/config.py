@@ -67,8 +67,8 @@ class TrainConfig:
     check_every_kimg: float = field(default=100.0, metadata=RESUMABLE)  # cross-rank parameter-consistency check
     #   interval (multi-process only)
     device: str = field(default="auto", metadata=RESUMABLE)  # "auto" | "cpu" | "cuda"
-    compile: bool = field(default=False, metadata=RESUMABLE)  # torch.compile the network by regions: blocks on
-    #   the passes without tangents, the no-grad forward whole (pmf.train.speed.compile_regions; loud eager fallback)
+    compile: bool = field(default=False, metadata=RESUMABLE)  # torch.compile the whole lean step: guidance, tangent
+    #   pass, losses and backward as whole graphs (pmf.train.speed.StepCompiler; a failure is an error, not eager)
     compile_mode: str = "default"  # torch.compile mode: "default", or "reduce-overhead" (CUDA graphs on CUDA)
     precision: str = "fp32"  # "fp32" | "bf16" autocast of the forward passes (params, grads, optimizer in fp32)
     tf32: bool = field(default=True, metadata=RESUMABLE)  # CUDA: fp32 matmuls / convolutions on TF32 tensor cores

@@ -7,12 +7,12 @@ What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 proce
 * ``torch.func.jvp`` (``objective.impl=reference``): FSDP2's hook function ``RegisterPostBackwardFunction`` has a
   ``jvp`` rule and a vmap rule, so functorch's JVP passes through the pre-forward hooks; u, du/dt and the
   reduce-scattered gradients equal the unsharded ones.
-* Forward-AD dual tensors (``torch.autograd.forward_ad``, ``objective.impl=lean``) must not enter FSDP2's hook
-  function (``RegisterPostBackwardFunction`` has no view-preserving ``jvp`` for them: torch 2.13 raises "A custom
-  Function's forward is returning a view (or an input as-is) but the jvp is not returning a view."). The lean path
-  therefore enters every sharded unit with plain tensors and makes them dual again inside
-  (:mod:`pmf.objective_lean`, its rules for the forward-mode region); u, du/dt and the reduce-scattered gradients
-  equal the unsharded ones (tests/test_fsdp_lean.py).
+* The lean objective's explicit tangent pass (``objective.impl=lean``): plain tensors only (blocks take their
+  tangent through ``forward``, the root's ``u_and_tangent`` is a registered forward method), so FSDP2's hooks see
+  nothing unusual; u, du/dt and the reduce-scattered gradients equal the unsharded ones (tests/test_fsdp_lean.py).
+  Forward-AD dual tensors (``torch.autograd.forward_ad``) must not enter FSDP2's hook function
+  (``RegisterPostBackwardFunction`` has no view-preserving ``jvp`` for them: torch 2.13 raises "A custom Function's
+  forward is returning a view (or an input as-is) but the jvp is not returning a view.").
 * ``torch.optim.Muon`` runs on DTensor matrices, but its Newton-Schulz iteration then runs as sharded DTensor matmuls
   (a collective in every iteration) and, in bfloat16, the changed summation order moves the update by ~2 % per
   matrix. :class:`GatheredMuon` all-gathers each momentum-updated matrix once, orthogonalises it whole, and keeps
@@ -46,8 +46,7 @@ What may run inside the JVP (the MeanFlow loss differentiates u(z_t, r, t) along
   function's ``jvp`` rule passes the tangents through, and the primal and tangent of a block are computed from the
   same gathered weights (one all-gather for both). Under the bf16 policy the gathered weights are bfloat16 and the
   tangent is computed in the autocast dtype, exactly as in a plain bf16 run.
-* ``torch.autograd.forward_ad`` dual tensors entering a sharded unit: no (see above); the lean objective strips
-  them at each unit's boundary and restores them inside.
+* ``torch.autograd.forward_ad`` dual tensors entering a sharded unit: no (see above); the lean objective has none.
 * ``torch.inference_mode`` around a sharded forward: never (FSDP's unsharded storage would become an inference
   tensor); use ``torch.no_grad`` for a guidance pass without gradients.
 * Collectives inside the JVP: only FSDP's own (all-gather on entry to a unit, the same on every rank). Anything
@@ -80,7 +79,7 @@ from pmf.train.optim import BatchedMuon, MuonWithAdam, build_optimizer
 
 # Methods of PMFDiT that the objective calls directly (lean path, guidance); FSDP's root hooks must run around them
 # too, or the root's own parameters (tokens, embedders, final layers) stay sharded inside them.
-FORWARD_METHODS = ("trunk", "head")
+FORWARD_METHODS = ("trunk", "head", "u_and_tangent")
 
 
 

@@ -39,11 +39,12 @@ from pmf.train.shards import ShardDataset
 from pmf.images import save_grid
 from pmf.model import MODELS, PMFDiT
 from pmf.objective import objective_at, pmf_loss
+from pmf.objective_lean import row_buckets
 from pmf.train.ema import EMA
 from pmf.train.optim import lr_at, set_lr
 from pmf.perceptual import build_perceptual
 from pmf.rng import PerSampleGenerator
-from pmf.train.speed import autocast_context, cpu_capability, is_out_of_memory, maybe_compile, set_tf32
+from pmf.train.speed import autocast_context, compile_step, cpu_capability, is_out_of_memory, set_tf32
 from pmf.train.step_end import end_of_step
 from pmf.sampler import noise_from_seeds, sample
 
@@ -107,7 +108,7 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     bucketed all-reduces launched during the last micro-batch's backward (``ddp``), or FSDP's reduce-scatter
     (``fsdp``, ``hsdp``); the earlier micro-batches accumulate gradients without communication.
     ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
-    :func:`pmf.objective.pmf_loss`, possibly wrapped by :func:`pmf.train.speed.maybe_compile`; its forward passes run
+    :func:`pmf.objective.pmf_loss`, possibly compiled by :func:`pmf.train.speed.compile_step`; its forward passes run
     under ``train.precision`` autocast, the backward outside it. ``end_flags``: a function returning host booleans
     the ranks must agree on (time budget, checkpoint due, stop signal), called after the backward; they travel in
     the step's one end-of-step reduction (:mod:`pmf.train.step_end`) and come back in ``StepResult.flags``. The
@@ -441,7 +442,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     del state
     net, opt, ema = run.net, run.opt, run.ema
     perceptual = build_perceptual(cfg.perceptual, cfg.objective.perceptual_weights, device)  # frozen; not saved
-    loss_fn = maybe_compile(pmf_loss, cfg.train.compile)
+    loss_fn = compile_step(pmf_loss, cfg.train.compile, cfg.train.compile_mode,
+                           recompile_limit=row_buckets(G // (world * accum)))  # at most one graph per row bucket
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", to_json(cfg) + "\n")
@@ -516,6 +518,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
                    "grad_norm": res.grad_norm, "lr": opt.param_groups[0]["lr"],
                    "img_per_s": (run.nimg - nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": run.nonfinite_total,
                    "skipped_files": skipped_files(), "time_s": time.time() - t_start}
+            if hasattr(loss_fn, "report"):  # train.compile: graphs compiled, recompiles, graph breaks
+                rec.update({f"compile_{k}": v for k, v in loss_fn.report().items()})
             logger.log(rec)
             window, next_log = [], next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
         if world > 1 and cfg.train.consistency_check and run.nimg >= next_check:
@@ -545,6 +549,8 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     run.grid("latest", grid_classes)
     run.export()
     logger.close()
+    if hasattr(loss_fn, "report"):
+        summary["compile"] = loss_fn.report()
     return finish(run, summary, stop_reason, res, skipped_files(), t_start)
 
 

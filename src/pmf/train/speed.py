@@ -1,16 +1,20 @@
-"""Optional speed switches for a training or sampling step: ``torch.compile`` (by regions for training, with a loud
-eager fallback per region), and bf16 autocast.
+"""Optional speed switches for a training or sampling step: ``torch.compile`` of the whole training step
+(:class:`StepCompiler`), and bf16 autocast.
 
 Both are opt-in. Measured numbers (CPU) are in ``benchmarks/README.md``.
 
-Compile by regions
-------------------
-``train.compile`` wraps the loss with :func:`maybe_compile`, which compiles the *network* by regions
-(:func:`compile_regions`) and runs the loss eagerly: the repeated transformer blocks are compiled for every call
-without forward-mode tangents (the guidance pass, the r = t rows, the v-head, checkpoint recomputation); the
-forward-AD pass runs the same blocks eagerly. Compiled code has no
-forward-mode rule, and Dynamo cannot trace ``make_dual`` under symbolic shapes or an autograd.Function with a custom
-``jvp`` while grad is on, so compiling the loss whole paid the compile time and then ran eagerly.
+The compiled step
+-----------------
+``train.compile`` runs :func:`pmf.objective.pmf_loss` with a :class:`StepCompiler`: the host draws the per-sample
+scalars and plans the rows (eagerly: host generators, host index lists), then the two device steps run as one
+compiled graph each, ``fullgraph=True``: the guidance forwards (:func:`pmf.objective.guidance_step`) and the
+tangent pass, plain and v-head passes and the heads' losses (:func:`pmf.objective.heads_step`), whose backward AOT
+autograd compiles with it (``force_non_lazy_backward_lowering``). The tangent pass is the explicit one of
+:meth:`pmf.model.PMFDiT.u_and_tangent` (plain ops, attention's closed form included), the same code as eager
+training. Shapes are static: the row plan pads its counts to buckets (:func:`pmf.objective_lean.row_buckets`), so a
+run compiles at most that many graphs; a graph break or the recompile limit raises :class:`CompileError` naming
+the reason, never a silent eager run. ``train.compile_mode`` passes the mode to inductor ("reduce-overhead": CUDA
+graphs on CUDA; the step reads no device value on the host, so it can be captured).
 
 bf16 and the JVP
 ----------------
@@ -40,12 +44,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import time
 import warnings
 
 import torch
-import torch.autograd.forward_ad as fwAD
 import torch.nn as nn
 
 PRECISIONS = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -286,39 +288,13 @@ class CompiledModule(_Wrapper):
         return self._call(*args, **kwargs)
 
 
-class _FunctionCompile(_EagerFallback):
-    """:func:`maybe_compile` of a function. A call whose first argument is a module (a loss, ``loss(net, x, ...)``)
-    runs the function eagerly with the module's regions compiled (:func:`compile_regions`, installed at the first
-    such call); any other call runs the whole function compiled, with the eager fallback of :class:`_EagerFallback`.
-
-    Why not the whole loss: pMF's loss holds a forward-mode pass (``make_dual`` / ``torch.func.jvp``) that Dynamo
-    cannot compile (make_dual under symbolic shapes; an autograd.Function with a custom ``jvp`` while grad is on), so
-    compiling it whole paid the compile time and then ran eagerly."""
-
-    def __init__(self, compiled, eager, name: str, compile_kwargs: dict):
-        super().__init__(compiled, eager, name)
-        self.compile_kwargs = compile_kwargs
-
-    def __call__(self, *args, **kwargs):
-        if args and isinstance(args[0], nn.Module):
-            if not compiled_regions(args[0]):
-                compile_regions(args[0], **self.compile_kwargs)
-            return self.eager(*args, **kwargs)
-        return super().__call__(*args, **kwargs)
-
-
 def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
-    """``torch.compile`` when ``enabled``; ``enabled=False`` returns the argument unchanged.
-
-    - A module comes back as a :class:`CompiledModule` (its ``forward`` compiled; same parameters, same state-dict
-      keys up to the ``_orig_mod.`` prefix).
-    - A function comes back as a wrapper: called with a module first (a loss ``loss(net, ...)``, what
-      ``train.compile`` wraps) it runs eagerly with that module's regions compiled (:func:`compile_regions`: the
-      repeated blocks, on the passes without tangents); called otherwise it runs compiled whole.
-
-    Whole compiles fall back to eager execution for good if ``torch.compile`` itself or a compiled call raises (one
-    RuntimeWarning says why; the failed call is re-run eagerly with its random state rewound); regions do the same,
-    per region (:class:`CompiledRegion`)."""
+    """``torch.compile`` when ``enabled``; ``enabled=False`` returns the argument unchanged. For sampling, where a
+    failed compile may fall back: a module comes back as a :class:`CompiledModule` (its ``forward`` compiled; same
+    parameters, same state-dict keys up to the ``_orig_mod.`` prefix), a function as a wrapper compiled whole.
+    Either falls back to eager execution for good if ``torch.compile`` itself or a compiled call raises (one
+    RuntimeWarning says why; the failed call is re-run eagerly with its random state rewound). The training step
+    compiles strictly instead (:class:`StepCompiler`)."""
     if not enabled:
         return fn_or_module
     is_module = isinstance(fn_or_module, nn.Module)
@@ -329,179 +305,133 @@ def maybe_compile(fn_or_module, enabled: bool, **compile_kwargs):
         compiled, error = None, e
     else:
         error = None
-    guard = _EagerFallback(compiled, fn_or_module, name) if is_module else \
-        _FunctionCompile(compiled, fn_or_module, name, compile_kwargs)
+    guard = _EagerFallback(compiled, fn_or_module, name)
     if error is not None:
         guard._fall_back(error)
     return CompiledModule(fn_or_module, guard) if is_module else guard
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Regional compile: the repeated blocks on the passes without tangents (optionally the whole no-grad forward)
+# The compiled training step
+
+COMPILE_MODES = ("default", "reduce-overhead")
+BACKEND = "inductor"  # what StepCompiler compiles with by default; tests set "aot_eager" (same capture, no codegen)
 
 
-def carries_tangent(*values) -> bool:
-    """Whether a tensor among ``values`` carries a forward-mode tangent: a dual tensor of
-    ``torch.autograd.forward_ad`` (the lean objective's JVP) or a tensor wrapped by a ``torch.func`` transform
-    (``torch.func.jvp`` of the reference objective; also vmap / grad). Compiled code cannot take those: a compiled
-    block called on a dual input raises "You must implement the jvp function" (inductor's graph has no forward-AD
-    rule; measured with torch 2.13)."""
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(isinstance(a, torch.Tensor) and (is_wrapped(a) or fwAD.unpack_dual(a).tangent is not None)
-               for a in values)
+class CompileError(RuntimeError):
+    """The compiled step could not run as compiled (a graph break, the recompile limit, a compiler failure)."""
 
 
-class CompiledRegion:
-    """``torch.compile`` of one module class's ``forward``, installed on instances by :func:`compile_regions` and
-    shared by all of them: the compiled code takes the module's parameters as inputs (Dynamo inlines built-in
-    modules), so one compile serves every block of the class. A call runs
+class StepCompiler:
+    """The ``compiler`` argument of :func:`pmf.objective.pmf_loss` under ``train.compile``: each step function it is
+    given is compiled once (``torch.compile(fn, fullgraph=True, dynamic=False)``, inductor in ``mode``) and run
+    strictly: a graph break raises (``fullgraph``), the backward compiles with the forward, and more than
+    ``recompile_limit`` graphs of one function raise (``fail_on_recompile_limit_hit``): each is a
+    :class:`CompileError` with the reason. Counts what it compiled: :meth:`report` (graphs compiled, graph breaks,
+    recompiles, compile seconds). ``backend="aot_eager"`` (tests) captures the same graphs without inductor's code
+    generation."""
 
-    - **compiled** when no argument carries a tangent (:func:`carries_tangent`) and, for a region compiled only
-      without gradient (``grad_off_only``), gradients are off;
-    - **eagerly, by design**, on arguments with a tangent (the forward-AD pass), or with gradients on for a
-      ``grad_off_only`` region (its blocks are regions of their own);
-    - **eagerly, for good, after a failure**: the first compiled call that raises (compile, lowering, C++ build, an
-      eager backward compile, a graph break under ``fullgraph``, the recompile limit) warns once, naming the region,
-      and every later call runs eagerly;
-    - traced as plain code when an enclosing compiled function calls it (no compile inside a compile).
+    def __init__(self, mode: str = "default", recompile_limit: int = 27, backend: str | None = None):
+        if mode not in COMPILE_MODES:
+            raise ValueError(f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {mode!r}")
+        self.mode, self.recompile_limit, self.backend = mode, recompile_limit, backend or BACKEND
+        self.graphs = 0  # graphs compiled (each first compile and each recompile)
+        self.compile_s = 0.0  # seconds spent in calls that compiled
+        self.breaks0 = _graph_breaks()
+        self._compiled: dict = {}
 
-    ``calls`` counts the first three kinds, so a benchmark or a log shows what actually ran compiled (:meth:`summary`).
-    The compile is strict so that nothing falls back silently: ``fullgraph=True`` (a graph break is an error, not a
-    silent split into compiled pieces and eager ones), the backward compiled with the forward
-    (``force_non_lazy_backward_lowering``: a backward that fails to compile fails inside the guarded call, not later
-    in ``loss.backward()``), and hitting Dynamo's recompile limit raises instead of running eagerly without a word.
-    The first ``batch_args`` positional tensors are marked dynamic in dim 0 (``maybe_mark_dynamic``): the lean
-    objective calls the blocks on row subsets of varying size, and one dynamic graph beats a recompile per size."""
+    def _backend(self, gm, example_inputs):
+        self.graphs += 1
+        if self.backend != "inductor":  # "aot_eager": the same capture (Dynamo, AOT autograd's joint graph), no
+            return torch._dynamo.lookup_backend(self.backend)(gm, example_inputs)  # code generation
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
 
-    def __init__(self, cls: type, name: str, batch_args: int = 1, grad_off_only: bool = False, **compile_kwargs):
-        self.cls, self.name, self.batch_args, self.grad_off_only = cls, name, batch_args, grad_off_only
-        self.calls = {"compiled": 0, "eager: tangents": 0, "eager: grad on": 0, "eager: fallback": 0}
-        self.installed_on = 0  # how many modules call it
-        compile_kwargs.setdefault("fullgraph", True)
-        try:
-            compiled = torch.compile(cls.forward, **compile_kwargs)
-        except Exception as e:  # noqa: BLE001
-            self.guard = _EagerFallback(None, cls.forward, name, replay_rng=False)
-            self.guard._fall_back(e)
-        else:
-            self.guard = _EagerFallback(functools.partial(self._strict_call, compiled), cls.forward, name,
-                                        replay_rng=False)
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(self.mode, False))
 
-    def _strict_call(self, compiled, module, *args, **kwargs):
+    def __call__(self, fn):
+        compiled = self._compiled.get(fn)
+        if compiled is None:
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False, backend=self._backend)
+            self._compiled[fn] = compiled
+        return functools.partial(self._strict_call, compiled, getattr(fn, "__qualname__", repr(fn)))
+
+    def _strict_call(self, compiled, name, *args, **kwargs):
         import torch._dynamo
         import torch._functorch.config
 
-        for a in args[: self.batch_args]:
-            if isinstance(a, torch.Tensor) and a.ndim > 0:
-                torch._dynamo.maybe_mark_dynamic(a, 0)
-        with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True), \
-                torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
-            return compiled(module, *args, **kwargs)
-
-    def __call__(self, module, *args, **kwargs):
-        eager = self.cls.forward
-        if torch.compiler.is_compiling():  # an enclosing compile traces through: plain code, no nested compile
-            return eager(module, *args, **kwargs)
-        if carries_tangent(*args, *kwargs.values()):
-            self.calls["eager: tangents"] += 1
-            return eager(module, *args, **kwargs)
-        if self.grad_off_only and torch.is_grad_enabled():
-            self.calls["eager: grad on"] += 1
-            return eager(module, *args, **kwargs)
-        out = self.guard(module, *args, **kwargs)
-        self.calls["compiled" if self.guard.state == "compiled" else "eager: fallback"] += 1
+        before, t0 = self.graphs, time.perf_counter()
+        try:
+            with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True, recompile_limit=self.recompile_limit), \
+                    torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                out = compiled(*args, **kwargs)
+        except Exception as e:
+            if is_out_of_memory(e):
+                raise
+            raise CompileError(f"train.compile: the compiled step {name} cannot run compiled: {_why(e)}; set "
+                               "train.compile=false to train eagerly") from e
+        if self.graphs > before:
+            self.compile_s += time.perf_counter() - t0
         return out
 
-    def __deepcopy__(self, memo):
-        return self  # a deep copy of a module (an EMA copy) shares the compiled code; it holds no tensors
+    def step_begin(self, device_type: str) -> None:
+        """Before each micro-batch: under CUDA graphs, mark a new step (the previous step's graph outputs may be
+        overwritten from here on)."""
+        if self.mode == "reduce-overhead" and device_type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()
 
-    @property
-    def state(self) -> str:
-        """"untried", "compiled" or "eager" (after a failure)."""
-        return self.guard.state
-
-    def summary(self) -> str:
-        """One line: the region, on how many modules, its state and its call counts."""
-        counts = ", ".join(f"{k} {v}" for k, v in self.calls.items() if v)
-        return f"{self.name} (x{self.installed_on}): {self.state}; calls: {counts or 'none'}"
-
-
-def _region_of(module: nn.Module) -> CompiledRegion | None:
-    fwd = module.__dict__.get("forward")
-    return fwd.func if isinstance(fwd, functools.partial) and isinstance(fwd.func, CompiledRegion) else None
+    def report(self) -> dict:
+        """{"graphs_compiled", "recompiles", "graph_breaks", "compile_s"}: recompiles are graphs beyond the first
+        of each compiled function."""
+        return {"graphs_compiled": self.graphs,
+                "recompiles": max(0, self.graphs - sum(1 for _ in self._compiled)),
+                "graph_breaks": _graph_breaks() - self.breaks0, "compile_s": round(self.compile_s, 3)}
 
 
-def compiled_regions(net: nn.Module) -> list[CompiledRegion]:
-    """The :class:`CompiledRegion` objects installed in ``net`` (each once), in module order."""
-    found = []
-    for m in net.modules():
-        r = _region_of(m)
-        if r is not None and r not in found:
-            found.append(r)
-    return found
+def _why(e: BaseException) -> str:
+    """What kind of compile failure ``e`` is, and its first line."""
+    import torch._dynamo.exc as exc
+
+    first = f"{type(e).__name__}: {e}".splitlines()[0][:400]
+    if isinstance(e, exc.Unsupported):
+        return f"a graph break in a region compiled whole (fullgraph=True): {first}"
+    if isinstance(e, getattr(exc, "FailOnRecompileLimitHit", ())) or "recompile" in first.lower():
+        return f"the recompile limit was hit (more row-plan shapes than the bound): {first}"
+    return f"a compiler failure: {first}"
 
 
-def _install(region: CompiledRegion, module: nn.Module) -> None:
-    # An instance attribute shadows the class's forward; nn.Module.__call__ (and its hooks) run as before. Not a
-    # parameter, buffer or child module: the state dict and its keys do not change. A deep copy of the module gets
-    # a partial bound to the copy (the region itself is shared, see CompiledRegion.__deepcopy__).
-    object.__setattr__(module, "forward", functools.partial(region, module))
-    region.installed_on += 1
+def _graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
-def _fsdp_sharded(net: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch build without distributed
-        return False
-    return any(isinstance(m, FSDPModule) for m in net.modules())
+class CompiledLoss:
+    """``loss_fn(net, x, y, cfg, generator, perceptual=...)`` (the training loop's interface) running
+    :func:`pmf.objective.pmf_loss` with a :class:`StepCompiler`: the whole step compiled (module doc). The lean
+    objective only: the reference one's ``torch.func.jvp`` needs forward-mode rules that the fused attention kernel
+    traced by ``torch.compile`` does not have."""
+
+    def __init__(self, loss_fn, mode: str = "default", recompile_limit: int = 27, backend: str | None = None):
+        self.loss_fn, self.compiler = loss_fn, StepCompiler(mode, recompile_limit, backend)
+        functools.update_wrapper(self, loss_fn, updated=())
+
+    def __call__(self, net, x, y, cfg, generator=None, **kwargs):
+        if cfg.impl != "lean":
+            raise CompileError(f"train.compile compiles the lean objective only (objective.impl={cfg.impl!r}); set "
+                               "objective.impl=lean or train.compile=false")
+        self.compiler.step_begin(x.device.type)
+        return self.loss_fn(net, x, y, cfg, generator, compiler=self.compiler, **kwargs)
+
+    def report(self) -> dict:
+        return self.compiler.report()
 
 
-def compile_regions(net: nn.Module, whole_forward: bool = False, **compile_kwargs) -> list[CompiledRegion]:
-    """Compile ``net`` by regions, in place, and return the regions (:class:`CompiledRegion`):
-
-    - every entry of every ``nn.ModuleList`` in ``net`` (the repeated transformer blocks), one region per class,
-      compiled for the calls without tangents: the guidance pass, the lean objective's r = t rows and its v-head,
-      flow matching, sampling. The forward-AD pass runs the same blocks eagerly.
-    - with ``whole_forward``, ``net``'s own ``forward`` (embeddings, blocks, final layers, x -> u) compiled whole for
-      calls without gradient (the guidance pass under inference mode, sampling grids), all of its inputs dynamic in
-      the batch dimension. Off by default (and in ``train.compile``): on the CPU it gave no consistent gain over the
-      compiled blocks (0.83-1.13x their step time in four runs) for 15-45 % more compile time (benchmarks/README.md).
-
-    Under FSDP2 (blocks that are ``FSDPModule``) only the blocks are compiled: their all-gather / reshard hooks run
-    eagerly around the compiled forward (the per-block pattern FSDP2 is built for), while a compiled whole forward
-    would have to trace those hooks. Not measured here (no multi-GPU run yet).
-
-    The model is not edited: only instance attributes are added (the blocks' RMSNorm, RoPE, SwiGLU and gates fuse
-    inside the compiled block). Parameters, buffers and state-dict keys stay the same, so checkpoints load into eager
-    models and back. :func:`remove_regions` undoes it. Compiling again returns the regions already there."""
-    found = compiled_regions(net)
-    if found:
-        return found
-    by_class: dict[type, CompiledRegion] = {}
-    for lst in [m for m in net.modules() if isinstance(m, nn.ModuleList)]:
-        for block in lst:
-            cls = type(block)
-            if cls not in by_class:
-                by_class[cls] = CompiledRegion(cls, f"{cls.__qualname__}.forward", 1, **compile_kwargs)
-            _install(by_class[cls], block)
-    regions = list(by_class.values())
-    if whole_forward and not _fsdp_sharded(net):
-        cls = type(net)
-        n_args = len([p for p in inspect.signature(cls.forward).parameters.values()
-                      if p.default is inspect.Parameter.empty]) - 1  # positional inputs, all batched
-        whole = CompiledRegion(cls, f"{cls.__qualname__}.forward (no grad)", n_args, grad_off_only=True,
-                               **compile_kwargs)
-        _install(whole, net)
-        regions.append(whole)
-    return regions
-
-
-def remove_regions(net: nn.Module) -> None:
-    """Undo :func:`compile_regions`: every module runs its class's ``forward`` again."""
-    for m in net.modules():
-        if _region_of(m) is not None:
-            del m.__dict__["forward"]
+def compile_step(loss_fn, enabled: bool, mode: str = "default", recompile_limit: int = 27):
+    """``train.compile``: ``loss_fn`` (:func:`pmf.objective.pmf_loss`) as a :class:`CompiledLoss` when ``enabled``,
+    else unchanged. ``recompile_limit``: graphs per compiled function before it is an error, the row plan's bound
+    on distinct shapes (:func:`pmf.objective_lean.row_buckets` of the micro-batch)."""
+    return CompiledLoss(loss_fn, mode, recompile_limit) if enabled else loss_fn
 
 
 class InferenceNet(_Wrapper):

@@ -86,6 +86,15 @@ def config_problems(cfg) -> list[str]:
         non_negative(f"train.{key}", getattr(t, key))
     if (why := device_problem(t.device, "train.device")) is not None:
         p.append(why)
+    if t.compile_mode not in ("default", "reduce-overhead"):
+        p.append(f"train.compile_mode={t.compile_mode!r} must be 'default' or 'reduce-overhead' (CUDA graphs)")
+    if t.compile and t.parallel in ("fsdp", "hsdp"):
+        p.append(f"train.compile=true with train.parallel={t.parallel}: FSDP2 runs its hooks outside torch.compile "
+                 "(torch 2.13 wraps them in torch._dynamo.disable, 'skipping FSDP hooks'), so the whole-step graph "
+                 "(fullgraph) cannot span its units; use train.parallel=ddp, or train.compile=false")
+    if t.compile and cfg.objective.impl != "lean":
+        p.append(f"train.compile=true compiles the lean objective only (objective.impl={cfg.objective.impl!r}); set "
+                 "objective.impl=lean or train.compile=false")
     ema_names = []
     for spec in t.ema:
         try:
