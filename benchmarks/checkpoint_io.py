@@ -26,7 +26,7 @@ import torch
 from pmf.train import dist, fsdp, parallel, sharded_state
 from pmf.train.checkpoint import load_latest, save_training_state
 from pmf.train.config import load_config
-from pmf.train.loop import model_kwargs
+from pmf.train.config import model_kwargs
 from pmf.train.ema import EMA
 
 

@@ -251,7 +251,8 @@ def sec_train_step(ck: Check, dev, smoke):
 
     from pmf.train import plan
     from pmf.train.config import load_config
-    from pmf.train.loop import model_kwargs, train_step
+    from pmf.train.loop import train_step
+    from pmf.train.config import model_kwargs
     from pmf.train.memtrack import tracking
     from pmf.train.optim import build_optimizer
     from pmf.train.speed import maybe_compile
@@ -319,7 +320,7 @@ def sec_train_step(ck: Check, dev, smoke):
 def sec_max_micro(ck: Check, dev, smoke):
     from pmf.train import plan
     from pmf.train.config import load_config
-    from pmf.train.loop import model_kwargs
+    from pmf.train.config import model_kwargs
 
     cfg = load_config("pmf-b16-in256", overrides=["train.precision=bf16", "train.accum_steps=1"])
     mem = torch.cuda.get_device_properties(dev).total_memory / 2**30 if dev.type == "cuda" else 80.0

@@ -22,7 +22,7 @@ import torch
 
 from pmf.model import PMFDiT
 from pmf.train.config import load_config
-from pmf.train.loop import model_kwargs
+from pmf.train.config import model_kwargs
 from pmf.train.ns_partition import assign_owners, loads, ns_flops
 from pmf.train.optim import param_groups
 

@@ -11,7 +11,7 @@ import torch
 
 from pmf.train import dist, fsdp, parallel
 from pmf.train.config import load_config
-from pmf.train.loop import model_kwargs
+from pmf.train.config import model_kwargs
 from pmf.train.step_end import end_of_step
 
 from test_dist import _join_group, two_process_results

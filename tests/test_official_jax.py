@@ -139,7 +139,7 @@ def test_zip_and_workdir_inputs(tmp_path):
     the unpacked copy is removed afterwards."""
     import shutil
 
-    from pmf.train.official_run import read_official
+    from pmf.train.init_from import read_official
 
     archive = shutil.make_archive(str(tmp_path / "ckpt"), "zip", FULL / "checkpoint_100002")
     a, b = read_official(archive), read_official(FULL)
@@ -150,7 +150,7 @@ def test_zip_and_workdir_inputs(tmp_path):
 def test_init_from_loads_weights_and_emas(tmp_path):
     """--init-from on a new run: network (v-head included) and EMA copies are the checkpoint's, the optimizer fresh."""
     from pmf.train.loop import build_run, load_dataset
-    from pmf.train.official_run import init_run_from
+    from pmf.train.init_from import init_run_from
 
     cfg = _cfg(tmp_path, total_kimg=1)
     run = build_run(cfg, tmp_path / "new", torch.device("cpu"), load_dataset(cfg)[0], None)

@@ -17,7 +17,8 @@ from pmf.train.checkpoint import (DAMAGED_SUFFIX, STATE_DIR, load_latest, save_s
                                   save_training_state)
 from pmf.train.config import load_config
 from pmf.train.validate import validate_config
-from pmf.train.loop import model_kwargs, train
+from pmf.train.loop import train
+from pmf.train.config import model_kwargs
 
 from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, read_log, two_process_results
 

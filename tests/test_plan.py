@@ -14,7 +14,8 @@ from pmf.cli import main as cli_main
 from pmf.model import PMFDiT
 from pmf.train import plan
 from pmf.train.config import load_config
-from pmf.train.loop import model_kwargs, train
+from pmf.train.loop import train
+from pmf.train.config import model_kwargs
 from pmf.train.speed import _EagerFallback, set_tf32
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -8,7 +8,8 @@ from torch.overrides import TorchFunctionMode
 
 from pmf.model import PMFDiT
 from pmf.train.config import load_config
-from pmf.train.loop import model_kwargs, train_step
+from pmf.train.loop import train_step
+from pmf.train.config import model_kwargs
 from pmf.train.optim import build_optimizer
 from pmf.train import step_end
 from pmf.train.step_end import end_of_step

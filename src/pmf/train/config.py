@@ -14,6 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pmf.model import MODELS
 from pmf.objective import ObjectiveConfig
 from pmf.train.optim import OptimConfig
 from pmf.perceptual import PerceptualConfig
@@ -339,3 +340,14 @@ def from_dict(d: dict) -> RunConfig:
     cfg = RunConfig()
     apply_mapping(cfg, d)
     return cfg
+
+
+def model_kwargs(cfg: RunConfig) -> dict:
+    """PMFDiT kwargs of the run (a validated config): registry entry + overrides, with the objective's noise scale
+    and guidance range."""
+    spec = MODELS[cfg.model.name]
+    omega_max = 1.0 + cfg.objective.cfg_max if cfg.objective.guidance else 1.0
+    kw = {**spec.kwargs, "noise_scale": cfg.objective.noise_scale, "omega_max": omega_max, **cfg.model.overrides}
+    if not cfg.data.class_conditional:
+        kw.setdefault("num_classes", spec.kwargs.get("num_classes", 1))
+    return kw

@@ -27,7 +27,7 @@ from pmf.atomic import atomic_write_text
 from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
 from pmf.export import export_model
 from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
-from pmf.train.config import RunConfig, config_differences, to_json
+from pmf.train.config import RunConfig, config_differences, model_kwargs, to_json
 from pmf.train.dryrun import dry_run_report
 from pmf.train.preempt import stop_on_signals
 from pmf.train.progress import bar_total
@@ -37,7 +37,7 @@ from pmf.images import to_model_range, to_uint8
 from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
 from pmf.train.shards import ShardDataset
 from pmf.images import save_grid
-from pmf.model import MODELS, PMFDiT
+from pmf.model import PMFDiT
 from pmf.objective import objective_at, pmf_loss
 from pmf.objective_lean import row_buckets
 from pmf.train.ema import EMA
@@ -58,17 +58,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda":
         return torch.device("cuda", dist.local_rank())
     return torch.device(name)
-
-
-def model_kwargs(cfg: RunConfig) -> dict:
-    """PMFDiT kwargs of the run (a validated config): registry entry + overrides, with the objective's noise scale
-    and guidance range."""
-    spec = MODELS[cfg.model.name]
-    omega_max = 1.0 + cfg.objective.cfg_max if cfg.objective.guidance else 1.0
-    kw = {**spec.kwargs, "noise_scale": cfg.objective.noise_scale, "omega_max": omega_max, **cfg.model.overrides}
-    if not cfg.data.class_conditional:
-        kw.setdefault("num_classes", spec.kwargs.get("num_classes", 1))
-    return kw
 
 
 def load_dataset(cfg: RunConfig):
@@ -436,7 +425,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         dist.print0(f"CPU: {cpu_capability()}")
     run = build_run(cfg, run_dir, device, data, state)
     if init_from is not None:
-        from pmf.train.official_run import apply_init_from
+        from pmf.train.init_from import apply_init_from
 
         apply_init_from(run, init_from, resumed=state is not None)
     del state

@@ -21,7 +21,7 @@ def load_from_training_state(run_dir, ema: str | None = None):
     from pmf.model import PMFDiT
     from pmf.train.checkpoint import load_latest
     from pmf.train.config import from_dict
-    from pmf.train.loop import model_kwargs
+    from pmf.train.config import model_kwargs
 
     run_dir = Path(run_dir)
     state = load_latest(run_dir)
