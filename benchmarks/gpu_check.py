@@ -251,11 +251,12 @@ def sec_train_step(ck: Check, dev, smoke):
 
     from pmf.train import plan
     from pmf.train.config import load_config
-    from pmf.train.loop import train_step
     from pmf.train.config import model_kwargs
+    from pmf.train.loop import train_step
     from pmf.train.memtrack import tracking
     from pmf.train.optim import build_optimizer
-    from pmf.train.speed import maybe_compile
+    from pmf.objective_lean import row_buckets
+    from pmf.train.speed import compile_step
 
     model, micros, iters = ("pMF-tiny", (4,), 2) if smoke else ("pMF-B/16", (32, 64, 128), 4)
     paths = [("eager", False, "default")] + ([] if smoke else [("compiled", True, "default")])
@@ -283,8 +284,7 @@ def sec_train_step(ck: Check, dev, smoke):
                 imgs = torch.randint(0, 256, (micro, net.in_channels, net.input_size, net.input_size),
                                      dtype=torch.uint8)
                 labels = torch.arange(micro) % net.num_classes
-                extra = {} if mode == "default" else {"mode": mode}
-                loss_fn = maybe_compile(pmf_loss, compiled, **extra)
+                loss_fn = compile_step(pmf_loss, compiled, mode, recompile_limit=row_buckets(micro))  # as the loop does
 
                 def step(i=[0]):
                     i[0] += 1
