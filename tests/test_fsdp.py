@@ -3,6 +3,7 @@
 matrices, the adapted consistency checks, and a sharded run that resumes a 1-process checkpoint and ends where 1 process ends."""
 
 import json
+from functools import partial
 import subprocess
 import sys
 from pathlib import Path
@@ -114,7 +115,10 @@ def _findings_worker(rank, port, out_dir):
         ref.grad = grad.clone()
         torch.optim.Muon([ref], **kw).step()
         results = {}
-        for name, cls in (("gathered", fsdp.GatheredMuon), ("torch", torch.optim.Muon)):
+        # torch's Muon runs Newton-Schulz in bf16; GatheredMuon is told to as well (its default on CPUs without
+        # native bf16 is float32, which differs by bf16 rounding).
+        for name, cls in (("gathered", partial(fsdp.GatheredMuon, ns_dtype=torch.bfloat16)),
+                          ("torch", torch.optim.Muon)):
             p = torch.nn.Parameter(distribute_tensor(w.clone(), mesh, [Shard(0)]))
             p.grad = distribute_tensor(grad.clone(), mesh, [Shard(0)])
             try:

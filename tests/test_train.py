@@ -248,7 +248,9 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     a, b = load_latest(tmp_path / "a1")["net"], load_latest(tmp_path / "a2")["net"]
     for k in a:
         err = (a[k] - b[k]).norm() / a[k].norm().clamp_min(1e-12)
-        assert err <= 1e-5, f"{k}: relative difference {err:.3g}"
+        # Summation order differs between the splits (float32 rounding, ~1e-7); Muon's Newton-Schulz amplifies it
+        # (1.75e-5 measured on an AVX2 CPU, where it runs in float32). A wrong split would be off by O(1).
+        assert err <= 5e-5, f"{k}: relative difference {err:.3g}"
 
 
 # ----------------------------------------------------------------------------------------------------------------
