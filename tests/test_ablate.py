@@ -205,3 +205,11 @@ def test_call_difference_and_the_chance_the_rule_states():
     calls = [call(list(p[:2]), list(p[2:])) for p in itertools.permutations(range(4))]
     assert sum(c != "no call" for c in calls) / len(calls) == pytest.approx(1 / 3)
     assert "10 % for 3 and 3 seeds" in ablate.RULE and "33 % for 2 and 2" in ablate.RULE
+
+
+def test_only_selects_arms_by_name_or_claim_in_the_order_named():
+    names = [a.name for a in ablate.select_arms("paper", ["c4-linear-p14", "3", "c4-x-p14"])]
+    assert names == ["c4-linear-p14", "c3-full", "c3-r_eq_t", "c3-r_eq_0", "c4-x-p14"]
+    assert [a.name for a in ablate.select_arms("paper", ["4"])] == ["c4-x-p14", "c4-linear-p14", "c4-edm-p14",
+                                                                    "c4-scm-p14"]
+    assert ablate.select_arms("paper") == ablate.paper_suite()

@@ -336,11 +336,24 @@ def final(record: dict) -> dict:
     return record["stages"][max(record["stages"], key=float)]
 
 
+def select_arms(suite: str, only: list[str] | None = None) -> list[Arm]:
+    """The suite's arms, or those ``only`` names (arm names or claim numbers) in the order it names them, so a budget
+    is worked first for the arms named first (the order matters when a suite is stopped before it finishes)."""
+    arms = SUITES[suite]()
+    if not only:
+        return arms
+
+    def rank(arm: Arm) -> int | None:
+        return next((i for i, key in enumerate(only) if key in (arm.name, arm.claim.split(":")[0])), None)
+
+    return sorted((a for a in arms if rank(a) is not None), key=rank)
+
+
 def run_suite(suite: str, out, settings: SuiteSettings, only: list[str] | None = None, log=print) -> list[dict]:
     if suite not in SUITES:
         raise KeyError(f"unknown suite {suite!r}; available: {', '.join(SUITES)}")
     out = Path(out)
-    arms = [a for a in SUITES[suite]() if not only or a.name in only or a.claim.split(":")[0] in only]
+    arms = select_arms(suite, only)
     skipped = {a.name: missing_files(a, settings) for a in arms if missing_files(a, settings)}
     for name, keys in skipped.items():
         log(f"[{name}] skipped: needs weight files {', '.join(keys)} (give them with --set KEY=PATH)")
@@ -562,7 +575,7 @@ def dry_run(suite: str, settings: SuiteSettings, only: list[str] | None = None, 
     EPYC, 2026-12-03; patch 4, 49 tokens, ran at about 100), and ``eval_s_per_ksample_nfe`` CPU seconds per 1,000
     samples and network evaluation (sampling and classifier features). Runs shared between arms are counted for
     each."""
-    arms = [a for a in SUITES[suite]() if not only or a.name in only or a.claim.split(":")[0] in only]
+    arms = select_arms(suite, only)
     out = []
     for a in arms:
         slowdown = max(1.0, tokens_of(a, settings) / tokens_at_speed)

@@ -531,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluated")
     a.add_argument("--eval-num", type=int, default=10_000, help="samples per evaluation")
     a.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
-    a.add_argument("--only", nargs="+", help="arm names or claim numbers to run")
+    a.add_argument("--only", nargs="+", help="arm names or claim numbers to run, worked in this order at each budget")
     a.add_argument("--set", action="append", metavar="KEY=PATH", help="perceptual weight files, e.g. "
                    "perceptual.lpips_vgg_path=vgg16-397923af.pth")
     a.add_argument("--dry-run", action="store_true", help="list the arms, overrides and estimated CPU time")
