@@ -111,6 +111,7 @@ def test_run_identity_survives_a_new_default_field_and_changes_with_a_value(sett
     assert ablate.run_id(Arm("b", "1: tiny", ("optim.lr=0.003",), (0,)), 0, settings) == ident
 
 
+@pytest.mark.slow  # six training subprocesses and two rounds of evaluation
 def test_budgets_continue_each_run_and_keep_each_evaluation_keyed_by_its_settings(tmp_path, settings, monkeypatch):
     """Two budgets: each run is continued from the first to the second and scored at both; an evaluation at another
     sample count is not taken from the files of the first (it is measured where the run still is, and reported as
