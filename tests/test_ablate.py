@@ -214,3 +214,26 @@ def test_only_selects_arms_by_name_or_claim_in_the_order_named():
     assert [a.name for a in ablate.select_arms("paper", ["4"])] == ["c4-x-p14", "c4-linear-p14", "c4-edm-p14",
                                                                     "c4-scm-p14"]
     assert ablate.select_arms("paper") == ablate.paper_suite()
+
+
+def test_evaluation_files_are_found_by_their_settings(tmp_path, settings):
+    """run_stage without training (a report): the file of the requested sample count and NFEs, the many-step score
+    at the largest budget only; a file with the many-step score serves a request without it, a report takes one
+    without it when that is all there is, and a file of another sample count is never taken."""
+    arm = Arm("i", "1: t", (), (0,), instantaneous_steps=4)
+    settings.kimg, settings.train = (1.0, 2.0), False
+    run = tmp_path / "runs" / ablate.run_id(arm, 0, settings)
+    run.mkdir(parents=True)
+    (run / "eval-1-n40-nfe1+2.json").write_text(json.dumps({"fd_1step": 1.0}))
+    (run / "eval-2-n40-nfe1+2-inst4.json").write_text(json.dumps({"fd_1step": 2.0, "inst_fd_4step": 3.0}))
+
+    def stage(kimg):
+        return ablate.run_stage(tmp_path, arm, 0, kimg, settings, print)
+
+    assert stage(1.0) == {"fd_1step": 1.0} and stage(2.0)["inst_fd_4step"] == 3.0
+    settings.kimg = (1.0, 2.0, 4.0)  # a later invocation: 2 kimg is now intermediate
+    assert stage(2.0)["inst_fd_4step"] == 3.0 and stage(4.0) is None
+    settings.kimg = (1.0,)  # wants the many-step score at 1 kimg; a report shows the rest
+    assert stage(1.0) == {"fd_1step": 1.0}
+    settings.eval_num = 20
+    assert stage(1.0) is None and stage(2.0) is None

@@ -236,8 +236,9 @@ def run_stage(out: Path, arm: Arm, seed: int, kimg: float, settings: SuiteSettin
     path = eval_path(run_dir, arm, kimg, settings)
     if path.is_file():
         return json.loads(path.read_text())
-    if not settings.train:
-        return None
+    if not settings.train:  # a report takes the 1- and 2-NFE scores without the many-step one if that is all there is
+        lesser = run_dir / f"eval-{kimg:g}-{eval_key(settings, 0)}.json"
+        return json.loads(lesser.read_text()) if lesser.is_file() else None
     seen = kimg_past(run_dir, kimg)
     if seen is not None:  # the run (shared with another arm, or trained further before) has gone past this point
         log(f"[{arm.name} seed {seed}] {kimg:g} kimg not measured at {eval_key(settings, 0)}: run {run_dir.name} is "
