@@ -465,8 +465,8 @@ def write_report(out: Path, suite: str, arms: list[Arm], records: list[dict], se
                              " | ".join(summarise(r[k]) for k, _ in METRICS) +
                              f" | {summarise(r['inst_fd'])} | {vs} | {r['minutes']:.1f} | {r['cpu_minutes']:.1f} |")
             lines.append("")
-        if len(measured) > 1 and not any(r["curve"] for rows in measured.values() for r in rows):
-            figure = plot_budgets(out, claim, measured)
+        if len(budgets) > 1 and not any(r["curve"] for rows in measured.values() for r in rows):
+            figure = plot_budgets(out, claim, measured, budgets)
         else:
             figure = plot_claim(out, claim, measured[max(measured)])
         lines += [f"![claim {claim.split(':')[0]}]({figure.name})", ""]
@@ -476,8 +476,9 @@ def write_report(out: Path, suite: str, arms: list[Arm], records: list[dict], se
     return {"rows": {f"{b:g}": rows for b, rows in by_budget.items()}, "skipped": skipped}
 
 
-def plot_budgets(out: Path, claim: str, measured: dict) -> Path:
-    """FD against the budget, 1-NFE (left) and 2-NFE (right), a line per arm; error bars span min-max over seeds."""
+def plot_budgets(out: Path, claim: str, measured: dict, budgets: tuple) -> Path:
+    """FD against the budget, 1-NFE (left) and 2-NFE (right), a line per arm; error bars span min-max over seeds.
+    The x axis spans every budget asked for, measured or not yet."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -500,8 +501,8 @@ def plot_budgets(out: Path, claim: str, measured: dict) -> Path:
             ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 5, 7)))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.yaxis.set_minor_locator(NullLocator())
-        budgets = sorted(measured)
         ax.set_xticks(budgets, [f"{b:g}" for b in budgets])
+        ax.set_xlim(min(budgets) / 1.3, max(budgets) * 1.3)
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("kimg seen")
         ax.set_ylabel(title)
