@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -422,9 +423,12 @@ def arm_rows(arms: list[Arm], records: list[dict], kimg: float | None = None) ->
 
 def call_difference(values: list[float], versus: list[float]) -> str:
     """The report's rule for a difference in FD (lower is better): called only when the two arms' seed ranges are
-    disjoint; "better" / "worse" says where ``values`` lies, "no call" when the ranges overlap."""
+    disjoint and that would happen by chance for equal arms at most 10 % of the time, 2 / C(n + m, n) for n and m
+    seeds (3 and 3 or more); "better" / "worse" says where ``values`` lies, else "no call"."""
     if not values or not versus:
         return ""
+    if 2 / math.comb(len(values) + len(versus), len(values)) > 0.1 + 1e-9:
+        return "no call"
     if max(values) < min(versus):
         return "better"
     if min(values) > max(versus):
@@ -432,10 +436,10 @@ def call_difference(values: list[float], versus: list[float]) -> str:
     return "no call"
 
 
-RULE = ("A difference between two arms is called only when their seed ranges (min-max over seeds) are disjoint; "
-        "otherwise it is \"no call\". For two arms that are in truth equal, the chance that n and m seeds fall into "
-        "disjoint ranges is 2 / C(n+m, n): 10 % for 3 and 3 seeds (an exact two-sided rank test at p = 0.1), 33 % "
-        "for 2 and 2.")
+RULE = ("A difference between two arms is called only when their seed ranges (min-max over seeds) are disjoint and "
+        "both arms have enough seeds; otherwise it is \"no call\". For two arms that are in truth equal, the chance "
+        "that n and m seeds fall into disjoint ranges is 2 / C(n+m, n): 10 % for 3 and 3 seeds (an exact two-sided "
+        "rank test at p = 0.1), 33 % for 2 and 2, 50 % for 1 and 3; a call needs that chance to be at most 10 %.")
 
 
 def write_report(out: Path, suite: str, arms: list[Arm], records: list[dict], settings: SuiteSettings,
