@@ -410,7 +410,8 @@ def cmd_ablate(args) -> int:
     from pmf.ablate import SuiteSettings, dry_run, run_suite
 
     files = dict(kv.split("=", 1) for kv in args.set or [])
-    settings = SuiteSettings(kimg=args.kimg, eval_num=args.eval_num, jobs=args.jobs, files=files)
+    settings = SuiteSettings(kimg=tuple(args.kimg), eval_num=args.eval_num, jobs=args.jobs, files=files,
+                             train=not args.report_only)
     if args.dry_run:
         arms = dry_run(args.suite, settings, args.only)
         print(json.dumps({"arms": arms, "est_cpu_minutes": round(sum(a["est_cpu_minutes"] for a in arms), 1)},
@@ -583,13 +584,18 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablate", help="the paper's ablations, small: arms x seeds, a table and a figure per claim")
     a.add_argument("--suite", default="paper", help="declared list of arms (pmf.ablate.SUITES)")
     a.add_argument("--out", required=True, help="output directory (runs/, report.md, claim*.png, results.json)")
-    a.add_argument("--kimg", type=float, default=30.0, help="training images per run, in thousands")
+    a.add_argument("--kimg", type=float, nargs="+", default=[30.0], metavar="KIMG",
+                   help="training images per run, in thousands; several budgets (e.g. 30 60 120) continue each run "
+                        "from one to the next, every run reaching a budget before any goes past it, and each is "
+                        "evaluated")
     a.add_argument("--eval-num", type=int, default=10_000, help="samples per evaluation")
     a.add_argument("--jobs", type=int, default=1, help="runs side by side, one thread each")
-    a.add_argument("--only", nargs="+", help="arm names or claim numbers to run")
+    a.add_argument("--only", nargs="+", help="arm names or claim numbers to run, worked in this order at each budget")
     a.add_argument("--set", action="append", metavar="KEY=PATH", help="perceptual weight files, e.g. "
                    "perceptual.lpips_vgg_path=vgg16-397923af.pth")
     a.add_argument("--dry-run", action="store_true", help="list the arms, overrides and estimated CPU time")
+    a.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: write the report from the evaluations already in --out")
     a.set_defaults(fn=cmd_ablate)
 
     for sp in sub.choices.values():
