@@ -8,9 +8,9 @@ The model is tiny-test's architecture widened to ``--hidden`` x ``--depth`` with
 and tiny-test's EMA copies. Prints the state size and, per form, the median seconds of save (gather + write, or DCP
 write + hashes) and load (every rank reads the file memory-mapped, checks its digest and cuts its chunks, or the
 ranks check the shard files' hashes, split between them, and DCP reads each rank's shards; ``sharded_hash_check``
-is the hash part alone), and the ratios full / sharded. On one machine with a shared disk the write bandwidth is the same for both
-forms; what the sharded form removes is the gather to one rank and that rank's whole-state host copy (peak host
-memory on rank 0: the full state, against one shard per rank).
+is the hash part alone), and the ratios full / sharded. On one machine with a shared disk the write bandwidth is the
+same for both forms; what the sharded form removes is the gather to one rank and that rank's whole-state host copy (peak
+host memory on rank 0: the full state, against one shard per rank).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from pmf.train import dist, fsdp, parallel, sharded_state
+from pmf.parallel import dist
+from pmf.train import fsdp, modes, sharded_state
 from pmf.train.checkpoint import load_latest, save_training_state
-from pmf.train.config import load_config
-from pmf.train.config import model_kwargs
+from pmf.train.config import load_config, model_kwargs
 from pmf.train.ema import EMA
 
 
@@ -51,7 +51,7 @@ def run(args) -> None:
         f"model.overrides={{hidden_size: {args.hidden}, depth: {args.depth}, num_heads: 4, aux_head_depth: 2, "
         "bottleneck_dim: 16}"])
     cpu = torch.device("cpu")
-    strategy = parallel.make_strategy(cfg, cpu)
+    strategy = modes.make_strategy(cfg, cpu)
     kw = model_kwargs(cfg)
     net = strategy.build_net(kw)
     opt = strategy.build_optimizer(net)

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmf.train.data import ImageFolderDataset, ShardedLoader
-from pmf.train.prepare import prepare_data
-from pmf.train.shards import ShardDataset
+from pmf.data.datasets import ImageFolderDataset, ShardedLoader
+from pmf.data.prepare import prepare_data
+from pmf.data.shards import ShardDataset
 
 
 def write_jpegs(root: Path, num: int, size: tuple[int, int], quality: int, seed: int = 0) -> None:

@@ -12,7 +12,8 @@ Sections (in this order):
   env          torch, CUDA, cuDNN, NCCL, GPU, TF32 flags, SDPA backends
   fsdp         first: a one-rank NCCL (gloo on CPU) all-reduce, the lean objective on an FSDP2-sharded model under
                bf16, two train_steps, a DCP save / load round trip of the sharded training state
-  attn_jvp     pmf.attention's JVP per SDPA backend (flash, efficient, cudnn, math) in fp32, TF32 and bf16 against
+  attn_jvp     pmf.method.attention's JVP per SDPA backend (flash, efficient, cudnn, math) in fp32, TF32 and bf16
+  against
                float64 (relative error of O and of dO; the centred tangent dO = (P * (dS - rowsum(P dS))) V + P dV)
   train_step   pmf.train.loop.train_step as the presets train (lean, per-sample host generators, bf16, TF32,
                activation checkpointing), pMF-B/16 micro-batches 32 / 64 / 128: eager, compiled
@@ -47,11 +48,11 @@ from pathlib import Path
 
 import torch
 
-from pmf.attention import attention, math_attention
-from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
-from pmf.rng import PerSampleGenerator
-from pmf.sampler import noise_from_seeds, sample
+from pmf.method.attention import attention, math_attention
+from pmf.method.model import build_model
+from pmf.method.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.method.rng import PerSampleGenerator
+from pmf.method.sampler import noise_from_seeds, sample
 from pmf.train.speed import InferenceNet, autocast_context, set_tf32
 
 
@@ -255,7 +256,7 @@ def sec_train_step(ck: Check, dev, smoke):
     from pmf.train.loop import train_step
     from pmf.train.memtrack import tracking
     from pmf.train.optim import build_optimizer
-    from pmf.objective_lean import row_buckets
+    from pmf.method.objective_lean import row_buckets
     from pmf.train.speed import compile_step
 
     model, micros, iters = ("pMF-tiny", (4,), 2) if smoke else ("pMF-B/16", (32, 64, 128), 4)
@@ -402,7 +403,7 @@ def sec_sample(ck: Check, dev, smoke):
 def sec_data(ck: Check, dev, smoke):
     from PIL import Image
 
-    from pmf.train.data import ImageFolderDataset, ShardedLoader
+    from pmf.data.datasets import ImageFolderDataset, ShardedLoader
 
     n, workers = (16, 0) if smoke else (512, 8)
     with tempfile.TemporaryDirectory() as root:
@@ -443,11 +444,11 @@ def sec_fsdp(ck: Check, dev, smoke):
     torch.distributed.checkpoint save / load round trip of its training state."""
     import torch.distributed as tdist
 
-    from pmf.train import fsdp, parallel
+    from pmf.train import fsdp, modes
     from pmf.train.checkpoint import load_latest
     from pmf.train.config import load_config
     from pmf.train.loop import train_step
-    from pmf.train.optim import EMA
+    from pmf.train.ema import EMA
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("PMF_CHECK_PORT", "29517"), RANK="0",
                       WORLD_SIZE="1", LOCAL_RANK="0")
@@ -467,7 +468,7 @@ def sec_fsdp(ck: Check, dev, smoke):
             return net, fsdp.build_sharded_optimizer(net, cfg.optim)
 
         net, opt = build()
-        strategy = parallel.strategy_of(net, cfg, dev)
+        strategy = modes.strategy_of(net, cfg, dev)
         x, y = batch_for(net, 8, torch.device("cpu"))
         imgs = ((x + 1) * 127.5).to(torch.uint8)
         losses = [train_step(net, opt, imgs, y, cfg, i * 8, dev, strategy=strategy).metrics["loss"] for i in range(2)]

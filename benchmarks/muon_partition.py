@@ -5,10 +5,10 @@ preset's network (built on the meta device: no memory, no GPU), not a timing.
                                         [--ns-bytes 2]
 
 For each preset: the Muon matrices (shape x count), the Newton-Schulz FLOPs of one optimizer step that every rank
-runs today, and under the partition (:func:`pmf.train.ns_partition.assign_owners` over ``--world`` ranks) each rank's
+runs today, and under the partition (:func:`pmf.parallel.ns_partition.assign_owners` over ``--world`` ranks) each rank's
 share, the largest share against the mean (1.000 = perfect balance) and the speed-up of the step's NS part
 (total / largest share). Communication per rank and step for sharing the results, in the NS dtype (``--ns-bytes``: 2
-for bf16, the GPU default): the padded all-gather that :func:`pmf.train.ns_partition.share` does ((W - 1) x largest
+for bf16, the GPU default): the padded all-gather that :func:`pmf.parallel.ns_partition.share` does ((W - 1) x largest
 share received), against an all-reduce of a zero-filled buffer of all results (2 (W - 1) / W x all, ring) and one
 broadcast per owner (all minus own share).
 """
@@ -20,10 +20,9 @@ from collections import Counter
 
 import torch
 
-from pmf.model import PMFDiT
-from pmf.train.config import load_config
-from pmf.train.config import model_kwargs
-from pmf.train.ns_partition import assign_owners, loads, ns_flops
+from pmf.method.model import PMFDiT
+from pmf.parallel.ns_partition import assign_owners, loads, ns_flops
+from pmf.train.config import load_config, model_kwargs
 from pmf.train.optim import param_groups
 
 

@@ -28,7 +28,7 @@ configuration runs in a fresh subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (
 resident set (``VmHWM``, reset after set-up) over three steps minus the resident set before the first. It includes
 allocator slack and the gradients (the same in every configuration), so it is a fair ratio, not an exact tensor count.
 
-Sampling: 1-NFE throughput (images/s) of ``pmf.sampler.sample`` under ``torch.inference_mode`` with the model's
+Sampling: 1-NFE throughput (images/s) of ``pmf.method.sampler.sample`` under ``torch.inference_mode`` with the model's
 attention ("jvp_sdpa", whose primal is the fused kernel) and with plain "sdpa", against a straightforward baseline:
 the same network with the "math" backend (explicit einsum attention, float32 softmax) under ``torch.no_grad``;
 with --bf16 also our path and the baseline under bf16 autocast (the baseline's softmax stays float32); with
@@ -73,10 +73,10 @@ import warnings
 
 import torch
 
-from pmf.model import Attention, build_model
-from pmf.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
-from pmf.rng import PerSampleGenerator
-from pmf.sampler import sample
+from pmf.method.model import Attention, build_model
+from pmf.method.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
+from pmf.method.rng import PerSampleGenerator
+from pmf.method.sampler import sample
 from pmf.train.optim import OptimConfig, build_optimizer
 from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype
 
@@ -273,9 +273,9 @@ def sampling_throughput(args, device) -> dict:
 
 def breakdown_lean(net, x, y, device, iters: int) -> dict:
     """Median milliseconds (CPU time on CPU, synchronised wall time on CUDA) of the lean step's parts and of the
-    flow-matching step's forward and backward, from timers wrapped around pmf.objective's named steps."""
-    import pmf.objective as O
-    import pmf.objective_lean as L
+    flow-matching step's forward and backward, from timers wrapped around pmf.method.objective's named steps."""
+    import pmf.method.objective as O
+    import pmf.method.objective_lean as L
 
     on_cpu = device.type == "cpu"
 
@@ -294,7 +294,7 @@ def breakdown_lean(net, x, y, device, iters: int) -> dict:
         return run
 
     names = {"guidance_velocities": "c: guidance (no grad)", "u_and_dudt": "c: u, du/dt, v (with grad)",
-             "tangent_pass": "c:   of which the tangent pass"}  # pmf.objective_lean's lean passes
+             "tangent_pass": "c:   of which the tangent pass"}  # pmf.method.objective_lean's lean passes
     saved = {n: getattr(L, n) for n in names}
     try:
         for n, label in names.items():
@@ -368,7 +368,7 @@ def _fsdp_worker(rank, world, port, args, out_dir):
     ``pmf.train.fsdp.shard_model``), every configuration of FSDP_CONFIGS on both, round-robin in this process. The
     unsharded steps of all ranks run at the same time as N independent single processes on the same cores, so
     both kinds see the same load; the sharded steps add the all-gathers, reduce-scatters and FSDP's hooks."""
-    from pmf.train import dist as pdist
+    from pmf.parallel import dist as pdist
     from pmf.train import fsdp as pfsdp
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
@@ -597,7 +597,7 @@ def compiled_step_comparison(args, device) -> dict:
 def meta_host_time(args) -> dict:
     """Host time per eager step with the network and batch on the ``meta`` device (shapes only: what is left is the
     host's work: Python, dispatcher, autograd), pMF lean step and flow matching, and the aten ops each dispatches."""
-    from pmf.model import PMFDiT, MODELS
+    from pmf.method.model import PMFDiT, MODELS
 
     with torch.device("meta"):
         net = PMFDiT(**MODELS[args.model].kwargs)

@@ -1,4 +1,4 @@
-"""`pmf ablate` (pmf.ablate): a tiny two-arm suite runs end to end through the real training subprocess and the
+"""`pmf ablate` (pmf.studies.ablate): a tiny two-arm suite runs end to end through the real training subprocess and the
 Fashion-MNIST metric (random-weight classifier injected), resumes without redoing finished runs, and builds its table
 from the run directories' files."""
 
@@ -10,9 +10,9 @@ import time
 import pytest
 import torch
 
-from pmf import ablate
-from pmf.ablate import Arm, SuiteSettings, run_suite
 from pmf.eval.fmnist import FashionCNN
+from pmf.studies import ablate
+from pmf.studies.ablate import Arm, SuiteSettings, run_suite
 
 
 def tiny_suite():

@@ -1,5 +1,5 @@
-"""pmf.attention: the three backends agree; the custom forward-mode rule of "jvp_sdpa" equals autodiff through the
-math path and finite differences; its backward equals autograd; training's backward through the primal output of
+"""pmf.method.attention: the three backends agree; the custom forward-mode rule of "jvp_sdpa" equals autodiff through
+the math path and finite differences; its backward equals autograd; training's backward through the primal output of
 torch.func.jvp gives the math path's gradients; plain SDPA cannot be forward-differentiated."""
 
 import itertools
@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from pmf.attention import BACKENDS, attention
-from pmf.model import Block, FinalLayer, build_model
+from pmf.method.attention import BACKENDS, attention
+from pmf.method.model import Block, FinalLayer, build_model
 
 F64 = torch.float64
 

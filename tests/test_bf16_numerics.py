@@ -13,8 +13,8 @@ import dataclasses
 import pytest
 import torch
 
-from pmf.model import build_model
-from pmf.objective import Draws, ObjectiveConfig, pmf_loss, sample_draws
+from pmf.method.model import build_model
+from pmf.method.objective import Draws, ObjectiveConfig, pmf_loss, sample_draws
 from pmf.train.speed import autocast_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,5 +1,5 @@
 """Outputs that grow with --num are written batch by batch (memory does not grow with N), and a request the disk
-or memory cannot hold is refused before work with the size it needs (pmf.images writers, pmf.userfiles)."""
+or memory cannot hold is refused before work with the size it needs (pmf.data.images writers, pmf.io.userfiles)."""
 
 import os
 import signal
@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-import pmf.userfiles
 from pmf.cli import main as cli_main
+from pmf.data.images import npz_sample_writer, png_grid_writer, save_grid
 from pmf.errors import EXIT_USAGE
-from pmf.export import export_model
-from pmf.images import npz_sample_writer, png_grid_writer, save_grid
-from pmf.model import PMFDiT
+from pmf.io.export import export_model
+import pmf.io.userfiles
+from pmf.method.model import PMFDiT
 
 KW = dict(input_size=4, patch_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,
           aux_head_depth=1, bottleneck_dim=4, num_class_tokens=1, num_time_tokens=1, num_cfg_tokens=1,
@@ -61,7 +61,7 @@ def test_the_streamed_archive_round_trips_images_and_labels(tmp_path):
                                         ("big.png", "a grid of 1000000000000 samples need")])
 def test_an_output_the_disk_cannot_hold_is_refused_before_sampling(export, tmp_path, capsys, monkeypatch, out,
                                                                    expect):
-    monkeypatch.setattr("pmf.sampler.sample", lambda *a, **k: pytest.fail("sampled before the size check"))
+    monkeypatch.setattr("pmf.method.sampler.sample", lambda *a, **k: pytest.fail("sampled before the size check"))
     rc = cli_main(["sample", "--checkpoint", str(export), "--device", "cpu", "--num", str(10**12), "--out",
                    str(tmp_path / out)])
     err = capsys.readouterr().err.strip()
@@ -75,7 +75,7 @@ def test_evaluations_too_large_for_memory_or_the_seeds_are_refused(export, tmp_p
     err = capsys.readouterr().err.strip()
     assert rc == EXIT_USAGE and "--num=10000001 exceeds 10,000,000" in err, err
     np.savez(tmp_path / "s.npz", np.zeros((1000, 28, 28, 1), np.uint8), np.zeros(1000, np.int64))
-    monkeypatch.setattr(pmf.userfiles, "available_memory", lambda: 10**6)  # 1 MB left
+    monkeypatch.setattr(pmf.io.userfiles, "available_memory", lambda: 10**6)  # 1 MB left
     monkeypatch.setattr("pmf.eval.samples.fmnist_extractor_and_reference", lambda *a, **k: pytest.fail("too late"))
     rc = cli_main(["eval", "--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
     err = capsys.readouterr().err.strip()

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from pmf.atomic import atomic_save, atomic_write_text
-from pmf.export import export_model, load_exported
+from pmf.io.export import export_model, load_exported
+from pmf.method.model import MODELS, build_model
 from pmf.train.checkpoint import load_latest, save_training_state
-from pmf.model import MODELS, build_model
+from pmf.util.atomic import atomic_save, atomic_write_text
 
 TINY = "pMF-tiny"
 

@@ -1,12 +1,12 @@
-"""Activation checkpointing (``train.activation_checkpointing``, :meth:`pmf.model.PMFDiT.run_blocks`): the same
+"""Activation checkpointing (``train.activation_checkpointing``, :meth:`pmf.method.model.PMFDiT.run_blocks`): the same
 loss and parameter gradients as the plain forward, through both JVP paths of ``pmf_loss`` (the lean forward-mode
 dual numbers and ``torch.func.jvp``), and less memory kept for the backward."""
 
 import pytest
 import torch
 
-from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, pmf_loss
+from pmf.method.model import build_model
+from pmf.method.objective import ObjectiveConfig, pmf_loss
 from pmf.train.plan import loss_saved_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")

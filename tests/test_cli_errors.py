@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-import pmf.train.dryrun
-import pmf.train.loop
 from pmf.cli import main as cli_main
 from pmf.errors import EXIT_USAGE
-from pmf.export import export_model
-from pmf.model import PMFDiT
+from pmf.io.export import export_model
+from pmf.method.model import PMFDiT
+import pmf.train.dryrun
+import pmf.train.loop
 
 TINY = ["--set", "train.threads=1", "--set", "train.device=cpu"]
 KW = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,

@@ -58,8 +58,9 @@ def test_compile_with_fsdp2_is_refused_with_the_reason(mode):
 def _fsdp_compiled_worker(rank, port, out_dir):
     """A compiled step over an FSDP2-sharded pMF-tiny: the CompileError it raises, per rank."""
     import pmf.train.speed as speed
-    from pmf.model import build_model
-    from pmf.objective import ObjectiveConfig, PerSampleGenerator, pmf_loss
+    from pmf.method.model import build_model
+    from pmf.method.objective import ObjectiveConfig, pmf_loss
+    from pmf.method.rng import PerSampleGenerator
     from pmf.train import fsdp
 
     _join_group(rank, port)

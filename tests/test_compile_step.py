@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-import pmf.train.speed as speed
-from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, PerSampleGenerator, lean_rows, pmf_loss, sample_draws
-from pmf.objective_lean import row_buckets
+from pmf.method.model import build_model
+from pmf.method.objective import lean_rows, ObjectiveConfig, pmf_loss, sample_draws
+from pmf.method.objective_lean import row_buckets
+from pmf.method.rng import PerSampleGenerator
 from pmf.train.config import load_config
 from pmf.train.loop import train
+import pmf.train.speed as speed
 from pmf.train.speed import CompileError, StepCompiler, compile_step
 from pmf.train.validate import ConfigError, validate_config
 
@@ -104,7 +105,7 @@ def test_compilations_stay_at_the_bound_over_100_steps():
     compiled = compile_step(pmf_loss, True, recompile_limit=row_buckets(16))
     compiled.compiler.backend = "eager"
     jvp_sizes, guide_sizes = set(), set()
-    from pmf.objective import objective_at
+    from pmf.method.objective import objective_at
 
     for step in range(100):
         cfg = objective_at(cfg0, step * 16)
@@ -124,7 +125,7 @@ def test_compilations_stay_at_the_bound_over_100_steps():
 def test_graph_break_is_an_error_naming_it(monkeypatch):
     """A graph break in the step (here: one forced into the lean passes) raises CompileError with Dynamo's reason
     instead of running the step in pieces or eagerly."""
-    import pmf.objective_lean as lean
+    import pmf.method.objective_lean as lean
 
     real = lean.guidance_velocities
 

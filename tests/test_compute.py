@@ -1,11 +1,11 @@
-"""Model compute (pmf.compute): the meta-device count equals a hand count of the layers, and the six paper sizes
+"""Model compute (pmf.method.compute): the meta-device count equals a hand count of the layers, and the six paper sizes
 match the paper's parameters and Gflops (multiply-accumulates, generator only; pMF Sec. 6.3, Tab. 5-7) within 2 %."""
 
 import pytest
 import torch
 
-from pmf.compute import compute_report, macs_per_forward, param_counts
-from pmf.model import MODELS, PMFDiT
+from pmf.method.compute import compute_report, macs_per_forward, param_counts
+from pmf.method.model import MODELS, PMFDiT
 
 # (generator params in M, Gflops per forward) as the paper reports them
 PAPER = {"pMF-B/16": (118, 33), "pMF-L/16": (410, 117), "pMF-H/16": (956, 271),

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from pmf.cli import main as cli_main
+from pmf.method.model import MODELS
 from pmf.train.config import PRESET_DIR, list_presets, load_config
 from pmf.train.validate import ConfigError, validate_config
-from pmf.model import MODELS
 
 GFLOPS = {"pmf-b16-in256": 33, "pmf-l16-in256": 117, "pmf-h16-in256": 271, "pmf-b32-in512": 34,
           "pmf-l32-in512": 117, "pmf-h32-in512": 272}  # pMF Sec. 6.3 / Tab. 6-7
@@ -110,7 +110,7 @@ def test_dry_run_of_official_preset(preset, tmp_path, capsys, monkeypatch):
     assert summary["accum_steps"] * summary["micro_batch_per_device"] == 1024  # the preset's accumulation
     assert summary["params_M_inference"] == pytest.approx(params_m, abs=0.1)  # recount from the official code
     assert summary["params_M"] > summary["params_M_inference"]  # + the training-only v-head
-    # the paper's compute keys (pmf.compute; Sec. 6.3: Gflops as multiply-accumulates, generator only)
+    # the paper's compute keys (pmf.method.compute; Sec. 6.3: Gflops as multiply-accumulates, generator only)
     assert summary["params_generator_M"] == pytest.approx(summary["params_M_inference"], abs=1e-3)
     assert summary["params_training_M"] == pytest.approx(summary["params_M"], abs=1e-3)
     assert summary["gflops_per_forward"] == pytest.approx(GFLOPS[preset], rel=0.02)

@@ -1,4 +1,4 @@
-"""Official checkpoint import (pmf.convert). Official-layout state dicts are built from our own model through
+"""Official checkpoint import (pmf.io.convert). Official-layout state dicts are built from our own model through
 ``ours_to_official``, so "reproduces outputs exactly" means the import changes no value and misses no key."""
 
 import math
@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmf.export import load_exported
-from pmf.hub import load_pretrained
-from pmf.convert import (
+from pmf.io.export import load_exported
+from pmf.io.hub import load_pretrained
+from pmf.io.convert import (
     ROPE_KEY,
     import_official_main,
     load_official,
@@ -18,7 +18,7 @@ from pmf.convert import (
     ours_to_official,
     rope_freqs,
 )
-from pmf.model import MODELS, PMFDiT, build_model, rope_2d_angles
+from pmf.method.model import MODELS, PMFDiT, build_model, rope_2d_angles
 
 TINY = "pMF-tiny"  # grid 4 (N = 16), hidden 32, 2 heads (head_dim 16), depth 3, aux 1
 

@@ -1,4 +1,4 @@
-"""pmf.train.data: IDX parsing and checksums, pixel range, the sharded resumable sampler, ImageFolder + ADM crop.
+"""pmf.data.datasets: IDX parsing and checksums, pixel range, the sharded resumable sampler, ImageFolder + ADM crop.
 
 No test touches the network: the downloader is monkeypatched wherever the lookup could reach it.
 """
@@ -14,9 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pmf.images import to_model_range, to_uint8
-from pmf.train import data
-from pmf.train.data import (
+from pmf.data import datasets
+from pmf.data.images import to_model_range, to_uint8
+from pmf.data.datasets import (
     ChecksumError,
     EpochSampler,
     ImageFolderDataset,
@@ -27,9 +27,9 @@ from pmf.train.data import (
     parse_idx,
 )
 
-DEB = Path(data.DEBIAN_DIR)
-_REAL_DOWNLOAD = data._download  # kept before the fixture below replaces it
-_HAVE_DEB = all((DEB / f"{s}.gz").is_file() for pair in data._FILES.values() for s in pair)
+DEB = Path(datasets.DEBIAN_DIR)
+_REAL_DOWNLOAD = datasets._download  # kept before the fixture below replaces it
+_HAVE_DEB = all((DEB / f"{s}.gz").is_file() for pair in datasets._FILES.values() for s in pair)
 needs_fmnist = pytest.mark.skipif(
     not _HAVE_DEB, reason=f"Fashion-MNIST files absent from {DEB} (apt-get install dataset-fashion-mnist)"
 )
@@ -41,10 +41,10 @@ def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("PMF_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("PMF_FASHION_MNIST", raising=False)
 
-    def offline(url, timeout=data.DOWNLOAD_TIMEOUT_S):
+    def offline(url, timeout=datasets.DOWNLOAD_TIMEOUT_S):
         raise urllib.error.URLError("[Errno -2] Name or service not known (test: offline)")
 
-    monkeypatch.setattr(data, "_download", offline)
+    monkeypatch.setattr(datasets, "_download", offline)
 
 
 def _idx_bytes(arr: np.ndarray) -> bytes:
@@ -118,10 +118,10 @@ def test_truncated_gz_is_a_clear_error(tmp_path):
 def test_env_root_with_unpacked_files(tmp_path, monkeypatch):
     root = tmp_path / "fm"
     root.mkdir()
-    for stem in data._FILES["test"]:
+    for stem in datasets._FILES["test"]:
         (root / stem).write_bytes(gzip.decompress((DEB / f"{stem}.gz").read_bytes()))
     monkeypatch.setenv("PMF_FASHION_MNIST", str(root))
-    monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", str(tmp_path / "nothing"))
     x, y = load_fashion_mnist("test")
     assert x.shape == (10000, 1, 28, 28) and torch.bincount(y).tolist() == [1000] * 10
 
@@ -129,7 +129,7 @@ def test_env_root_with_unpacked_files(tmp_path, monkeypatch):
 def test_no_data_error_names_both_fixes(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", str(tmp_path / "no-debian"))
     with pytest.raises(FileNotFoundError) as info:
         load_fashion_mnist("train", root=empty)
     msg = str(info.value)
@@ -145,7 +145,7 @@ def test_download_gives_up_fast_when_the_connection_hangs(monkeypatch):
     """A hanging connect/DNS lookup (here: a fake urlopen that sleeps) ends in TimeoutError after `timeout` s."""
     import time
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: time.sleep(5))
+    monkeypatch.setattr(datasets.urllib.request, "urlopen", lambda url, timeout: time.sleep(5))
     t0 = time.monotonic()
     with pytest.raises(TimeoutError, match="within 0.2 s"):
         _REAL_DOWNLOAD("http://example.invalid/x.gz", timeout=0.2)
@@ -153,8 +153,8 @@ def test_download_gives_up_fast_when_the_connection_hangs(monkeypatch):
 
 
 def test_corrupt_download_is_rejected_and_not_cached(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "no-debian"))
-    monkeypatch.setattr(data, "_download", lambda url, timeout=10: gzip.compress(b"\0\0\x08\x01garbage"))
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(datasets, "_download", lambda url, timeout=10: gzip.compress(b"\0\0\x08\x01garbage"))
     with pytest.raises(FileNotFoundError, match="ChecksumError"):
         load_fashion_mnist("test", root=tmp_path / "empty")
     cache = tmp_path / "cache" / "fashion-mnist"
@@ -163,18 +163,18 @@ def test_corrupt_download_is_rejected_and_not_cached(tmp_path, monkeypatch):
 
 @needs_fmnist
 def test_download_writes_verified_files_into_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", str(tmp_path / "no-debian"))
     urls = []
 
     def fake_download(url, timeout=10):  # serves the package's (recompressed) files: content MD5 matches
         urls.append(url)
         return (DEB / url.rsplit("/", 1)[1]).read_bytes()
 
-    monkeypatch.setattr(data, "_download", fake_download)
+    monkeypatch.setattr(datasets, "_download", fake_download)
     x, y = load_fashion_mnist("test")
     assert x.shape == (10000, 1, 28, 28)
     assert [u.rsplit("/", 1)[1] for u in urls] == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
-    assert all(u.startswith(data.FASHION_MNIST_URL) for u in urls)
+    assert all(u.startswith(datasets.FASHION_MNIST_URL) for u in urls)
     cache = tmp_path / "cache" / "fashion-mnist"
     assert sorted(p.name for p in cache.iterdir()) == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
     urls.clear()

@@ -1,4 +1,4 @@
-"""pmf.train.dist.GradReducer: bucketed, asynchronous gradient all-reduce on 2 gloo processes. The reduced gradients
+"""pmf.parallel.dist.GradReducer: bucketed, asynchronous gradient all-reduce on 2 gloo processes. The reduced gradients
 equal the mean of the per-rank gradients computed independently in one process; the first bucket is launched while
 backward still runs; earlier micro-batches launch nothing; unused and rank-dependent parameters agree across ranks."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pmf.train import dist
+from pmf.parallel import dist
+from pmf.parallel.dist import GradReducer
 from pmf.train.config import load_config
-from pmf.train.dist import GradReducer
 from pmf.train.loop import train
 
 from test_dist import SETS, _join_group, _restore_threads, assert_runs_match, run_two, two_process_results  # noqa: F401 (autouse fixture)

@@ -1,4 +1,5 @@
-"""Multi-process training (pmf.train.dist, pmf.train.loop) with 2 gloo processes on CPU: 1-vs-2-process parity, a broken
+"""Multi-process training (pmf.parallel.dist, pmf.train.loop) with 2 gloo processes on CPU: 1-vs-2-process parity, a
+broken
 gradient sync is caught, every rank takes the same branch before a collective, helpers are no-ops in one process."""
 
 import json
@@ -14,12 +15,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pmf.train import dist
+from pmf.method.model import build_model
+from pmf.method.objective import ObjectiveConfig, pmf_loss
+from pmf.method.rng import PerSampleGenerator
+from pmf.parallel import dist
 from pmf.train.checkpoint import load_latest
 from pmf.train.config import load_config
-from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, pmf_loss
-from pmf.rng import PerSampleGenerator
 from pmf.train.loop import train
 
 # 3 steps of a global batch of 16; a log record and a cross-rank parameter check after every step.

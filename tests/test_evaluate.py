@@ -14,9 +14,8 @@ import scipy.linalg
 import torch
 from PIL import Image
 
+from pmf.eval import fmnist as clf, generate as ev
 import pmf.eval.metrics
-from pmf.eval import fmnist as clf
-from pmf.eval import generate as ev
 from pmf.eval.generate import (
     Metric,
     batches,
@@ -34,10 +33,10 @@ from pmf.eval.stats import (
     load_ref_stats,
     save_ref_stats,
 )
-from pmf.images import to_uint8
-from pmf.model import PMFDiT, build_model
-from pmf.sampler import noise_from_seeds
-from pmf.train.data import center_crop_adm
+from pmf.data.datasets import center_crop_adm
+from pmf.data.images import to_uint8
+from pmf.method.model import PMFDiT, build_model
+from pmf.method.sampler import noise_from_seeds
 
 
 @pytest.fixture(autouse=True)
@@ -457,7 +456,7 @@ def test_evaluate_generator_equals_one_shot_numpy():
 def _two_rank_eval(rank, port, out_dir):
     import os
 
-    from pmf.train import dist
+    from pmf.parallel import dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE="2")
@@ -495,8 +494,8 @@ def test_evaluate_generator_two_processes_match_one(tmp_path):
 
 def tiny_run_dir(tmp_path, ema="ema_hl500"):
     """A run directory as training leaves it: config.json (sample.ema) and export/{ema}.safetensors."""
-    from pmf.export import export_model
-    from pmf.model import MODELS
+    from pmf.io.export import export_model
+    from pmf.method.model import MODELS
 
     kwargs = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
     net = randomised(PMFDiT(**kwargs))

@@ -1,4 +1,4 @@
-"""Folder walks (pmf.train.filelist, shared by training, prepare-data and ref-stats) never follow a link out of the
+"""Folder walks (pmf.data.filelist, shared by training, prepare-data and ref-stats) never follow a link out of the
 source or into a loop, read file links only inside the source, say what they skipped, and warn about class folders
 without images. The hostile tree of issue 33 is built here."""
 
@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from pmf.cli import main as cli_main
-from pmf.train import filelist
+from pmf.data import filelist
 
 
 def png(path, value=0):

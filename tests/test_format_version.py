@@ -1,4 +1,4 @@
-"""One format version (pmf.export.FORMAT_VERSION) for what pmf writes: exports, Hugging Face folders, training
+"""One format version (pmf.io.export.FORMAT_VERSION) for what pmf writes: exports, Hugging Face folders, training
 states. New files carry it; a file of any other version, or without one, or a training state without its checksum,
 is refused with one line naming the file (a PmfError: exit status 2 from the CLI), never read in another meaning."""
 
@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from pmf.errors import PmfError
-from pmf.export import FORMAT_VERSION, UnsupportedFormat, export_model, load_exported
-from pmf.model import MODELS, PMFDiT
+from pmf.io.export import FORMAT_VERSION, UnsupportedFormat, export_model, load_exported
+from pmf.method.model import MODELS, PMFDiT
 from pmf.train.checkpoint import DAMAGED_SUFFIX, STATE_DIR, load_latest, payload_digest, save_training_state
 
 TINY_KW = {**MODELS["pMF-tiny"].kwargs, "v_head": False}

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmf.train import dist
+from pmf.parallel import dist
 
 from pmf.train import fsdp
 from pmf.train.config import load_config
-from pmf.train.validate import validate_config
 from pmf.train.loop import train
+from pmf.train.validate import validate_config
 
 from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, two_process_results
 
@@ -41,7 +41,7 @@ def _restore_threads():
 def _perturbed_tiny(seed: int = 0):
     """pMF-tiny with its zero-initialised gates and final layers moved off zero, so every parameter gets a
     gradient and the u-head output depends on the weights."""
-    from pmf.model import build_model
+    from pmf.method.model import build_model
 
     torch.manual_seed(seed)
     net = build_model("pMF-tiny")
@@ -54,8 +54,8 @@ def _perturbed_tiny(seed: int = 0):
 def _findings_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-    from pmf.objective import ObjectiveConfig, pmf_loss, sample_draws, u_and_dudt
-    from pmf.rng import PerSampleGenerator
+    from pmf.method.objective import ObjectiveConfig, pmf_loss, sample_draws, u_and_dudt
+    from pmf.method.rng import PerSampleGenerator
 
     _join_group(rank, port)
     out = {}

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmf.train import dist, fsdp
+from pmf.parallel import dist
+from pmf.train import fsdp
 from pmf.train.config import load_config
 from pmf.train.loop import train
 
@@ -25,7 +26,7 @@ STEPS = 3  # optimizer steps of the trajectories
 
 def _perturbed_tiny(seed: int = 0):
     """pMF-tiny with its zero-initialised gates and final layers moved off zero (every parameter gets a gradient)."""
-    from pmf.model import build_model
+    from pmf.method.model import build_model
 
     torch.manual_seed(seed)
     net = build_model("pMF-tiny")
@@ -46,9 +47,9 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 def _worker(rank, port, out_dir):
-    from pmf.objective import ObjectiveConfig, lean_rows, pmf_loss, sample_draws, u_and_dudt
-    from pmf.rng import PerSampleGenerator
-    from pmf.objective_lean import u_and_dudt as u_and_dudt_lean
+    from pmf.method.objective import ObjectiveConfig, lean_rows, pmf_loss, sample_draws, u_and_dudt
+    from pmf.method.rng import PerSampleGenerator
+    from pmf.method.objective_lean import u_and_dudt as u_and_dudt_lean
     from pmf.train.speed import autocast_context
 
     _join_group(rank, port)
@@ -132,7 +133,7 @@ def _worker(rank, port, out_dir):
         # 3. One rank without forward-mode rows: with 7 of 8 samples at r = t (the pattern is over global indices)
         #    rank 1 holds none. Its lean passes still make every collective call (on no rows), so nothing hangs,
         #    and the run equals one process.
-        from pmf.objective import fm_pattern
+        from pmf.method.objective import fm_pattern
 
         out["uneven_jvp_rows"] = int((~fm_pattern(mine, 0.875)).sum())
         out["uneven"] = compare(trajectory("lean", True, proportion=0.875),
@@ -181,8 +182,9 @@ def test_lean_passes_through_fully_shard(results):
 
 
 def test_lean_fsdp_equals_one_process_and_reference(results):
-    """Loss and loss_u at every step (1e-5), reduce-scattered gradients at the first step and weights after 3 AdamW steps
-    (per tensor, 1e-4) of lean under FSDP2 equal lean in one process on the whole batch, and reference under FSDP2.
+    """Loss and loss_u at every step (1e-5), reduce-scattered gradients at the first step and weights after 3 AdamW
+    steps (per tensor, 1e-4) of lean under FSDP2 equal lean in one process on the whole batch, and reference under
+    FSDP2.
     All parameters receive a reduce-scattered gradient at every step (check_gradients_reduced, in the worker)."""
     for r in results:
         for name, c in r["fp32"].items():

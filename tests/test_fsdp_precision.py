@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from pmf.train import dist, fsdp, parallel
-from pmf.train.config import load_config
-from pmf.train.config import model_kwargs
+from pmf.parallel import dist
+from pmf.train import fsdp, modes
+from pmf.train.config import load_config, model_kwargs
 from pmf.train.step_end import end_of_step
 
 from test_dist import _join_group, two_process_results
@@ -21,7 +21,7 @@ B_GLOBAL, B_LOCAL = 8, 4
 
 def _perturbed_state(kw: dict) -> dict:
     """tiny-test weights with the zero-initialised gates and final layers moved off zero (every block acts)."""
-    from pmf.model import PMFDiT
+    from pmf.method.model import PMFDiT
 
     torch.manual_seed(0)
     net = PMFDiT(**kw)
@@ -35,7 +35,7 @@ def _one_step(net, strategy, cfg, x, y, gen) -> dict:
     """Block-input dtypes, the linear weights' dtype inside the blocks, the global loss and the reduced gradients of
     one bf16 micro-batch (the loss: loss_u, the raw MSE; the adaptively weighted total sits near its number of
     terms by construction)."""
-    from pmf.objective import pmf_loss
+    from pmf.method.objective import pmf_loss
     from pmf.train.speed import autocast_context
 
     inputs, weights, handles = set(), set(), []
@@ -60,7 +60,7 @@ def _one_step(net, strategy, cfg, x, y, gen) -> dict:
 def _worker(rank, port, out_dir):
     from torch.distributed.fsdp import fully_shard
 
-    from pmf.rng import PerSampleGenerator
+    from pmf.method.rng import PerSampleGenerator
 
     _join_group(rank, port)
     out = {}
@@ -81,7 +81,7 @@ def _worker(rank, port, out_dir):
         for mode, sets in (("ddp", []), ("fsdp", ["train.parallel=fsdp"]),
                            ("hsdp", ["train.parallel=hsdp", "train.hsdp_shard_size=1"])):
             cfg = load_config("tiny-test", overrides=["train.device=cpu", "train.precision=bf16", *sets])
-            strategy = parallel.make_strategy(cfg, cpu)
+            strategy = modes.make_strategy(cfg, cpu)
             net = strategy.build_net(kw)
             if strategy.sharded:
                 fsdp.load_full_model_state_dict(net, state)
@@ -91,8 +91,8 @@ def _worker(rank, port, out_dir):
 
         # The contrast: one bf16 policy per unit, as FSDP2 is usually set up (every parameter gathered in bf16).
         cfg = load_config("tiny-test", overrides=["train.device=cpu", "train.precision=bf16", "train.parallel=fsdp"])
-        strategy = parallel.make_strategy(cfg, cpu)
-        net = parallel.PMFDiT(**kw)
+        strategy = modes.make_strategy(cfg, cpu)
+        net = modes.PMFDiT(**kw)
         net.load_state_dict(state)
         for blk in fsdp.blocks_of(net):
             fully_shard(blk, mp_policy=fsdp.mixed_precision("bf16"))

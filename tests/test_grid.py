@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pmf.images import to_uint8
-from pmf.model import build_model
-from pmf.sampler import noise_from_seeds, sample
+from pmf.data.images import to_uint8
+from pmf.method.model import build_model
+from pmf.method.sampler import noise_from_seeds, sample
 from pmf.train.config import load_config
 from pmf.train.loop import GRID_CHUNK, grid_layout, sample_grid
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-import pmf.eval.metrics
 from pmf.eval.generate import Metric, compute_stats, evaluate_generator, generate
 from pmf.eval.guidance_search import guidance_search, parse_interval
-from pmf.model import MODELS, PMFDiT
+import pmf.eval.metrics
+from pmf.method.model import MODELS, PMFDiT
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -97,7 +97,7 @@ def test_parse_interval():
 
 
 def test_cli_guidance_search(tmp_path, monkeypatch):
-    from pmf.export import export_model
+    from pmf.io.export import export_model
     from pmf.cli import main
 
     kwargs = {**MODELS["pMF-tiny"].kwargs, "v_head": False}

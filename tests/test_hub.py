@@ -1,4 +1,4 @@
-"""Hugging Face layout (pmf.hub) and the CLI's checkpoint forms. Offline, local folders only: a Hub repo id is tested
+"""Hugging Face layout (pmf.io.hub) and the CLI's checkpoint forms. Offline, local folders only: a Hub repo id is tested
 only for its offline error. Truth: the network that was saved (bit-identical outputs after a round trip),
 ``load_official`` for imported weights, and PMFDiT's own signature for the recorded kwargs."""
 
@@ -17,11 +17,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from pmf.cli import _load_net, main
-from pmf.convert import load_official, ours_to_official
-from pmf.export import export_model
-from pmf.hub import (CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, HubUnavailableError, load_pretrained,
+from pmf.io.convert import load_official, ours_to_official
+from pmf.io.export import export_model
+from pmf.io.hub import (CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, HubUnavailableError, load_pretrained,
                      model_card)
-from pmf.model import MODELS, PMFDiT, build_model
+from pmf.method.model import MODELS, PMFDiT, build_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = "pMF-tiny"
@@ -255,7 +255,7 @@ def test_every_checkpoint_form_loads_the_same_network(tmp_path, monkeypatch):
 
 def test_local_layout_works_without_huggingface_hub_and_diffusers(tmp_path):
     """A fresh interpreter where huggingface_hub and diffusers cannot be imported: import pmf, save, load, the CLI
-    resolution all work; a repo id and pmf.pipelines fail with errors that name the extra to install."""
+    resolution all work; a repo id and pmf.io.pipelines fail with errors that name the extra to install."""
     code = f"""
 import sys
 class Block:
@@ -264,7 +264,7 @@ class Block:
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import torch
-from pmf.model import PMFDiT, build_model
+from pmf.method.model import PMFDiT, build_model
 net = build_model("pMF-tiny")
 net.save_pretrained({str(tmp_path / 'm')!r})
 assert PMFDiT.from_pretrained({str(tmp_path / 'm')!r}).state_dict().keys() == net.state_dict().keys()
@@ -273,7 +273,7 @@ try:
 except FileNotFoundError as e:
     assert "pixel-meanflow[hub]" in str(e), e
 try:
-    import pmf.pipelines
+    import pmf.io.pipelines
 except ImportError as e:
     assert "pixel-meanflow[diffusers]" in str(e), e
 print("ok")

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pmf.data.images import to_model_range
 from pmf.eval import inception as inc
-from pmf.images import to_model_range
 
 GOLDEN = Path(__file__).parent / "golden" / "inception_keys.txt"
 TOP_LEVEL = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "Mixed_5b",

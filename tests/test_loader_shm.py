@@ -1,4 +1,4 @@
-"""The loader's shared-memory need (pmf.train.data.shared_memory_line): DataLoader workers hand their batches over
+"""The loader's shared-memory need (pmf.data.datasets.shared_memory_line): DataLoader workers hand their batches over
 in /dev/shm, which a container gives 64 MB by default; the need is printed at start and a too-small /dev/shm is
 named with its fix before the workers die with a bus error."""
 
@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pmf.train import data
-from pmf.train.data import ShardedLoader, shared_memory_line, shared_memory_need
+from pmf.data import datasets
+from pmf.data.datasets import ShardedLoader, shared_memory_line, shared_memory_need
 
 MB = 10**6
 
@@ -41,7 +41,7 @@ def test_the_loader_warns_at_start_when_shm_is_too_small(monkeypatch):
     images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
     labels = torch.zeros(64, dtype=torch.int64)
     loader = ShardedLoader((images, labels), 16, num_workers=1)
-    monkeypatch.setattr(data.os, "statvfs", _statvfs(10_000))
+    monkeypatch.setattr(datasets.os, "statvfs", _statvfs(10_000))
     with pytest.warns(RuntimeWarning, match=r"1 workers x 2 prefetched batches of 0\.0 MB need 0\.00 GB.*--ipc=host"):
         x, y = next(iter(loader))
     assert x.shape == (16, 3, 32, 32)

@@ -1,4 +1,5 @@
-"""pmf.model: parameter counts of the paper sizes, zero init, the x -> u conversion and its pre-conditioned variants,
+"""pmf.method.model: parameter counts of the paper sizes, zero init, the x -> u conversion and its pre-conditioned
+variants,
 conditioning semantics and token layout, 2-D RoPE, unpatchify, and the network JVP against finite differences."""
 
 import math
@@ -6,8 +7,8 @@ import math
 import pytest
 import torch
 
-import pmf.model as model_mod
-from pmf.model import (
+import pmf.method.model as model_mod
+from pmf.method.model import (
     Block,
     FinalLayer,
     PMFDiT,

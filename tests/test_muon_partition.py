@@ -1,4 +1,4 @@
-"""Muon's Newton-Schulz partitioned across ranks (pmf.train.ns_partition, BatchedMuon(partition=True)): the FLOP
+"""Muon's Newton-Schulz partitioned across ranks (pmf.parallel.ns_partition, BatchedMuon(partition=True)): the FLOP
 assignment against a brute-force optimum, and with 2 and 4 gloo processes the partitioned update against the
 single-process BatchedMuon update, step by step, with each rank orthogonalising only its share."""
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from pmf.train import ns_partition
-from pmf.train.ns_partition import assign_owners, loads, ns_flops
+from pmf.parallel import ns_partition
+from pmf.parallel.ns_partition import assign_owners, loads, ns_flops
 from pmf.train.optim import BatchedMuon
 
 # A mix of shapes: square, tall (transposed inside Newton-Schulz), wide, odd sizes; several shapes hold fewer

@@ -1,4 +1,5 @@
-"""pmf.objective: the pMF loss as the official code implements it (official `pmf.py`: `sample_tr`, `guidance_fn`, `cond_drop`, `forward`).
+"""pmf.method.objective: the pMF loss as the official code implements it (official `pmf.py`: `sample_tr`, `guidance_fn`,
+`cond_drop`, `forward`).
 
 Every test checks against an independent truth: finite differences, closed-form distributions (Kolmogorov-Smirnov
 with a fixed seed, p > 1e-3), a fake network whose velocities are known in closed form, or the algebra of the loss
@@ -14,10 +15,10 @@ import pytest
 import torch
 from scipy import stats
 
-import pmf.objective as obj
-import pmf.objective_lean as lean
-from pmf.model import TimestepEmbedder, build_model
-from pmf.objective import (
+from pmf.method.model import TimestepEmbedder, build_model
+import pmf.method.objective as obj
+import pmf.method.objective_lean as lean
+from pmf.method.objective import (
     Draws,
     ObjectiveConfig,
     adaptive_weight,
@@ -35,7 +36,7 @@ from pmf.objective import (
     sample_draws,
     u_and_dudt,
 )
-from pmf.rng import PerSampleGenerator, keyed_normal
+from pmf.method.rng import PerSampleGenerator, keyed_normal
 
 F64 = torch.float64
 NULL = 3  # pMF-tiny has num_classes = 3; label 3 is the null class
@@ -127,7 +128,7 @@ class FakeNet:
 
 @torch.no_grad()  # as in pmf_loss: the target is a constant
 def guided_target_lean(net, z_t, v_t, y, d, cfg, null_label):
-    """(v_g, v_c) from the lean guidance pass (pmf.objective_lean.guidance_velocities: one inference call with a
+    """(v_g, v_c) from the lean guidance pass (pmf.method.objective_lean.guidance_velocities: one inference call with a
     conditional row for every sample and an unconditional one for each guided sample) and the target formula."""
     guided, omega_m = masked_omega(d)
     every, none = torch.arange(len(d.t)), torch.zeros(0, dtype=torch.long)
@@ -155,7 +156,8 @@ def _steps(net, x, y, d, cfg, with_v=True, impl="reference"):
 
 
 def _spy_jvp(monkeypatch, record):
-    """Wrap both JVP passes (pmf.objective.u_and_dudt, pmf.objective_lean.u_and_dudt) so every call's tangent and
+    """Wrap both JVP passes (pmf.method.objective.u_and_dudt, pmf.method.objective_lean.u_and_dudt) so every call's
+    tangent and
     outputs are recorded, with fn = "reference" or "lean"."""
     for module, name in ((obj, "reference"), (lean, "lean")):
         real = module.u_and_dudt
@@ -466,7 +468,8 @@ def test_draws_tr_uniform():
 
 @pytest.mark.parametrize("beta", [1.0, 2.0])
 def test_draws_omega(beta):
-    """omega on [1, 1 + s], density ~ omega^-beta (official `pmf.py`: `sample_cfg_scale`), s = 7: beta = 1 gives CDF ln w / ln(1 + s);
+    """omega on [1, 1 + s], density ~ omega^-beta (official `pmf.py`: `sample_cfg_scale`), s = 7: beta = 1 gives CDF ln
+    w / ln(1 + s);
     beta = 2 gives CDF (1 - 1/w) / (1 - 1/(1 + s))."""
     s = 7.0
     w = _big_draws(ObjectiveConfig(cfg_beta=beta, cfg_max=s)).omega.double().numpy()

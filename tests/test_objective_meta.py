@@ -11,16 +11,17 @@ import contextlib
 import pytest
 import torch
 
-from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, pmf_loss
-from pmf.rng import PerSampleGenerator
+from pmf.method.model import build_model
+from pmf.method.objective import ObjectiveConfig, pmf_loss
+from pmf.method.rng import PerSampleGenerator
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture
 def meta_autocast(monkeypatch):
-    """``torch.autocast("meta", enabled=False)`` (pmf.attention's tangent rule turns autocast off) raises "unsupported
+    """``torch.autocast("meta", enabled=False)`` (pmf.method.attention's tangent rule turns autocast off) raises
+    "unsupported
     scalarType" in torch 2.13: no autocast exists for meta. A no-op there; every other device keeps torch's."""
     real = torch.autocast
 

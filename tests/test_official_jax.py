@@ -14,8 +14,8 @@ import torch
 pytest.importorskip("tensorstore", reason="the Orbax reader needs tensorstore: pip install 'pixel-meanflow[orbax]'")
 
 from pmf.errors import PmfError  # noqa: E402
-from pmf.orbax_io import read_tree, write_tree  # noqa: E402
-from pmf.official_jax import split_tree  # noqa: E402
+from pmf.io.orbax_io import read_tree, write_tree  # noqa: E402
+from pmf.train.official_jax import split_tree  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_jax"
 FULL, INFER = FIXTURE / "full", FIXTURE / "infer"
@@ -73,7 +73,7 @@ def _cfg(tmp_path, total_kimg=100.018):
 def test_converted_network_reproduces_official_outputs(outputs):
     """params and every EMA copy of the official TrainState, in pmf's network, give the official forward's u and v
     (float32, 1e-5 relative to the largest output)."""
-    from pmf.convert import load_official, ours_to_official
+    from pmf.io.convert import load_official, ours_to_official
 
     state = split_tree(read_tree(FULL))
     assert state.step == int(outputs["step"]) == 100002
@@ -124,7 +124,7 @@ def test_import_export_round_trip_continue_two_steps(tmp_path):
 
 def test_inference_tree_exports_and_matches(tmp_path, outputs):
     """The eval-only tree (no v-head, sgd(0) state, one EMA) -> pmf exports; ema_hl2000 reproduces the official u."""
-    from pmf.export import load_exported
+    from pmf.io.export import load_exported
     from pmf.train.official_run import import_to_export
 
     import_to_export(INFER, tmp_path / "exp", None, OFFICIAL_KWARGS)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmf.model import build_model
+from pmf.method.model import build_model
 from pmf.train import speed
 from pmf.train.ema import EMA, EMASpec, ema_beta
 from pmf.train.optim import (

@@ -1,4 +1,4 @@
-"""The parallel strategies (pmf.train.parallel) with gloo processes on CPU: the same run on 1 process, ddp(2),
+"""The parallel strategies (pmf.train.modes) with gloo processes on CPU: the same run on 1 process, ddp(2),
 fsdp(2) and hsdp(2x2) ends with the same losses and weights; a run resumed from a sharded checkpoint (on the same or
 another layout) equals an uninterrupted one; meta-device initialisation equals the plain CPU build bit for bit;
 the HSDP mesh and the bf16 all-gather policy; sharded states: round trip, damaged-state fallback."""
@@ -11,19 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmf.model import PMFDiT
-from pmf.train import dist, fsdp, parallel, sharded_state
+from pmf.method.model import PMFDiT
+from pmf.parallel import dist
+from pmf.train import fsdp, modes, sharded_state
 from pmf.train.checkpoint import (DAMAGED_SUFFIX, STATE_DIR, load_latest, save_sharded_training_state,
                                   save_training_state)
-from pmf.train.config import load_config
-from pmf.train.validate import validate_config
+from pmf.train.config import load_config, model_kwargs
 from pmf.train.loop import train
-from pmf.train.config import model_kwargs
+from pmf.train.validate import validate_config
 
 from test_dist import ENV, _join_group, assert_close_per_tensor, assert_runs_match, read_log, two_process_results
 
 # The objectives the sharded modes run with: every mode of the parity and resume tests runs with each (the lean
-# objective's forward-mode pass enters FSDP2 units with plain tensors, pmf.objective_lean).
+# objective's forward-mode pass enters FSDP2 units with plain tensors, pmf.method.objective_lean).
 SHARDED_OBJECTIVE_IMPLS = ["reference", "lean"]
 
 # 3 steps of a global batch of 16 in 2 micro-batches; one log record and a cross-rank check per step; checkpoints
@@ -62,7 +62,7 @@ def test_meta_init_equals_the_plain_cpu_build():
     torch.manual_seed(5)
     ref = PMFDiT(**kw)
     after_ref = torch.rand(3)
-    net = parallel.build_initialised(kw, 5, torch.device("cpu"))
+    net = modes.build_initialised(kw, 5, torch.device("cpu"))
     after = torch.rand(3)
     want = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
     got = {**dict(net.named_parameters()), **dict(net.named_buffers())}
@@ -70,14 +70,14 @@ def test_meta_init_equals_the_plain_cpu_build():
     for k, v in want.items():
         assert torch.equal(got[k], v), k
     assert torch.equal(after, after_ref)
-    other = parallel.build_initialised(kw, 6, torch.device("cpu"))
+    other = modes.build_initialised(kw, 6, torch.device("cpu"))
     assert not torch.equal(other.pos_embed, net.pos_embed)
     assert all(not p.is_meta for p in net.parameters())
 
 
 def test_strategy_choice_and_hsdp_mesh_shape(monkeypatch):
-    assert parallel.mode_of("fsdp", 1) == parallel.mode_of("ddp", 1) == "none"
-    assert [parallel.mode_of(m, 4) for m in ("ddp", "fsdp", "hsdp")] == ["ddp", "fsdp", "hsdp"]
+    assert modes.mode_of("fsdp", 1) == modes.mode_of("ddp", 1) == "none"
+    assert [modes.mode_of(m, 4) for m in ("ddp", "fsdp", "hsdp")] == ["ddp", "fsdp", "hsdp"]
     assert fsdp.hsdp_mesh_shape(8, 4) == (2, 4) and fsdp.hsdp_mesh_shape(4, 4) == (1, 4)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # default shard group: the processes of one node
     assert fsdp.hsdp_mesh_shape(8) == (4, 2)
@@ -132,20 +132,20 @@ def test_a_sharded_state_loads_strictly(tmp_path):
     is refused, naming it (DCP alone loads only the tensors asked for and would skip it without a word)."""
     cfg = load_config("tiny-test", overrides=["train.device=cpu"])
     kw = model_kwargs(cfg)
-    strategy = parallel.make_strategy(cfg, torch.device("cpu"), world=1)
+    strategy = modes.make_strategy(cfg, torch.device("cpu"), world=1)
 
     def built():
         net = strategy.build_net(kw)
-        return net, strategy.build_optimizer(net), parallel.EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)
+        return net, strategy.build_optimizer(net), modes.EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)
 
     net, opt, ema = built()
     tensors, extra = sharded_state.split_state(net.state_dict(), opt.state_dict(), ema.state_dict(), {"nimg": 0})
     save_sharded_training_state(tmp_path / "same", 1, tensors, extra, {"nimg": 0})
-    parallel.load_sharded_into(load_latest(tmp_path / "same", lazy_sharded=True), *built())
+    modes.load_sharded_into(load_latest(tmp_path / "same", lazy_sharded=True), *built())
     save_sharded_training_state(tmp_path / "other", 1, {**tensors, "net/extra_scale": torch.ones(3)}, extra,
                                 {"nimg": 0})
     with pytest.raises(ValueError, match=r"1 are not in this run, e\.g\. \['net/extra_scale'\]"):
-        parallel.load_sharded_into(load_latest(tmp_path / "other", lazy_sharded=True), *built())
+        modes.load_sharded_into(load_latest(tmp_path / "other", lazy_sharded=True), *built())
 
 
 def test_sharded_state_round_trip_rotation_and_damaged_fallback(tmp_path):
@@ -220,8 +220,8 @@ def test_dry_run_reports_the_strategy_and_memory_per_mode(tmp_path, monkeypatch)
 def _build_worker(rank, port, out_dir):
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
-    from pmf.objective import ObjectiveConfig, pmf_loss
-    from pmf.rng import PerSampleGenerator
+    from pmf.method.objective import ObjectiveConfig, pmf_loss
+    from pmf.method.rng import PerSampleGenerator
     from pmf.train.speed import autocast_context
 
     _join_group(rank, port)
@@ -235,7 +235,7 @@ def _build_worker(rank, port, out_dir):
         for name, sets in (("fsdp", ["train.parallel=fsdp"]),
                            ("hsdp", ["train.parallel=hsdp", "train.hsdp_shard_size=1"])):
             cfg = load_config("tiny-test", overrides=[*base, *sets])
-            strategy = parallel.make_strategy(cfg, cpu)
+            strategy = modes.make_strategy(cfg, cpu)
             net = strategy.build_net(kw)
             params = dict(net.named_parameters())
             out[f"{name}_all_dtensor"] = all(isinstance(p, DTensor) for p in params.values())
@@ -245,14 +245,14 @@ def _build_worker(rank, port, out_dir):
         out["expected_placements"] = {"fsdp": str((Shard(0),)), "hsdp": str((Replicate(), Shard(0)))}
         try:  # a rank-dependent seed: the copies the shards would be cut from differ, caught on every rank
             cfg = load_config("tiny-test", overrides=[*base, "train.parallel=fsdp", f"train.seed={rank}"])
-            parallel.make_strategy(cfg, cpu).build_net(kw)
+            modes.make_strategy(cfg, cpu).build_net(kw)
             out["seed_mismatch"] = "not caught"
         except dist.ConsistencyError as e:
             out["seed_mismatch"] = str(e)
 
         # bf16: every block computes with bfloat16 weights (all-gathered in bf16); shards, gradients stay fp32.
         cfg = load_config("tiny-test", overrides=[*base, "train.parallel=fsdp", "train.precision=bf16"])
-        net = parallel.make_strategy(cfg, cpu).build_net(kw)
+        net = modes.make_strategy(cfg, cpu).build_net(kw)
         seen = []
         for blk in fsdp.blocks_of(net):  # the linear layers gathered in bf16; the gates (as autocast) float32
             blk.attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(str(m.weight.dtype)))

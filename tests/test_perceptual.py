@@ -1,5 +1,6 @@
-"""pmf.perceptual: paired RandomResizedCrop, LPIPS-VGG16, ConvNeXt-V2 feature loss, the hook in pmf_loss
-(official `utils/auxloss_util.py`). Backbones have random weights (no downloads); crops are tiny (32 px) and the ConvNeXt
+"""pmf.method.perceptual: paired RandomResizedCrop, LPIPS-VGG16, ConvNeXt-V2 feature loss, the hook in pmf_loss
+(official `utils/auxloss_util.py`). Backbones have random weights (no downloads); crops are tiny (32 px) and the
+ConvNeXt
 and VGG widths small, so the suite runs in seconds. Full-size modules are built on the meta device (shapes only)."""
 
 import dataclasses
@@ -9,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, pmf_loss, sample_draws
-from pmf.rng import PerSampleGenerator
-from pmf.perceptual import (
+from pmf.method.model import build_model
+from pmf.method.objective import ObjectiveConfig, pmf_loss, sample_draws
+from pmf.method.rng import PerSampleGenerator
+from pmf.method.perceptual import (
     CONVNEXT_V2_BASE,
     GRN,
     LPIPS,

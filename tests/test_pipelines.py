@@ -1,4 +1,5 @@
-"""The diffusers pipeline (pmf.pipelines) against pmf.sampler.sample: same noise, same labels, same images. Skipped
+"""The diffusers pipeline (pmf.io.pipelines) against pmf.method.sampler.sample: same noise, same labels, same images.
+Skipped
 without diffusers (the optional extra ``pixel-meanflow[diffusers]``). Offline: local folders only."""
 
 import numpy as np
@@ -7,10 +8,10 @@ import torch
 
 pytest.importorskip("diffusers", reason="the diffusers pipeline needs the extra: pip install 'pixel-meanflow[diffusers]'")
 
-from pmf.images import to_uint8  # noqa: E402
-from pmf.model import PMFDiT, build_model  # noqa: E402
-from pmf.pipelines import MeanFlowScheduler, PMFPipeline, PMFTransformer2DModel  # noqa: E402
-from pmf.sampler import sample  # noqa: E402
+from pmf.data.images import to_uint8  # noqa: E402
+from pmf.io.pipelines import MeanFlowScheduler, PMFPipeline, PMFTransformer2DModel  # noqa: E402
+from pmf.method.model import PMFDiT, build_model  # noqa: E402
+from pmf.method.sampler import sample  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LABELS = [0, 1, 2, 3]  # 3 = num_classes: unconditional

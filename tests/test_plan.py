@@ -9,13 +9,12 @@ import warnings
 import pytest
 import torch
 
-import pmf.train.loop
 from pmf.cli import main as cli_main
-from pmf.model import PMFDiT
+from pmf.method.model import PMFDiT
 from pmf.train import plan
-from pmf.train.config import load_config
+from pmf.train.config import load_config, model_kwargs
 from pmf.train.loop import train
-from pmf.train.config import model_kwargs
+import pmf.train.loop
 from pmf.train.speed import _EagerFallback, set_tf32
 
 pytestmark = pytest.mark.usefixtures("one_thread")

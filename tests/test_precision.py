@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from pmf.model import build_model
+from pmf.method.model import build_model
 from pmf.train import speed
 
 

@@ -1,4 +1,4 @@
-"""Preemption (pmf.train.preempt + the loop): SIGTERM / SIGINT / SIGUSR1 stop training after the current step with a
+"""Preemption (pmf.util.preempt + the loop): SIGTERM / SIGINT / SIGUSR1 stop training after the current step with a
 checkpoint and the exports and exit 75; the rerun continues with the same losses as an uninterrupted run, in one
 process and under torchrun with 2 processes (where only one rank gets the signal); a second signal ends the process
 at once, while a repeat within the debounce window (scheduler + launcher) counts as one.
@@ -19,11 +19,11 @@ import pytest
 import torch
 
 from pmf.errors import EXIT_PREEMPTED
-from pmf.export import load_exported
-from pmf.train import preempt
+from pmf.io.export import load_exported
 from pmf.train.checkpoint import load_latest
 from pmf.train.config import load_config
 from pmf.train.loop import train
+from pmf.util import preempt
 
 # 16 steps of 16 images, a log record after every step, checkpoints only when stopping.
 SETS = ["train.total_kimg=0.256", "train.batch_size=16", "train.sample_every_kimg=0", "train.log_every_kimg=0.016",
@@ -99,7 +99,7 @@ def test_a_second_signal_after_the_window_ends_the_process_at_once(tmp_path):
     it by SIGTERM itself, without waiting for the loop."""
     script = textwrap.dedent("""
         import sys, time
-        from pmf.train.preempt import stop_on_signals
+        from pmf.util.preempt import stop_on_signals
         with stop_on_signals() as stop:
             print("ready", flush=True)
             while True:

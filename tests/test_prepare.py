@@ -1,5 +1,5 @@
-"""``pmf prepare-data`` (pmf.train.prepare), the memory-mapped shards (pmf.train.shards) and the one file index
-(pmf.train.filelist): manifest and skipped list on a tree with odd files, byte-identical output for 1 and 3 workers,
+"""``pmf prepare-data`` (pmf.data.prepare), the memory-mapped shards (pmf.data.shards) and the one file index
+(pmf.data.filelist): manifest and skipped list on a tree with odd files, byte-identical output for 1 and 3 workers,
 resume after damage and after a killed run, pixels equal to the ImageFolder path, the same training losses, and the
 reference-statistics scanner reading the same list."""
 
@@ -17,15 +17,15 @@ import pytest
 import torch
 from PIL import Image
 
-import pmf.train.filelist as filelist
 from pmf.cli import main as cli_main
+from pmf.data.datasets import ImageFolderDataset, ShardedLoader
+import pmf.data.filelist as filelist
+from pmf.data.prepare import prepare_data
+from pmf.data.shards import ShardDataset
 from pmf.eval.generate import _ImageFiles, image_source_batches
 from pmf.train.config import load_config
-from pmf.train.data import ImageFolderDataset, ShardedLoader
 from pmf.train.dryrun import dataset_size
 from pmf.train.loop import train
-from pmf.train.prepare import prepare_data
-from pmf.train.shards import ShardDataset
 
 R = 16
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -1,4 +1,4 @@
-"""pmf.rng: SplitMix64 against a pure-Python computation and its published first output, keyed_normal as its
+"""pmf.method.rng: SplitMix64 against a pure-Python computation and its published first output, keyed_normal as its
 Box-Muller transform, distribution and per-seed independence, and the host seed mixer."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import torch
 from scipy import stats
 
-from pmf import rng
+from pmf.method import rng
 
 F64 = torch.float64
 KS_P = 1e-3  # KS tolerance: with the fixed seeds below every p-value must exceed this

@@ -17,13 +17,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import pmf.train.checkpoint as ckpt
-import pmf.train.loop
 from pmf.cli import main as cli_main
 from pmf.errors import EXIT_DIVERGED, EXIT_USAGE, PmfError, RunDirBusy
+import pmf.train.checkpoint as ckpt
 from pmf.train.checkpoint import load_latest, payload_digest, save_training_state
 from pmf.train.config import RunConfig, config_differences, load_config, to_json
 from pmf.train.loop import ConfigMismatch, train
+import pmf.train.loop
 from pmf.train.runlock import RunLock
 
 SMALL = ["train.total_kimg=0.128", "train.batch_size=16", "train.sample_every_kimg=0", "train.log_every_kimg=0.016",

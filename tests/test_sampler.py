@@ -1,5 +1,6 @@
-"""pmf.sampler: z_r = z_t - (t - r) u(z_t, r, t) (official `pmf.py`: `generate`): identity at t = r, the 1-NFE output is the u-head's
-image output, N steps are N calls of `step` on linspace(1, 0, N + 1), the equivalent interpolation form, per-sample
+"""pmf.method.sampler: z_r = z_t - (t - r) u(z_t, r, t) (official `pmf.py`: `generate`): identity at t = r, the 1-NFE
+output is the u-head's image output, N steps are N calls of `step` on linspace(1, 0, N + 1), the equivalent
+interpolation form, per-sample
 seeds independent of the batch, and the guidance-range warning."""
 
 import warnings
@@ -7,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from pmf.model import Block, FinalLayer, build_model
-from pmf.rng import keyed_normal
-from pmf.sampler import noise_batches, noise_from_seeds, sample, step
+from pmf.method.model import Block, FinalLayer, build_model
+from pmf.method.rng import keyed_normal
+from pmf.method.sampler import noise_batches, noise_from_seeds, sample, step
 
 F64 = torch.float64
 
@@ -175,7 +176,7 @@ def test_sampler_settings_resolve_meta_and_fit_every_sampling_entry_point():
 
     from pmf.eval.fmnist import fmnist_metrics
     from pmf.eval.generate import evaluate_generator, generate
-    from pmf.sampler import SamplerSettings, sample
+    from pmf.method.sampler import SamplerSettings, sample
 
     meta = {"omega": 3.0, "t_min": 0.1, "t_max": 0.7, "noise_scale": 2.0}
     assert SamplerSettings.from_meta(meta) == SamplerSettings(3.0, 0.1, 0.7, 2.0, False)

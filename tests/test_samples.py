@@ -11,11 +11,9 @@ import scipy.linalg
 import scipy.spatial.distance
 import torch
 
-from pmf.eval import fmnist as clf
-from pmf.eval import generate as ev
-from pmf.eval import samples as sm
+from pmf.eval import fmnist as clf, generate as ev, samples as sm
 from pmf.eval.stats import frechet_distance
-from pmf.images import (
+from pmf.data.images import (
     iter_npz_samples,
     load_npz_samples,
     npz_sample_shape,

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from pmf.train import dist, sharded_state
+from pmf.parallel import dist
+from pmf.train import sharded_state
 
 from test_dist import _join_group, two_process_results
 

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pmf.data.prepare import prepare_data
+from pmf.data.sources import SourceOptions, index_source
 from pmf.errors import PmfError
-from pmf.train.prepare import prepare_data
-from pmf.train.sources import SourceOptions, index_source
 
 CLASSES = ["cat", "dog", "eel"]
 

@@ -1,5 +1,6 @@
 """pmf.train.speed: torch.compile falls back to eager (with one warning) when compiling or a compiled call fails, the
-result is the eager one and the failed call's random draws are replayed; bf16 autocast of the lean pMF step stays within a stated tolerance of float32. No test
+result is the eager one and the failed call's random draws are replayed; bf16 autocast of the lean pMF step stays within
+a stated tolerance of float32. No test
 here asserts a time (timings live in benchmarks/step.py)."""
 
 import copy
@@ -8,9 +9,9 @@ import warnings
 import pytest
 import torch
 
+from pmf.method.model import build_model
+from pmf.method.objective import ObjectiveConfig, pmf_loss, sample_draws
 import pmf.train.speed as speed
-from pmf.model import build_model
-from pmf.objective import ObjectiveConfig, pmf_loss, sample_draws
 from pmf.train.speed import CompiledModule, autocast_context, maybe_compile
 
 
@@ -241,7 +242,7 @@ def _sampling_inputs(net, B=4):
 def test_inference_net_fp32_is_the_network_and_keeps_its_interface():
     """Without bf16 or compile the wrapper computes exactly what the network does; attributes and state-dict keys
     are the network's (``net.`` prefix), so sample() and the exporters take it unchanged."""
-    from pmf.sampler import sample
+    from pmf.method.sampler import sample
 
     torch.manual_seed(0)
     net = build_model("pMF-tiny", v_head=False).eval()
@@ -259,7 +260,7 @@ def test_inference_net_fp32_is_the_network_and_keeps_its_interface():
 def test_inference_net_bf16_returns_float32_close_to_fp32():
     """bf16 autocast: the velocity comes back float32 (x -> u divides float32 z by float32 t) and the 1-NFE images
     agree with float32 to bf16's ~3 significant digits (scale of the outputs ~1)."""
-    from pmf.sampler import sample
+    from pmf.method.sampler import sample
 
     torch.manual_seed(0)
     net = build_model("pMF-tiny", v_head=False).eval()
@@ -276,7 +277,7 @@ def test_inference_net_bf16_returns_float32_close_to_fp32():
 def test_inference_net_compiled_with_freezing_matches_eager():
     """torch.compile with inductor weight freezing (or its eager fallback, should compiling fail here) gives the
     eager network's samples to float32 rounding."""
-    from pmf.sampler import sample
+    from pmf.method.sampler import sample
 
     torch.manual_seed(0)
     net = build_model("pMF-tiny", v_head=False).eval()

@@ -6,12 +6,11 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from pmf.model import PMFDiT
-from pmf.train.config import load_config
-from pmf.train.loop import train_step
-from pmf.train.config import model_kwargs
-from pmf.train.optim import build_optimizer
+from pmf.method.model import PMFDiT
 from pmf.train import step_end
+from pmf.train.config import load_config, model_kwargs
+from pmf.train.loop import train_step
+from pmf.train.optim import build_optimizer
 from pmf.train.step_end import end_of_step
 
 HOST_READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__float__, torch.Tensor.__bool__,

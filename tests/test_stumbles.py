@@ -65,8 +65,8 @@ def test_sample_before_first_export_uses_training_state(tmp_path):
     weights as the export of the same EMA copy."""
     import shutil
 
-    from pmf.export import load_exported
-    from pmf.load import load_checkpoint
+    from pmf.io.export import load_exported
+    from pmf.train.load import load_checkpoint
 
     run = _tiny_run(tmp_path)
     exported, _ = load_exported(run / "export", name="ema_hl1")
@@ -81,7 +81,7 @@ def test_sample_before_first_export_uses_training_state(tmp_path):
 def test_sample_with_no_weights_says_when(tmp_path):
     """A run with only config.json: one line saying when the first weights will exist (exit status 2)."""
     from pmf.cli import main
-    from pmf.load import load_checkpoint
+    from pmf.train.load import load_checkpoint
     from pmf.train.config import load_config, to_json
 
     (tmp_path / "run").mkdir()

@@ -1,4 +1,4 @@
-"""The toy study (pmf.toy): embedding, network interface, golden losses, and the x- vs u-prediction ordering.
+"""The toy study (pmf.studies.toy): embedding, network interface, golden losses, and the x- vs u-prediction ordering.
 
 Regenerate the golden file with ``PMF_REGEN_GOLDEN=1 python -m pytest -q tests/test_toy.py -k golden``.
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pmf.model import PMFDiT
-from pmf.sampler import sample
-from pmf.toy import (ToyConfig, ToyMLP, embed, embedding_matrix, nn_distance, off_manifold, project, sample_toy,
+from pmf.method.model import PMFDiT
+from pmf.method.sampler import sample
+from pmf.studies.toy import (ToyConfig, ToyMLP, embed, embedding_matrix, nn_distance, off_manifold, project, sample_toy,
                      sliced_w2, train_toy, true_samples)
 
 GOLDEN = Path(__file__).parent / "golden" / "toy_losses.json"
@@ -79,7 +79,8 @@ def test_toy_mlp_has_pmfdit_interface():
 
 
 def test_x_prediction_one_step_sample_is_the_network_output():
-    """u = (z - x_theta) / max(t, 0.05) (pmf.model.velocity_from_output), so the 1-NFE sample z_1 - u(z_1, 0, 1) is
+    """u = (z - x_theta) / max(t, 0.05) (pmf.method.model.velocity_from_output), so the 1-NFE sample z_1 - u(z_1, 0, 1)
+    is
     exactly the x-head's raw output; for u-prediction it is z_1 minus the raw output."""
     torch.manual_seed(0)
     for prediction in ("x", "u"):

@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-import pmf.train.loop
-from pmf.train.checkpoint import load_latest
 from pmf.cli import main as cli_main
+from pmf.train.checkpoint import load_latest
 from pmf.train.config import from_dict, load_config
 from pmf.train.loop import train
+import pmf.train.loop
 
 # 8 steps of 16 images; one log record per step; checkpoints only at the end; one thread (fast under load and
 # independent of the machine's core count, which keeps bit-identical comparisons meaningful).

@@ -1,4 +1,4 @@
-"""Files a user hands pmf (pmf.userfiles): a pickle that would run code, YAML that is not plain data, a sample
+"""Files a user hands pmf (pmf.io.userfiles): a pickle that would run code, YAML that is not plain data, a sample
 archive or reference the extractor cannot read, a checkpoint whose stored defaults, kwargs or weights are broken.
 Each is built here; each must end in exit 2 with one line naming the file, run nothing, and write nothing."""
 
@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import pmf.eval.samples
-import pmf.train.loop
 from pmf.cli import main as cli_main
 from pmf.errors import EXIT_USAGE
-from pmf.export import export_model
-from pmf.hub import save_pretrained
-from pmf.model import PMFDiT
+import pmf.eval.samples
+from pmf.io.export import export_model
+from pmf.io.hub import save_pretrained
+from pmf.method.model import PMFDiT
+import pmf.train.loop
 
 KW = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,
           aux_head_depth=1, bottleneck_dim=4, num_class_tokens=1, num_time_tokens=1, num_cfg_tokens=1,

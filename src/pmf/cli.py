@@ -22,11 +22,11 @@ from pmf.errors import EXIT_USAGE, PmfError
 
 
 def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
-    """``(net, meta)`` from any checkpoint form (:func:`pmf.load.load_checkpoint`); a damaged file is one line."""
+    """``(net, meta)`` from any checkpoint form (:func:`pmf.train.load.load_checkpoint`); a damaged file is one line."""
     from safetensors import SafetensorError
 
-    from pmf.hub import HubUnavailableError
-    from pmf.load import load_checkpoint
+    from pmf.io.hub import HubUnavailableError
+    from pmf.train.load import load_checkpoint
 
     try:
         return load_checkpoint(checkpoint, ema, device)
@@ -41,7 +41,8 @@ def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
 
 def _check_args(args, num=None) -> None:
     """Sampling arguments and the device, before any network is loaded (pmf.train.validate)."""
-    from pmf.train.validate import ConfigError, device_problem, sampling_problems
+    from pmf.train.validate import ConfigError, device_problem
+    from pmf.method.sampler import sampling_problems
 
     t_min, t_max = args.interval if getattr(args, "interval", None) else (None, None)
     steps = getattr(args, "steps", None)
@@ -59,7 +60,7 @@ def _check_ref_stats(path, feature_dim: int | None = 2048) -> None:
     """--ref-stats must be readable and hold statistics of the extractor's features (default the Inception pool
     features, F = 2048; None: readability only), checked from the file's headers before any sample is generated or
     feature computed."""
-    from pmf.userfiles import check_reference_file
+    from pmf.io.userfiles import check_reference_file
 
     if path is None or not Path(path).exists():
         return  # setup_metric names a missing file itself, also before any sample is generated
@@ -68,7 +69,7 @@ def _check_ref_stats(path, feature_dim: int | None = 2048) -> None:
 
 def _run_config(checkpoint: str) -> dict:
     """A run directory's resolved config (config.json; {} for other checkpoint forms); a damaged one is named."""
-    from pmf.userfiles import read_json_object
+    from pmf.util.safe_load import read_json_object
 
     path = Path(checkpoint) / "config.json"
     if not path.is_file():
@@ -96,7 +97,7 @@ def _class_list(text: str | None, num_classes: int) -> list[int]:
 
 
 def cmd_train(args) -> int:
-    from pmf.train import dist
+    from pmf.parallel import dist
     from pmf.train.config import load_config
     from pmf.train.loop import train
 
@@ -114,9 +115,9 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     args.batch_size = 256 if args.batch_size is None else args.batch_size
-    from pmf.images import npz_archive_bytes, npz_sample_writer, png_grid_bytes, png_grid_writer, to_uint8
-    from pmf.sampler import SamplerSettings, noise_from_seeds, sample
-    from pmf.userfiles import check_free_space
+    from pmf.data.images import npz_archive_bytes, npz_sample_writer, png_grid_bytes, png_grid_writer, to_uint8
+    from pmf.method.sampler import SamplerSettings, noise_from_seeds, sample
+    from pmf.io.userfiles import check_free_space
 
     _check_args(args, num=args.num)
     if args.rows < 1:
@@ -157,7 +158,7 @@ def cmd_eval_samples(args) -> int:
     """``pmf eval --samples FILE.npz``: FID, sFID, IS, precision and recall of a sample archive (one process)."""
     args.batch_size = 256 if args.batch_size is None else args.batch_size
     from pmf.eval.samples import evaluate_samples, fmnist_extractor_and_reference, inception_extractor, load_reference
-    from pmf.userfiles import check_evaluation_memory, check_sample_archive
+    from pmf.io.userfiles import check_evaluation_memory, check_sample_archive
 
     if args.checkpoint:
         raise ValueError("give either --samples (evaluate a sample file) or --checkpoint (generate), not both")
@@ -195,10 +196,10 @@ def cmd_eval(args) -> int:
         return cmd_eval_samples(args)
     if not args.checkpoint:
         raise ValueError("give --checkpoint (a run or export to sample from) or --samples FILE.npz")
-    from pmf.train import dist
+    from pmf.parallel import dist
     from pmf.eval.generate import SEED_STRIDE, evaluate_generator
     from pmf.eval.metrics import setup_metric
-    from pmf.sampler import SamplerSettings
+    from pmf.method.sampler import SamplerSettings
 
     _check_args(args, num=args.num)
     # a run directory's `eval:` section (pmf.train.config.EvalConfig, set by its preset) gives the defaults
@@ -257,7 +258,7 @@ def cmd_eval(args) -> int:
 def cmd_ref_stats(args) -> int:
     """Reference statistics of real images in the Inception features, as an .npz: pool (mu, sigma) and spatial
     (mu_s, sigma_s) statistics and the pool features of the first --pr-num images (precision / recall)."""
-    from pmf.train import dist
+    from pmf.parallel import dist
     from pmf.eval.samples import inception_extractor, reference_from_source, save_reference
 
     from pmf.train.validate import ConfigError, device_problem
@@ -291,11 +292,11 @@ def cmd_ref_stats(args) -> int:
 
 
 def cmd_prepare_data(args) -> int:
-    """ImageFolder -> ADM-center-cropped uint8 shards + dataset.json (pmf.train.prepare)."""
-    from pmf.train.prepare import prepare_data
+    """ImageFolder -> ADM-center-cropped uint8 shards + dataset.json (pmf.data.prepare)."""
+    from pmf.data.prepare import prepare_data
 
     if args.check:  # verify --out against its manifest; writes nothing
-        from pmf.train.shards import check_shards
+        from pmf.data.shards import check_shards
 
         r = check_shards(args.out)
         print(f"{args.out}: {r['shards']} shards, {r['images']} images, {r['bytes'] / 1e6:.1f} MB: every SHA-256 "
@@ -304,7 +305,7 @@ def cmd_prepare_data(args) -> int:
     missing = [flag for flag, value in (("--source", args.source), ("--resolution", args.resolution)) if value is None]
     if missing:
         raise PmfError(f"prepare-data needs {' and '.join(missing)} (only --check goes without them)")
-    from pmf.train.sources import SourceOptions
+    from pmf.data.sources import SourceOptions
 
     m = prepare_data(args.source, args.out, args.resolution, workers=args.workers, shard_size=args.shard_size,
                      quiet=args.quiet, source_options=SourceOptions(args.image_column, args.label_column, args.split))
@@ -316,10 +317,11 @@ def cmd_prepare_data(args) -> int:
 def cmd_guidance_search(args) -> int:
     """Grid over EMA x interval x omega on --num-search samples, then --num-final samples at the best point."""
     args.batch_size = 256 if args.batch_size is None else args.batch_size
-    from pmf.train import dist
+    from pmf.parallel import dist
     from pmf.eval.metrics import setup_metric
     from pmf.eval.guidance_search import guidance_search, parse_interval
-    from pmf.train.validate import ConfigError, device_problem, sampling_problems
+    from pmf.train.validate import ConfigError, device_problem
+    from pmf.method.sampler import sampling_problems
 
     problems = [p for w in args.omegas for p in sampling_problems(omega=w)]
     for text in args.intervals:
@@ -363,7 +365,7 @@ def cmd_guidance_search(args) -> int:
 
 
 def cmd_toy(args) -> int:
-    from pmf.toy import toy_cli
+    from pmf.studies.toy import toy_cli
 
     dims = tuple(int(d) for d in args.dims.split(",")) if args.dims else (2, 8, 16, 512)
     toy_cli(args.out, preset=args.preset, dims=dims, dataset=args.dataset, seed=args.seed, steps=args.steps)
@@ -373,7 +375,7 @@ def cmd_toy(args) -> int:
 def cmd_export(args) -> int:
     """Any --checkpoint (a run's EMA copy, an export, an official .pt, ...) -> the Hugging Face layout, or
     (``--format official-jax``) the official JAX tree as an Orbax checkpoint."""
-    from pmf.hub import save_pretrained
+    from pmf.io.hub import save_pretrained
 
     if args.format == "official-jax":
         from pmf.train.official_run import export_official
@@ -395,7 +397,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_import(args) -> int:
-    from pmf.convert import import_official_main
+    from pmf.io.convert import import_official_main
     from pmf.train.official_run import import_official_jax_main, is_orbax_input
 
     if is_orbax_input(args.input):
@@ -407,7 +409,7 @@ def cmd_import(args) -> int:
 
 
 def cmd_ablate(args) -> int:
-    from pmf.ablate import SuiteSettings, dry_run, run_suite
+    from pmf.studies.ablate import SuiteSettings, dry_run, run_suite
 
     files = dict(kv.split("=", 1) for kv in args.set or [])
     settings = SuiteSettings(kimg=tuple(args.kimg), eval_num=args.eval_num, jobs=args.jobs, files=files,
@@ -582,7 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.set_defaults(fn=cmd_export)
 
     a = sub.add_parser("ablate", help="the paper's ablations, small: arms x seeds, a table and a figure per claim")
-    a.add_argument("--suite", default="paper", help="declared list of arms (pmf.ablate.SUITES)")
+    a.add_argument("--suite", default="paper", help="declared list of arms (pmf.studies.ablate.SUITES)")
     a.add_argument("--out", required=True, help="output directory (runs/, report.md, claim*.png, results.json)")
     a.add_argument("--kimg", type=float, nargs="+", default=[30.0], metavar="KIMG",
                    help="training images per run, in thousands; several budgets (e.g. 30 60 120) continue each run "
@@ -611,7 +613,7 @@ def _expected_errors() -> tuple:
 
     import yaml
 
-    # pickles refused by torch.load(weights_only=True), YAML that is not plain data: pmf.userfiles names the file
+    # pickles refused by torch.load(weights_only=True), YAML that is not plain data: pmf.io.userfiles names the file
     # where it reads one; these catch any reader that does not
     return (PmfError, ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile, SafetensorError,
             pickle.UnpicklingError, yaml.YAMLError)

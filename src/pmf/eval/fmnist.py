@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmf.atomic import atomic_save, atomic_write_text
-from pmf.images import to_model_range, to_uint8
-from pmf.train.data import load_fashion_mnist
-from pmf.train import dist
+from pmf.data.datasets import load_fashion_mnist
+from pmf.data.images import to_model_range, to_uint8
 from pmf.eval.generate import ClassSpread, FeatureStats, Metric, batches, compute_stats, evaluate_generator
+from pmf.parallel import dist
+from pmf.util.atomic import atomic_save, atomic_write_text
 
 CACHE_NAME = "fmnist_cnn_v1"  # bump when the architecture or the training recipe changes
 REFERENCE_N = 10_000
@@ -62,7 +62,8 @@ class FashionCNN(nn.Module):
 
     @torch.no_grad()
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The extractor interface of :mod:`pmf.eval.generate`: uint8 (B, 1, 28, 28) -> (feats (B, 256), logits (B, 10)),
+        """The extractor interface of :mod:`pmf.eval.generate`: uint8 (B, 1, 28, 28) -> (feats (B, 256), logits (B,
+        10)),
         on the model's device. Scales to [-1, 1] as x / 127.5 - 1. Call on a model in eval mode."""
         if images.dtype != torch.uint8:
             raise TypeError(f"expected uint8 images, got {images.dtype}")
@@ -106,7 +107,7 @@ def train_fmnist_classifier(
     ``torch.set_flush_denormal(True)``.
 
     data: (train_images, train_labels, test_images, test_labels), uint8 (N, 1, 28, 28) and int64 (N,); default:
-    Fashion-MNIST via :mod:`pmf.train.data`. max_steps: stop early (tests). Returns (model in eval mode, info).
+    Fashion-MNIST via :mod:`pmf.data.datasets`. max_steps: stop early (tests). Returns (model in eval mode, info).
     """
     x_tr, y_tr, x_te, y_te = _default_data() if data is None else data
     # Denormal arithmetic on CPU stalled some steps for seconds: flush them to zero.
@@ -245,8 +246,8 @@ def reference_points(
 
 
 def fmnist_metric(device="cpu", batch_size: int = 500, cache_dir=None, classifier=None):
-    """(:class:`~pmf.eval.generate.Metric`, reference :class:`FeatureStats` of the full test set, classifier info) of the
-    Fashion-MNIST metric: the CNN's features and logits, key ``fd``, class accuracy on, and the test set's
+    """(:class:`~pmf.eval.generate.Metric`, reference :class:`FeatureStats` of the full test set, classifier info) of
+    the Fashion-MNIST metric: the CNN's features and logits, key ``fd``, class accuracy on, and the test set's
     per-class :class:`~pmf.eval.generate.ClassSpread` for the within-class diversity. ``classifier``: (model, info),
     default :func:`get_fmnist_classifier` (trained and cached on first use)."""
     model, info = get_fmnist_classifier(cache_dir) if classifier is None else classifier
@@ -289,7 +290,8 @@ def fmnist_metrics(
     The samples go through :func:`pmf.eval.generate.evaluate_generator`, the same streaming path as the Inception FID;
     under torchrun each rank generates its share and the statistics are all-reduced (rank / world size default to
     the process group's). Create the classifier cache on rank 0 first (see :func:`get_fmnist_classifier`).
-    ``instantaneous``: Euler steps on v = u(z, t, t) instead of average-velocity steps (:func:`pmf.sampler.sample`).
+    ``instantaneous``: Euler steps on v = u(z, t, t) instead of average-velocity steps
+    (:func:`pmf.method.sampler.sample`).
     """
     own = classifier is None
     if own:

@@ -7,8 +7,8 @@ folder is needed. The feature extractor is injected: any callable ``uint8 (B, C,
 For ImageNet that callable wraps an Inception network loaded from a user-given path; for Fashion-MNIST it is the
 small CNN in :mod:`pmf.eval.fmnist`.
 
-Protocol (pMF Sec. 6; official `pmf.py`): class-balanced labels ``y_i = i mod num_classes`` (50 per class for 50k ImageNet),
-per-sample seeds ``seed * 10**7 + i`` so an image depends on neither batch size nor rank, Frechet distance in
+Protocol (pMF Sec. 6; official `pmf.py`): class-balanced labels ``y_i = i mod num_classes`` (50 per class for 50k
+ImageNet), per-sample seeds ``seed * 10**7 + i`` so an image depends on neither batch size nor rank, Frechet distance in
 float64. Multi-process: give each rank ``rank, world_size`` in :func:`generate`, then call
 ``stats.all_reduce_()`` before :meth:`FeatureStats.mean_cov`; in one process that call does nothing.
 :func:`evaluate_generator` does all of this for a list of step counts, and is the one code path behind both the
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from pmf.train.data import IMG_EXTENSIONS, read_image_adm
-from pmf.train.filelist import scan_image_folder
-from pmf.train.shards import ShardDataset, is_shard_dir
-from pmf.images import to_uint8  # round(127.5 (x + 1)) clamped to [0, 255]; re-exported here
-from pmf.images import iter_npz_samples, load_npz_samples, npz_sample_shape
-from pmf.sampler import noise_batches, sample
+from pmf.data.datasets import IMG_EXTENSIONS, read_image_adm
+from pmf.data.filelist import scan_image_folder
+from pmf.data.images import to_uint8  # round(127.5 (x + 1)) clamped to [0, 255]; re-exported here
+from pmf.data.images import iter_npz_samples, load_npz_samples, npz_sample_shape
+from pmf.data.shards import ShardDataset, is_shard_dir
 from pmf.eval.stats import FeatureStats, ClassSpread, InceptionScoreStats, frechet_distance, as_mean_cov
+from pmf.method.sampler import noise_batches, sample
 
 SEED_STRIDE = 10**7  # per-sample seed = seed * SEED_STRIDE + index: runs with different `seed` never share noise
 
@@ -74,8 +74,8 @@ def generate(
     with ``seed * 10**7 + i``, so every image is a function of (net, seed, i) alone: the same for any batch size
     and any number of ranks (the union over ranks is the 1-process set), up to the last-bit float differences of
     batched kernels (rarely one uint8 level on a pixel). ``net`` is used as it is (call ``.eval()``
-    and move it to ``device`` first); images are sampled with :func:`pmf.sampler.sample` and quantised with
-    :func:`pmf.images.to_uint8` (round(127.5 (x + 1)), clamped); ``instantaneous`` is passed on to it (Euler steps
+    and move it to ``device`` first); images are sampled with :func:`pmf.method.sampler.sample` and quantised with
+    :func:`pmf.data.images.to_uint8` (round(127.5 (x + 1)), clamped); ``instantaneous`` is passed on to it (Euler steps
     with v = u(z, t, t)). Images are yielded on ``device``, labels on CPU.
     """
     if not 0 <= rank < world_size:
@@ -85,7 +85,7 @@ def generate(
     labels_all = class_balanced_labels(n, num_classes)
     indices = torch.arange(rank, n, world_size)
     chunks = indices.split(batch_size)
-    # noise keyed by each sample's seed, drawn on the device batch by batch (pmf.sampler.noise_batches)
+    # noise keyed by each sample's seed, drawn on the device batch by batch (pmf.method.sampler.noise_batches)
     noises = noise_batches(((seed * SEED_STRIDE + c).tolist() for c in chunks), tuple(shape), noise_scale, device)
     for chunk, noise in zip(chunks, noises):
         y = labels_all[chunk]
@@ -149,14 +149,14 @@ def compute_stats(
 
 def npz_images(path) -> torch.Tensor:
     """uint8 (N, C, H, W) from an .npz sample archive in either layout: ``arr_0`` (ADM, pmf) or ``images`` (older
-    pmf files), stored as (N, H, W, C) with C = 1 or 3 (or (N, H, W) grey); see :mod:`pmf.images`."""
+    pmf files), stored as (N, H, W, C) with C = 1 or 3 (or (N, H, W) grey); see :mod:`pmf.data.images`."""
     return load_npz_samples(path)[0]
 
 
 class _ImageFiles(torch.utils.data.Dataset):
     """Every image file under ``root`` (a flat folder or class folders) in the order of the one file index that
-    training also reads (:func:`pmf.train.filelist.scan_image_folder`), each ADM center-cropped to ``resolution``
-    (:func:`pmf.train.data.read_image_adm`): uint8 (3, R, R) RGB and its index."""
+    training also reads (:func:`pmf.data.filelist.scan_image_folder`), each ADM center-cropped to ``resolution``
+    (:func:`pmf.data.datasets.read_image_adm`): uint8 (3, R, R) RGB and its index."""
 
     def __init__(self, root, resolution: int):
         self.resolution = int(resolution)
@@ -212,7 +212,7 @@ def reference_stats(source, extractor: Extractor, resolution: int | None = 256, 
                     world_size: int | None = None) -> FeatureStats:
     """Feature statistics of a real image set (folder or .npz; see :func:`image_source_batches`), split over
     ranks and all-reduced (the same on every rank)."""
-    from pmf.train import dist
+    from pmf.parallel import dist
 
     rank = dist.rank() if rank is None else rank
     world_size = dist.world_size() if world_size is None else world_size
@@ -264,9 +264,10 @@ def evaluate_generator(
     diversity ``diversity_{k}step`` and the distance with class means aligned, ``{fd_key}_within_{k}step`` (if
     ``metric.class_spread``; :meth:`ClassSpread.diversity`, :meth:`ClassSpread.class_aligned`). The class count and
     image shape come from ``net`` (``num_classes``, ``in_channels``, ``input_size``). Rank and world size default to
-    the process group's (:mod:`pmf.train.dist`); every rank returns the same numbers. ``instantaneous``: sample with Euler
-    steps on v = u(z, t, t) (see :func:`pmf.sampler.sample`)."""
-    from pmf.train import dist
+    the process group's (:mod:`pmf.parallel.dist`); every rank returns the same numbers. ``instantaneous``: sample with
+    Euler
+    steps on v = u(z, t, t) (see :func:`pmf.method.sampler.sample`)."""
+    from pmf.parallel import dist
 
     rank = dist.rank() if rank is None else rank
     world_size = dist.world_size() if world_size is None else world_size

@@ -1,6 +1,7 @@
 """Guidance search (official protocol, pMF App. A.1; official `train.py`: `just_evaluate`): "FID results are
-evaluated at optimal guidance scale and interval". A grid over EMA copies x guidance intervals (t_min, t_max) x guidance scales omega, each point scored on
-``num_search`` samples; then the full ``num_final`` samples (50k for ImageNet) at the best point, with IS.
+evaluated at optimal guidance scale and interval". A grid over EMA copies x guidance intervals (t_min, t_max) x guidance
+scales omega, each point scored on ``num_search`` samples; then the full ``num_final`` samples (50k for ImageNet) at the
+best point, with IS.
 
 The final run uses seed ``final_seed`` (default ``seed + 1``): its samples share no noise with the search's, so the
 reported number carries no selection bias from having picked the minimum over the grid.
@@ -20,9 +21,9 @@ import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pmf.atomic import atomic_write_bytes
-from pmf.train import dist
 from pmf.eval.generate import Metric, evaluate_generator
+from pmf.parallel import dist
+from pmf.util.atomic import atomic_write_bytes
 
 CSV_FIELDS = ("ema", "omega", "t_min", "t_max", "n", "steps")
 

@@ -19,9 +19,9 @@ Input: uint8 [0, 255] or float [-1, 1] images (B, C, H, W), C = 1 (repeated to R
 3. normalised to (v - 128) / 128, what the TF graph feeds the network (pytorch-fid's 2 v / 255 - 1 differs by <0.4%).
 
 Output: pool features (B, 2048) (the "pool_3" FID features) and logits (B, 1008); :meth:`InceptionV3FID.extract`
-adds the 2023 spatial features of sFID (``mixed_6/conv``, first 7 channels; :meth:`InceptionV3FID.trunk`). The Inception Score uses
-``pool @ fc.weight^T`` *without* the fc bias, as the original IS code, the ADM evaluator and torch-fidelity do
-(:meth:`InceptionV3FID.features_and_logits`).
+adds the 2023 spatial features of sFID (``mixed_6/conv``, first 7 channels; :meth:`InceptionV3FID.trunk`). The Inception
+Score uses ``pool @ fc.weight^T`` *without* the fc bias, as the original IS code, the ADM evaluator and torch-fidelity
+do (:meth:`InceptionV3FID.features_and_logits`).
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ def load_inception(path=None, device="cpu", resize: str = "tf1") -> InceptionV3F
             f"FID Inception weights not found {where}. Download {WEIGHTS_NAME} from {WEIGHTS_URL} "
             f"(the pytorch-fid 'fid_weights' release on GitHub) and pass its path with --inception PATH "
             f"(pmf eval / ref-stats / guidance-search), or set ${ENV_VAR}.")
-    from pmf.userfiles import load_torch_file
+    from pmf.util.safe_load import load_torch_file
 
     state = load_torch_file(path, "--inception", f"download {WEIGHTS_NAME} again from {WEIGHTS_URL}")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

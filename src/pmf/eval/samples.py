@@ -3,7 +3,7 @@ improved precision and recall in one pass over the file, against a reference.
 
 Sample archive: an .npz with uint8 images ``arr_0`` (N, H, W, C) and optional labels ``arr_1`` (the layout of
 guided-diffusion's sampler, the ADM evaluator and ``pmf sample --num N --out FILE.npz``), or pmf's older ``images`` /
-``labels``; read in batches (:func:`pmf.images.iter_npz_samples`).
+``labels``; read in batches (:func:`pmf.data.images.iter_npz_samples`).
 
 Reference (:func:`load_reference`), an .npz holding any of:
 
@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pmf.images import iter_npz_samples, npz_sample_keys, npz_sample_shape
+from pmf.data.images import iter_npz_samples, npz_sample_keys, npz_sample_shape
 from pmf.eval.manifold import NEIGHBOURHOOD_K, precision_recall
 from pmf.eval.stats import (
     ClassSpread,
@@ -62,7 +62,7 @@ class Extractor:
     accuracy: bool = False  # the logits' classes are the samples' labels: report the class accuracy
     info: dict = dataclasses.field(default_factory=dict)  # reported alongside the metrics
     feature_dim: int | None = None  # F of "pool", when known before any image is seen (reference files are checked
-    #   against it before any feature is computed: pmf.userfiles.check_reference_file)
+    #   against it before any feature is computed: pmf.io.userfiles.check_reference_file)
 
 
 @dataclasses.dataclass
@@ -243,7 +243,7 @@ def reference_from_source(source, extractor: Extractor, resolution: int | None =
     the first ``keep`` images (precision / recall). Split over the ranks of a process group and combined (the same
     on every rank)."""
     from pmf.eval.generate import image_source_batches
-    from pmf.train import dist
+    from pmf.parallel import dist
 
     rank, world = dist.rank(), dist.world_size()
     stream = image_source_batches(source, resolution, batch_size, num, rank, world, num_workers)

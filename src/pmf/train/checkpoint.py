@@ -1,12 +1,12 @@
 """Training state for resuming: ``run_dir/checkpoints/state-{step:09d}.pt``.
 
 Whatever the trainer needs to resume (model, EMA, optimizer, RNG, config, step), written atomically with
-``torch.save`` (:mod:`pmf.atomic`). Each state carries a SHA-256 of its payload (every tensor's dtype, shape and
+``torch.save`` (:mod:`pmf.util.atomic`). Each state carries a SHA-256 of its payload (every tensor's dtype, shape and
 bytes, every number and string; :func:`payload_digest`) under ``"sha256"``; the file is read back and checked before
 older states are deleted, and :func:`load_latest` skips, with a message, a file that cannot be read or whose digest
 does not match (bit rot, a partial copy), and returns the newest good one. Rotation deletes only states older than
 the one just written and verified. Restarting is rerunning the command. Exported inference weights, kept apart from
-training state, are :mod:`pmf.export`.
+training state, are :mod:`pmf.io.export`.
 
 Sharded runs (``train.parallel=fsdp`` / ``hsdp``) write ``state-{step:09d}/`` directories instead
 (:mod:`pmf.train.sharded_state`: every rank its own shards, per-file SHA-256 in a manifest); listing, rotation, the
@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 
-from pmf.atomic import atomic_save
 from pmf.errors import PmfError
-from pmf.export import FORMAT_VERSION, UnsupportedFormat, check_format_version
+from pmf.io.export import FORMAT_VERSION, UnsupportedFormat, check_format_version
 from pmf.train import sharded_state
+from pmf.util.atomic import atomic_save
 
 STATE_DIR = "checkpoints"
 _STATE_RE = re.compile(r"^state-(\d{9,})\.pt$")
@@ -168,7 +168,7 @@ def save_sharded_training_state(run_dir: str | os.PathLike, step: int, tensors: 
     extra = {**extra, "step": step, "format_version": FORMAT_VERSION}
     info = {**info, "format_version": FORMAT_VERSION}
     path = sharded_state.save_sharded_state(Path(run_dir) / STATE_DIR, step, tensors, extra, info)
-    from pmf.train import dist
+    from pmf.parallel import dist
 
     if dist.is_main():
         _rotate(run_dir, step, keep)
@@ -191,7 +191,7 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside
     this process (:func:`pmf.train.sharded_state.read_full_state`); with ``lazy_sharded`` (the trainer, every rank
     calling: a collective) its files are checked, split over the ranks, and only its non-tensor part is returned,
     with ``"sharded_path"``: the strategy then reads each rank's shards into the built model
-    (:mod:`pmf.train.parallel`).
+    (:mod:`pmf.train.modes`).
 
     If the newest state cannot be read or fails its checksum (:func:`verify_state`), it warns and tries the previous
     one; with ``set_aside`` (the single writer, rank 0) it also renames the bad file to ``*.pt.damaged``, so that
@@ -241,7 +241,7 @@ def clear_unfinished_first_run(run_dir: Path) -> list[str]:
     """A run killed before its first checkpoint left no state, only temporaries (``.state-*.tmp`` of an unfinished
     write) and perhaps a log of steps that will be trained again: the temporaries are removed and the log moved
     aside (``log.old-TIMESTAMP.jsonl``), by the single writer (rank 0). Returns what was removed or moved."""
-    from pmf.train import dist
+    from pmf.parallel import dist
 
     if not dist.is_main():
         return []

@@ -1,6 +1,6 @@
 """Run configuration: typed dataclasses, named presets (YAML in ``pmf/configs``), ``key=value`` overrides, JSON dump.
 
-Each concept owns its section's dataclass (``ObjectiveConfig`` in :mod:`pmf.objective`, ``OptimConfig`` in
+Each concept owns its section's dataclass (``ObjectiveConfig`` in :mod:`pmf.method.objective`, ``OptimConfig`` in
 :mod:`pmf.train.optim`); this module composes them into :class:`RunConfig` and is the only place that parses text.
 Nothing downstream receives an argparse Namespace.
 """
@@ -14,11 +14,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pmf.model import MODELS
-from pmf.objective import ObjectiveConfig
+from pmf.method.model import MODELS
+from pmf.method.objective import ObjectiveConfig
+from pmf.method.perceptual import PerceptualConfig
 from pmf.train.optim import OptimConfig
-from pmf.perceptual import PerceptualConfig
-from pmf.userfiles import load_yaml
+from pmf.util.safe_load import load_yaml
 
 PRESET_DIR = Path(__file__).parent.parent / "configs"
 # Field metadata of settings that may change when a run is resumed: they do not change what the training state
@@ -29,7 +29,7 @@ RESUMABLE = {"resumable": True}
 
 @dataclass
 class ModelConfig:
-    name: str = "pMF-T/7-28"  # a key of pmf.model.MODELS
+    name: str = "pMF-T/7-28"  # a key of pmf.method.model.MODELS
     overrides: dict = field(default_factory=dict)  # PMFDiT kwargs replacing the registry's (e.g. {"depth": 4})
 
 
@@ -82,7 +82,7 @@ class TrainConfig:
     #   and periodically
     parallel: str = field(default="ddp", metadata=RESUMABLE)  # "ddp": bare module + explicit gradient all-reduce;
     #   "fsdp": FSDP2 shards over all ranks; "hsdp": FSDP2 shards within a group of hsdp_shard_size ranks (a node),
-    #   replicated across groups (pmf.train.parallel, docs/scale-out.md)
+    #   replicated across groups (pmf.train.modes, docs/scale-out.md)
     hsdp_shard_size: int = field(default=0, metadata=RESUMABLE)  # hsdp: ranks per shard group (the inner mesh
     #   dimension; all-gathers and reduce-scatters stay inside it); 0 = the processes per node (LOCAL_WORLD_SIZE).
     #   Must divide the world size
@@ -245,7 +245,7 @@ def read_yaml_with_base(path: Path, _seen: tuple = ()) -> dict:
     raise FileNotFoundError(f"{path}: base {base!r} not found as {base}.yaml next to it or in {PRESET_DIR}")
 
 
-# Config keys whose value ``registry`` means "the model registry's value for model.name" (pmf.model.MODELS): the
+# Config keys whose value ``registry`` means "the model registry's value for model.name" (pmf.method.model.MODELS): the
 # noise scale and the released 1-NFE sampling settings live there once.
 REGISTRY_KEYS = {
     ("objective", "noise_scale"): lambda spec: spec.noise_scale,
@@ -259,7 +259,7 @@ REGISTRY_KEYS = {
 def resolve_registry_values(mapping: dict) -> dict:
     """Replace the ``registry`` placeholders of :data:`REGISTRY_KEYS` with the values of
     ``MODELS[mapping["model"]["name"]]``; any other ``registry`` value is an error naming the allowed keys."""
-    from pmf.model import MODELS
+    from pmf.method.model import MODELS
 
     name = (mapping.get("model") or {}).get("name", ModelConfig.name)
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in mapping.items()}

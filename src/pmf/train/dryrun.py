@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from pmf.compute import compute_report
-from pmf.model import PMFDiT
-from pmf.train import dist, fsdp, parallel, plan
+from pmf.data.datasets import ImageFolderDataset
+from pmf.data.shards import ShardDataset, is_shard_dir
+from pmf.method.compute import compute_report
+from pmf.method.model import PMFDiT
+from pmf.parallel import dist
+from pmf.train import fsdp, modes, plan
 from pmf.train.config import RunConfig, to_json
-from pmf.train.data import ImageFolderDataset
 from pmf.train.ema import EMASpec, ema_beta
-from pmf.train.shards import ShardDataset, is_shard_dir
 
 # Training-set sizes used by --dry-run when the data is not read: Fashion-MNIST's train split, and the ImageNet-1k
 # train set for data.dataset=imagefolder when data.path is not present [the ImageNet-1k train split: 1,281,167 images].
@@ -93,7 +94,7 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devi
         mem, name = plan.host_memory_gib(), "host RAM (CPU run)"
     dplan = plan.device_plan(cfg, kwargs, world, mem, name)
     summary.update({k: dplan[k] for k in ("est_peak_gib_per_device", "fits")}, device_plan=dplan)
-    summary["strategy"] = parallel.mode_of(cfg.train.parallel, world)
+    summary["strategy"] = modes.mode_of(cfg.train.parallel, world)
     summary["shard_degree"] = plan.shard_degree(cfg, world)
     if world > 1:  # the same launch under each mode: what sharding buys per device
         summary["est_peak_gib_per_device_by_mode"] = {
@@ -107,7 +108,7 @@ def dry_run_report(cfg: RunConfig, kwargs: dict, device: torch.device, plan_devi
                    if not Path(getattr(cfg.perceptual, key) or "/nonexistent").exists()]
         notes.append(f"perceptual terms {terms} (objective.perceptual_weights) load their backbones at start"
                      + (f"; set {', '.join(missing)} first" if missing else ""))
-    if cfg.train.parallel in parallel.SHARDED_MODES and world == 1:
+    if cfg.train.parallel in modes.SHARDED_MODES and world == 1:
         notes.append(f"train.parallel={cfg.train.parallel} in one process runs unsharded")
     if cfg.train.parallel == "hsdp" and world > 1:
         try:

@@ -1,6 +1,6 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) for PMFDiT: sharded parameters, gradients, optimizer state and EMA
 copies; ``train.parallel=fsdp`` and ``hsdp``. The default, ``train.parallel=ddp``, is the bare module with an
-explicit gradient all-reduce (:mod:`pmf.train.dist`). Findings and the reasons for each choice: docs/scale-out.md.
+explicit gradient all-reduce (:mod:`pmf.parallel.dist`). Findings and the reasons for each choice: docs/scale-out.md.
 
 What works through ``fully_shard`` (torch 2.13, checked on CPU/gloo with 2 processes in tests/test_fsdp.py):
 
@@ -74,7 +74,7 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from pmf.train import dist
+from pmf.parallel import dist
 from pmf.train.optim import BatchedMuon, MuonWithAdam, build_optimizer
 
 # Methods of PMFDiT that the objective calls directly (lean path, guidance); FSDP's root hooks must run around them
@@ -141,8 +141,8 @@ def shard_model(net: nn.Module, device: torch.device, reshard_after_forward: boo
     With a low-precision ``mp_policy`` (:func:`mixed_precision`) only each block's linear layers take it, as a group
     of their own inside the block; the block's other parameters and the root stay float32, as autocast keeps them
     (module doc). ``net`` may live on the meta device (then materialise it with ``to_empty`` and fill it,
-    :mod:`pmf.train.parallel`); a real module must have the same parameters on every rank
-    (:func:`pmf.train.dist.broadcast_module_`): each rank keeps its own chunk of its own copy, so differing copies
+    :mod:`pmf.train.modes`); a real module must have the same parameters on every rank
+    (:func:`pmf.parallel.dist.broadcast_module_`): each rank keeps its own chunk of its own copy, so differing copies
     would be silently mixed into one model."""
     if mesh is None:
         mesh = init_device_mesh(device.type, (dist.world_size(),))
@@ -238,7 +238,7 @@ class GatheredMuon(BatchedMuon):
     optimizer's, so the result equals it bit for bit. Plain tensors take the same path without the gather. Cost: one
     all-gather per matrix per step. With ``partition`` (``optim.muon_partition``, the default) the gathered matrices
     are the same on every rank, so the Newton-Schulz work is split as in DDP mode: each rank orthogonalises its
-    FLOP-balanced share and one all-gather shares the results (:mod:`pmf.train.ns_partition`); without it every rank
+    FLOP-balanced share and one all-gather shares the results (:mod:`pmf.parallel.ns_partition`); without it every rank
     orthogonalises every matrix."""
 
     def _full(self, update):
@@ -289,9 +289,10 @@ def check_gradients_reduced(net: nn.Module, what: str = "gradients", ignore_pref
     """FSDP's analogue of the DDP-path consistency check. With sharded parameters no replica can drift (each
     element lives on one rank), but a backward that bypasses FSDP's hooks leaves the sharded gradients empty (the
     gradient lands on a freed unsharded tensor and is never reduce-scattered), and the optimizer then silently skips
-    those parameters. Raises :class:`pmf.train.dist.ConsistencyError` on every rank when any rank has a trainable
+    those parameters. Raises :class:`pmf.parallel.dist.ConsistencyError` on every rank when any rank has a trainable
     sharded parameter without a gradient (names starting with ``ignore_prefixes`` are allowed none). The training
-    step makes the same check inside its one end-of-step reduction (:meth:`pmf.train.parallel.Strategy.missing_gradients`)."""
+    step makes the same check inside its one end-of-step reduction
+    (:meth:`pmf.train.modes.Strategy.missing_gradients`)."""
     missing = missing_gradients(net, ignore_prefixes)
     if dist.all_reduce_scalar(float(len(missing)), "max") > 0:
         raise gradients_not_reduced(what, missing)

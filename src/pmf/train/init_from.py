@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from pmf import official_jax, orbax_io
-from pmf.convert import load_official, official_to_ours, ours_to_official
 from pmf.errors import PmfError
+from pmf.io import orbax_io
+from pmf.io.convert import load_official, official_to_ours, ours_to_official
+from pmf.train import official_jax
 
 V_HEAD = ("v_heads.", "v_final_layer.")
 
@@ -28,7 +29,7 @@ def read_official(path) -> official_jax.OfficialState:
 
 
 def _checked_net(sd: dict, kwargs: dict, what: str) -> dict:
-    """``sd`` (ours) checked against PMFDiT(**kwargs) by :func:`pmf.convert.load_official` (one error listing every
+    """``sd`` (ours) checked against PMFDiT(**kwargs) by :func:`pmf.io.convert.load_official` (one error listing every
     key and shape problem, with a hint on the size); returns the state dict of the loaded network."""
     try:
         return load_official(ours_to_official(sd, with_rope_freqs=False), **kwargs).state_dict()
@@ -105,12 +106,13 @@ def init_run_from(run, source) -> list[str]:
 
 def apply_init_from(run, source, resumed: bool) -> None:
     """``pmf train --init-from``: load weights and EMAs into a new run; ignored (said once) when resuming."""
-    from pmf.train import dist, parallel
+    from pmf.parallel import dist
+    from pmf.train import modes
 
     if resumed:
         dist.print0(f"--init-from {source}: ignored, the run resumes from its own training state")
         return
-    if isinstance(run.strategy, parallel.Sharded):
+    if isinstance(run.strategy, modes.Sharded):
         raise PmfError("--init-from needs train.parallel=ddp (or one process): start the run there, then resume it "
                        "sharded")
     notes = init_run_from(run, source)

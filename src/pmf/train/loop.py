@@ -4,7 +4,7 @@ Restart is rerunning the same command: the loop saves (model, optimizer, EMAs, d
 counters) atomically, and every random draw derives from (seed, images seen, sample index in the global batch), so
 a resumed run continues exactly as an uninterrupted one, on 1 or N processes (``torchrun --nproc-per-node N -m pmf
 train ...``), with replicated (``train.parallel=ddp``) or FSDP2-sharded (``fsdp``, ``hsdp``) weights: what differs
-between them is one strategy object (:mod:`pmf.train.parallel`), so the loop has one code path. Replicated runs
+between them is one strategy object (:mod:`pmf.train.modes`), so the loop has one code path. Replicated runs
 write one state file (rank 0), sharded runs a sharded state directory (every rank); either resumes under any mode
 and world size. Only rank 0 writes the other files. ``--dry-run`` (:mod:`pmf.train.dryrun`) prints the resolved
 config and the run's size without reading data or allocating the model. docs/scale-out.md.
@@ -22,31 +22,31 @@ from pathlib import Path
 
 import torch
 
-from pmf.train import dist, parallel, plan
-from pmf.atomic import atomic_write_text
+from pmf.data.datasets import ImageFolderDataset, ShardedLoader, load_fashion_mnist
+from pmf.data.images import to_model_range, to_uint8, save_grid
+from pmf.data.shards import ShardDataset
 from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
-from pmf.export import export_model
+from pmf.io.export import export_model
+from pmf.method.model import PMFDiT
+from pmf.method.objective import objective_at, pmf_loss
+from pmf.method.objective_lean import row_buckets
+from pmf.method.perceptual import build_perceptual
+from pmf.method.rng import PerSampleGenerator
+from pmf.method.sampler import noise_from_seeds, sample
+from pmf.parallel import dist
+from pmf.train import modes, plan
 from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, model_kwargs, to_json
 from pmf.train.dryrun import dry_run_report
-from pmf.train.preempt import stop_on_signals
-from pmf.train.progress import bar_total
-from pmf.train.runlock import lock_run_dir
-from pmf.train.validate import check_writable_dir, validate_config
-from pmf.images import to_model_range, to_uint8
-from pmf.train.data import ImageFolderDataset, ShardedLoader, load_fashion_mnist
-from pmf.train.shards import ShardDataset
-from pmf.images import save_grid
-from pmf.model import PMFDiT
-from pmf.objective import objective_at, pmf_loss
-from pmf.objective_lean import row_buckets
 from pmf.train.ema import EMA
 from pmf.train.optim import lr_at, set_lr
-from pmf.perceptual import build_perceptual
-from pmf.rng import PerSampleGenerator
+from pmf.train.progress import bar_total
+from pmf.train.runlock import lock_run_dir
 from pmf.train.speed import autocast_context, compile_step, cpu_capability, is_out_of_memory, set_tf32
 from pmf.train.step_end import end_of_step
-from pmf.sampler import noise_from_seeds, sample
+from pmf.train.validate import check_writable_dir, validate_config
+from pmf.util.atomic import atomic_write_text
+from pmf.util.preempt import stop_on_signals
 
 # ----------------------------------------------------------------------------------------------------------------
 # Building blocks
@@ -62,7 +62,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_dataset(cfg: RunConfig):
     """(data, num_classes) of a validated config: Fashion-MNIST as in-memory uint8 tensors, an ImageFolder dataset,
-    or prepared shards (`pmf prepare-data` output, memory-mapped: pmf.train.shards). data.path is checked here, not
+    or prepared shards (`pmf prepare-data` output, memory-mapped: pmf.data.shards). data.path is checked here, not
     by the config gate: ``--dry-run`` plans a run without its data."""
     if cfg.data.dataset == "fashion_mnist":
         return load_fashion_mnist("train", root=cfg.data.path or None), 10
@@ -91,19 +91,19 @@ class StepResult:
 
 
 def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, perceptual=None,
-               loss_fn=pmf_loss, strategy: parallel.Strategy | None = None, end_flags=None) -> StepResult:
+               loss_fn=pmf_loss, strategy: modes.Strategy | None = None, end_flags=None) -> StepResult:
     """One optimizer step on this rank's slice of the global batch, in ``accum_steps`` micro-batches. Gradients are
-    averaged over ranks by the ``strategy`` (:mod:`pmf.train.parallel`; default: the one ``net`` was built for):
+    averaged over ranks by the ``strategy`` (:mod:`pmf.train.modes`; default: the one ``net`` was built for):
     bucketed all-reduces launched during the last micro-batch's backward (``ddp``), or FSDP's reduce-scatter
     (``fsdp``, ``hsdp``); the earlier micro-batches accumulate gradients without communication.
-    ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.perceptual.build_perceptual`, or None. ``loss_fn``:
-    :func:`pmf.objective.pmf_loss`, possibly compiled by :func:`pmf.train.speed.compile_step`; its forward passes run
-    under ``train.precision`` autocast, the backward outside it. ``end_flags``: a function returning host booleans
+    ``perceptual``: the LPIPS / ConvNeXt hook of :func:`pmf.method.perceptual.build_perceptual`, or None. ``loss_fn``:
+    :func:`pmf.method.objective.pmf_loss`, possibly compiled by :func:`pmf.train.speed.compile_step`; its forward passes
+    run under ``train.precision`` autocast, the backward outside it. ``end_flags``: a function returning host booleans
     the ranks must agree on (time budget, checkpoint due, stop signal), called after the backward; they travel in
     the step's one end-of-step reduction (:mod:`pmf.train.step_end`) and come back in ``StepResult.flags``. The
     step reads the device on the host once, at its end."""
     rank = dist.rank()
-    strategy = strategy or parallel.strategy_of(net, cfg, device)
+    strategy = strategy or modes.strategy_of(net, cfg, device)
     per_rank = images_u8.shape[0]
     accum = cfg.train.accum_steps
     micro = per_rank // accum
@@ -275,9 +275,10 @@ def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = No
     """Train (or resume) the run in ``run_dir``. Returns a summary dict; its ``exit_status`` is the command's
     (pmf.errors). ``minutes`` stops cleanly, with a checkpoint, once that much wall-clock time has passed (the run
     then resumes when the command is rerun). SIGTERM / SIGINT / SIGUSR1 stop after the current step with a
-    checkpoint and the exports (:mod:`pmf.train.preempt`). Rank 0 holds ``run_dir/.lock`` throughout
-    (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside. ``plan_devices`` /
-    ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`). ``init_from``: a new run's
+    checkpoint and the exports (:mod:`pmf.util.preempt`). Rank 0 holds ``run_dir/.lock`` throughout
+    (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside.
+    ``plan_devices`` / ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`).
+    ``init_from``: a new run's
     weights and EMA copies come from this Orbax checkpoint or run directory (:mod:`pmf.train.official_run`)."""
     t_start = time.time()
     plan.set_allocator_defaults()  # before anything touches CUDA
@@ -318,7 +319,7 @@ class Run:
     opt: torch.optim.Optimizer
     ema: EMA
     loader: ShardedLoader
-    strategy: parallel.Strategy
+    strategy: modes.Strategy
     nimg: int = 0  # images seen
     step: int = 0
     nonfinite_run: int = 0  # non-finite steps in a row
@@ -383,7 +384,7 @@ def build_run(cfg: RunConfig, run_dir: Path, device: torch.device, data, state: 
     """Strategy, network (seeded initial weights, sharded where sharded), optimizer, EMA and data stream; then the
     state's tensors and counters, when resuming."""
     world, kwargs = dist.world_size(), model_kwargs(cfg)
-    strategy = parallel.make_strategy(cfg, device, world)
+    strategy = modes.make_strategy(cfg, device, world)
     net = strategy.build_net(kwargs)
     opt = strategy.build_optimizer(net)
     ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)  # sharded copies where the network is sharded
@@ -416,7 +417,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
     total_nimg = int(round(cfg.train.total_kimg * 1000))  # round: e.g. 320 epochs = 409973.44 kimg
     n_data = len(data[1]) if isinstance(data, tuple) else len(data)
     summary = {"run_dir": str(run_dir), "world_size": world, "device": str(device), "model": cfg.model.name,
-               "parallel": cfg.train.parallel, "strategy": parallel.mode_of(cfg.train.parallel, world),
+               "parallel": cfg.train.parallel, "strategy": modes.mode_of(cfg.train.parallel, world),
                "total_kimg": cfg.train.total_kimg,
                "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
@@ -466,7 +467,7 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
         def end_flags(nimg_after=run.nimg + G):
             # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (in the step's
             # one reduction), or one rank stops or enters checkpoint()'s barrier while the others wait in another
-            # collective. A stop signal on any rank stops every rank after this same step (pmf.train.preempt).
+            # collective. A stop signal on any rank stops every rank after this same step (pmf.util.preempt).
             now = time.time()
             return (minutes is not None and now - t_start > minutes * 60,
                     nimg_after >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60,

@@ -93,7 +93,7 @@ CUDA_LOW_PRECISION_OPS = {"linear", "conv2d", "matmul", "mm", "bmm", "addmm", "b
                           "scaled_dot_product_attention", "__matmul__"}
 
 
-# Custom autograd Functions whose forward is one op of the list above (pmf.attention's fused attention with its
+# Custom autograd Functions whose forward is one op of the list above (pmf.method.attention's fused attention with its
 # forward-mode rule): under torch.func.jvp they are called through a higher-order op that runs them with the
 # function modes off, so their inputs are cast where the call is seen.
 LOW_PRECISION_FUNCTIONS = {"_JvpSDPA"}
@@ -102,8 +102,9 @@ LOW_PRECISION_FUNCTIONS = {"_JvpSDPA"}
 class MetaAutocast(torch.overrides.TorchFunctionMode):
     """CUDA autocast's dtype rules for tensors on the meta device (autocast has no meta backend): the ops of
     :data:`CUDA_LOW_PRECISION_OPS` run on ``dtype`` copies of their floating inputs (a parameter's copy made once
-    and kept while gradients are recorded, as autocast's weight cache does), :data:`CUDA_FLOAT32_OPS` on float32 ones, the rest as they are; off
-    inside ``torch.autocast(..., enabled=False)`` regions (their float32 code stays float32). Shapes and dtypes
+    and kept while gradients are recorded, as autocast's weight cache does), :data:`CUDA_FLOAT32_OPS` on float32 ones,
+    the rest as they are; off inside ``torch.autocast(..., enabled=False)`` regions (their float32 code stays float32).
+    Shapes and dtypes
     only: for measuring what a step allocates without computing it."""
 
     def __init__(self, dtype=torch.bfloat16):

@@ -1,12 +1,12 @@
 """Official JAX checkpoints as pmf runs: import into a run directory, fine-tune from one (``--init-from``), export a
-run back to the official tree. The tree mapping itself is :mod:`pmf.official_jax`, the file format
-:mod:`pmf.orbax_io`; docs/hub.md lists what maps and what does not.
+run back to the official tree. The tree mapping itself is :mod:`pmf.train.official_jax`, the file format
+:mod:`pmf.io.orbax_io`; docs/hub.md lists what maps and what does not.
 
 * :func:`import_to_run`: an Orbax TrainState -> ``run_dir`` with ``config.json``, a training state at the official
   step (network with v-head, every EMA copy of the run's ``train.ema`` found in the tree, Muon / Adam moments,
   images seen = step x images per step) and the exports, so ``pmf train --run-dir`` with the same settings continues.
 * :func:`import_to_export`: without a training config, the network and every EMA copy as inference exports
-  (:mod:`pmf.export`), for ``pmf sample`` / ``pmf eval``; also takes the inference-only trees of ``just_evaluate``.
+  (:mod:`pmf.io.export`), for ``pmf sample`` / ``pmf eval``; also takes the inference-only trees of ``just_evaluate``.
 * ``--init-from`` (a new run's weights and EMAs): :mod:`pmf.train.init_from`.
 * :func:`export_official`: a run (newest training state) or any exported network -> ``checkpoint_<step>/``.
 """
@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from pmf import official_jax, orbax_io
-from pmf.convert import ours_to_official, load_official
 from pmf.errors import PmfError
+from pmf.io import orbax_io
+from pmf.io.convert import ours_to_official, load_official
+from pmf.train import official_jax
 from pmf.train.init_from import V_HEAD, _checked_net, _fill_emas, _load_weights, _v_head_note, read_official
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -30,7 +31,7 @@ from pmf.train.init_from import V_HEAD, _checked_net, _fill_emas, _load_weights,
 def import_to_run(ckpt, cfg, run_dir, images_per_step: int = official_jax.OFFICIAL_IMAGES_PER_STEP) -> list[str]:
     """Write ``run_dir`` (new or empty) so that ``pmf train --run-dir run_dir`` with the settings ``cfg`` continues
     the official run of ``ckpt``. Returns notes on what did not map."""
-    from pmf.atomic import atomic_write_text
+    from pmf.util.atomic import atomic_write_text
     from pmf.train.checkpoint import load_latest
     from pmf.train.config import to_json
     from pmf.train.loop import build_run, load_dataset
@@ -74,8 +75,8 @@ def import_to_run(ckpt, cfg, run_dir, images_per_step: int = official_jax.OFFICI
 def import_to_export(ckpt, out_dir, model: str | None, model_kwargs: dict) -> list[str]:
     """The network (``model``) and every EMA copy (``ema_hl<kimg>``) of an Orbax checkpoint as inference exports in
     ``out_dir`` (v-head dropped), loadable by ``pmf sample --checkpoint out_dir --ema ema_hl2000``."""
-    from pmf.convert import _resolve_kwargs, official_meta
-    from pmf.export import export_model
+    from pmf.io.convert import _resolve_kwargs, official_meta
+    from pmf.io.export import export_model
 
     state = read_official(ckpt)
     kwargs = {**_resolve_kwargs(model, model_kwargs), "v_head": False}
@@ -102,7 +103,7 @@ def import_to_export(ckpt, out_dir, model: str | None, model_kwargs: dict) -> li
 def export_official(checkpoint, out_dir, ema: str | None = None) -> Path:
     """Write ``out_dir/checkpoint_<step>/``: from a run directory with a training state, the full TrainState
     (step, params with v-head, every EMA copy, the Muon / Adam state); from any other checkpoint form
-    (:func:`pmf.load.load_checkpoint`), the eval-only tree of `train.py`'s ``just_evaluate`` (params, one EMA copy
+    (:func:`pmf.train.load.load_checkpoint`), the eval-only tree of `train.py`'s ``just_evaluate`` (params, one EMA copy
     under its half-life when ``ema`` names one, the empty sgd state)."""
     from pmf.train.checkpoint import load_latest
 
@@ -112,7 +113,7 @@ def export_official(checkpoint, out_dir, ema: str | None = None) -> Path:
         from pmf.train.config import from_dict
         from pmf.train.config import model_kwargs
         from pmf.train.optim import build_optimizer
-        from pmf.model import PMFDiT
+        from pmf.method.model import PMFDiT
 
         cfg = from_dict(json.loads(state["config"]))
         net = PMFDiT(**model_kwargs(cfg))
@@ -126,7 +127,7 @@ def export_official(checkpoint, out_dir, ema: str | None = None) -> Path:
         tree = official_jax.build_tree(int(state["step"]), state["net"], emas, opt_tree)
         step = int(state["step"])
     else:
-        from pmf.load import load_checkpoint
+        from pmf.train.load import load_checkpoint
 
         net, meta = load_checkpoint(str(checkpoint), ema)
         name = meta.get("ema") or ema or "model"
@@ -150,7 +151,7 @@ def is_orbax_input(path) -> bool:
 def import_official_jax_main(args) -> int:
     """``pmf import-official CKPT --out DIR``: a run directory when a training config is given (--preset, --config,
     --set), else inference exports; prints what maps and what does not."""
-    from pmf.convert import official_kwargs_to_ours
+    from pmf.io.convert import official_kwargs_to_ours
     from pmf.train.config import load_config
 
     try:

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from pmf.train import ns_partition, speed
+from pmf.parallel import ns_partition
+from pmf.train import speed
 
 __all__ = [
     "OptimConfig",
@@ -57,7 +58,7 @@ class OptimConfig:
     #   (bf16 on GPUs and native-bf16 CPUs, else fp32) | "bf16" | "fp32"
     muon_partition: bool = field(default=True, metadata={"resumable": True})  # W > 1 processes (any
     #   train.parallel): each rank runs Newton-Schulz on its FLOP-balanced share of the matrices, one all-gather
-    #   shares the results (pmf.train.ns_partition); the same update as one process. false: every rank
+    #   shares the results (pmf.parallel.ns_partition); the same update as one process. false: every rank
     #   orthogonalises every matrix. No effect in one process.
     warmup_kimg: float = field(default=0.0, metadata={"resumable": True})  # linear warmup from 0 to lr over this
     #   many thousand images (official 0)
@@ -285,7 +286,7 @@ class BatchedMuon(torch.optim.Muon):
 
     ``partition=True`` (replicated parameters on every rank of ``process_group``, e.g. DDP mode): each rank runs
     Newton-Schulz only on its FLOP-balanced share of the matrices and one all-gather shares the results
-    (:mod:`pmf.train.ns_partition`); momentum stays replicated and the state dict is unchanged. In one process it
+    (:mod:`pmf.parallel.ns_partition`); momentum stays replicated and the state dict is unchanged. In one process it
     is the same code path with every matrix owned by rank 0."""
 
     def __init__(self, params, *args, ns_dtype: torch.dtype | None = None, partition: bool = False,
@@ -334,10 +335,10 @@ class BatchedMuon(torch.optim.Muon):
     def orthogonalize_shared(self, work: list[tuple[dict, list[torch.Tensor]]]) -> list[list[torch.Tensor]]:
         """Newton-Schulz of every matrix of ``work`` ([(group, matrices)]), the results per group as in
         :meth:`orthogonalize`. With ``partition`` on and W > 1 ranks, each rank orthogonalises only the matrices
-        :func:`pmf.train.ns_partition.assign_owners` gives it (balanced by FLOPs, the same on every rank) and one
+        :func:`pmf.parallel.ns_partition.assign_owners` gives it (balanced by FLOPs, the same on every rank) and one
         all-gather shares the results; otherwise this rank owns every matrix and nothing is communicated. A
         collective when partitioned: every rank must step the same matrices (in DDP mode
-        :func:`pmf.train.dist.all_reduce_grads` gives every parameter a gradient on every rank)."""
+        :func:`pmf.parallel.dist.all_reduce_grads` gives every parameter a gradient on every rank)."""
         world, rank = ns_partition.active_world(self.partition, self.process_group)
         flat = [(gi, m) for gi, (_, mats) in enumerate(work) for m in mats]
         owners = ns_partition.assign_owners([ns_partition.ns_flops(m.shape, work[gi][0]["ns_steps"])

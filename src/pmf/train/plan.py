@@ -21,8 +21,8 @@
   float32 (``pow``, ``rsqrt``, ``exp``, ``softmax``, ...) run in float32 as on a GPU; then extrapolated to the run's
   tokens L and depth with :func:`activation_model`: per sample, L (n_trunk a_trunk + n_head a_head) + H L^2
   (n_blocks s_block + s_once) + n_patch c_patch + c0. The H L^2 terms hold the float32 B x H x L x L tangent
-  temporaries of the attention's JVP rule (``pmf.attention``; per block if they outlive the block, once if they are
-  the transient working set of one block); the perceptual backbones' activations are measured on a small crop and
+  temporaries of the attention's JVP rule (``pmf.method.attention``; per block if they outlive the block, once if they
+  are the transient working set of one block); the perceptual backbones' activations are measured on a small crop and
   scaled by pixel count;
 - **runtime**: budgets, not measurements: the CUDA context with cuBLAS / cuDNN workspaces
   (:data:`CUDA_RUNTIME_BYTES`), each NCCL communicator the mode creates (:data:`COMMUNICATOR_BYTES`: ``ddp`` and
@@ -103,7 +103,7 @@ def saved_tensor_bytes(fn, exclude=()) -> tuple[object, int]:
 def loss_saved_bytes(net, obj_cfg, batch: int, precision: str = "fp32", seed: int = 0) -> int:
     """Saved-tensor bytes of one ``pmf_loss`` forward of ``net`` (CPU) on a batch of random images; the draws come
     from ``seed`` (the same for every instance, so instances see the same t, r, omega, dropout pattern)."""
-    from pmf.objective import pmf_loss
+    from pmf.method.objective import pmf_loss
     from pmf.train.speed import autocast_context
 
     gen = torch.Generator().manual_seed(seed)
@@ -128,9 +128,9 @@ def step_peak_bytes(net, obj_cfg, batch: int, precision: str = "fp32", seed: int
     parameters, their gradients and autocast's weight copies (tensors of a parameter's shape are not counted), with
     CUDA autocast's dtypes. ``net`` on the meta device (shapes only, nothing computed:
     :func:`pmf.train.memtrack.meta_autocast`) or the CPU (computed, CPU autocast with CUDA's float32 ops).
-    Per-sample draws as in training (:class:`pmf.objective.PerSampleGenerator`, fixed seeds)."""
-    from pmf.objective import pmf_loss
-    from pmf.rng import PerSampleGenerator
+    Per-sample draws as in training (:class:`pmf.method.rng.PerSampleGenerator`, fixed seeds)."""
+    from pmf.method.objective import pmf_loss
+    from pmf.method.rng import PerSampleGenerator
     from pmf.train.memtrack import meta_autocast, tracking
     from pmf.train.speed import autocast_context
 
@@ -187,8 +187,8 @@ COEFFICIENTS = ("per_token_trunk_block", "per_token_head_block", "per_head_token
 
 @functools.lru_cache(maxsize=32)
 def _activation_model_cached(kw_items: tuple, obj_items: tuple, precision: str, checkpointing: bool) -> dict:
-    from pmf.model import PMFDiT
-    from pmf.objective import ObjectiveConfig
+    from pmf.method.model import PMFDiT
+    from pmf.method.objective import ObjectiveConfig
 
     kwargs, obj_cfg = dict(kw_items), ObjectiveConfig(**dict(obj_items))
     obj_cfg = replace(obj_cfg, perceptual_weights={})  # the backbones are measured separately
@@ -255,7 +255,7 @@ def activation_bytes_per_sample(kwargs: dict, obj_cfg, precision: str = "fp32", 
 
 @functools.lru_cache(maxsize=8)
 def _perceptual_model_cached(terms: tuple, precision: str, crop: int) -> dict:
-    from pmf.perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
+    from pmf.method.perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
     from pmf.train.speed import autocast_context
 
     small = 32
@@ -288,7 +288,7 @@ def perceptual_memory(obj_cfg, perceptual_cfg, precision: str = "fp32") -> dict:
 def _optimizer_bytes_cached(optim_items: tuple) -> dict:
     """Optimizer-state bytes per parameter element, matrices (ndim >= 2) and the rest, after one step on a tiny
     network."""
-    from pmf.model import build_model
+    from pmf.method.model import build_model
     from pmf.train.optim import OptimConfig, build_optimizer
 
     cfg = OptimConfig(**dict(optim_items))
@@ -326,7 +326,7 @@ def _param_counts(kwargs: dict) -> dict:
 
 @functools.lru_cache(maxsize=32)
 def _param_counts_cached(kw_items: tuple) -> dict:
-    from pmf.model import Block, PMFDiT
+    from pmf.method.model import Block, PMFDiT
     from pmf.train.fsdp import matrix_layers
 
     with torch.device("meta"):

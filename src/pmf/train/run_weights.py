@@ -16,9 +16,9 @@ V_HEAD = ("v_heads.", "v_final_layer.")
 
 
 def load_from_training_state(run_dir, ema: str | None = None):
-    """``(net, meta)`` as :func:`pmf.load.load_checkpoint` returns them, from ``run_dir``'s newest training state:
+    """``(net, meta)`` as :func:`pmf.train.load.load_checkpoint` returns them, from ``run_dir``'s newest training state:
     EMA copy ``ema`` (default the run's ``sample.ema``; "model" or "" = the raw weights), v-head dropped."""
-    from pmf.model import PMFDiT
+    from pmf.method.model import PMFDiT
     from pmf.train.checkpoint import load_latest
     from pmf.train.config import from_dict
     from pmf.train.config import model_kwargs

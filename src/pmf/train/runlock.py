@@ -103,7 +103,7 @@ class RunLock:
 def lock_run_dir(run_dir: str | os.PathLike) -> RunLock | None:
     """Rank 0 takes the run directory's lock; every rank learns whether it could (one collective under torchrun), so
     a refused run stops on all ranks instead of leaving them waiting. Returns the held lock on rank 0, else None."""
-    from pmf.train import dist
+    from pmf.parallel import dist
 
     lock, error = None, None
     if dist.is_main():

@@ -11,10 +11,11 @@ Every rank writes its own shards with ``torch.distributed.checkpoint`` (DCP), so
   names and ramp, data position, counters, config), a small ``torch.save`` file.
 
 Atomic: the ranks write into ``.state-{step:09d}.tmp/``; after a barrier the ranks agree on one list of the files
-(the union of their listings), each rank hashes its share of it (SHA-256), rank 0 writes the manifest and renames the directory into place. A reader checks the hashes (split over
-the ranks) before trusting a state, so bit rot or a partial copy is found like a bad digest of a single-file state
-(:mod:`pmf.train.checkpoint`). The hashes are of the files as written; that the files hold what was in memory is
-DCP's (it writes through ``torch.save`` per shard). All ranks must see the same filesystem (as DCP requires).
+(the union of their listings), each rank hashes its share of it (SHA-256), rank 0 writes the manifest and renames the
+directory into place. A reader checks the hashes (split over the ranks) before trusting a state, so bit rot or a partial
+copy is found like a bad digest of a single-file state (:mod:`pmf.train.checkpoint`). The hashes are of the files as
+written; that the files hold what was in memory is DCP's (it writes through ``torch.save`` per shard). All ranks must
+see the same filesystem (as DCP requires).
 
 DCP reshards on load: a state saved by N ranks loads into M ranks, into an FSDP (1-D) or HSDP (2-D) mesh, or into
 full tensors (``ddp``, one process, or :func:`read_full_state` offline, which returns the single-file layout).
@@ -31,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from pmf.atomic import atomic_save, atomic_write_text, fsync_dir, sha256_file
-from pmf.train import dist
+from pmf.parallel import dist
+from pmf.util.atomic import atomic_save, atomic_write_text, fsync_dir, sha256_file
 
 KIND = "pmf-sharded-training-state"
 MANIFEST = "pmf-state.json"

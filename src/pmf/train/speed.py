@@ -5,14 +5,14 @@ Both are opt-in. Measured numbers (CPU) are in ``benchmarks/README.md``.
 
 The compiled step
 -----------------
-``train.compile`` runs :func:`pmf.objective.pmf_loss` with a :class:`StepCompiler`: the host draws the per-sample
+``train.compile`` runs :func:`pmf.method.objective.pmf_loss` with a :class:`StepCompiler`: the host draws the per-sample
 scalars and plans the rows (eagerly: host generators, host index lists), then the two device steps run as one
-compiled graph each, ``fullgraph=True``: the guidance forwards (:func:`pmf.objective.guidance_step`) and the
-tangent pass, plain and v-head passes and the heads' losses (:func:`pmf.objective.heads_step`), whose backward AOT
-autograd compiles with it (``force_non_lazy_backward_lowering``). The tangent pass is the explicit one of
-:meth:`pmf.model.PMFDiT.u_and_tangent` (plain ops, attention's closed form included), the same code as eager
-training. Shapes are static: the row plan pads its counts to buckets (:func:`pmf.objective_lean.row_buckets`), so a
-run compiles at most that many graphs; a graph break or the recompile limit raises :class:`CompileError` naming
+compiled graph each, ``fullgraph=True``: the guidance forwards (:func:`pmf.method.objective.guidance_step`) and the
+tangent pass, plain and v-head passes and the heads' losses (:func:`pmf.method.objective.heads_step`), whose backward
+AOT autograd compiles with it (``force_non_lazy_backward_lowering``). The tangent pass is the explicit one of
+:meth:`pmf.method.model.PMFDiT.u_and_tangent` (plain ops, attention's closed form included), the same code as eager
+training. Shapes are static: the row plan pads its counts to buckets (:func:`pmf.method.objective_lean.row_buckets`), so
+a run compiles at most that many graphs; a graph break or the recompile limit raises :class:`CompileError` naming
 the reason, never a silent eager run. ``train.compile_mode`` passes the mode to inductor ("reduce-overhead": CUDA
 graphs on CUDA; the step reads no device value on the host, so it can be captured).
 
@@ -21,7 +21,7 @@ bf16 and the JVP
 Under ``torch.autocast(..., torch.bfloat16)`` the matmuls of the primal *and* of the tangent run in bf16 (autocast
 casts the tangent with its primal), everything else keeps its input dtype. What keeps the pMF step stable:
 
-- The attention tangent's ``P`` and ``P * dS`` terms in float32: :mod:`pmf.attention` computes them in
+- The attention tangent's ``P`` and ``P * dS`` terms in float32: :mod:`pmf.method.attention` computes them in
   ``promote_types(dtype, float32)`` whatever q, k, v are (the ``jvp_sdpa`` backend; the ``math`` backend's softmax is
   float32 too). Keep it that way: the ``rowsum(P * dS) * O`` term is a difference of nearly equal numbers.
 - The x -> u conversion ``u = (z - x) / max(t, 0.05)`` and ``V = u + (t - r) du/dt`` in float32: z, t and r stay
@@ -272,9 +272,10 @@ class _Wrapper(nn.Module):
 class CompiledModule(_Wrapper):
     """A module whose ``forward`` runs through ``torch.compile`` with an eager fallback.
 
-    The wrapped module lives under ``_orig_mod`` (torch.compile's own attribute, which :mod:`pmf.train.checkpoint` strips
-    from state-dict keys), and every attribute this wrapper lacks is looked up on it, so ``net.trunk``, ``net.head``,
-    ``net.num_classes`` keep working. Only ``forward`` is compiled: methods called directly (the lean objective calls
+    The wrapped module lives under ``_orig_mod`` (torch.compile's own attribute, which :mod:`pmf.train.checkpoint`
+    strips from state-dict keys), and every attribute this wrapper lacks is looked up on it, so ``net.trunk``,
+    ``net.head``, ``net.num_classes`` keep working. Only ``forward`` is compiled: methods called directly (the lean
+    objective calls
     ``trunk`` / ``head``) stay eager; compile the loss function for those."""
 
     _inner = "_orig_mod"
@@ -323,8 +324,8 @@ class CompileError(RuntimeError):
 
 
 class StepCompiler:
-    """The ``compiler`` argument of :func:`pmf.objective.pmf_loss` under ``train.compile``: each step function it is
-    given is compiled once (``torch.compile(fn, fullgraph=True, dynamic=False)``, inductor in ``mode``) and run
+    """The ``compiler`` argument of :func:`pmf.method.objective.pmf_loss` under ``train.compile``: each step function it
+    is given is compiled once (``torch.compile(fn, fullgraph=True, dynamic=False)``, inductor in ``mode``) and run
     strictly: a graph break raises (``fullgraph``), the backward compiles with the forward, and more than
     ``recompile_limit`` graphs of one function raise (``fail_on_recompile_limit_hit``): each is a
     :class:`CompileError` with the reason. Counts what it compiled: :meth:`report` (graphs compiled, graph breaks,
@@ -408,7 +409,7 @@ def _graph_breaks() -> int:
 
 class CompiledLoss:
     """``loss_fn(net, x, y, cfg, generator, perceptual=...)`` (the training loop's interface) running
-    :func:`pmf.objective.pmf_loss` with a :class:`StepCompiler`: the whole step compiled (module doc). The lean
+    :func:`pmf.method.objective.pmf_loss` with a :class:`StepCompiler`: the whole step compiled (module doc). The lean
     objective only: the reference one's ``torch.func.jvp`` needs forward-mode rules that the fused attention kernel
     traced by ``torch.compile`` does not have."""
 
@@ -428,16 +429,17 @@ class CompiledLoss:
 
 
 def compile_step(loss_fn, enabled: bool, mode: str = "default", recompile_limit: int = 27):
-    """``train.compile``: ``loss_fn`` (:func:`pmf.objective.pmf_loss`) as a :class:`CompiledLoss` when ``enabled``,
-    else unchanged. ``recompile_limit``: graphs per compiled function before it is an error, the row plan's bound
-    on distinct shapes (:func:`pmf.objective_lean.row_buckets` of the micro-batch)."""
+    """``train.compile``: ``loss_fn`` (:func:`pmf.method.objective.pmf_loss`) as a :class:`CompiledLoss` when
+    ``enabled``, else unchanged. ``recompile_limit``: graphs per compiled function before it is an error, the row plan's
+    bound
+    on distinct shapes (:func:`pmf.method.objective_lean.row_buckets` of the micro-batch)."""
     return CompiledLoss(loss_fn, mode, recompile_limit) if enabled else loss_fn
 
 
 class InferenceNet(_Wrapper):
     """A network's forward for sampling, optionally under bf16 autocast and/or ``torch.compile`` with inductor
     *freezing* (the weights become constants of the compiled graph: folded and pre-packed for the CPU's GEMM
-    library). Same call signature and attributes as the wrapped network, so :func:`pmf.sampler.sample` and
+    library). Same call signature and attributes as the wrapped network, so :func:`pmf.method.sampler.sample` and
     :mod:`pmf.eval.generate` take it unchanged.
 
     Freezing assumes the weights do not change after the first call: build one per fixed network (e.g. an EMA copy

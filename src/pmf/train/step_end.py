@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pmf.train import dist
+from pmf.parallel import dist
 
 
 def _holders(g: torch.Tensor, world: int) -> int:

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from pmf.errors import PmfError
-from pmf.model import MODELS, pmfdit_kwargs
-from pmf.sampler import sampling_problems
+from pmf.method.model import MODELS, pmfdit_kwargs
+from pmf.method.sampler import sampling_problems
 
 
 class ConfigError(PmfError, ValueError):
@@ -113,7 +113,7 @@ def config_problems(cfg) -> list[str]:
     non_negative("data.num_workers", d.num_workers)
     if d.dataset not in ("fashion_mnist", "imagefolder", "shards"):
         p.append(f"data.dataset={d.dataset!r} must be fashion_mnist, imagefolder or shards")
-    try:  # the objective section's own rules (pmf.objective.ObjectiveConfig), reported here with the rest
+    try:  # the objective section's own rules (pmf.method.objective.ObjectiveConfig), reported here with the rest
         cfg.objective.__post_init__()
     except ValueError as err:
         p.append(f"objective.{err}")

@@ -11,12 +11,13 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
     """A network and its sampling defaults ``(net, meta)`` from any of:
     a run directory (its ``export/`` folder, EMA copy chosen by ``ema``, default the run's ``sample.ema``; before
     the first export, the newest training state: :mod:`pmf.train.run_weights`);
-    a Hugging Face layout folder (:mod:`pmf.hub`) or a Hub repo id ``owner/name``;
-    an export directory or its .safetensors / .json (:mod:`pmf.export`, copy ``ema``, default "model");
+    a Hugging Face layout folder (:mod:`pmf.io.hub`) or a Hub repo id ``owner/name``;
+    an export directory or its .safetensors / .json (:mod:`pmf.io.export`, copy ``ema``, default "model");
     an official .pt (its size found from its keys and shapes; ``ema`` picks a top-level entry such as "ema")."""
-    from pmf import hub
-    from pmf.export import load_exported
-    from pmf.userfiles import check_loaded_network, read_json_object
+    from pmf.io import hub
+    from pmf.io.export import load_exported
+    from pmf.io.userfiles import check_loaded_network
+    from pmf.util.safe_load import read_json_object
 
     p = Path(checkpoint)
     if not p.exists():  # a Hub repo id, or a clear error saying why it is neither a path nor a reachable repo
@@ -37,8 +38,8 @@ def load_checkpoint(checkpoint: str, ema: str | None = None, device: str = "cpu"
     elif p.is_dir():
         net, meta = load_exported(p, name=ema or "model")
     elif p.suffix in (".pt", ".pth", ".bin"):
-        from pmf.convert import infer_model, load_official, official_meta
-        from pmf.userfiles import load_torch_file
+        from pmf.io.convert import infer_model, load_official, official_meta
+        from pmf.util.safe_load import load_torch_file
 
         state = load_torch_file(p, "the checkpoint", "give an official pMF checkpoint (a state dict of tensors), or "
                                 "load it yourself if you trust it and save its state dict")

@@ -2,7 +2,7 @@
 
 Weights only, plus the PMFDiT kwargs that rebuild the network and a ``meta`` dict (noise_scale, recommended omega /
 t_min / t_max, provenance). We use safetensors because loading it cannot run code, and any framework can read it
-without torch's pickle format. Written atomically (:mod:`pmf.atomic`).
+without torch's pickle format. Written atomically (:mod:`pmf.util.atomic`).
 
 The JSON carries ``format_version`` (:data:`FORMAT_VERSION`); a file of any other version, or of none, is refused
 (:func:`check_format_version`): pmf reads the one format it writes.
@@ -19,9 +19,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pmf.atomic import atomic_path, atomic_write_text
 from pmf.errors import PmfError
-from pmf.model import PMFDiT
+from pmf.method.model import PMFDiT
+from pmf.util.atomic import atomic_path, atomic_write_text
 
 FORMAT_VERSION = 2  # of the exported JSON, the training state and the run directory (see the module docstring)
 
@@ -108,7 +108,8 @@ def load_exported(path_or_dir: str | os.PathLike, name: str = "model", **overrid
     (:func:`check_format_version`).
     """
     weights, config_path = _export_paths(path_or_dir, name)
-    from pmf.userfiles import check_model_kwargs, read_json_object
+    from pmf.io.userfiles import check_model_kwargs
+    from pmf.util.safe_load import read_json_object
 
     if config_path.exists():
         config = read_json_object(config_path, "the export's config")

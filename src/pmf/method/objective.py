@@ -8,7 +8,7 @@ and adaptive weighting. :func:`pmf_loss` reads top to bottom like the algorithm 
 (official ``sample_tr``, ``sample_cfg_interval``, ``sample_cfg_scale``), noisy image, ``guidance_fn``'s network
 velocities, ``cond_drop``, u and du/dt (``jax.jvp(u_fn, ...)``), the guided target, compound V, adaptive weights
 (``adp_wt_fn``), the heads' losses. ``impl`` only picks who computes the two network passes: the reference functions
-here, or :mod:`pmf.objective_lean` on the rows a host-side :class:`~pmf.objective_lean.RowPlan` names.
+here, or :mod:`pmf.method.objective_lean` on the rows a host-side :class:`~pmf.method.objective_lean.RowPlan` names.
 
 The step reads no device value on the host (no ``.item()``, ``bool(tensor)``, ``nonzero`` or data-dependent shapes):
 the r = t rows are a pattern over the host-known batch indices, a :class:`PerSampleGenerator` draws the per-sample
@@ -28,10 +28,10 @@ from typing import Callable
 
 import torch
 
-from pmf import objective_lean
-from pmf.model import T_CLIP, bcast as _b  # _b: (B,) -> (B, 1, ..., 1)
-from pmf.objective_lean import RowPlan
-from pmf.rng import PerSampleGenerator, keyed_normal
+from pmf.method import objective_lean
+from pmf.method.model import T_CLIP, bcast as _b  # _b: (B,) -> (B, 1, ..., 1)
+from pmf.method.objective_lean import RowPlan
+from pmf.method.rng import PerSampleGenerator, keyed_normal
 
 
 @dataclass
@@ -90,7 +90,7 @@ def objective_at(cfg: ObjectiveConfig, nimg: int) -> ObjectiveConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Randomness (per-sample streams: pmf.rng)
+# Randomness (per-sample streams: pmf.method.rng)
 
 _NUM_UNIFORMS = 9  # columns: unif_mask, t_unif, r_unif, omega, t_min, t_max, drop, (2 spare for stable layout)
 _NUM_NORMALS = 2  # columns: t, r (logit-normal)
@@ -334,7 +334,7 @@ def u_and_dudt(net, z_t, d: Draws, y, tangent_v, with_v: bool):
 
 
 def lean_rows(net, d: Draws, cfg: ObjectiveConfig) -> RowPlan | None:
-    """The rows each lean pass computes (:mod:`pmf.objective_lean`), or None for the reference passes (``impl``
+    """The rows each lean pass computes (:mod:`pmf.method.objective_lean`), or None for the reference passes (``impl``
     "reference", or a network without the trunk / head split). Read from host draws (a :class:`PerSampleGenerator`'s,
     or any on a CPU run); draws that live on an accelerator get the plan without a split, since reading their
     masks would stall the device."""
@@ -382,8 +382,8 @@ def pmf_loss(net, x, y, cfg: ObjectiveConfig, generator=None, draws: Draws | Non
              perceptual: Callable | None = None, compiler: Callable | None = None):
     """The pMF training loss [P Alg. 2; official ``pmf.py: forward``]. x: (B, C, H, W) clean images in [-1, 1];
     y: (B,) labels or None (unconditional). Returns (loss, metrics): loss = mean_batch(adp(loss_u) + adp(loss_v) +
-    perceptual). ``impl`` picks the network passes (reference, or the lean ones of :mod:`pmf.objective_lean`); the
-    steps and values are the same. Reads no device value on the host when the draws come from a
+    perceptual). ``impl`` picks the network passes (reference, or the lean ones of :mod:`pmf.method.objective_lean`);
+    the steps and values are the same. Reads no device value on the host when the draws come from a
     :class:`PerSampleGenerator` or live on the host (the lean rows are planned there).
 
     Two device steps follow the host's draws and row plan: :func:`guidance_step` (no gradient) and

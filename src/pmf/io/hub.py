@@ -1,4 +1,4 @@
-"""Hugging Face model layout for :class:`pmf.model.PMFDiT`: ``save_pretrained`` / ``from_pretrained`` /
+"""Hugging Face model layout for :class:`pmf.method.model.PMFDiT`: ``save_pretrained`` / ``from_pretrained`` /
 ``push_to_hub``.
 
 A saved network is a folder of three files, the layout the Hugging Face Hub shows and downloads:
@@ -8,11 +8,11 @@ A saved network is a folder of three files, the layout the Hugging Face Hub show
     README.md           the model card
 
 ``model_kwargs`` are exactly the constructor kwargs the network was built with (recorded by PMFDiT itself, see the
-end of :mod:`pmf.model`), so ``PMFDiT(**model_kwargs)`` rebuilds it whatever the defaults of the running version.
+end of :mod:`pmf.method.model`), so ``PMFDiT(**model_kwargs)`` rebuilds it whatever the defaults of the running version.
 ``meta`` holds the sampling defaults (``noise_scale``: the scale s of z_1 = s * n [pMF section 6]; ``omega``, ``t_min``,
 ``t_max``: guidance scale and interval, network inputs [pMF section 4.3]; ``num_steps``) and the provenance
 (``model``, ``source``, ...). The header copy keeps the weights file self-describing, and lets
-:func:`pmf.export.load_exported` read the folder too.
+:func:`pmf.io.export.load_exported` read the folder too.
 
 Importing :mod:`pmf` imports this module, which attaches the three functions to PMFDiT as methods, so
 ``PMFDiT.from_pretrained(...)`` works without importing anything else. huggingface_hub is needed only for repo
@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pmf.atomic import atomic_path, atomic_write_text
+from pmf.util.atomic import atomic_path, atomic_write_text
 # one format version for exports and this layout
-from pmf.export import FORMAT_VERSION, _fit_problems, _unwrap, check_format_version
-from pmf.model import MODELS, PMFDiT
-from pmf.userfiles import check_model_kwargs, read_json_object
+from pmf.io.export import FORMAT_VERSION, _fit_problems, _unwrap, check_format_version
+from pmf.io.userfiles import check_model_kwargs
+from pmf.method.model import MODELS, PMFDiT
+from pmf.util.safe_load import read_json_object
 
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 PAPER_URL = "https://arxiv.org/abs/2601.22158"
@@ -63,13 +64,13 @@ def model_kwargs_of(net: torch.nn.Module) -> dict:
     net = _unwrap(net)
     kwargs = getattr(net, "init_kwargs", None)
     if not isinstance(net, PMFDiT) or kwargs is None:
-        raise TypeError(f"expected a PMFDiT (built by pmf.model), got {type(net).__name__}")
+        raise TypeError(f"expected a PMFDiT (built by pmf.method.model), got {type(net).__name__}")
     return dict(kwargs)
 
 
 def sampling_meta(net: torch.nn.Module, meta: dict | None = None) -> dict:
     """The ``meta`` a save writes: ``meta`` over what the network was loaded with (``pretrained_meta``) over the
-    registered size's recommended settings (``meta["model"]`` in :data:`pmf.model.MODELS`) over
+    registered size's recommended settings (``meta["model"]`` in :data:`pmf.method.model.MODELS`) over
     :data:`DEFAULT_SAMPLING`; the noise scale defaults to the network's own."""
     net = _unwrap(net)
     merged = {**getattr(net, "pretrained_meta", {}), **(meta or {})}
@@ -98,7 +99,7 @@ def save_pretrained(self: PMFDiT, save_directory: str | os.PathLike, meta: dict 
         raise ValueError("the recorded constructor kwargs do not describe this network:\n  " + "\n  ".join(problems))
     folder = Path(save_directory)
     header = json.dumps({"model_kwargs": kwargs, "meta": config["meta"], "pmf_format_version": FORMAT_VERSION,
-                         "format_version": FORMAT_VERSION})  # the key pmf.export.load_exported reads
+                         "format_version": FORMAT_VERSION})  # the key pmf.io.export.load_exported reads
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(state, tmp, metadata={"format": "pt", "pmf_config": header})
     atomic_write_text(folder / CONFIG_NAME, config_text + "\n")
@@ -185,7 +186,7 @@ image costs one network evaluation.
 ## Usage
 
 ```python
-from pmf.pipelines import PMFDiT, PMFPipeline  # pip install 'pixel-meanflow[diffusers]'
+from pmf.io.pipelines import PMFDiT, PMFPipeline  # pip install 'pixel-meanflow[diffusers]'
 pipe = PMFPipeline(transformer=PMFDiT.from_pretrained("THIS_REPO_OR_FOLDER"))
 images = pipe(class_labels=[0, 1, 2]).images  # PIL images, with the sampling defaults above
 ```

@@ -1,13 +1,13 @@
 """``pmf prepare-data``: an ImageFolder -> ADM-center-cropped uint8 shards, once, instead of a JPEG decode per
 sample per epoch.
 
-Every image is decoded and cropped by :func:`pmf.train.data.read_image_adm`, the function the ImageFolder training
+Every image is decoded and cropped by :func:`pmf.data.datasets.read_image_adm`, the function the ImageFolder training
 path uses, so a shard holds exactly the pixels that path would feed the network (EDM2's ``dataset_tool.py`` likewise
 crops once into an uncompressed archive; the official pMF decodes every epoch).  Output layout, manifest and reading:
-:mod:`pmf.train.shards`.
+:mod:`pmf.data.shards`.
 
 - Deterministic: shard k is made from source files ``[k K, (k + 1) K)`` of the sorted file index
-  (:func:`pmf.train.filelist.scan_image_folder`) and nothing else, so its bytes are the same for any worker count.
+  (:func:`pmf.data.filelist.scan_image_folder`) and nothing else, so its bytes are the same for any worker count.
 - Resumable: a shard is finished when its record ``shard-NNNNN.json`` exists (written last, atomically, after the
   ``.npy`` files); a rerun keeps a finished shard if the record's fingerprint (resolution, crop rule, file names and
   labels) matches and both files' SHA-256 checksums verify, and redoes every other shard.
@@ -30,17 +30,17 @@ from pathlib import Path
 
 import numpy as np
 
-from pmf.atomic import atomic_path, atomic_write_text
-from pmf.train.filelist import IMG_EXTENSIONS
-from pmf.train.sources import SourceOptions, index_source, read_item_adm
-from pmf.train.shards import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from pmf.data.filelist import IMG_EXTENSIONS
+from pmf.data.shards import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from pmf.data.sources import SourceOptions, index_source, read_item_adm
+from pmf.util.atomic import atomic_path, atomic_write_text
 
 __all__ = ["prepare_data", "CROP_RULE", "DEFAULT_SHARD_SIZE"]
 
 DEFAULT_SHARD_SIZE = 1000  # images per shard: ~197 MB at 256 px, ~786 MB at 512 px
 CROP_RULE = ("ADM center crop (guided-diffusion image_datasets.py: center_crop_arr): convert('RGB'), halve with "
              "BOX while the short side >= 2R, BICUBIC-resize the short side to R, cut the centered R x R square; "
-             "no flip (pmf.train.data.center_crop_adm)")
+             "no flip (pmf.data.datasets.center_crop_adm)")
 
 
 def _shard_names(k: int) -> tuple[str, str, str]:
@@ -205,8 +205,9 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
                  quiet: bool = False, min_free_bytes: int | None = None,
                  source_options: SourceOptions | None = None) -> dict:
     """Prepare ``source`` (class folders of images, or a Hugging Face / EDM2 zip / WebDataset source:
-    :mod:`pmf.train.sources`, read as ``source_options`` say) as shards in ``out``; returns the manifest (also
-    written to ``out/dataset.json``).  ``workers`` decoding processes (1 = in this process).  Raises before any work if the
+    :mod:`pmf.data.sources`, read as ``source_options`` say) as shards in ``out``; returns the manifest (also
+    written to ``out/dataset.json``).  ``workers`` decoding processes (1 = in this process).  Raises before any work if
+    the
     disk holding ``out`` has less free space than the shards still to write need."""
     resolution, shard_size, workers = int(resolution), int(shard_size), int(workers)
     if resolution <= 0 or shard_size <= 0 or workers <= 0:

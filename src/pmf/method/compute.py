@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pmf.model import MODELS, PMFDiT
+from pmf.method.model import MODELS, PMFDiT
 
 V_HEAD_PREFIXES = ("v_heads.", "v_final_layer.")  # parameters of the training-only auxiliary head
 

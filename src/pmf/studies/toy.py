@@ -2,10 +2,10 @@
 
 Setting (pMF Fig. 2 and Sec. 5, after JiT Sec. 3.3): 2-D data (a Swiss roll by default) is embedded linearly in
 D dimensions by a fixed column-orthonormal D x 2 matrix P (``x_D = x_2 P^T``); a MeanFlow model, a 7-layer ReLU MLP
-with 256 hidden units, is trained with the *same* pMF objective (:func:`pmf.objective.pmf_loss`) either as
+with 256 hidden units, is trained with the *same* pMF objective (:func:`pmf.method.objective.pmf_loss`) either as
 x-prediction (the net outputs x, converted by ``u = (z - x) / max(t, 0.05)``) or as u-prediction (the net outputs u);
-1-NFE samples (:func:`pmf.sampler.sample`, one step) are projected back to 2-D (``x_2 = x_D P``) and compared with
-held-out data. The expected finding: both work at D = 2; as D grows u-prediction degrades and fails at D = 512 (the
+1-NFE samples (:func:`pmf.method.sampler.sample`, one step) are projected back to 2-D (``x_2 = x_D P``) and compared
+with held-out data. The expected finding: both work at D = 2; as D grows u-prediction degrades and fails at D = 512 (the
 256-wide MLP cannot carry the D-dimensional noise that u contains), while x-prediction keeps working (x lies in a
 2-D subspace).
 
@@ -66,9 +66,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from pmf.model import precondition, velocity_from_output
-from pmf.objective import ObjectiveConfig, pmf_loss
-from pmf.sampler import sample
+from pmf.method.model import precondition, velocity_from_output
+from pmf.method.objective import ObjectiveConfig, pmf_loss
+from pmf.method.sampler import sample
 
 __all__ = [
     "DATASETS", "ToyDataset", "get_dataset", "embedding_matrix", "embed", "project", "off_manifold",
@@ -202,8 +202,8 @@ class ToyMLP(nn.Module):
     """A 7-layer ReLU MLP with PMFDiT's interface: ``net(z, t, h, omega, t_min, t_max, y, heads="uv") -> (u, v)``.
 
     z: (B, D); conditions (B,); y: (B,) int64 with ``num_classes`` the null label. The head outputs go through
-    :func:`pmf.model.precondition` and :func:`pmf.model.velocity_from_output`, exactly like PMFDiT: for "x" the
-    output is x_theta and u = (z - x_theta) / max(t, 0.05); for "u" the output is u.
+    :func:`pmf.method.model.precondition` and :func:`pmf.method.model.velocity_from_output`, exactly like PMFDiT: for
+    "x" the output is x_theta and u = (z - x_theta) / max(t, 0.05); for "u" the output is u.
     """
 
     def __init__(self, dim: int, hidden: int = 256, depth: int = 7, num_classes: int = 0, prediction: str = "x",
@@ -245,7 +245,7 @@ class ToyMLP(nn.Module):
         return (self.u_out if which == "u" else self.v_out)(trunk_out)
 
     def to_velocity(self, z, t, out):
-        """Raw head output -> velocity, through the one x -> u place (:func:`pmf.model.velocity_from_output`)."""
+        """Raw head output -> velocity, through the one x -> u place (:func:`pmf.method.model.velocity_from_output`)."""
         _, c_skip, c_out = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
         return velocity_from_output(z, t, out, c_skip, c_out, self.prediction)
 
@@ -278,7 +278,8 @@ class ToyConfig:
     num_freqs: int = 3
     conditional: bool = False  # class-conditional variant (labels = arm / mode / square)
     num_samples: int = 2000  # 1-NFE samples and held-out data points (each)
-    # objective (pmf.objective.ObjectiveConfig fields); guidance off and no class dropout for the unconditional toy
+    # objective (pmf.method.objective.ObjectiveConfig fields); guidance off and no class dropout for the unconditional
+    # toy
     P_mean: float = -0.7  # logit-normal(-0.7, 0.5): t mostly in [0.2, 0.5], see the module docstring
     P_std: float = 0.5
     data_proportion: float = 0.5
@@ -339,8 +340,9 @@ def build_toy_model(dim: int, prediction: str, cfg: ToyConfig, num_classes: int 
 
 def train_toy(dim: int, prediction: str, cfg: ToyConfig, dataset: str = "swiss_roll", seed: int = 0,
               log_every: int = 0):
-    """Train one toy model with :func:`pmf.objective.pmf_loss` and Adam. Returns (net, P, history) where history is a
-    list of per-step dicts {loss, loss_u, loss_v}: ``loss`` the adaptively weighted objective, ``loss_u`` / ``loss_v``
+    """Train one toy model with :func:`pmf.method.objective.pmf_loss` and Adam. Returns (net, P, history) where history
+    is a list of per-step dicts {loss, loss_u, loss_v}: ``loss`` the adaptively weighted objective, ``loss_u`` /
+    ``loss_v``
     the raw per-coordinate MSEs of V and v against the target."""
     cfg = cfg.for_prediction(prediction)
     ds = get_dataset(dataset)
@@ -375,7 +377,7 @@ def train_toy(dim: int, prediction: str, cfg: ToyConfig, dataset: str = "swiss_r
 
 @torch.no_grad()
 def sample_toy(net: ToyMLP, P: torch.Tensor, n: int, seed: int = 0, labels=None, noise_scale: float = 1.0):
-    """n 1-NFE samples with :func:`pmf.sampler.sample` (num_steps=1). Returns (x_D (n, D), x_2 (n, 2))."""
+    """n 1-NFE samples with :func:`pmf.method.sampler.sample` (num_steps=1). Returns (x_D (n, D), x_2 (n, 2))."""
     g = torch.Generator().manual_seed(20_000 + int(seed))
     noise = noise_scale * torch.randn(n, P.shape[0], generator=g)
     y = torch.full((n,), net.num_classes, dtype=torch.long) if labels is None else labels

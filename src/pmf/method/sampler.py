@@ -17,8 +17,8 @@ import warnings
 
 import torch
 
-from pmf.model import bcast
-from pmf.rng import keyed_normal
+from pmf.method.model import bcast
+from pmf.method.rng import keyed_normal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +77,7 @@ def sampling_problems(omega=None, t_min=None, t_max=None, steps=None, num=None, 
 
 def noise_from_seeds(seeds, shape: tuple[int, ...], noise_scale: float = 1.0, device="cpu") -> torch.Tensor:
     """z_1 = noise_scale * N(0, I): (len(seeds), *shape), drawn on ``device``; sample i's noise is
-    :func:`pmf.rng.keyed_normal` of seeds[i] alone (not of the batch, its position or the device kind)."""
+    :func:`pmf.method.rng.keyed_normal` of seeds[i] alone (not of the batch, its position or the device kind)."""
     return keyed_normal(list(seeds), shape, device).mul_(noise_scale)
 
 

@@ -15,10 +15,11 @@ network, so attention must carry tangents. Three backends:
 
   ``P dv`` runs on the fused kernel; the centred term needs P itself and is computed in float32, only when a tangent
   is asked for, without autograd history (:func:`attention_tangent`, shared by this rule and the explicit tangent
-  pass of the lean objective). The centred form never touches the rounded output O: the equivalent ``(P * dS) v - rowsum(P * dS) O``
-  subtracts two nearly equal terms and, under bf16 autocast, multiplies by O as the bf16 kernel rounded it. The reverse pass uses the fused kernel's backward: on CPU (float32 / float64, no
-  autocast) the forward calls the CPU flash kernel directly and keeps its logsumexp, so the backward runs the
-  kernel's own backward op; elsewhere the backward recomputes the fused forward under autograd and differentiates it.
+  pass of the lean objective). The centred form never touches the rounded output O: the equivalent ``(P * dS) v -
+  rowsum(P * dS) O`` subtracts two nearly equal terms and, under bf16 autocast, multiplies by O as the bf16 kernel
+  rounded it. The reverse pass uses the fused kernel's backward: on CPU (float32 / float64, no autocast) the forward
+  calls the CPU flash kernel directly and keeps its logsumexp, so the backward runs the kernel's own backward op;
+  elsewhere the backward recomputes the fused forward under autograd and differentiates it.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def attention_tangent(q, k, v, dq, dk, dv, out_dtype: torch.dtype | None = None)
     off, ``P dv`` on the fused kernel. Built without autograd history (no_grad): tangents are never differentiated
     (the objective takes sg(du/dt)), and history would keep the float32 (B, H, L, L) temporaries alive until the
     tangent dies. Plain tensor ops, so ``torch.compile`` traces it whole (the lean objective's explicit tangent
-    pass, :meth:`pmf.model.Attention.forward`)."""
+    pass, :meth:`pmf.method.model.Attention.forward`)."""
     out_dtype = out_dtype or v.dtype
     with torch.no_grad():
         d_out = None

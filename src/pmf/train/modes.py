@@ -3,7 +3,7 @@
 =========  ======================================================================================================
 ``none``   one process: the bare module, no communication (any ``train.parallel`` in a single process).
 ``ddp``    replicas (``train.parallel=ddp``): the bare module on every rank, gradients averaged by
-           :class:`pmf.train.dist.GradReducer` (bucketed all-reduces launched during the last micro-batch's
+           :class:`pmf.parallel.dist.GradReducer` (bucketed all-reduces launched during the last micro-batch's
            backward), Newton-Schulz partitioned over the ranks (``optim.muon_partition``).
 ``fsdp``   FSDP2 over all ranks (:mod:`pmf.train.fsdp`): parameters, gradients, optimizer state and EMAs sharded;
            Muon on gathered matrices (:class:`pmf.train.fsdp.GatheredMuon`).
@@ -32,8 +32,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from pmf.model import PMFDiT
-from pmf.train import dist, fsdp, sharded_state
+from pmf.method.model import PMFDiT
+from pmf.parallel import dist
+from pmf.train import fsdp, sharded_state
 from pmf.train.checkpoint import payload_digest, save_sharded_training_state, save_training_state
 from pmf.train.config import RunConfig
 from pmf.train.ema import EMA
@@ -137,7 +138,8 @@ class Strategy:
             dist.check_consistency(net, "initial parameters")
 
     def build_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
-        # Replicas: each rank orthogonalises its share of the matrices (optim.muon_partition, pmf.train.ns_partition).
+        # Replicas: each rank orthogonalises its share of the matrices (optim.muon_partition,
+        # pmf.parallel.ns_partition).
         return build_optimizer(net, self.cfg.optim, partition_ns=self.cfg.optim.muon_partition)
 
     # -- one optimizer step ------------------------------------------------------------------------------------------

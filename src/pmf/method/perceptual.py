@@ -5,7 +5,7 @@
     L_lpips(b)    = sum_l mean_hw  w_l . (n_l(x_pred') - n_l(x'))^2        n_l = unit-normalised VGG16 relu features
     L_convnext(b) = || phi(x_pred') - phi(x') ||^2                        phi = LayerNorm(avgpool(ConvNeXt-V2 stage 4))
 
-:class:`PerceptualLoss` is the hook :func:`pmf.objective.perceptual_term` calls as
+:class:`PerceptualLoss` is the hook :func:`pmf.method.objective.perceptual_term` calls as
 ``perceptual(x_pred, x, generator) -> {"lpips": (B,), "convnext": (B,)}``; the objective then masks samples with
 t >= ``perceptual_max_t``, applies adaptive weighting and the weights 0.4 / 0.1. One crop per sample is shared by
 both terms: the official ``auxloss_fn`` (``utils/auxloss_util.py``) crops the pair once and runs LPIPS and
@@ -26,7 +26,7 @@ Both backbones are written here (no torchvision, no transformers) and load publi
   explicit key map, :func:`convnext_key_to_hf`.
 
 Randomness: crop parameters are drawn on the host (CPU), so choosing a crop never reads a device value (no
-synchronisation). With a :class:`pmf.objective.PerSampleGenerator` sample i draws its 4 uniforms from a CPU
+synchronisation). With a :class:`pmf.method.rng.PerSampleGenerator` sample i draws its 4 uniforms from a CPU
 generator seeded from its own seed, so its crop depends only on that seed, never on its batch position or the batch
 size. A plain CPU ``torch.Generator`` (or None: the global CPU RNG) draws a (B, 4) block: reproducible for a given
 batch, but a sample's crop then depends on its position (:func:`crop_uniforms`).
@@ -43,7 +43,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from pmf.rng import PerSampleGenerator, mix_seeds
+from pmf.method.rng import PerSampleGenerator, mix_seeds
 
 # ----------------------------------------------------------------------------------------------------------------
 # Configuration
@@ -431,7 +431,7 @@ def _read_state_dict(path: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path), device="cpu")
-    from pmf.userfiles import load_torch_file
+    from pmf.util.safe_load import load_torch_file
 
     obj = load_torch_file(path, "the perceptual network's weights", "download the released weights file again")
     for wrapper in ("state_dict", "model"):  # common checkpoint wrappers (e.g. the ConvNeXt-V2 authors' "model")

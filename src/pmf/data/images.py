@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmf.atomic import atomic_path
+from pmf.util.atomic import atomic_path
 
 
 def to_model_range(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -231,7 +231,7 @@ def npz_sample_keys(path) -> tuple[str, str | None]:
 def _check_image_array(shape, dtype, path) -> tuple[int, ...]:
     """(N, H, W, C) of a stored image array; grey (N, H, W) counts as C = 1."""
     if dtype != np.uint8:
-        raise ValueError(f"{path}: images must be uint8 [0, 255], got {dtype} (convert with pmf.images.to_uint8)")
+        raise ValueError(f"{path}: images must be uint8 [0, 255], got {dtype} (convert with pmf.data.images.to_uint8)")
     shape = tuple(shape) + ((1,) if len(shape) == 3 else ())
     if len(shape) != 4 or shape[-1] not in (1, 3):
         raise ValueError(f"{path}: expected images (N, H, W, 1 or 3), got {tuple(shape)}")

@@ -1,16 +1,17 @@
 """The lean network passes of the pMF objective: the same two passes as the reference path of
-:func:`pmf.objective.pmf_loss` (official ``pmf.py``: ``guidance_fn``'s network calls and ``jax.jvp(u_fn, ...)``), on
-fewer rows and with cheaper tangents. The loss itself (targets, V, weights) is assembled in :mod:`pmf.objective`.
+:func:`pmf.method.objective.pmf_loss` (official ``pmf.py``: ``guidance_fn``'s network calls and ``jax.jvp(u_fn, ...)``),
+on fewer rows and with cheaper tangents. The loss itself (targets, V, weights) is assembled in
+:mod:`pmf.method.objective`.
 
 Where the savings come from (each exact, not an approximation; ``tests/test_objective.py`` holds the contract
 ``test_lean_matches_reference``):
 
 * **du/dt only where it is used.** du/dt enters the loss as (t - r) sg(du/dt) [pMF Eq. 12], so the r = t rows (half
   the batch by default) run a plain forward instead of the tangent pass.
-* **An explicit tangent pass through trunk + u-head only** (:meth:`pmf.model.PMFDiT.u_and_tangent`): each layer's
+* **An explicit tangent pass through trunk + u-head only** (:meth:`pmf.method.model.PMFDiT.u_and_tangent`): each layer's
   closed-form tangent as plain tensor ops, without autograd history and without the zero tangent terms of
   constant operands (weights, gates, RoPE tables, the other conditions); attention's tangent in the centred float32
-  form (:func:`pmf.attention.attention_tangent`). The same code runs eagerly and inside ``torch.compile`` as one
+  form (:func:`pmf.method.attention.attention_tangent`). The same code runs eagerly and inside ``torch.compile`` as one
   graph. The v-head output is an auxiliary primal of ``u_fn``: it runs on the trunk's output after the pass.
 * **Fewer guidance rows.** ``guidance_fn`` needs v(z_t | y, omega') and v(z_t | null, 1). A non-dropped r = t sample's
   conditional row has exactly the inputs of its own training forward (h = 0, interval [0, 1], omega' = omega, label
@@ -21,8 +22,8 @@ Which rows each pass computes is a :class:`RowPlan` of index tensors built on th
 passes read no device value (no ``nonzero``, no boolean-mask indexing, no ``.item()``): every shape is known before a
 kernel runs. The row counts are rounded up to a multiple of 1/``ROW_BUCKETS`` of the micro-batch (padding rows whose
 result the loss never uses), so a compiled step sees a few fixed shapes per run and compiles a bounded number of
-times (:func:`row_buckets`). This module imports nothing from :mod:`pmf`; :mod:`pmf.objective` builds the plan and
-calls the passes.
+times (:func:`row_buckets`). This module imports nothing from :mod:`pmf`; :mod:`pmf.method.objective` builds the plan
+and calls the passes.
 
 **Under FSDP2** (``fully_shard``; tests/test_fsdp_lean.py: the same u, du/dt, losses, reduce-scattered gradients and
 weights after k steps as one process and as the reference path under FSDP2). The tangent pass holds plain tensors
@@ -86,7 +87,7 @@ class RowPlan:
 
     @staticmethod
     def from_host_masks(t, r, t_min, t_max, fm, drop, inside, guidance: bool) -> "RowPlan":
-        """The plan from host (CPU) draws: ``inside`` is the guidance mask of :func:`pmf.objective.masked_omega`.
+        """The plan from host (CPU) draws: ``inside`` is the guidance mask of :func:`pmf.method.objective.masked_omega`.
         Shared rows: r = t samples, not dropped, with interval [0, 1] (so their forward has the guidance row's
         inputs). Conditional rows: every other sample that still needs v_c (the tangent on r != t rows; the target on
         the rest, unless dropped). Unconditional rows: samples inside their interval, not dropped. Padding: r = t
@@ -209,9 +210,10 @@ def _plain_trunk(net, z_t, t, r, omega, t_min, t_max, y):
 
 
 def u_and_dudt(net, z_t, d, y, tangent_v, with_v: bool, rows: RowPlan):
-    """(u, du/dt, v) as :func:`pmf.objective.u_and_dudt` computes them (``d``: a :class:`pmf.objective.Draws`), with
-    the tangent pass on ``rows.jvp`` and a plain forward on ``rows.plain``, whose du/dt is 0 (the network is
-    row-independent, so splitting the batch changes no value). The v-head runs afterwards on the trunk's output.
+    """(u, du/dt, v) as :func:`pmf.method.objective.u_and_dudt` computes them (``d``: a
+    :class:`pmf.method.objective.Draws`), with the tangent pass on ``rows.jvp`` and a plain forward on ``rows.plain``,
+    whose du/dt is 0 (the network is row-independent, so splitting the batch changes no value). The v-head runs
+    afterwards on the trunk's output.
     du/dt carries no autograd history."""
     if fsdp_root(net) is None:
         return _u_and_dudt(net, z_t, d, y, tangent_v, with_v, rows, sharded=False)

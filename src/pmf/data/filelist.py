@@ -7,11 +7,11 @@ directory it lists (adding, removing or renaming a file or a folder changes its 
 ``stat`` calls for ImageNet instead of listing 1.28 M entries.  An index is not cached while a directory was
 modified in the last 2 s (its next change might not move its mtime): a folder still being written is walked again.
 
-Order and contents (those :class:`pmf.train.data.ImageFolderDataset` trains on): ``os.walk(root)`` top-down, directories and files sorted by name; classes are the walked
-non-hidden subfolders of root, sorted by name -> labels 0..C-1 (one without images is warned about); an image is a
-non-hidden file whose lower-cased name ends in one of the extensions. Files directly in root get label -1 (a flat
-folder: what ``pmf ref-stats`` may read; training uses class folders only). Files with other extensions are listed
-as ``ignored``.
+Order and contents (those :class:`pmf.data.datasets.ImageFolderDataset` trains on): ``os.walk(root)`` top-down,
+directories and files sorted by name; classes are the walked non-hidden subfolders of root, sorted by name -> labels
+0..C-1 (one without images is warned about); an image is a non-hidden file whose lower-cased name ends in one of the
+extensions. Files directly in root get label -1 (a flat folder: what ``pmf ref-stats`` may read; training uses class
+folders only). Files with other extensions are listed as ``ignored``.
 
 Symbolic links: a link to a file is read only when the file lies inside root; a link to a folder is followed only
 when the folder lies inside root, does not contain the link (a loop) and is not walked anyway (only folders under
@@ -34,7 +34,7 @@ import time
 import warnings
 from pathlib import Path
 
-from pmf.atomic import atomic_write_text
+from pmf.util.atomic import atomic_write_text
 
 __all__ = ["IMG_EXTENSIONS", "FileIndex", "scan_image_folder", "index_cache_paths"]
 

@@ -13,18 +13,18 @@ Token sequence (official torch branch, `models/pmfDiT.py`), 20 prefix tokens the
 
 Shared trunk of ``depth - aux_head_depth`` blocks, then a u-head and (training only) a v-head of
 ``aux_head_depth`` blocks each, each with its own final layer. Parameter names follow the official PyTorch
-checkpoint minus its ``_flax_linear`` / ``_flax_embedding`` wrappers, so :mod:`pmf.convert` is a short, explicit map.
+checkpoint minus its ``_flax_linear`` / ``_flax_embedding`` wrappers, so :mod:`pmf.io.convert` is a short, explicit map.
 
 Explicit tangents. Each module also has a ``jvp(x, dx, ...) -> (y, dy)``: its forward and the forward-mode tangent
 dy = J(x) dx along dx, written as plain tensor ops (the closed form per layer: linear maps take the tangent through
 the weight alone, RMSNorm d(x s) = dx s - x s^3 mean(x dx), silu'(a) = sigmoid(a) (1 + a (1 - sigmoid(a))),
-attention :func:`pmf.attention.attention_tangent`), so the same code runs eagerly and inside ``torch.compile`` as
+attention :func:`pmf.method.attention.attention_tangent`), so the same code runs eagerly and inside ``torch.compile`` as
 one graph. :meth:`PMFDiT.u_and_tangent` is the lean objective's jvp of u along (dz, dt, dr) [MF Eq. 8]. Tangents
 are built under ``no_grad``: the objective stops gradients through du/dt (pMF Eq. 12), so they need no history.
 Blocks take the tangent through ``forward`` (``block(x, cos, sin, dx)``) so that FSDP2's per-block hooks run around
 it.
 
-This module needs only torch (and :mod:`pmf.attention`), so it can be lifted out alone.
+This module needs only torch (and :mod:`pmf.method.attention`), so it can be lifted out alone.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint
 
-from pmf.attention import attention, attention_tangent
+from pmf.method.attention import attention, attention_tangent
 
 T_CLIP = 0.05  # x -> u divides by max(t, 0.05): JiT's clip of the noise-side time [J section 4.3]
 PREDICTIONS = ("x", "u", "linear", "edm", "scm")
@@ -274,7 +274,7 @@ class Attention(nn.Module):
 
     def jvp(self, x, dx, cos, sin):
         """(out, d out): the projections, QK-norm and RoPE are linear or have their own rules; attention's tangent
-        is the centred closed form (float32 P; :func:`pmf.attention.attention_tangent`)."""
+        is the centred closed form (float32 P; :func:`pmf.method.attention.attention_tangent`)."""
         B, L, D = x.shape
         n_img = cos.shape[0]
 
@@ -382,7 +382,7 @@ class PMFDiT(nn.Module):
       v_head: build the training-only auxiliary v-head (the last ``aux_head_depth`` blocks, duplicated).
       prediction: "x" (the paper), "u" (direct u-prediction), or a pre-conditioned x form "linear" | "edm" | "scm".
       noise_scale, sigma_data: used only by the pre-conditioned forms.
-      attn_backend: see :mod:`pmf.attention`.
+      attn_backend: see :mod:`pmf.method.attention`.
       omega_max: the largest guidance scale seen in training (1 + cfg_max); the sampler warns beyond it.
     """
 
@@ -689,7 +689,7 @@ def build_model(name: str, **overrides) -> PMFDiT:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Constructor arguments, kept on every instance: a saved network (pmf.hub's config.json) must be rebuilt from
+# Constructor arguments, kept on every instance: a saved network (pmf.io.hub's config.json) must be rebuilt from
 # exactly the kwargs it was built with, and several of them (depth, mlp_ratio, token counts, ...) cannot be read
 # back from the modules without guessing.
 

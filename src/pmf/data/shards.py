@@ -1,6 +1,6 @@
 """Reading a prepared dataset (``pmf prepare-data``): memory-mapped uint8 shards and their manifest.
 
-Layout of the output directory (written by :mod:`pmf.train.prepare`):
+Layout of the output directory (written by :mod:`pmf.data.prepare`):
 
 - ``dataset.json``: the manifest (format, resolution, crop rule, classes, per-class counts, shards with their
   image counts and SHA-256 checksums, the sorted source file list, the skipped files with the reason);
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pmf.atomic import sha256_file
+from pmf.util.atomic import sha256_file
 
 __all__ = ["MANIFEST", "FORMAT", "ShardDataset", "is_shard_dir", "sha256_file", "check_shards"]
 
@@ -39,7 +39,7 @@ def is_shard_dir(path) -> bool:
 
 class ShardDataset(torch.utils.data.Dataset):
     """The images of a prepared dataset, memory-mapped: items ``(uint8 (3, R, R) tensor, int label)`` like
-    :class:`pmf.train.data.ImageFolderDataset`'s, and :meth:`get_batch` for a whole index batch at once.
+    :class:`pmf.data.datasets.ImageFolderDataset`'s, and :meth:`get_batch` for a whole index batch at once.
 
     Opening reads only the manifest and checks every shard file's size and ``.npy`` header (cheap); ``verify=True``
     also recomputes the SHA-256 checksums (reads every byte).  ``resolution`` (if given) must equal the prepared
@@ -141,7 +141,7 @@ class ShardDataset(torch.utils.data.Dataset):
         return images[0], int(labels[0])
 
     def load(self, index: int, warn: bool = True) -> tuple[torch.Tensor, int, dict[str, str]]:
-        """(image, label, {}): the interface :class:`pmf.train.data.ShardedLoader` uses for ImageFolders."""
+        """(image, label, {}): the interface :class:`pmf.data.datasets.ShardedLoader` uses for ImageFolders."""
         image, label = self[index]
         return image, label, {}
 

@@ -38,8 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pmf.atomic import atomic_write_text
 from pmf.train.config import RunConfig, load_config, to_dict
+from pmf.util.atomic import atomic_write_text
 
 BASE_PRESET = "fmnist-demo"
 
@@ -176,8 +176,8 @@ def train_run(run_dir: Path, arm: Arm, seed: int, kimg: float, settings: SuiteSe
 def evaluate_run(run_dir: Path, settings: SuiteSettings, instantaneous_steps: int = 0) -> dict:
     """Fashion-MNIST metrics of the run's sampling EMA at its sampling settings, resolved as `pmf eval` does."""
     from pmf.eval.fmnist import fmnist_metrics
-    from pmf.load import load_checkpoint
-    from pmf.sampler import SamplerSettings
+    from pmf.train.load import load_checkpoint
+    from pmf.method.sampler import SamplerSettings
 
     net, meta = load_checkpoint(str(run_dir))  # the export's meta carries the run's sample.omega and interval
     sampling = SamplerSettings.from_meta(meta, net=net).kwargs()
@@ -573,7 +573,7 @@ def plot_claim(out: Path, claim: str, rows: list[dict]) -> Path:
 
 def tokens_of(arm: Arm, settings: SuiteSettings) -> int:
     """Image tokens of the arm's network: (input size / patch size)^2 (the registry entry with the arm's overrides)."""
-    from pmf.model import MODELS
+    from pmf.method.model import MODELS
 
     cfg = load_config(settings.base, None, run_overrides(arm, 0, settings))
     kw = {**MODELS[cfg.model.name].kwargs, **cfg.model.overrides}

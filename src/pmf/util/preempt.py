@@ -80,7 +80,7 @@ def ignore_stop_signals(worker_id: int | None = None) -> None:
     every process of the job (Ctrl-C the whole foreground group); a worker killed by it would make the DataLoader raise
     in the main process in the middle of its final checkpoint. SIGINT and SIGUSR1 are ignored; the first SIGTERM is
     ignored and the next one terminates, so the main process can still end a worker with ``terminate()``
-    (pmf.train.data shuts its workers down cleanly at exit)."""
+    (pmf.data.datasets shuts its workers down cleanly at exit)."""
     for s in SIGNALS:
         signal.signal(s, _ignore_first_sigterm if s == signal.SIGTERM else signal.SIG_IGN)
 

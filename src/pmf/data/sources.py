@@ -11,9 +11,9 @@
   member name up to the first dot of its base name), image ``.jpg``/``.jpeg``/``.png``/``.webp``, label ``.cls``.
 
 Each image is an *item* named by a string (``file.parquet:row``, the zip member, ``shard.tar:key``); the items and
-their labels, in a fixed order, play the part of :func:`pmf.train.filelist.scan_image_folder`'s file list, so the
-shards, manifest, fingerprints (resumability) and determinism of :mod:`pmf.train.prepare` are the same as for a
-folder, and every item is decoded and cropped by the same :func:`pmf.train.data.read_image_adm`. pyarrow is the
+their labels, in a fixed order, play the part of :func:`pmf.data.filelist.scan_image_folder`'s file list, so the
+shards, manifest, fingerprints (resumability) and determinism of :mod:`pmf.data.prepare` are the same as for a
+folder, and every item is decoded and cropped by the same :func:`pmf.data.datasets.read_image_adm`. pyarrow is the
 optional ``data`` extra (``pip install 'pixel-meanflow[data]'``); tar and zip need only the standard library.
 """
 
@@ -28,9 +28,9 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from pmf.data.datasets import read_image_adm
+from pmf.data.filelist import IMG_EXTENSIONS, FileIndex, scan_image_folder
 from pmf.errors import PmfError
-from pmf.train.data import read_image_adm
-from pmf.train.filelist import IMG_EXTENSIONS, FileIndex, scan_image_folder
 
 __all__ = ["SourceOptions", "source_kind", "index_source", "read_item_adm"]
 
@@ -104,7 +104,7 @@ def _has_class_images(root: Path) -> bool:
 
 
 def index_source(source, options: SourceOptions = SourceOptions()) -> tuple[str, FileIndex]:
-    """``(kind, index)``: the items of ``source`` as a :class:`pmf.train.filelist.FileIndex` whose ``files`` are item
+    """``(kind, index)``: the items of ``source`` as a :class:`pmf.data.filelist.FileIndex` whose ``files`` are item
     names (:func:`read_item_adm` reads them) and whose ``root`` is the source path."""
     kind = source_kind(source)
     root = Path(os.path.realpath(source))
@@ -296,7 +296,7 @@ def _open_hf_images(path: Path, options: SourceOptions):
 
 
 def read_item_adm(kind: str, source, item: str, resolution: int, options: SourceOptions = SourceOptions()):
-    """One item of ``source`` -> uint8 (R, R, 3) through :func:`pmf.train.data.read_image_adm` (the folder path's
+    """One item of ``source`` -> uint8 (R, R, 3) through :func:`pmf.data.datasets.read_image_adm` (the folder path's
     decode and crop)."""
     root = Path(source)
     if kind == "folder":

@@ -17,57 +17,12 @@
 from __future__ import annotations
 
 import math
-import pickle
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from pmf.errors import PmfError
-
-
-class UserFileError(PmfError, ValueError):
-    """A file given by the user that cannot be used as what it was given for."""
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Pickles and YAML: never run what they carry
-
-
-def load_torch_file(path, what: str, fix: str):
-    """``torch.load(path, weights_only=True)`` on CPU; a pickle that would need code to load (weights_only refuses
-    it), or a file that is no torch file at all, is a :class:`UserFileError` naming ``path`` as ``what`` and
-    ``fix``."""
-    import torch
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserFileError(f"{path}: {what} holds objects that torch.load(weights_only=True) refuses to unpickle "
-                            f"(only tensors, numbers, strings and containers of these are read; {_first_line(e)}); "
-                            f"{fix}") from e
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:
-        raise UserFileError(f"{path}: {what} cannot be read as a PyTorch file ({type(e).__name__}: "
-                            f"{_first_line(e)}); it is truncated or of another format: {fix}") from e
-
-
-def load_yaml(text: str, where: str):
-    """``yaml.safe_load(text)``; what safe_load refuses (``!!python/...`` tags) or cannot parse is a
-    :class:`UserFileError` naming ``where`` (a file or ``--set KEY``)."""
-    import yaml
-
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        why = " ".join(str(e).split())
-        raise UserFileError(f"{where} is not plain YAML data ({why}); write numbers, strings, lists and mappings "
-                            "only (no !!python tags)") from e
-
+from pmf.util.safe_load import UserFileError
 
 # ----------------------------------------------------------------------------------------------------------------
 # Sample archives and reference files: checked from their headers, before any feature is computed
@@ -76,7 +31,7 @@ def load_yaml(text: str, where: str):
 def check_sample_archive(path, extractor: str, channels: tuple[int, ...], size: int | None) -> tuple[int, ...]:
     """(N, H, W, C) of the sample archive ``path`` (header only) if ``extractor`` can read it: uint8 images with C in
     ``channels`` and, when ``size`` is given, H = W = ``size``; else a :class:`UserFileError` naming the file."""
-    from pmf.images import npz_sample_shape
+    from pmf.data.images import npz_sample_shape
 
     try:
         shape = npz_sample_shape(path)
@@ -96,7 +51,7 @@ def check_sample_archive(path, extractor: str, channels: tuple[int, ...], size: 
 
 
 def _npz_member_shape(zf: zipfile.ZipFile, key: str, path) -> tuple[tuple[int, ...], np.dtype]:
-    from pmf.images import _read_npy_header
+    from pmf.data.images import _read_npy_header
 
     with zf.open(f"{key}.npy") as f:
         shape, _, dtype = _read_npy_header(f, path)
@@ -108,7 +63,7 @@ def check_reference_file(path, feature_dim: int | None, extractor: str = "Incept
     and ``features`` have the extractor's ``feature_dim`` (None: agree with each other), from the .npy headers alone
     (nothing is computed); else a :class:`UserFileError` naming the file. A reference of images only (``arr_0``)
     must hold uint8 images."""
-    from pmf.images import npz_sample_shape
+    from pmf.data.images import npz_sample_shape
 
     path = Path(path)
     if not path.is_file():
@@ -209,9 +164,9 @@ def check_evaluation_memory(n: int, feature_dim: int) -> None:
 
 def sampling_default_problems(meta: dict, where: str) -> list[str]:
     """Problems of the stored sampling defaults in ``meta`` (``noise_scale``, ``omega``, ``t_min`` / ``t_max``,
-    ``num_steps``), by the rules of the command-line flags (:func:`pmf.train.validate.sampling_problems`); each
+    ``num_steps``), by the rules of the command-line flags (:func:`pmf.method.sampler.sampling_problems`); each
     names ``where``."""
-    from pmf.train.validate import sampling_problems
+    from pmf.method.sampler import sampling_problems
 
     def num(key):
         v = meta.get(key)
@@ -235,7 +190,7 @@ def sampling_default_problems(meta: dict, where: str) -> list[str]:
 
 def model_kwargs_problems(kwargs, where: str) -> list[str]:
     """Problems of stored PMFDiT constructor kwargs: a mapping of known arguments, positive integer sizes."""
-    from pmf.train.validate import pmfdit_kwargs
+    from pmf.method.model import pmfdit_kwargs
 
     if not isinstance(kwargs, dict):
         return [f"{where}: model_kwargs must be a mapping of PMFDiT arguments, got {type(kwargs).__name__}"]
@@ -276,19 +231,3 @@ def check_loaded_network(net, meta: dict, where: str) -> None:
                                                    "--omega / --interval / --steps, or re-export it"))
 
 
-def read_json_object(path, what: str) -> dict:
-    """The JSON object in ``path``; a file that is not valid JSON or not an object is a :class:`UserFileError`
-    naming it (never silently ignored)."""
-    import json
-
-    path = Path(path)
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UserFileError(f"{path}: {what} is not UTF-8 text ({e.reason}); restore or re-export it") from e
-    except ValueError as e:
-        raise UserFileError(f"{path}: {what} is not valid JSON ({e}); restore or re-export it") from e
-    if not isinstance(obj, dict):
-        raise UserFileError(f"{path}: {what} holds a JSON {type(obj).__name__}, not an object; restore or re-export "
-                            "it")
-    return obj

@@ -1,6 +1,6 @@
 """Data: Fashion-MNIST (IDX files), ImageFolder with the ADM center crop, and a resumable sharded sampler.
 
-Batches stay uint8 until they reach the device; :func:`pmf.images.to_model_range` maps them to [-1, 1] there.
+Batches stay uint8 until they reach the device; :func:`pmf.data.images.to_model_range` maps them to [-1, 1] there.
 
 Data position is one integer, ``nimg`` (global images seen).  The sampler reads the data as an endless stream, the
 concatenation of per-epoch permutations ``perm(seed, 0), perm(seed, 1), ...``; the global batch at ``nimg`` is
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pmf.train.filelist import IMG_EXTENSIONS, scan_image_folder
-from pmf.train.preempt import ignore_stop_signals
+from pmf.data.filelist import IMG_EXTENSIONS, scan_image_folder
+from pmf.util.preempt import ignore_stop_signals
 
 __all__ = [
     "load_fashion_mnist",
@@ -348,7 +348,8 @@ class EpochSampler:
 # ImageFolder with the ADM center crop
 
 def center_crop_adm(img: Image.Image, resolution: int) -> Image.Image:
-    """ADM center crop (guided-diffusion `image_datasets.py`: `center_crop_arr`, as the official pMF data): halve with BOX filtering while the short side is at least
+    """ADM center crop (guided-diffusion `image_datasets.py`: `center_crop_arr`, as the official pMF data): halve with
+    BOX filtering while the short side is at least
     2 * resolution, BICUBIC-resize so the short side equals `resolution`, then cut the centered square."""
     while min(img.size) >= 2 * resolution:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
@@ -379,7 +380,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __init__(self, root, resolution: int, extensions=IMG_EXTENSIONS):
         self.root = Path(root)
         self.resolution = int(resolution)
-        index = scan_image_folder(self.root, extensions)  # the one file index (pmf.train.filelist), cached
+        index = scan_image_folder(self.root, extensions)  # the one file index (pmf.data.filelist), cached
         self.classes = index.classes
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
         self.samples: list[tuple[str, int]] = index.class_samples()
@@ -450,7 +451,7 @@ class _BatchFetch(torch.utils.data.Dataset):
         if isinstance(self.data, tuple):  # in-memory tensors: one gather
             images, labels = self.data
             return images[idx], labels[idx], {}
-        if hasattr(self.data, "get_batch"):  # memory-mapped shards (pmf.train.shards): one gather per shard
+        if hasattr(self.data, "get_batch"):  # memory-mapped shards (pmf.data.shards): one gather per shard
             return (*self.data.get_batch(idx.numpy()), {})
         bad: dict[str, str] = {}
         samples = []
@@ -530,7 +531,7 @@ class ShardedLoader:
     """Endless iterator of this rank's ``(images uint8 (B, C, H, W), labels int64 (B,))`` batches.
 
     `data` is a map-style dataset returning (uint8 image, label), e.g. :class:`ImageFolderDataset` or
-    :class:`pmf.train.shards.ShardDataset` (batches gathered from its memory maps), or a pair of
+    :class:`pmf.data.shards.ShardDataset` (batches gathered from its memory maps), or a pair of
     in-memory tensors ``(images, labels)`` such as :func:`load_fashion_mnist` returns.  Order comes from
     :class:`EpochSampler`; ``nimg`` counts global images *delivered to the caller* (not prefetched), so
     ``state_dict()`` taken between steps resumes with exactly the next batch.  With ``num_workers > 0`` a torch
@@ -563,7 +564,7 @@ class ShardedLoader:
                     self._fetch, sampler=_Positions(self), batch_size=None, collate_fn=_passthrough,
                     num_workers=self.num_workers, pin_memory=self.pin_memory,
                     prefetch_factor=self.prefetch_factor, persistent_workers=True,
-                    worker_init_fn=ignore_stop_signals)  # a preempted run stops after its step (pmf.train.preempt)
+                    worker_init_fn=ignore_stop_signals)  # a preempted run stops after its step (pmf.util.preempt)
                 atexit.register(_shutdown_workers, weakref.ref(self._dataloader))
             batches = iter(self._dataloader)
         for images, labels, bad in batches:

@@ -12,7 +12,7 @@ network as ``net``):
                                              add_decayed_weights, scale_by_learning_rate), adam: adamw(nesterov))
 
 Leaf names follow the flax modules of `models/pmfDiT.py`, `models/embedder.py`, `models/torch_models.py`. They map
-to the official *torch* branch's names (what :mod:`pmf.convert` maps to ours) by
+to the official *torch* branch's names (what :mod:`pmf.io.convert` maps to ours) by
 
     shared_blocks_3 / u_heads_0 / v_heads_0         shared_blocks.3 / u_heads.0 / v_heads.0
     <embedder>/mlp/layers_0, layers_2               <embedder>.mlp.0, .mlp.2 (nn.Sequential)
@@ -47,8 +47,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from pmf.convert import official_to_ours, ours_to_official
 from pmf.errors import PmfError
+from pmf.io.convert import official_to_ours, ours_to_official
 from pmf.train.ema import EMASpec
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # optax.contrib.muon's default and pmf's (pmf.train.optim.build_optimizer)
@@ -112,7 +112,7 @@ def _torch_key_to_flax(key: str, a: np.ndarray) -> tuple[tuple[str, ...], np.nda
 
 
 def net_to_ours(net_tree: dict[tuple, np.ndarray]) -> dict[str, torch.Tensor]:
-    """params/net (paths relative to ``net``) -> our state dict (key names through :func:`pmf.convert.
+    """params/net (paths relative to ``net``) -> our state dict (key names through :func:`pmf.io.convert.
     official_to_ours`, which reports any name the official port would not spell)."""
     official = {}
     for path, a in net_tree.items():

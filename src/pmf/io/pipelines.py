@@ -1,20 +1,20 @@
 """A diffusers pipeline for pMF: :class:`PMFPipeline` (optional extra ``pixel-meanflow[diffusers]``).
 
-    from pmf.pipelines import PMFDiT, PMFPipeline
+    from pmf.io.pipelines import PMFDiT, PMFPipeline
     pipe = PMFPipeline(transformer=PMFDiT.from_pretrained("DIR_OR_REPO_ID"))  # scheduler=None: the default one
     images = pipe(class_labels=[207, 360, 387], num_inference_steps=1).images
 
 The default scheduler is :class:`MeanFlowScheduler`, ours: pMF's average-velocity step
 ``z_r = z_t - (t - r) u(z_t, r, t)`` [pMF section 6] on the grid ``linspace(1, 0, N + 1)``, both in float32
-exactly as :func:`pmf.sampler.sample` computes them, so the pipeline's images equal that function's bit for bit.
+exactly as :func:`pmf.method.sampler.sample` computes them, so the pipeline's images equal that function's bit for bit.
 diffusers' ``FlowMapEulerDiscreteScheduler`` (diffusers >= 0.42) takes the same step, ``z_r = z_t - (sigma_t -
 sigma_r) * model_output``, on the same grid, and can be passed instead; it is not the default because it builds the
-grid and the update in float64 before rounding to float32: bit-identical to pmf.sampler when t - r is a power of two
-(1, 2, 4, 8, ... steps), one float32 rounding apart per step otherwise (a few 1e-6 after 3 or 5 steps of the tiny test network).
-With it the pipeline hands the scheduler pmf.sampler's float32 grid as its sigmas, so the network still sees the
-same t and h = t - r.
+grid and the update in float64 before rounding to float32: bit-identical to pmf.method.sampler when t - r is a power of
+two (1, 2, 4, 8, ... steps), one float32 rounding apart per step otherwise (a few 1e-6 after 3 or 5 steps of the tiny
+test network). With it the pipeline hands the scheduler pmf.method.sampler's float32 grid as its sigmas, so the network
+still sees the same t and h = t - r.
 
-The network component is :class:`PMFTransformer2DModel`, a :class:`pmf.model.PMFDiT` that is also a diffusers
+The network component is :class:`PMFTransformer2DModel`, a :class:`pmf.method.model.PMFDiT` that is also a diffusers
 ``ModelMixin`` (so the pipeline's ``save_pretrained`` / ``from_pretrained`` handle it); a plain PMFDiT passed to the
 pipeline is converted, weights and sampling defaults included.
 """
@@ -35,17 +35,17 @@ try:
     from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
     from diffusers.utils.torch_utils import randn_tensor
 except ImportError as e:
-    raise ImportError(f"pmf.pipelines needs diffusers: pip install 'pixel-meanflow[diffusers]' ({e})") from None
+    raise ImportError(f"pmf.io.pipelines needs diffusers: pip install 'pixel-meanflow[diffusers]' ({e})") from None
 try:
     from diffusers import FlowMapEulerDiscreteScheduler
 except ImportError:  # diffusers < 0.42: only our scheduler
     FlowMapEulerDiscreteScheduler = None
 
-from pmf.export import _unwrap
-from pmf.hub import model_kwargs_of, sampling_meta
-from pmf.images import to_uint8
-from pmf.model import PMFDiT
-from pmf.sampler import _per_sample, check_omega
+from pmf.data.images import to_uint8
+from pmf.io.export import _unwrap
+from pmf.io.hub import model_kwargs_of, sampling_meta
+from pmf.method.model import PMFDiT
+from pmf.method.sampler import _per_sample, check_omega
 
 __all__ = ["MeanFlowScheduler", "PMFDiT", "PMFPipeline", "PMFTransformer2DModel"]  # PMFDiT: for the 3-line example
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -59,7 +59,7 @@ class MeanFlowSchedulerOutput(BaseOutput):
 class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
     """pMF's few-step sampler as a diffusers scheduler: times ``t_i = linspace(1, 0, N + 1)[i]`` (float32) and
     ``step(u, t_i, z) = z - (t_i - t_{i+1}) * u`` with u the average velocity u(z_{t_i}, t_{i+1}, t_i) [pMF section
-    6]; :func:`pmf.sampler.sample` in the form diffusers pipelines use. ``timesteps`` are t itself, in [0, 1]."""
+    6]; :func:`pmf.method.sampler.sample` in the form diffusers pipelines use. ``timesteps`` are t itself, in [0, 1]."""
 
     order = 1
 
@@ -87,17 +87,17 @@ class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep {timestep} is not on the schedule {self.timesteps.tolist()}")
         i = int(hits.nonzero()[0, 0])
         t, r = self.sigmas[i].to(sample.device), self.sigmas[i + 1].to(sample.device)
-        prev = sample - (t - r) * model_output  # as pmf.sampler.step: float32 throughout
+        prev = sample - (t - r) * model_output  # as pmf.method.sampler.step: float32 throughout
         return MeanFlowSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
 class PMFTransformer2DModel(PMFDiT, ModelMixin, ConfigMixin):
     """A :class:`PMFDiT` that diffusers can save and load: the config is the PMFDiT constructor kwargs plus
-    ``pmf_meta`` (sampling defaults and provenance, as in :mod:`pmf.hub`'s config.json); the weights keep PMFDiT's
+    ``pmf_meta`` (sampling defaults and provenance, as in :mod:`pmf.io.hub`'s config.json); the weights keep PMFDiT's
     names. ``forward`` is PMFDiT's: ``net(z, t, h, omega, t_min, t_max, y) -> (u, v)``."""
 
     config_name = "config.json"
-    # diffusers' own file handling; pmf.hub attaches its layout's methods to PMFDiT, which comes first in the MRO.
+    # diffusers' own file handling; pmf.io.hub attaches its layout's methods to PMFDiT, which comes first in the MRO.
     save_pretrained = ModelMixin.save_pretrained
     from_pretrained = ModelMixin.__dict__["from_pretrained"]
     push_to_hub = ModelMixin.push_to_hub
@@ -163,8 +163,8 @@ class PMFPipeline(DiffusionPipeline):
 
         num_inference_steps, guidance_scale (omega), guidance_interval ((t_min, t_max)): None for the model's
         recommended settings (its config's ``pmf_meta``), else 1, 1.0 and (0, 1). ``latents``: the initial state
-        z_1 (B, C, H, W), already multiplied by the noise scale as :func:`pmf.sampler.sample` takes it; None draws
-        ``noise_scale * randn`` with ``generator``. ``output_type``: "pil" (PIL images, pixels as ``pmf sample``
+        z_1 (B, C, H, W), already multiplied by the noise scale as :func:`pmf.method.sampler.sample` takes it; None
+        draws ``noise_scale * randn`` with ``generator``. ``output_type``: "pil" (PIL images, pixels as ``pmf sample``
         writes them), "np" ((B, H, W, C) float32 in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (the raw
         output x in [-1, 1], unclipped).
         """
@@ -195,7 +195,7 @@ class PMFPipeline(DiffusionPipeline):
 
         if isinstance(self.scheduler, MeanFlowScheduler):
             self.scheduler.set_timesteps(steps, device=device)
-        else:  # FlowMapEuler: pmf.sampler's float32 grid as its sigmas (see the module docstring)
+        else:  # FlowMapEuler: pmf.method.sampler's float32 grid as its sigmas (see the module docstring)
             self.scheduler.set_timesteps(sigmas=torch.linspace(1.0, 0.0, steps + 1)[:-1].tolist(), device=device)
         sigmas = self.scheduler.sigmas.to(torch.float32)
         z = latents.to(device=device, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""Official pMF PyTorch checkpoints <-> :class:`pmf.model.PMFDiT` (official torch branch, `models/pmfDiT.py`).
+"""Official pMF PyTorch checkpoints <-> :class:`pmf.method.model.PMFDiT` (official torch branch, `models/pmfDiT.py`).
 
 Our parameter names are the official torch names minus two wrappers the authors' Flax-to-torch port adds:
 
@@ -14,12 +14,12 @@ model) so that a key spelled wrongly in a checkpoint is reported rather than gue
 loads with ``strict=True``.
 
 ``rope_freqs`` is a buffer derived from the grid and head_dim, so we drop it. Before dropping it we check that it
-holds exactly the interleaved 2-D RoPE that :func:`pmf.model.rope_2d_angles` implements. A checkpoint whose RoPE
+holds exactly the interleaved 2-D RoPE that :func:`pmf.method.model.rope_2d_angles` implements. A checkpoint whose RoPE
 differs (another layout, or the real-valued buffer left by the official ``Module.to(dtype)`` trap of the torch branch)
 would otherwise load and then produce wrong images without any error.
 
 The authors' JAX "full" checkpoints (Orbax, with v-head, EMA copies and optimizer state) are converted by
-:mod:`pmf.official_jax`: its flax-path -> official-torch-name pass feeds :func:`official_to_ours`.
+:mod:`pmf.train.official_jax`: its flax-path -> official-torch-name pass feeds :func:`official_to_ours`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from collections.abc import Mapping
 
 import torch
 
-from pmf.hub import save_pretrained
-from pmf.model import MODELS, PMFDiT, rope_2d_angles
+from pmf.io.hub import save_pretrained
+from pmf.method.model import MODELS, PMFDiT, rope_2d_angles
 
 ROPE_KEY = "rope_freqs"
 ROPE_ATOL = 1e-5
@@ -200,7 +200,7 @@ def ours_to_official(
 def _read_state_dict(obj) -> dict[str, torch.Tensor]:
     """Path or dict -> a flat {name: tensor} dict, unwrapping the usual nesting ({"model": sd}, {"ema": sd}, ...)."""
     if isinstance(obj, (str, os.PathLike)):
-        from pmf.userfiles import load_torch_file  # never unpickles arbitrary objects
+        from pmf.util.safe_load import load_torch_file  # never unpickles arbitrary objects
 
         obj = load_torch_file(obj, "the official checkpoint", "give the authors' released .pt (a state dict of "
                               "tensors), or load it yourself if you trust it and pass its state dict")
@@ -255,7 +255,8 @@ def official_kwargs_to_ours(official_kwargs: Mapping) -> dict:
 
 
 def _resolve_kwargs(model: str | None, model_kwargs: dict) -> dict:
-    """PMFDiT kwargs: a registered size's kwargs (as in pmf.model.build_model), then explicit overrides, which may be
+    """PMFDiT kwargs: a registered size's kwargs (as in pmf.method.model.build_model), then explicit overrides, which
+    may be
     given in the official constructor's spelling (:func:`official_kwargs_to_ours`)."""
     model_kwargs = official_kwargs_to_ours(model_kwargs)
     if model is None:
@@ -305,7 +306,7 @@ def _matching_sizes(sd: dict, v_head: bool) -> list[str]:
 
 
 def infer_model(state_dict_or_path) -> str:
-    """The registered size (a key of :data:`pmf.model.MODELS`) whose keys and shapes match an official checkpoint
+    """The registered size (a key of :data:`pmf.method.model.MODELS`) whose keys and shapes match an official checkpoint
     exactly; a ValueError names the candidates when there is not exactly one. Lets a bare official ``.pt`` be
     loaded without ``--model``."""
     sd, _ = _strip_wrapper_prefix(_read_state_dict(state_dict_or_path))
@@ -362,7 +363,7 @@ def _load_error(problems: list[str], sd: dict, prefix: str, model: str | None, k
             lines.append(f"Its keys and shapes match registered size(s) {matches}: wrong --model size?")
         elif not any("_flax_" in k for k in sd):
             lines.append("No key has a '_flax_linear' wrapper: this looks like a pmf state dict, not the official "
-                         "layout; load it with PMFDiT.load_state_dict or pmf.train.checkpoint.load_exported.")
+                         "layout; load it with PMFDiT.load_state_dict or pmf.io.export.load_exported.")
         else:
             lines.append("Check --model (size, patch, resolution) or pass the architecture kwargs explicitly "
                          "(hidden_size, depth, num_heads, aux_head_depth, input_size, patch_size, ...).")
@@ -379,7 +380,7 @@ def _load_error(problems: list[str], sd: dict, prefix: str, model: str | None, k
 
 def official_meta(model: str, source: str) -> dict:
     """Sampling defaults and provenance of imported official weights: the registered size's noise scale and its
-    released 1-step omega / interval (:data:`pmf.model.MODELS`)."""
+    released 1-step omega / interval (:data:`pmf.method.model.MODELS`)."""
     spec = MODELS[model]
     return {"model": model, "noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min,
             "t_max": spec.t_max, "num_steps": 1, "ema_halflife_kimg": spec.ema_halflife_kimg, "source": source,
@@ -387,7 +388,7 @@ def official_meta(model: str, source: str) -> dict:
 
 
 def import_official_main(in_path: str, model: str, out_dir: str) -> None:
-    """Import an official checkpoint and save it in the Hugging Face layout of :mod:`pmf.hub` (config.json with
+    """Import an official checkpoint and save it in the Hugging Face layout of :mod:`pmf.io.hub` (config.json with
     the model kwargs and the registered sampling settings, model.safetensors, a README.md model card), then print a
     one-line summary."""
     net = load_official(in_path, model=model)
