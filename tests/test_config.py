@@ -92,7 +92,10 @@ def _dry_run(args, capsys) -> tuple[dict, dict]:
     return config, summary
 
 
-@pytest.mark.parametrize("preset", sorted(RECIPE))
+# Each dry run plans the auto accumulation (~10-25 s of meta-device measurement): one preset in the default suite,
+# all six in `make test-slow`.
+@pytest.mark.parametrize("preset", [p if p == "pmf-b16-in256" else pytest.param(p, marks=pytest.mark.slow)
+                                    for p in sorted(RECIPE)])
 def test_dry_run_of_official_preset(preset, tmp_path, capsys, monkeypatch):
     """No data, no process group, the model only on the meta device. steps_per_epoch is the floor of
     1,281,167 / 1024 (= 1251); the run length is exact in images: steps_total = ceil(images / 1024)."""
