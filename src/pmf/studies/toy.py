@@ -249,6 +249,18 @@ class ToyMLP(nn.Module):
         _, c_skip, c_out = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
         return velocity_from_output(z, t, out, c_skip, c_out, self.prediction)
 
+    def u_and_tangent(self, z, t, r, omega, t_min, t_max, y, dz, dt, dr):
+        """(u, du, trunk output) as :meth:`pmf.method.model.PMFDiT.u_and_tangent` gives them, for the lean objective:
+        here by forward-mode AD (the MLP is small; u and the trunk output keep their autograd history, du none)."""
+        import torch.autograd.forward_ad as fwAD
+
+        with fwAD.dual_level():
+            z_d, t_d, r_d = fwAD.make_dual(z, dz), fwAD.make_dual(t, dt), fwAD.make_dual(r, dr)
+            s = self.trunk(z_d, t_d, t_d - r_d, omega, t_min, t_max, y)
+            u = fwAD.unpack_dual(self.to_velocity(z_d, t_d, self.head(s, "u")))
+            s = fwAD.unpack_dual(s).primal
+        return u.primal, u.tangent.detach(), s
+
     def forward(self, z, t, h, omega, t_min, t_max, y, heads: str = "uv"):
         s = self.trunk(z, t, h, omega, t_min, t_max, y)
         u = self.to_velocity(z, t, self.head(s, "u")) if "u" in heads else None
