@@ -155,7 +155,9 @@ def shard_model(net: nn.Module, device: torch.device, reshard_after_forward: boo
         warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPLinear", category=UserWarning)
     for blk in blocks_of(net):
         if low:
-            fully_shard(matrix_layers(blk), **kw, mp_policy=mp_policy)
+            # The block's tangent pass applies these layers' weights to the tangent outside their forward (and
+            # out_proj's before its forward): one group, kept gathered from its first forward to its backward.
+            fully_shard(matrix_layers(blk), mesh=mesh, reshard_after_forward=False, mp_policy=mp_policy)
         fully_shard(blk, **kw, mp_policy=FLOAT32_POLICY if low else mp_policy)
     fully_shard(net, **kw, mp_policy=FLOAT32_POLICY if low else mp_policy)
     for name in FORWARD_METHODS:
