@@ -30,6 +30,7 @@ def settings(monkeypatch):
     return SuiteSettings(kimg=0.064, eval_num=40, eval_steps=(1, 2), base="tiny-test", classifier=classifier)
 
 
+@pytest.mark.slow  # training subprocesses and evaluations (~50 s)
 def test_tiny_suite_runs_resumes_and_reports(tmp_path, settings, monkeypatch):
     logs = []
     records = run_suite("tiny", tmp_path, settings, log=logs.append)
@@ -58,6 +59,7 @@ def test_tiny_suite_runs_resumes_and_reports(tmp_path, settings, monkeypatch):
     assert [r["stages"] for r in again] == [r["stages"] for r in records]
 
 
+@pytest.mark.slow  # training subprocesses (~20 s)
 def test_a_curve_point_behind_a_shared_run_is_not_measured(tmp_path, settings, monkeypatch):
     """A curve arm whose run another arm already trained to the full budget (in an earlier invocation) cannot be scored
     at 1/4 and 1/2 of it (the weights there are gone): those points are reported as not measured, never scored on the

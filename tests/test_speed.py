@@ -274,6 +274,7 @@ def test_inference_net_bf16_returns_float32_close_to_fp32():
     assert 0 < (out - ref).abs().max() < 0.05 * ref.abs().max()
 
 
+@pytest.mark.slow  # inductor compiles the frozen network (~30 s)
 def test_inference_net_compiled_with_freezing_matches_eager():
     """torch.compile with inductor weight freezing (or its eager fallback, should compiling fail here) gives the
     eager network's samples to float32 rounding."""
