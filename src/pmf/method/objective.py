@@ -252,30 +252,6 @@ def masked_omega(d: Draws) -> tuple[torch.Tensor, torch.Tensor]:
     return guided, torch.where(guided, d.omega, torch.ones_like(d.omega))
 
 
-@torch.no_grad()
-def guided_target(net, z_t, v_t, y, d: Draws, cfg: ObjectiveConfig, null_label: int):
-    """(v_g, v_c): the guided velocity target and the tangent for the JVP, line by line as official ``pmf.py:
-    guidance_fn`` computes them [P Alg. 2]; the specification that :func:`pmf_loss`'s two passes are tested against.
-
-    v_c, v_u = v(z | y, omega), v(z | null, 1). For r = t samples, v_g = v_t + (1 - 1/omega)(v_c - v_u).
-    Otherwise omega is reset to 1 outside [t_min, t_max], v_c recomputed with that masked omega', and
-    v_g = v_t + (1 - 1/omega')(v_c' - v_u). v_c' is the tangent (equal to v_c wherever the mask changed nothing).
-    Without guidance: v_g = v_t and the tangent is v(z | y, 1).
-    """
-    B = z_t.shape[0]
-    if not cfg.guidance:
-        return v_t, boundary_velocity(net, z_t, d.t, d.omega, y, cfg.use_v_head)
-    both = boundary_velocity(net, torch.cat([z_t, z_t]), torch.cat([d.t, d.t]),
-                             torch.cat([d.omega, torch.ones_like(d.omega)]),
-                             torch.cat([y, torch.full_like(y, null_label)]), cfg.use_v_head)
-    v_c, v_u = both[:B], both[B:]
-    v_g_fm = guided_velocity(v_t, v_c, v_u, d.omega, z_t, d.t, cfg.guidance_parallel)
-    omega_m = torch.where(interval_mask(d), d.omega, torch.ones_like(d.omega))
-    v_c = boundary_velocity(net, z_t, d.t, omega_m, y, cfg.use_v_head)
-    v_g = guided_velocity(v_t, v_c, v_u, omega_m, z_t, d.t, cfg.guidance_parallel)
-    return torch.where(_b(d.fm_mask, z_t), v_g_fm, v_g), v_c
-
-
 def guided_velocity(v_t, v_c, v_u, omega_m, z_t, t, parallel: float = 1.0):
     """v_g = v_t + (1 - 1/omega')(v_c' - v_u)  [P Alg. 2]; outside the interval omega' = 1 and v_g = v_t.
 
@@ -303,12 +279,6 @@ def guidance_velocities(net, z_t, y, d: Draws, omega_m, cfg: ObjectiveConfig, nu
                              torch.cat([omega_m, torch.ones_like(omega_m)]),
                              torch.cat([y, torch.full_like(y, null_label)]), cfg.use_v_head)
     return both[: len(y)], both[len(y):]
-
-
-def drop_labels(y, v_t, v_g, d: Draws, null_label: int):
-    """Class dropout [official ``pmf.py: cond_drop``]: dropped samples get the null label and the unguided target
-    v_g = v_t."""
-    return torch.where(d.drop_mask, null_label, y), torch.where(_b(d.drop_mask, v_t), v_t, v_g)
 
 
 def target_velocity(v_t, v_c, v_u, omega_m, z_t, d: Draws, cfg: ObjectiveConfig):
