@@ -271,7 +271,8 @@ def cmd_import(args) -> int:
     from pmf.train.official_run import import_official_jax_main, is_orbax_input
 
     if is_orbax_input(args.input):
-        return import_official_jax_main(args)
+        return import_official_jax_main(args.input, args.out, args.model, args.model_kwargs, args.preset, args.config,
+                                        args.set or [], args.images_per_step)
     if args.model is None:
         raise PmfError("import-official of a .pt needs --model SIZE (e.g. --model pMF-B/16)")
     import_official_main(args.input, args.model, args.out)
