@@ -149,3 +149,11 @@ def test_run_defaults_read_the_run_config_once(tmp_path):
     (tmp_path / "run" / "config.json").write_text("{not json")
     with pytest.raises(PmfError, match="the run's config is not valid JSON"):
         run_defaults(str(tmp_path / "run"))
+
+
+@pytest.mark.parametrize("command", sorted(subcommands()))
+def test_every_subcommand_prints_its_help(command, capsys):
+    """argparse formats a help text only when asked: every flag's metavar and help must format."""
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith(f"usage: pmf {command}")
