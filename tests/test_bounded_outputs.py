@@ -77,7 +77,7 @@ def test_evaluations_too_large_for_memory_or_the_seeds_are_refused(export, tmp_p
     np.savez(tmp_path / "s.npz", np.zeros((1000, 28, 28, 1), np.uint8), np.zeros(1000, np.int64))
     monkeypatch.setattr(pmf.io.userfiles, "available_memory", lambda: 10**6)  # 1 MB left
     monkeypatch.setattr("pmf.eval.samples.fmnist_extractor_and_reference", lambda *a, **k: pytest.fail("too late"))
-    rc = cli_main(["eval", "--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
+    rc = cli_main(["eval-samples", "--samples", str(tmp_path / "s.npz"), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == EXIT_USAGE and "evaluating 1,000 samples needs 1.1 MB of memory" in err and "--num" in err, err
 

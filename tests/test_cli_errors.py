@@ -89,7 +89,64 @@ CASES = [
      "truncated.npz cannot be read"),
     ("eval --steps 0", lambda f, t: ["eval", "--checkpoint", str(f / "good"), "--device", "cpu", "--steps", "0"],
      "every step count must be >= 1"),
+    ("inverted guidance-search --interval", lambda f, t: ["guidance-search", "--checkpoint", str(f / "good"),
+                                                          "--omegas", "1", "--interval", "0.8", "0.2", "--out",
+                                                          str(t / "gs")],
+     "--interval 0.8 0.2 must satisfy 0 <= t_min <= t_max <= 1"),
+    ("sample --rows 0", lambda f, t: ["sample", "--checkpoint", str(f / "good"), "--rows", "0"],
+     "--rows=0 must be >= 1"),
+    ("eval-samples --k 0", lambda f, t: ["eval-samples", "--samples", str(t / "s.npz"), "--k", "0"],
+     "--k=0 must be >= 1"),
 ]
+
+# Old or wrong forms of the command line (comma lists, renamed or moved flags): (argv, the fix the line names)
+OLD_FORMS = [
+    (["sample", "--checkpoint", "x", "--classes", "0,3,7"], "lists are space-separated: --classes 0 3 7"),
+    (["eval", "--checkpoint", "x", "--steps", "1,2,4"], "lists are space-separated: --steps 1 2 4"),
+    (["guidance-search", "--checkpoint", "x", "--omegas", "1,2", "--out", "o"], "space-separated: --omegas 1 2"),
+    (["guidance-search", "--checkpoint", "x", "--omegas", "1", "--intervals", "0,1", "0.1,0.8", "--out", "o"],
+     "give each interval as --interval T_MIN T_MAX, once per interval"),
+    (["guidance-search", "--checkpoint", "x", "--omegas", "1", "--interval", "0,1", "0.1,0.8", "--out", "o"],
+     "lists are space-separated: --interval 0 1"),
+    (["guidance-search", "--checkpoint", "x", "--omegas", "1", "--interval", "0,1", "--out", "o"],
+     "--interval T_MIN T_MAX, e.g. --interval 0.1 0.8"),
+    (["sample", "--checkpoint", "x", "--interval", "0.1,0.8"], "--interval T_MIN T_MAX, e.g. --interval 0.1 0.8"),
+    (["toy", "--out", "o", "--dims", "2,8,16"], "lists are space-separated: --dims 2 8 16"),
+    (["toy", "--out", "o", "--steps", "100"], "the toy study's training steps are --train-steps N"),
+    (["ablate", "--out", "o", "--kimg", "30,60"], "lists are space-separated: --kimg 30 60"),
+    (["ablate", "--out", "o", "--set", "perceptual.lpips_vgg_path=v.pth"], "weight files are --weight-file KEY=PATH"),
+    (["ablate", "--out", "o", "--weight-file", "v.pth"], "'v.pth' is not KEY=VALUE: --weight-file perceptual."),
+    (["eval", "--samples", "s.npz", "--extractor", "fmnist"], "pmf eval-samples --samples FILE.npz"),
+    (["eval", "--checkpoint", "x", "--k", "5"], "pmf eval-samples --samples FILE.npz --k K"),
+    (["sample", "--out", "g.png"], "the following arguments are required: --checkpoint"),
+    (["smaple", "--checkpoint", "x"], "invalid choice: 'smaple'"),
+]
+
+
+@pytest.mark.parametrize("argv,fix", OLD_FORMS, ids=[" ".join(a[:1] + a[-2:]) for a, _ in OLD_FORMS])
+def test_an_old_or_wrong_command_line_gets_one_line_naming_the_fix(argv, fix, capsys, monkeypatch):
+    import pmf.cli.commands
+
+    for name in dir(pmf.cli.commands):
+        if name.startswith("cmd_"):
+            monkeypatch.setattr(pmf.cli.commands, name, lambda args: pytest.fail("ran a command line that is wrong"))
+    assert cli_main(argv) == EXIT_USAGE
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pmf") and "error: " in lines[0], lines
+    assert fix in lines[0], lines[0]
+
+
+def test_the_installed_entry_point_prints_the_one_line_too(tmp_path):
+    """Through ``python -m pmf`` (the console script's main): exit status 2, one line on stderr, no usage block."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src") + os.pathsep
+           + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "pmf", "sample", "--checkpoint", "x", "--classes", "0,3,7"],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_USAGE and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == ["pmf sample: error: argument --classes: '0,3,7': lists are "
+                                                "space-separated: --classes 0 3 7 (`pmf sample --help` lists the "
+                                                "options)"]
 
 
 @pytest.mark.parametrize("name,argv,expect", CASES, ids=[c[0] for c in CASES])

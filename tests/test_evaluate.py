@@ -537,10 +537,10 @@ def test_cli_eval_inception_path_writes_metrics(tmp_path, monkeypatch):
     key = f"{metric.fd_key}_2step"
     assert want_v[key] != pytest.approx(want[key], rel=1e-6)
     # the defaults: Fashion-MNIST extractor; steps, count and batch from the run's eval section (else 1 2 4, the
-    # extractor's count, 256); the old comma form still parses
+    # extractor's count, 256)
     args = build_parser().parse_args(["eval", "--checkpoint", str(run)])
     assert args.extractor == "fmnist" and args.steps is None and args.num is None and args.batch_size is None
-    assert build_parser().parse_args(["eval", "--checkpoint", "x", "--steps", "1,2"]).steps == ["1,2"]
+    assert build_parser().parse_args(["eval", "--checkpoint", "x", "--steps", "1", "2"]).steps == [1, 2]
     (run / "config.json").write_text(json.dumps({"sample": {"ema": "ema_hl500"},
                                                  "eval": {"num_samples": 12, "steps": [2], "batch_size": 5}}))
     short = [a for a in argv if a not in ("--num", "20", "--steps", "1", "2", "--batch-size", "7")]

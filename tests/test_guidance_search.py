@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from pmf.eval.generate import Metric, compute_stats, evaluate_generator, generate
-from pmf.eval.guidance_search import guidance_search, parse_interval
+from pmf.eval.guidance_search import guidance_search
 import pmf.eval.metrics
 from pmf.method.model import MODELS, PMFDiT
 
@@ -89,13 +89,6 @@ def test_guidance_search_grid_argmin_final_and_files(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["search.csv", "search.json", "search.png"]
 
 
-def test_parse_interval():
-    assert parse_interval("0.1,0.8") == (0.1, 0.8) and parse_interval("0, 1") == (0.0, 1.0)
-    for bad in ("0.5", "0.8,0.1", "-0.1,0.5", "0,1,2"):
-        with pytest.raises(ValueError):
-            parse_interval(bad)
-
-
 def test_cli_guidance_search(tmp_path, monkeypatch):
     from pmf.io.export import export_model
     from pmf.cli import main
@@ -111,7 +104,7 @@ def test_cli_guidance_search(tmp_path, monkeypatch):
     monkeypatch.setattr(pmf.eval.metrics, "setup_metric", lambda *a, **k: metric)
     out = tmp_path / "gs"
     argv = ["guidance-search", "--checkpoint", str(run), "--extractor", "inception", "--omegas", "1", "2",
-            "--intervals", "0.0,1.0", "0.1,0.8", "--emas", "ema_hl500", "model", "--num-search", "12",
+            "--interval", "0.0", "1.0", "--interval", "0.1", "0.8", "--emas", "ema_hl500", "model", "--num-search", "12",
             "--num-final", "15", "--batch-size", "6", "--device", "cpu", "--out", str(out)]
     assert main(argv) == 0
     res = json.loads((out / "search.json").read_text())

@@ -16,7 +16,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pmf.cli import _load_net, main
+from pmf.cli import main
+from pmf.cli.session import load_net
 from pmf.io.convert import load_official, ours_to_official
 from pmf.io.export import export_model
 from pmf.io.hub import (CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, HubUnavailableError, load_pretrained,
@@ -244,13 +245,13 @@ def test_every_checkpoint_form_loads_the_same_network(tmp_path, monkeypatch):
              "export file": (str(run / "export" / "ema_b.safetensors"), None), "hf folder": (str(tmp_path / "hf"), None),
              "official .pt": (str(official), None)}
     for form, (path, ema) in forms.items():
-        net, meta = _load_net(path, ema)
+        net, meta = load_net(path, ema)
         assert_same_network(ref, net)
         assert meta["noise_scale"] == 1.0 and "omega" in meta, form
-    assert _load_net(str(official))[1]["model"] == TINY  # the size read from the official keys and shapes
+    assert load_net(str(official))[1]["model"] == TINY  # the size read from the official keys and shapes
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):
-        _load_net("someone/not-downloaded-pmf")
+        load_net("someone/not-downloaded-pmf")
 
 
 def test_local_layout_works_without_huggingface_hub_and_diffusers(tmp_path):

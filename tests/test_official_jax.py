@@ -210,3 +210,23 @@ print("RESTORED", len(la))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run([exe, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "RESTORED" in r.stdout, r.stderr[-2000:]
+
+
+def test_cli_import_to_a_run_takes_the_preset_and_overrides(tmp_path, capsys):
+    """`pmf import-official CKPT --preset P --set K=V ... --out RUN`: the flags reach the importer typed; it writes
+    a run directory with the overrides applied and names the `pmf train` command that continues it."""
+    from pmf.cli import main
+
+    overrides = {**OFFICIAL_KWARGS, "in_channels": 3, "bottleneck_dim": 128}
+    sets = ["model.name=pMF-tiny", f"model.overrides={json.dumps(overrides)}", "data.resolution=8",
+            "train.ema=[hl500, hl1000, hl2000]", "sample.ema=ema_hl2000"]
+    argv = ["import-official", str(FULL), "--preset", "tiny-test", "--images-per-step", "1", "--out",
+            str(tmp_path / "run")]
+    for s in sets:
+        argv += ["--set", s]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    again = "pmf train --preset tiny-test " + " ".join(f"--set {s}" for s in sets) + f" --run-dir {tmp_path / 'run'}"
+    assert f"continue with: {again}" in printed
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["sample"]["ema"] == "ema_hl2000" and cfg["model"]["overrides"]["bottleneck_dim"] == 128

@@ -169,7 +169,7 @@ def test_resume_after_a_killed_run(tmp_path):
     os.mkfifo(fifo)
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "pmf.cli", "prepare-data", "--source", str(root), "--resolution", str(R), "--out",
+    cmd = [sys.executable, "-m", "pmf", "prepare-data", "--source", str(root), "--resolution", str(R), "--out",
            str(out), "--workers", "1", "--shard-size", "4"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

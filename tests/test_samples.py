@@ -1,4 +1,4 @@
-"""Sample archives in the ADM layout and ``pmf eval --samples``: the .npz round trip in both layouts (arr_0 / arr_1
+"""Sample archives in the ADM layout and ``pmf eval-samples``: the .npz round trip in both layouts (arr_0 / arr_1
 and the older images / labels), the streamed writer's atomicity, and the five ADM-evaluator numbers of a sample file
 (FID, sFID, IS, precision, recall) against an independent one-shot numpy / scipy computation, for each kind of
 reference (statistics only, reference images, an ADM batch with both, `pmf ref-stats` output)."""
@@ -152,7 +152,7 @@ def test_image_source_batches_reads_adm_archives_and_splits_ranks(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# pmf eval --samples: the five numbers against one-shot numpy
+# pmf eval-samples: the five numbers against one-shot numpy
 
 
 def one_shot(extractor, images):
@@ -268,7 +268,7 @@ def test_cli_ref_stats_then_eval_samples(tmp_path, monkeypatch, capsys):
     # the reference's own first 100 images as samples: FID, sFID ~ 0 up to the 100-vs-120 sampling; P = R = 1
     save_npz(tmp_path / "same.npz", ref_images[:100], torch.zeros(100))
     capsys.readouterr()
-    assert main(["eval", "--samples", str(tmp_path / "same.npz"), "--extractor", "inception", "--ref-stats",
+    assert main(["eval-samples", "--samples", str(tmp_path / "same.npz"), "--extractor", "inception", "--ref-stats",
                  str(tmp_path / "ref.npz"), "--inception", "w.pth", "--device", "cpu", "--batch-size", "64",
                  "--out", str(tmp_path / "m.json")]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -280,7 +280,9 @@ def test_cli_ref_stats_then_eval_samples(tmp_path, monkeypatch, capsys):
     for key in ("fid", "sfid", "is", "is_adm", "precision", "recall"):
         assert m[key] == pytest.approx(direct[key], rel=1e-12), key
     # argument errors exit with 2 and a message
-    assert main(["eval", "--samples", str(tmp_path / "same.npz"), "--extractor", "inception"]) == 2
-    assert main(["eval", "--extractor", "inception"]) == 2
-    assert main(["eval", "--samples", str(tmp_path / "same.npz"), "--checkpoint", str(tmp_path)]) == 2
-    assert "not both" in capsys.readouterr().err
+    assert main(["eval-samples", "--samples", str(tmp_path / "same.npz"), "--extractor", "inception"]) == 2
+    assert "needs a reference: --ref-stats" in capsys.readouterr().err
+    assert main(["eval-samples", "--extractor", "inception"]) == 2
+    assert "required: --samples" in capsys.readouterr().err
+    assert main(["eval-samples", "--samples", str(tmp_path / "same.npz"), "--checkpoint", str(tmp_path)]) == 2
+    assert "unrecognized arguments: --checkpoint" in capsys.readouterr().err

@@ -124,7 +124,7 @@ def test_a_sample_archive_the_extractor_cannot_read_is_refused_before_extraction
     samples = _archive(tmp_path / "s.npz", images)
     ref = tmp_path / "ref.npz"
     np.savez(ref, mu=np.zeros(2048), sigma=np.eye(2048, dtype=np.float32))
-    argv = ["eval", "--samples", samples, "--extractor", extractor, "--device", "cpu", "--out", tmp_path / "m.json"]
+    argv = ["eval-samples", "--samples", samples, "--extractor", extractor, "--device", "cpu", "--out", tmp_path / "m.json"]
     rc, err = run_cli(argv + (["--ref-stats", ref] if extractor == "inception" else []), capsys)
     assert_one_line(rc, err, str(samples), expect)
     assert not (tmp_path / "m.json").exists()
@@ -147,7 +147,7 @@ def test_a_reference_of_the_wrong_dimension_is_named_before_any_feature_is_compu
     samples = _archive(tmp_path / "s.npz", np.zeros((4, 8, 8, 3), np.uint8))
     ref = tmp_path / "ref.npz"
     np.savez(ref, **arrays)
-    rc, err = run_cli(["eval", "--samples", samples, "--extractor", "inception", "--ref-stats", ref, "--device",
+    rc, err = run_cli(["eval-samples", "--samples", samples, "--extractor", "inception", "--ref-stats", ref, "--device",
                        "cpu"], capsys)
     assert_one_line(rc, err, f"--ref-stats {ref}", expect)
 

@@ -28,17 +28,6 @@ from pmf.util.atomic import atomic_write_bytes
 CSV_FIELDS = ("ema", "omega", "t_min", "t_max", "n", "steps")
 
 
-def parse_interval(text: str) -> tuple[float, float]:
-    """'0.1,0.8' -> (0.1, 0.8), with 0 <= t_min <= t_max <= 1."""
-    parts = [p for p in text.replace(" ", "").split(",") if p]
-    if len(parts) != 2:
-        raise ValueError(f"an interval is T_MIN,T_MAX, got {text!r}")
-    t_min, t_max = float(parts[0]), float(parts[1])
-    if not 0.0 <= t_min <= t_max <= 1.0:
-        raise ValueError(f"interval {text!r}: need 0 <= t_min <= t_max <= 1")
-    return t_min, t_max
-
-
 def plot_search(rows: list[dict], key: str, best: dict, path: Path) -> Path:
     """Distance vs omega, one line per interval, one panel per EMA (matplotlib's Agg canvas, no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

@@ -102,7 +102,7 @@ class SuiteSettings:
     base: str = BASE_PRESET
     extra: tuple = ()  # overrides applied to every arm (e.g. a smaller model for tests)
     classifier: object = None  # injected (model, info) for tests; default: the cached Fashion-MNIST CNN
-    files: dict = field(default_factory=dict)  # perceptual weight paths, key -> path (e.g. from --set)
+    files: dict = field(default_factory=dict)  # perceptual weight paths, key -> path (pmf ablate --weight-file)
     train: bool = True  # False: train and evaluate nothing, report the evaluations already on disk
 
     @property
@@ -358,7 +358,7 @@ def run_suite(suite: str, out, settings: SuiteSettings, only: list[str] | None =
     arms = select_arms(suite, only)
     skipped = {a.name: missing_files(a, settings) for a in arms if missing_files(a, settings)}
     for name, keys in skipped.items():
-        log(f"[{name}] skipped: needs weight files {', '.join(keys)} (give them with --set KEY=PATH)")
+        log(f"[{name}] skipped: needs weight files {', '.join(keys)} (give them with --weight-file KEY=PATH)")
     arms = [a for a in arms if a.name not in skipped]
     lock = threading.Lock()
 

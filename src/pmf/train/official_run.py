@@ -148,37 +148,40 @@ def is_orbax_input(path) -> bool:
     return p.is_dir() or (p.is_file() and p.suffix == ".zip")
 
 
-def import_official_jax_main(args) -> int:
+def import_official_jax_main(source, out, model: str | None = None, model_kwargs: str | None = None,
+                             preset: str | None = None, config: str | None = None, sets: list | tuple = (),
+                             images_per_step: int = 1024) -> int:
     """``pmf import-official CKPT --out DIR``: a run directory when a training config is given (--preset, --config,
-    --set), else inference exports; prints what maps and what does not."""
+    --set), else inference exports; prints what maps and what does not. ``model_kwargs``: the --model-kwargs JSON
+    text."""
     from pmf.io.convert import official_kwargs_to_ours
     from pmf.train.config import load_config
 
     try:
-        official_kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        official_kwargs = json.loads(model_kwargs) if model_kwargs else {}
     except json.JSONDecodeError as e:
         raise PmfError(f"--model-kwargs is not JSON ({e}); e.g. '{{\"hidden_size\": 768, \"depth\": 16}}'") from None
     if not isinstance(official_kwargs, dict):
         raise PmfError("--model-kwargs must be a JSON object of the official pmfDiT constructor kwargs")
-    if args.preset or args.config or args.set:
-        cfg = load_config(args.preset, args.config, args.set or [])
-        if args.model:
-            cfg.model.name = args.model
+    if preset or config or sets:
+        cfg = load_config(preset, config, list(sets))
+        if model:
+            cfg.model.name = model
         if official_kwargs:
             cfg.model.overrides = {**cfg.model.overrides, **official_kwargs_to_ours(official_kwargs)}
-        notes = import_to_run(args.input, cfg, args.out, args.images_per_step)
-        again = " ".join(f"--{k} {v}" for k, v in (("preset", args.preset), ("config", args.config)) if v)
-        again += "".join(f" --set {s}" for s in args.set or [])
+        notes = import_to_run(source, cfg, out, images_per_step)
+        again = " ".join(f"--{k} {v}" for k, v in (("preset", preset), ("config", config)) if v)
+        again += "".join(f" --set {s}" for s in sets)
         if official_kwargs:
             again += f" --set 'model.overrides={json.dumps(cfg.model.overrides)}'"
-        if args.model:
-            again += f" --set model.name={args.model}"
-        print(f"imported {args.input} -> run {args.out}; continue with: pmf train {again.strip()} --run-dir {args.out}")
+        if model:
+            again += f" --set model.name={model}"
+        print(f"imported {source} -> run {out}; continue with: pmf train {again.strip()} --run-dir {out}")
     else:
-        if args.model is None and not official_kwargs:
+        if model is None and not official_kwargs:
             raise PmfError("an Orbax checkpoint needs --model SIZE or --model-kwargs JSON (the official pmfDiT kwargs)")
-        notes = import_to_export(args.input, args.out, args.model, official_kwargs)
-        print(f"imported {args.input} -> exports in {args.out} (pmf sample --checkpoint {args.out} --ema NAME)")
+        notes = import_to_export(source, out, model, official_kwargs)
+        print(f"imported {source} -> exports in {out} (pmf sample --checkpoint {out} --ema NAME)")
     for note in notes:
         print(f"  note: {note}")
     return 0
