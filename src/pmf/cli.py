@@ -25,7 +25,7 @@ def _load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
     """``(net, meta)`` from any checkpoint form (:func:`pmf.train.load.load_checkpoint`); a damaged file is one line."""
     from safetensors import SafetensorError
 
-    from pmf.io.hub import HubUnavailableError
+    from pmf.method.pretrained import HubUnavailableError
     from pmf.train.load import load_checkpoint
 
     try:
@@ -373,10 +373,8 @@ def cmd_toy(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Any --checkpoint (a run's EMA copy, an export, an official .pt, ...) -> the Hugging Face layout, or
+    """Any --checkpoint (a run's EMA copy, a network folder, a Hub repo id) -> a network folder, or
     (``--format official-jax``) the official JAX tree as an Orbax checkpoint."""
-    from pmf.io.hub import save_pretrained
-
     if args.format == "official-jax":
         from pmf.train.official_run import export_official
 
@@ -390,7 +388,7 @@ def cmd_export(args) -> int:
         kimg = meta.get("kimg")
         meta = {**meta, "source": f"run '{run.resolve().name}', weights '{meta['ema']}'"
                 + (f" after {kimg:g} kimg" if isinstance(kimg, (int, float)) else "")}
-    save_pretrained(net, args.out, meta)
+    net.save_pretrained(args.out, meta=meta)
     print(f"exported {args.checkpoint} ({meta.get('model') or 'PMFDiT'}, weights {meta.get('ema', 'model')}) -> "
           f"{args.out} (config.json, model.safetensors, README.md)")
     return 0
@@ -462,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def guidance_args(q, checkpoint_required: bool = True):
         q.add_argument("--checkpoint", required=checkpoint_required,
-                       help="run directory or export (.safetensors / directory)")
+                       help="run directory, network folder (config.json + model.safetensors) or Hub repo id")
         q.add_argument("--ema", help="EMA copy to use, e.g. ema_hl500 (default: the run's sample.ema)")
         q.add_argument("--omega", type=float, help="guidance scale (default: the checkpoint's recommended one)")
         q.add_argument("--interval", type=float, nargs=2, metavar=("T_MIN", "T_MAX"), help="guidance interval")
@@ -575,8 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_import)
 
     x = sub.add_parser("export", help="save any checkpoint (e.g. a run's EMA copy) in the Hugging Face layout")
-    x.add_argument("--checkpoint", required=True, help="run directory, export, Hugging Face folder or repo id, or "
-                   "official .pt")
+    x.add_argument("--checkpoint", required=True, help="run directory, network folder or Hub repo id")
     x.add_argument("--ema", help="weights to export, e.g. ema_hl500 (default: the run's sample.ema)")
     x.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
     x.add_argument("--format", default="hf", choices=["hf", "official-jax"], help="hf: the Hugging Face layout; "
