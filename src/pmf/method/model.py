@@ -605,7 +605,7 @@ class PMFDiT(nn.Module, PyTorchModelHubMixin):
         """(u, du, trunk output): u = u-head velocity of (z, t, h = t - r) and its tangent along (dz, dt, dr)
         [MF Eq. 8: du/dt = v d_z u + d_t u for (dz, dt, dr) = (v, 1, 0)], by the explicit tangent pass. du carries
         no autograd history; u and the trunk output do."""
-        (c_in, c_skip, c_out) = self.coefficients(t)
+        c_in, c_skip, c_out = self.coefficients(t)
         dc_in, dc_skip, dc_out = precondition_tangent(t, dt, self.prediction, self.noise_scale, self.sigma_data)
         z_in = bcast(c_in, z, z.dtype) * z
         with torch.no_grad():
