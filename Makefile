@@ -13,7 +13,7 @@ install:
 	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
 	  echo "note: could not apt-get install dataset-fashion-mnist; pmf will download Fashion-MNIST instead"; fi
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.13,<2.14"  # the tested range (pyproject.toml)
-	$(PIP) install -q -e ".[test,tensorboard,hub,diffusers]"
+	$(PIP) install -q -e ".[test,tensorboard,diffusers]"
 	$(PIP) install -q --no-deps "torch-fidelity==0.4.0"  # the FID cross-check; --no-deps: no torchvision / CUDA torch
 	$(PIP) install -q "orbax-checkpoint==0.6.4" "jax[cpu]==0.4.34" "flax==0.10.0" || \
 	  echo "note: could not install orbax-checkpoint 0.6.4 (the official pin); tests/test_official_jax.py's restore check will skip"

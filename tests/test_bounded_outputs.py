@@ -16,7 +16,6 @@ from PIL import Image
 from pmf.cli import main as cli_main
 from pmf.data.images import npz_sample_writer, png_grid_writer, save_grid
 from pmf.errors import EXIT_USAGE
-from pmf.io.export import export_model
 import pmf.io.userfiles
 from pmf.method.model import PMFDiT
 
@@ -30,7 +29,7 @@ SRC = str(Path(__file__).resolve().parents[1] / "src")
 def export(tmp_path_factory):
     root = tmp_path_factory.mktemp("exp")
     torch.manual_seed(0)
-    export_model(PMFDiT(**KW), root, KW, {"noise_scale": 1.0, "omega": 1.0})
+    PMFDiT(**KW).save_pretrained(root, meta={"noise_scale": 1.0, "omega": 1.0})
     return root
 
 

@@ -1,14 +1,12 @@
 """Persistence (pmf.train.checkpoint): atomic writes survive interruption, resume finds the newest readable state, and
 exports round-trip a network exactly."""
 
-import json
 import os
 
 import pytest
 import torch
 
-from pmf.io.export import export_model, load_exported
-from pmf.method.model import MODELS, build_model
+from pmf.method.model import MODELS, PMFDiT, build_model
 from pmf.train.checkpoint import load_latest, save_training_state
 from pmf.util.atomic import atomic_save, atomic_write_text
 
@@ -124,33 +122,15 @@ def test_load_latest_raises_when_nothing_is_readable(tmp_path):
 # Exports
 
 
-@pytest.mark.parametrize("v_head", [True, False])
-def test_export_load_round_trip_reproduces_outputs(tmp_path, v_head):
-    net = tiny_net(v_head)
-    meta = {"noise_scale": 1.0, "omega": 2.0, "t_min": 0.0, "t_max": 1.0}
-    path = export_model(net, tmp_path, tiny_kwargs(v_head), meta)
-    assert sorted(os.listdir(tmp_path)) == ["model.json", "model.safetensors"]
-    assert json.loads((tmp_path / "model.json").read_text())["meta"] == meta
-    for where in (tmp_path, path, tmp_path / "model.json"):
-        loaded, got_meta = load_exported(where)
-        assert got_meta == meta and not loaded.training
-        (u0, v0), (u1, v1) = outputs(net), outputs(loaded)
-        assert u0.abs().max() > 0 and torch.equal(u0, u1)
-        assert (v1 is None) == (not v_head) and (v0 is None or torch.equal(v0, v1))
-
-
-def test_load_exported_overrides_and_header_fallback(tmp_path):
+def test_from_pretrained_overrides_kwargs_that_keep_the_shapes(tmp_path):
     net = tiny_net()
-    export_model(net, tmp_path, tiny_kwargs(), name="ema")
-    (tmp_path / "ema.json").unlink()  # the safetensors header carries the same config
-    loaded, meta = load_exported(tmp_path, name="ema", attn_backend="math")
-    assert meta == {} and loaded.shared_blocks[0].attn.backend == "math"
+    net.save_pretrained(tmp_path)
+    loaded = PMFDiT.from_pretrained(tmp_path, attn_backend="math")
+    assert loaded.shared_blocks[0].attn.backend == "math" and loaded.init_kwargs["attn_backend"] == "math"
     assert torch.allclose(outputs(net)[0], outputs(loaded)[0], atol=1e-5)
 
 
-def test_export_rejects_kwargs_that_do_not_describe_the_net(tmp_path):
-    with pytest.raises(ValueError, match="v_final_layer"):
-        export_model(tiny_net(v_head=True), tmp_path, tiny_kwargs(v_head=False))
+def test_save_refuses_kwargs_json_cannot_hold_and_writes_nothing(tmp_path):
     with pytest.raises(TypeError, match="JSON"):
-        export_model(tiny_net(), tmp_path, {**tiny_kwargs(), "noise_scale": torch.tensor(1.0)})
-    assert not tmp_path.exists() or os.listdir(tmp_path) == []
+        PMFDiT(**{**tiny_kwargs(), "noise_scale": torch.tensor(1.0)}).save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m").exists() or os.listdir(tmp_path / "m") == []

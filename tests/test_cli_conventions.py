@@ -78,13 +78,12 @@ def test_the_new_forms_reach_the_library_typed(tmp_path, monkeypatch):
 
 def test_sample_classes_space_separated_are_the_labels_in_turn(tmp_path):
     """``--classes 2 0``: class-balanced samples cycle through the listed labels in the given order."""
-    from pmf.io.export import export_model
     from pmf.method.model import PMFDiT
 
     kw = dict(input_size=8, patch_size=4, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=3,
               aux_head_depth=1, bottleneck_dim=4, num_class_tokens=1, num_time_tokens=1, num_cfg_tokens=1,
               num_interval_tokens=2, v_head=False)
-    export_model(PMFDiT(**kw), tmp_path / "exp", kw, {"noise_scale": 1.0, "omega": 1.0})
+    PMFDiT(**kw).save_pretrained(tmp_path / "exp", meta={"noise_scale": 1.0, "omega": 1.0})
     assert main(["sample", "--checkpoint", str(tmp_path / "exp"), "--device", "cpu", "--classes", "2", "0",
                  "--num", "5", "--out", str(tmp_path / "s.npz")]) == 0
     with np.load(tmp_path / "s.npz") as f:

@@ -14,7 +14,6 @@ import torch
 
 from pmf.cli import main as cli_main
 from pmf.errors import EXIT_USAGE
-from pmf.io.export import export_model
 from pmf.method.model import PMFDiT
 import pmf.train.dryrun
 import pmf.train.loop
@@ -31,8 +30,8 @@ def files(tmp_path_factory):
     directory is expected."""
     root = tmp_path_factory.mktemp("files")
     torch.manual_seed(0)
-    export_model(PMFDiT(**KW), root / "good", KW, {"noise_scale": 1.0, "omega": 1.0})
-    export_model(PMFDiT(**KW), root / "bad", KW, {"noise_scale": 1.0, "omega": 1.0})
+    PMFDiT(**KW).save_pretrained(root / "good", meta={"noise_scale": 1.0, "omega": 1.0})
+    PMFDiT(**KW).save_pretrained(root / "bad", meta={"noise_scale": 1.0, "omega": 1.0})
     w = root / "bad" / "model.safetensors"
     w.write_bytes(w.read_bytes()[:100])  # a partial copy
     np.savez(root / "small.npz", mu=np.zeros(64), sigma=np.eye(64))

@@ -179,7 +179,7 @@ def _log(run_dir):
 def _weights(run_dir):
     from safetensors.torch import load_file
 
-    return load_file(str(Path(run_dir) / "export" / "model.safetensors"))
+    return load_file(str(Path(run_dir) / "export" / "model" / "model.safetensors"))
 
 
 @pytest.mark.slow

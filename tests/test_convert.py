@@ -7,8 +7,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from pmf.io.export import load_exported
-from pmf.io.hub import load_pretrained
 from pmf.io.convert import (
     ROPE_KEY,
     import_official_main,
@@ -228,13 +226,9 @@ def test_import_official_main_writes_the_pretrained_layout(tmp_path, capsys):
     expected_meta = {"model": TINY, "noise_scale": spec.noise_scale, "omega": spec.omega, "t_min": spec.t_min,
                      "t_max": spec.t_max, "num_steps": 1, "ema_halflife_kimg": spec.ema_halflife_kimg,
                      "source": "pMF-tiny.pt", "imported_from_official": True}
-    loaded, meta = load_pretrained(tmp_path / "out")
+    loaded = PMFDiT.from_pretrained(tmp_path / "out")
     assert_same_outputs(net, loaded)
-    assert meta == expected_meta
-    # the weights file describes itself (safetensors header), so the export reader takes the folder too
-    loaded, meta = load_exported(tmp_path / "out")
-    assert_same_outputs(net, loaded)
-    assert meta == expected_meta
+    assert loaded.pretrained_meta == expected_meta
 
 # ----------------------------------------------------------------------------------------------------------------
 # The official constructor's kwargs (models/pmfDiT.py, pmfDiT.__init__ on the torch branch)

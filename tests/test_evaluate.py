@@ -493,14 +493,13 @@ def test_evaluate_generator_two_processes_match_one(tmp_path):
 
 
 def tiny_run_dir(tmp_path, ema="ema_hl500"):
-    """A run directory as training leaves it: config.json (sample.ema) and export/{ema}.safetensors."""
-    from pmf.io.export import export_model
+    """A run directory as training leaves it: config.json (sample.ema) and export/{ema}/ (a network folder)."""
     from pmf.method.model import MODELS
 
     kwargs = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
     net = randomised(PMFDiT(**kwargs))
     run = tmp_path / "run"
-    export_model(net, run / "export", kwargs, {"noise_scale": 1.0, "omega": 1.0, "t_min": 0.0, "t_max": 1.0}, ema)
+    net.save_pretrained(run / "export" / ema, meta={"noise_scale": 1.0, "omega": 1.0, "t_min": 0.0, "t_max": 1.0})
     (run / "config.json").write_text(json.dumps({"sample": {"ema": ema}}))
     return run, net
 

@@ -1,4 +1,4 @@
-"""One format version (pmf.io.export.FORMAT_VERSION) for what pmf writes: exports, Hugging Face folders, training
+"""One format version (pmf.util.format_version.FORMAT_VERSION) for what pmf writes: network folders, training
 states. New files carry it; a file of any other version, or without one, or a training state without its checksum,
 is refused with one line naming the file (a PmfError: exit status 2 from the CLI), never read in another meaning."""
 
@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
+from pmf.cli import main
 from pmf.errors import PmfError
-from pmf.io.export import FORMAT_VERSION, UnsupportedFormat, export_model, load_exported
 from pmf.method.model import MODELS, PMFDiT
 from pmf.train.checkpoint import DAMAGED_SUFFIX, STATE_DIR, load_latest, payload_digest, save_training_state
+from pmf.util.format_version import FORMAT_VERSION, UnsupportedFormat
 
 TINY_KW = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
 
@@ -36,32 +36,30 @@ def _outputs(net):
     return u
 
 
-def test_new_exports_carry_the_version_and_round_trip(tmp_path):
+def test_network_folders_carry_the_version_and_round_trip(tmp_path):
     net = _perturbed(**TINY_KW, num_interval_tokens=3)
-    export_model(net, tmp_path, {**TINY_KW, "num_interval_tokens": 3})
-    assert json.loads((tmp_path / "model.json").read_text())["format_version"] == FORMAT_VERSION
-    loaded, _ = load_exported(tmp_path)
+    net.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["pmf_format_version"] == FORMAT_VERSION
+    loaded = PMFDiT.from_pretrained(tmp_path)
     assert tuple(loaded.t_max_tokens.shape) == (1, 3, 32)
     assert torch.equal(_outputs(loaded), _outputs(net))
 
 
-@pytest.mark.parametrize("where", ["json", "safetensors header"])
 @pytest.mark.parametrize("version", [None, 1, FORMAT_VERSION + 1])
-def test_exports_of_another_version_are_refused(tmp_path, where, version):
-    """An export whose JSON (or, with the .json gone, the weights' header) has no or another format_version."""
-    net = _perturbed(**TINY_KW)
-    config = {"model_kwargs": TINY_KW, "meta": {}} | ({} if version is None else {"format_version": version})
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "model.safetensors",
-              metadata={"pmf_config": json.dumps(config)})
-    if where == "json":
-        (tmp_path / "model.json").write_text(json.dumps(config))
+def test_network_folders_of_another_version_are_refused(tmp_path, version):
+    """A config.json with no or another pmf_format_version: one line naming the file, from the library and the CLI."""
+    _perturbed(**TINY_KW).save_pretrained(tmp_path / "net")
+    config = json.loads((tmp_path / "net" / "config.json").read_text())
+    config.pop("pmf_format_version")
+    (tmp_path / "net" / "config.json").write_text(json.dumps(config | ({} if version is None else
+                                                                        {"pmf_format_version": version})))
     with pytest.raises(UnsupportedFormat) as e:
-        load_exported(tmp_path)
+        PMFDiT.from_pretrained(tmp_path / "net")
     msg = str(e.value)
-    assert isinstance(e.value, PmfError) and "\n" not in msg
-    assert ("model.json" if where == "json" else "model.safetensors") in msg
+    assert isinstance(e.value, PmfError) and "\n" not in msg and "config.json" in msg
     assert ("no format_version" if version is None else f"format_version {version}") in msg
     assert f"reads only version {FORMAT_VERSION}" in msg
+    assert main(["sample", "--checkpoint", str(tmp_path / "net"), "--out", str(tmp_path / "g.png")]) == 2
 
 
 def _write_state(run_dir, step, payload, digest=True):

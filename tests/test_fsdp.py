@@ -236,5 +236,5 @@ def test_fsdp_resumes_one_process_run_and_matches_it(tmp_path):
         assert_close_per_tensor({k: v for k, v in sb[i].items() if v.ndim}, {k: v for k, v in st.items() if v.ndim},
                                 f"optimizer.state[{i}]")
         assert all(torch.equal(v, sb[i][k]) for k, v in st.items() if v.ndim == 0)  # step counters
-    for f in ("samples-latest.png", "export/model.safetensors", "export/ema_hl1.safetensors"):
+    for f in ("samples-latest.png", "export/model/model.safetensors", "export/ema_hl1/model.safetensors"):
         assert (tmp_path / "two" / f).exists(), f

@@ -90,14 +90,12 @@ def test_guidance_search_grid_argmin_final_and_files(tmp_path):
 
 
 def test_cli_guidance_search(tmp_path, monkeypatch):
-    from pmf.io.export import export_model
     from pmf.cli import main
 
-    kwargs = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
     run = tmp_path / "run"
     meta = {"noise_scale": 1.0, "omega": 1.0, "t_min": 0.0, "t_max": 1.0}
     for i, name in enumerate(["ema_hl500", "model"]):
-        export_model(tiny_net(i), run / "export", kwargs, meta, name)
+        tiny_net(i).save_pretrained(run / "export" / name, meta=meta)
     (run / "config.json").write_text(json.dumps({"sample": {"ema": "ema_hl500"}}))
     rng = np.random.default_rng(0)
     metric = Metric(extractor_fn(), (rng.standard_normal(6), np.eye(6)), "fid", accuracy=False, is_classes=5)

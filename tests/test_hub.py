@@ -1,8 +1,8 @@
-"""Hugging Face layout (pmf.io.hub) and the CLI's checkpoint forms. Offline, local folders only: a Hub repo id is tested
+"""The one network layout (pmf.method.pretrained: PMFDiT.save_pretrained / from_pretrained) and the CLI's checkpoint
+forms. Offline, local folders only: a Hub repo id is tested
 only for its offline error. Truth: the network that was saved (bit-identical outputs after a round trip),
 ``load_official`` for imported weights, and PMFDiT's own signature for the recorded kwargs."""
 
-import importlib.util
 import inspect
 import json
 import os
@@ -19,14 +19,13 @@ from safetensors.torch import load_file
 from pmf.cli import main
 from pmf.cli.session import load_net
 from pmf.io.convert import load_official, ours_to_official
-from pmf.io.export import export_model
-from pmf.io.hub import (CARD_NAME, CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, HubUnavailableError, load_pretrained,
-                     model_card)
+from pmf.errors import PmfError
 from pmf.method.model import MODELS, PMFDiT, build_model
+from pmf.method.pretrained import CARD_NAME, CONFIG_NAME, WEIGHTS_NAME, HubUnavailableError, model_card
+from pmf.util.format_version import FORMAT_VERSION
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = "pMF-tiny"
-HAS_HF_HUB = importlib.util.find_spec("huggingface_hub") is not None
 
 
 def tiny_net(v_head: bool = False, seed: int = 0, **overrides) -> PMFDiT:
@@ -163,7 +162,6 @@ def test_a_missing_path_is_not_taken_for_a_repo_id(tmp_path):
         PMFDiT.from_pretrained(str(tmp_path / "no" / "such" / "folder"))
 
 
-@pytest.mark.skipif(not HAS_HF_HUB, reason="push_to_hub needs huggingface_hub (pip install 'pixel-meanflow[hub]')")
 def test_push_to_hub_uploads_the_saved_layout(tmp_path, monkeypatch):
     """huggingface_hub's HfApi replaced by a recorder: the upload is the save_pretrained folder, to the created
     repo. (No network.)"""
@@ -214,10 +212,9 @@ def fake_run(tmp_path: Path) -> tuple[Path, dict]:
     """A run directory as training leaves it: config.json naming the sampling EMA, export/ with two EMA copies."""
     run = tmp_path / "run"
     nets = {"ema_a": tiny_net(seed=1), "ema_b": tiny_net(seed=2)}
-    kwargs = {**MODELS[TINY].kwargs, "v_head": False}
     meta = {"noise_scale": 1.0, "omega": 1.75, "t_min": 0.1, "t_max": 0.9, "kimg": 12.5, "model": TINY}
     for name, n in nets.items():
-        export_model(n, run / "export", kwargs, meta, name=name)
+        n.save_pretrained(run / "export" / name, meta=meta)
     (run / "config.json").write_text(json.dumps({"sample": {"ema": "ema_a"}}))
     return run, nets
 
@@ -227,9 +224,10 @@ def test_export_writes_the_chosen_ema_of_a_run(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run), "--ema", "ema_b", "--out", str(tmp_path / "b")]) == 0
     assert main(["export", "--checkpoint", str(run), "--out", str(tmp_path / "a")]) == 0  # the run's sample.ema
     assert "weights ema_b" in capsys.readouterr().out
-    b, meta = load_pretrained(tmp_path / "b")
+    b = PMFDiT.from_pretrained(tmp_path / "b")
+    meta = b.pretrained_meta
     assert_same_network(nets["ema_b"], b)
-    assert_same_network(nets["ema_a"], load_pretrained(tmp_path / "a")[0])
+    assert_same_network(nets["ema_a"], PMFDiT.from_pretrained(tmp_path / "a"))
     assert meta["omega"] == 1.75 and meta["t_min"] == 0.1 and meta["ema"] == "ema_b" and meta["kimg"] == 12.5
     assert meta["source"] == "run 'run', weights 'ema_b' after 12.5 kimg"
     assert "weights 'ema_b' after 12.5 kimg" in (tmp_path / "b" / CARD_NAME).read_text()
@@ -239,40 +237,55 @@ def test_every_checkpoint_form_loads_the_same_network(tmp_path, monkeypatch):
     run, nets = fake_run(tmp_path)
     ref = nets["ema_b"]
     main(["export", "--checkpoint", str(run), "--ema", "ema_b", "--out", str(tmp_path / "hf")])
-    official = tmp_path / "official.pt"
-    torch.save(ours_to_official(ref.state_dict(), prefix="net."), official)
-    forms = {"run dir": (str(run), "ema_b"), "export dir": (str(run / "export"), "ema_b"),
-             "export file": (str(run / "export" / "ema_b.safetensors"), None), "hf folder": (str(tmp_path / "hf"), None),
-             "official .pt": (str(official), None)}
+    forms = {"run dir": (str(run), "ema_b"), "folder of exports": (str(run / "export"), "ema_b"),
+             "exported folder": (str(run / "export" / "ema_b"), None), "pmf export folder": (str(tmp_path / "hf"), None)}
     for form, (path, ema) in forms.items():
         net, meta = load_net(path, ema)
         assert_same_network(ref, net)
-        assert meta["noise_scale"] == 1.0 and "omega" in meta, form
-    assert load_net(str(official))[1]["model"] == TINY  # the size read from the official keys and shapes
+        assert meta["noise_scale"] == 1.0 and meta["omega"] == 1.75, form
+    assert load_net(str(run))[1]["ema"] == "ema_a"  # the run's sample.ema
+    with pytest.raises(PmfError, match="--ema ema_c: .* holds ema_a, ema_b"):
+        load_net(str(run), "ema_c")
+    with pytest.raises(PmfError, match="holds one network"):
+        load_net(str(tmp_path / "hf"), "ema_b")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):
         load_net("someone/not-downloaded-pmf")
 
 
-def test_local_layout_works_without_huggingface_hub_and_diffusers(tmp_path):
-    """A fresh interpreter where huggingface_hub and diffusers cannot be imported: import pmf, save, load, the CLI
-    resolution all work; a repo id and pmf.io.pipelines fail with errors that name the extra to install."""
+def test_other_layouts_are_refused_in_one_line(tmp_path, capsys):
+    """An official .pt (convert it first), and the single-file export of an earlier pmf (model.safetensors +
+    model.json, no config.json) on its own or in a run's export/: one error line naming the fix, exit status 2."""
+    official = tmp_path / "official.pt"
+    torch.save(ours_to_official(tiny_net().state_dict(), prefix="net."), official)
+    old = tmp_path / "run" / "export"
+    old.mkdir(parents=True)
+    for name in ("model.safetensors", "model.json"):
+        (old / name).write_bytes(b"{}")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"sample": {"ema": "model"}}))
+    for path, fix in ((official, "pmf import-official"), (old, "export it again with this pmf"),
+                      (old / "model.safetensors", "export it again"), (tmp_path / "run", "export it again")):
+        assert main(["sample", "--checkpoint", str(path), "--out", str(tmp_path / "g.png")]) == 2, path
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("pmf sample: error: ") and fix in err and "\n" not in err, err
+
+
+def test_local_layout_works_without_diffusers(tmp_path):
+    """A fresh interpreter where diffusers cannot be imported: import pmf, save, load, the CLI resolution all work;
+    pmf.io.pipelines fails with an error that names the extra to install."""
     code = f"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("huggingface_hub", "diffusers"):
+        if name.split(".")[0] == "diffusers":
             raise ImportError("blocked: " + name)
 sys.meta_path.insert(0, Block())
 import torch
-from pmf.method.model import PMFDiT, build_model
+from pmf import PMFDiT, build_model, load_checkpoint
 net = build_model("pMF-tiny")
 net.save_pretrained({str(tmp_path / 'm')!r})
 assert PMFDiT.from_pretrained({str(tmp_path / 'm')!r}).state_dict().keys() == net.state_dict().keys()
-try:
-    PMFDiT.from_pretrained("someone/pmf")
-except FileNotFoundError as e:
-    assert "pixel-meanflow[hub]" in str(e), e
+assert load_checkpoint({str(tmp_path / 'm')!r})[0].state_dict().keys() == net.state_dict().keys()
 try:
     import pmf.io.pipelines
 except ImportError as e:
@@ -281,6 +294,5 @@ print("ok")
 """
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                           os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -122,8 +122,9 @@ def test_imports_run_downward():
     assert not bad, "imports against the layer rule (tests/test_layout.py LAYERS): " + "; ".join(bad)
 
 
-def test_model_needs_only_torch_and_attention():
-    assert graph()["pmf.method.model"] <= {"pmf.method.attention"}
+def test_model_needs_only_attention_and_its_layout():
+    """PMFDiT imports only attention and the network's on-disk layout (its save_pretrained / from_pretrained)."""
+    assert graph()["pmf.method.model"] <= {"pmf.method.attention", "pmf.method.pretrained"}
 
 
 def test_nothing_imports_the_cli():

@@ -278,6 +278,26 @@ def test_preconditioned_network(prediction):
     torch.testing.assert_close(u, (z - x_theta) / bc(t.clamp(min=0.05), z), rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("heads", ["u", "uv"])
+def test_precondition_runs_once_per_forward(monkeypatch, heads):
+    """One forward computes the coefficients once, shared by the trunk's input scale and every head's x -> u (with the
+    same result as the pieces trunk / head / to_velocity, which compute their own)."""
+    net = tiny(prediction="edm", noise_scale=2.0)
+    z, t, h, om, lo, hi, y = conds(net, TIMES)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[1])
+        return precondition(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "precondition", counted)
+    u, v = net(z, t, h, om, lo, hi, y, heads=heads)
+    assert calls == ["edm"]
+    s = net.trunk(z, t, h, om, lo, hi, y)
+    assert torch.equal(u, net.to_velocity(z, t, net.head(s, "u")))
+    assert (v is None) == (heads == "u") and (v is None or torch.equal(v, net.to_velocity(z, t, net.head(s, "v"))))
+
+
 def test_u_prediction_returns_raw_output():
     """prediction "u" (Table 2 ablation): u is the head's raw output, with the image fed unscaled (same head output
     as the "x" net with the same weights)."""

@@ -123,12 +123,13 @@ def test_import_export_round_trip_continue_two_steps(tmp_path):
 
 
 def test_inference_tree_exports_and_matches(tmp_path, outputs):
-    """The eval-only tree (no v-head, sgd(0) state, one EMA) -> pmf exports; ema_hl2000 reproduces the official u."""
-    from pmf.io.export import load_exported
+    """The eval-only tree (no v-head, sgd(0) state, one EMA) -> network folders; ema_hl2000 reproduces the official
+    u, through `pmf sample`'s loader too."""
+    from pmf.train.load import load_checkpoint
     from pmf.train.official_run import import_to_export
 
     import_to_export(INFER, tmp_path / "exp", None, OFFICIAL_KWARGS)
-    net, meta = load_exported(tmp_path / "exp", name="ema_hl2000")
+    net, meta = load_checkpoint(str(tmp_path / "exp"), "ema_hl2000")
     u, v = _forward(net, outputs)
     assert v is None and meta["step"] == 100002
     assert _rel(u, outputs["u_infer_ema_2000"]) < 1e-5

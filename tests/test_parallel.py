@@ -329,7 +329,7 @@ def test_every_strategy_matches_one_process(mode, nproc, extra, impl, one_proces
         manifest = json.loads((run_dir / STATE_DIR / "state-000000003" / sharded_state.MANIFEST).read_text())
         assert manifest["mesh"] == [2, 2] and manifest["world_size"] == 4
     assert_runs_match(one_process_runs(impl), run_dir, steps=[1, 2, 3])
-    assert (run_dir / "export" / "ema_hl1.safetensors").exists()
+    assert (run_dir / "export" / "ema_hl1" / "model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""The diffusers pipeline (pmf.io.pipelines) against pmf.method.sampler.sample: same noise, same labels, same images.
-Skipped
-without diffusers (the optional extra ``pixel-meanflow[diffusers]``). Offline: local folders only."""
+"""The diffusers pipeline (pmf.io.pipelines) against pmf.method.sampler.sample: same noise, same labels, same images;
+its saved transformer/ is the one network layout. Skipped without diffusers (the optional extra
+``pixel-meanflow[diffusers]``). Offline: local folders only."""
 
 import numpy as np
 import pytest
@@ -93,6 +93,13 @@ def test_pipeline_round_trips_through_save_pretrained(tmp_path):
     pipe = pipeline(net)
     pipe.save_pretrained(tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"model_index.json", "transformer", "scheduler"}
+    # transformer/ is the one network layout: the same files as PMFDiT.save_pretrained writes, read by PMFDiT too
+    net.save_pretrained(tmp_path / "plain")
+    for name in ("config.json", "model.safetensors", "README.md"):
+        assert (tmp_path / "transformer" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes(), name
+    assert {p.name for p in (tmp_path / "transformer").iterdir()} == {"config.json", "model.safetensors", "README.md"}
+    plain = PMFDiT.from_pretrained(tmp_path / "transformer")
+    assert type(plain) is PMFDiT and plain.pretrained_meta == pipe.transformer.pretrained_meta
     loaded = PMFPipeline.from_pretrained(tmp_path)
     loaded.set_progress_bar_config(disable=True)
     assert type(loaded.transformer) is PMFTransformer2DModel and type(loaded.scheduler) is MeanFlowScheduler

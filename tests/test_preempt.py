@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from pmf.errors import EXIT_PREEMPTED
-from pmf.io.export import load_exported
+from pmf.method.model import PMFDiT
 from pmf.train.checkpoint import load_latest
 from pmf.train.config import load_config
 from pmf.train.loop import train
@@ -150,11 +150,11 @@ def test_signal_mid_run_checkpoints_exports_exits_75_and_the_rerun_matches(tmp_p
     assert summary["stop_reason"] == f"preempted ({sig.name})" and summary["step"] == stopped
     assert [r["step"] for r in read_log(run_dir)] == list(range(1, stopped + 1))  # the current step finished
     # Exports of the stopping step: raw weights and every EMA, equal to the checkpoint's.
-    net, meta = load_exported(run_dir / "export", name="model")
-    assert meta["kimg"] == state["nimg"] / 1000
+    net = PMFDiT.from_pretrained(run_dir / "export" / "model")
+    assert net.pretrained_meta["kimg"] == state["nimg"] / 1000
     for k, v in net.state_dict().items():
         assert torch.equal(v, state["net"][k]), k
-    assert (run_dir / "export" / "ema_hl1.safetensors").exists()
+    assert (run_dir / "export" / "ema_hl1" / "model.safetensors").exists()
 
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -206,7 +206,7 @@ def test_torchrun_signal_on_one_rank_stops_every_rank_at_the_same_step(tmp_path,
     assert 2 <= stopped < STEPS
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stop_reason"] == "preempted (signal on another rank)" and summary["step"] == stopped
-    assert (run_dir / "export" / "model.safetensors").exists()
+    assert (run_dir / "export" / "model" / "model.safetensors").exists()
 
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -252,4 +252,4 @@ def test_group_sigterm_with_data_workers_still_checkpoints_and_exits(tmp_path):
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]
     assert "killed by signal" not in err
     state = load_latest(run_dir)
-    assert 2 <= state["step"] < 100 and (run_dir / "export" / "model.safetensors").exists()
+    assert 2 <= state["step"] < 100 and (run_dir / "export" / "model" / "model.safetensors").exists()

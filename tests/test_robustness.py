@@ -225,12 +225,12 @@ def test_log_or_export_without_a_state_refuses_step_0_unless_restart(tmp_path, c
     assert cli_train(run_dir, "train.total_kimg=0.032") == 0
     for f in (run_dir / "checkpoints").iterdir():
         f.unlink()
-    export_before = (run_dir / "export" / "model.safetensors").read_bytes()
+    export_before = (run_dir / "export" / "model" / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert cli_train(run_dir, "train.total_kimg=0.032") == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no training state" in err and "--restart" in err
-    assert (run_dir / "export" / "model.safetensors").read_bytes() == export_before  # nothing overwritten
+    assert (run_dir / "export" / "model" / "model.safetensors").read_bytes() == export_before  # nothing overwritten
     assert cli_train(run_dir, "train.total_kimg=0.032", extra=["--restart"]) == 0
     assert [r["step"] for r in read_log(run_dir)] == [1, 2]  # a fresh log; the old one moved aside
     assert len(list(run_dir.glob("log.old-*.jsonl"))) == 1

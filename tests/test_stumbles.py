@@ -65,11 +65,11 @@ def test_sample_before_first_export_uses_training_state(tmp_path):
     weights as the export of the same EMA copy."""
     import shutil
 
-    from pmf.io.export import load_exported
+    from pmf.method.model import PMFDiT
     from pmf.train.load import load_checkpoint
 
     run = _tiny_run(tmp_path)
-    exported, _ = load_exported(run / "export", name="ema_hl1")
+    exported = PMFDiT.from_pretrained(run / "export" / "ema_hl1")
     shutil.rmtree(run / "export")
     net, meta = load_checkpoint(str(run))
     assert meta["ema"] == "ema_hl1" and "training state" in meta["source"]

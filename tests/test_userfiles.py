@@ -12,8 +12,6 @@ import torch
 from pmf.cli import main as cli_main
 from pmf.errors import EXIT_USAGE
 import pmf.eval.samples
-from pmf.io.export import export_model
-from pmf.io.hub import save_pretrained
 from pmf.method.model import PMFDiT
 import pmf.train.loop
 
@@ -65,7 +63,9 @@ def test_a_pickle_that_would_run_code_is_refused_in_one_line_and_never_runs(tmp_
             "sample": ["sample", "--checkpoint", bad, "--device", "cpu", "--out", out / "g.png"],
             "export": ["export", "--checkpoint", bad, "--out", out]}[command]
     rc, err = run_cli(argv, capsys)
-    assert_one_line(rc, err, str(bad), "refuses to unpickle", "weights_only")
+    # import-official opens it with weights_only; --checkpoint takes only network folders, so never opens a .pt
+    expect = ("refuses to unpickle", "weights_only") if command == "import-official" else ("pmf import-official",)
+    assert_one_line(rc, err, str(bad), *expect)
     assert not marker.exists()  # the payload never ran
     assert not out.exists()  # nothing written
 
@@ -170,9 +170,9 @@ def _edit_json(path, fn):
     ("noise_scale", 0, "meta.noise_scale=0 must be a positive number"),
 ])
 def test_stored_sampling_defaults_obey_the_flags_rules(tmp_path, capsys, tiny_net, key, value, expect):
-    export_model(tiny_net, tmp_path / "exp", KW, {"noise_scale": 1.0, "omega": 1.0, "t_min": 0.1, "t_max": 0.5,
-                                                   "num_steps": 1})
-    _edit_json(tmp_path / "exp" / "model.json", lambda d: d["meta"].update({key: value}))
+    tiny_net.save_pretrained(tmp_path / "exp", meta={"noise_scale": 1.0, "omega": 1.0, "t_min": 0.1, "t_max": 0.5,
+                                                     "num_steps": 1})
+    _edit_json(tmp_path / "exp" / "config.json", lambda d: d["meta"].update({key: value}))
     grid = tmp_path / "g.png"
     rc, err = run_cli(["sample", "--checkpoint", tmp_path / "exp", "--device", "cpu", "--out", grid], capsys)
     assert_one_line(rc, err, str(tmp_path / "exp"), expect)
@@ -180,7 +180,7 @@ def test_stored_sampling_defaults_obey_the_flags_rules(tmp_path, capsys, tiny_ne
 
 
 def test_the_same_check_covers_a_hugging_face_folder_and_a_run_directory(tmp_path, capsys, tiny_net):
-    save_pretrained(tiny_net, tmp_path / "hf", {"omega": 2.0})
+    tiny_net.save_pretrained(tmp_path / "hf", meta={"omega": 2.0})
     _edit_json(tmp_path / "hf" / "config.json", lambda d: d["meta"].update(omega="NaN"))
     rc, err = run_cli(["export", "--checkpoint", tmp_path / "hf", "--out", tmp_path / "out"], capsys)
     assert_one_line(rc, err, str(tmp_path / "hf"), "meta.omega=nan must be a finite number")
@@ -190,7 +190,7 @@ def test_the_same_check_covers_a_hugging_face_folder_and_a_run_directory(tmp_pat
 def test_nan_weights_are_refused_naming_the_tensor(tmp_path, capsys, tiny_net):
     with torch.no_grad():
         next(tiny_net.parameters())[0].fill_(float("nan"))
-    export_model(tiny_net, tmp_path / "exp", KW, {"noise_scale": 1.0})
+    tiny_net.save_pretrained(tmp_path / "exp", meta={"noise_scale": 1.0})
     name = next(n for n, _ in tiny_net.named_parameters())
     rc, err = run_cli(["sample", "--checkpoint", tmp_path / "exp", "--device", "cpu", "--out", tmp_path / "g.png"],
                       capsys)
@@ -200,8 +200,8 @@ def test_nan_weights_are_refused_naming_the_tensor(tmp_path, capsys, tiny_net):
 
 @pytest.mark.parametrize("text,expect", [("{\"model_kwargs\": ", "is not valid JSON"),
                                          ("[1, 2]", "holds a JSON list, not an object")])
-def test_a_damaged_config_json_is_named_not_skipped_for_the_header(tmp_path, capsys, tiny_net, text, expect):
-    save_pretrained(tiny_net, tmp_path / "hf")
+def test_a_damaged_config_json_is_named(tmp_path, capsys, tiny_net, text, expect):
+    tiny_net.save_pretrained(tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(text)
     rc, err = run_cli(["sample", "--checkpoint", tmp_path / "hf", "--device", "cpu", "--out", tmp_path / "g.png"],
                       capsys)
@@ -210,7 +210,7 @@ def test_a_damaged_config_json_is_named_not_skipped_for_the_header(tmp_path, cap
 
 
 def test_stored_model_kwargs_are_checked_before_a_network_is_built(tmp_path, capsys, tiny_net):
-    save_pretrained(tiny_net, tmp_path / "hf")
+    tiny_net.save_pretrained(tmp_path / "hf")
     _edit_json(tmp_path / "hf" / "config.json", lambda d: d["model_kwargs"].update(depth=-1, dept=2))
     rc, err = run_cli(["sample", "--checkpoint", tmp_path / "hf", "--device", "cpu", "--out", tmp_path / "g.png"],
                       capsys)

@@ -36,6 +36,3 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted({*globals(), *_API})
-
-# pmf.io.hub attaches save_pretrained / from_pretrained / push_to_hub to PMFDiT when imported.
-from pmf.io import hub as _hub  # noqa: E402, F401

@@ -243,10 +243,8 @@ def cmd_toy(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """Any --checkpoint (a run's EMA copy, an export, an official .pt, ...) -> the Hugging Face layout, or
+    """Any --checkpoint (a run's EMA copy, a network folder, a Hub repo id) -> a network folder, or
     (``--format official-jax``) the official JAX tree as an Orbax checkpoint."""
-    from pmf.io.hub import save_pretrained
-
     if args.format == "official-jax":
         from pmf.train.official_run import export_official
 
@@ -260,7 +258,7 @@ def cmd_export(args) -> int:
         kimg = meta.get("kimg")
         meta = {**meta, "source": f"run '{run.resolve().name}', weights '{meta['ema']}'"
                 + (f" after {kimg:g} kimg" if isinstance(kimg, (int, float)) else "")}
-    save_pretrained(net, args.out, meta)
+    net.save_pretrained(args.out, meta=meta)
     print(f"exported {args.checkpoint} ({meta.get('model') or 'PMFDiT'}, weights {meta.get('ema', 'model')}) -> "
           f"{args.out} (config.json, model.safetensors, README.md)")
     return 0

@@ -19,8 +19,8 @@ def _device(q) -> None:
 
 def _network(q) -> None:
     """The network to sample: a checkpoint, its EMA copy, and how fast to run it."""
-    q.add_argument("--checkpoint", required=True, help="run directory, export, Hugging Face folder or repo id, or "
-                   "official .pt")
+    q.add_argument("--checkpoint", required=True, help="run directory, network folder (config.json + model.safetensors) "
+                   "or Hub repo id")
     q.add_argument("--ema", help="EMA copy to use, e.g. ema_hl500 (default: the run's sample.ema)")
     q.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: autocast the network (faster on GPUs and CPUs with native bf16 matmuls)")
@@ -150,7 +150,7 @@ def add_prepare_data(sub) -> None:
 
 def add_guidance_search(sub) -> None:
     g = sub.add_parser("guidance-search", help="grid over omega x interval x EMA, then the full count at the best")
-    g.add_argument("--checkpoint", required=True, help="run directory or export")
+    g.add_argument("--checkpoint", required=True, help="run directory, network folder or Hub repo id")
     _metric(g)
     g.add_argument("--omegas", type=listed(float, "--omegas"), nargs="+", required=True, metavar="OMEGA",
                    help="guidance scales, e.g. --omegas 1 2 3 4")
@@ -203,8 +203,8 @@ def add_import_official(sub) -> None:
 
 def add_export(sub) -> None:
     x = sub.add_parser("export", help="save any checkpoint (e.g. a run's EMA copy) in the Hugging Face layout")
-    x.add_argument("--checkpoint", required=True, help="run directory, export, Hugging Face folder or repo id, or "
-                   "official .pt")
+    x.add_argument("--checkpoint", required=True, help="run directory, network folder (config.json + model.safetensors) "
+                   "or Hub repo id")
     x.add_argument("--ema", help="weights to export, e.g. ema_hl500 (default: the run's sample.ema)")
     x.add_argument("--out", required=True, help="output directory (config.json, model.safetensors, README.md)")
     x.add_argument("--format", default="hf", choices=["hf", "official-jax"], help="hf: the Hugging Face layout; "

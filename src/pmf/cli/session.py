@@ -59,7 +59,7 @@ def load_net(checkpoint: str, ema: str | None = None, device: str = "cpu"):
     """``(net, meta)`` from any checkpoint form (:func:`pmf.train.load.load_checkpoint`); a damaged file is one line."""
     from safetensors import SafetensorError
 
-    from pmf.io.hub import HubUnavailableError
+    from pmf.method.pretrained import HubUnavailableError
     from pmf.train.load import load_checkpoint
 
     try:

@@ -33,7 +33,6 @@ from collections.abc import Mapping
 
 import torch
 
-from pmf.io.hub import save_pretrained
 from pmf.method.model import MODELS, PMFDiT, rope_2d_angles
 
 ROPE_KEY = "rope_freqs"
@@ -363,7 +362,7 @@ def _load_error(problems: list[str], sd: dict, prefix: str, model: str | None, k
             lines.append(f"Its keys and shapes match registered size(s) {matches}: wrong --model size?")
         elif not any("_flax_" in k for k in sd):
             lines.append("No key has a '_flax_linear' wrapper: this looks like a pmf state dict, not the official "
-                         "layout; load it with PMFDiT.load_state_dict or pmf.io.export.load_exported.")
+                         "layout; load it with PMFDiT.load_state_dict, or a saved folder with PMFDiT.from_pretrained.")
         else:
             lines.append("Check --model (size, patch, resolution) or pass the architecture kwargs explicitly "
                          "(hidden_size, depth, num_heads, aux_head_depth, input_size, patch_size, ...).")
@@ -388,12 +387,12 @@ def official_meta(model: str, source: str) -> dict:
 
 
 def import_official_main(in_path: str, model: str, out_dir: str) -> None:
-    """Import an official checkpoint and save it in the Hugging Face layout of :mod:`pmf.io.hub` (config.json with
+    """Import an official checkpoint and save it as a network folder (:mod:`pmf.method.pretrained`: config.json with
     the model kwargs and the registered sampling settings, model.safetensors, a README.md model card), then print a
     one-line summary."""
     net = load_official(in_path, model=model)
     meta = official_meta(model, os.path.basename(str(in_path)))
-    save_pretrained(net, out_dir, meta)
+    net.save_pretrained(out_dir, meta=meta)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"imported {in_path} as {model}: {n_params / 1e6:.2f}M params, v-head {'yes' if net.has_v_head else 'no'} "
           f"-> {out_dir} (config.json, model.safetensors, README.md)")

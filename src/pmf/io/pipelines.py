@@ -1,6 +1,7 @@
 """A diffusers pipeline for pMF: :class:`PMFPipeline` (optional extra ``pixel-meanflow[diffusers]``).
 
-    from pmf.io.pipelines import PMFDiT, PMFPipeline
+    from pmf import PMFDiT
+    from pmf.io.pipelines import PMFPipeline
     pipe = PMFPipeline(transformer=PMFDiT.from_pretrained("DIR_OR_REPO_ID"))  # scheduler=None: the default one
     images = pipe(class_labels=[207, 360, 387], num_inference_steps=1).images
 
@@ -14,14 +15,15 @@ two (1, 2, 4, 8, ... steps), one float32 rounding apart per step otherwise (a fe
 test network). With it the pipeline hands the scheduler pmf.method.sampler's float32 grid as its sigmas, so the network
 still sees the same t and h = t - r.
 
-The network component is :class:`PMFTransformer2DModel`, a :class:`pmf.method.model.PMFDiT` that is also a diffusers
-``ModelMixin`` (so the pipeline's ``save_pretrained`` / ``from_pretrained`` handle it); a plain PMFDiT passed to the
-pipeline is converted, weights and sampling defaults included.
+The network component is :class:`PMFTransformer2DModel`, a :class:`pmf.method.model.PMFDiT` that diffusers accepts as
+a component; the pipeline's ``save_pretrained`` writes it, and ``from_pretrained`` reads it, as the one network layout
+(``transformer/config.json`` + ``transformer/model.safetensors``, :mod:`pmf.method.pretrained`), so
+``PMFDiT.from_pretrained(PIPELINE_DIR / "transformer")`` and ``pmf sample --checkpoint PIPELINE_DIR/transformer`` read
+it too. A plain PMFDiT passed to the pipeline is converted, weights and sampling defaults included.
 """
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,12 +44,10 @@ except ImportError:  # diffusers < 0.42: only our scheduler
     FlowMapEulerDiscreteScheduler = None
 
 from pmf.data.images import to_uint8
-from pmf.io.export import _unwrap
-from pmf.io.hub import model_kwargs_of, sampling_meta
-from pmf.method.model import PMFDiT
+from pmf.method.model import PMFDiT, sampling_meta
 from pmf.method.sampler import _per_sample, check_omega
 
-__all__ = ["MeanFlowScheduler", "PMFDiT", "PMFPipeline", "PMFTransformer2DModel"]  # PMFDiT: for the 3-line example
+__all__ = ["MeanFlowScheduler", "PMFPipeline", "PMFTransformer2DModel"]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
@@ -91,39 +91,37 @@ class MeanFlowScheduler(SchedulerMixin, ConfigMixin):
         return MeanFlowSchedulerOutput(prev_sample=prev) if return_dict else (prev,)
 
 
-class PMFTransformer2DModel(PMFDiT, ModelMixin, ConfigMixin):
-    """A :class:`PMFDiT` that diffusers can save and load: the config is the PMFDiT constructor kwargs plus
-    ``pmf_meta`` (sampling defaults and provenance, as in :mod:`pmf.io.hub`'s config.json); the weights keep PMFDiT's
-    names. ``forward`` is PMFDiT's: ``net(z, t, h, omega, t_min, t_max, y) -> (u, v)``."""
-
-    config_name = "config.json"
-    # diffusers' own file handling; pmf.io.hub attaches its layout's methods to PMFDiT, which comes first in the MRO.
-    save_pretrained = ModelMixin.save_pretrained
-    from_pretrained = ModelMixin.__dict__["from_pretrained"]
-    push_to_hub = ModelMixin.push_to_hub
-
-    def __init__(self, *args, pmf_meta: dict | None = None, **model_kwargs):
-        PMFDiT.__init__(self, *args, **model_kwargs)
-        self.pretrained_meta = dict(pmf_meta or {})
-        self.register_to_config(**self.init_kwargs, pmf_meta=self.pretrained_meta)
+class PMFTransformer2DModel(PMFDiT, ModelMixin):
+    """A :class:`PMFDiT` that a diffusers pipeline can hold: ``ModelMixin`` is how diffusers recognises a component
+    it can save and load, but the folder it saves and loads is PMFDiT's own (PMFDiT comes first in the MRO, so its
+    ``save_pretrained`` / ``from_pretrained`` are the ones called): the pipeline's ``transformer/`` is a network folder
+    of :mod:`pmf.method.pretrained`. ``forward`` is PMFDiT's: ``net(z, t, h, omega, t_min, t_max, y) -> (u, v)``."""
 
     @classmethod
-    def from_pmfdit(cls, net: torch.nn.Module) -> PMFTransformer2DModel:
+    def from_pretrained(cls, pretrained_model_name_or_path, *, torch_dtype: torch.dtype | None = None,
+                        **diffusers_loading_kwargs):
+        """PMFDiT's loader, called by ``DiffusionPipeline.from_pretrained`` on ``transformer/``. ``torch_dtype`` casts
+        the weights. diffusers passes its other loading options always: the memory ones (low_cpu_mem_usage, mmap,
+        use_safetensors) change nothing for one small safetensors file; placement and variants are refused when set."""
+        if placed := sorted(k for k in ("device_map", "max_memory", "offload_folder", "variant", "quantization_config")
+                            if diffusers_loading_kwargs.get(k) is not None):
+            raise ValueError(f"PMFTransformer2DModel loads one full-precision folder: {placed} are not supported")
+        net = super().from_pretrained(pretrained_model_name_or_path)
+        return net if torch_dtype is None else net.to(torch_dtype)
+
+    @classmethod
+    def from_pmfdit(cls, net: PMFDiT) -> PMFTransformer2DModel:
         """The same network as this class (a copy of the weights, same device, dtype and train/eval mode)."""
-        net = _unwrap(net)
         if isinstance(net, cls):
             return net
-        out = cls(**model_kwargs_of(net), pmf_meta=sampling_meta(net))
+        out = cls(**net.init_kwargs)
+        out.pretrained_meta = sampling_meta(net)
         out.load_state_dict(net.state_dict(), strict=True)
         ref = next(net.parameters())
         out = out.to(ref.device) if ref.dtype == torch.float32 else out.to(device=ref.device, dtype=ref.dtype)
         return out.train(net.training)
 
 
-# diffusers reads the config keys from the constructor's signature: PMFDiT's own, so it follows PMFDiT's changes.
-_params = list(inspect.signature(PMFDiT.__init__).parameters.values())
-PMFTransformer2DModel.__init__.__signature__ = inspect.Signature(
-    _params + [inspect.Parameter("pmf_meta", inspect.Parameter.KEYWORD_ONLY, default=None)])
 # Schedulers whose step is pMF's average-velocity step.
 SCHEDULERS = (MeanFlowScheduler,) + ((FlowMapEulerDiscreteScheduler,) if FlowMapEulerDiscreteScheduler else ())
 
@@ -162,8 +160,8 @@ class PMFPipeline(DiffusionPipeline):
         """Generate one image per entry of ``class_labels`` (``num_classes`` = unconditional).
 
         num_inference_steps, guidance_scale (omega), guidance_interval ((t_min, t_max)): None for the model's
-        recommended settings (its config's ``pmf_meta``), else 1, 1.0 and (0, 1). ``latents``: the initial state
-        z_1 (B, C, H, W), already multiplied by the noise scale as :func:`pmf.method.sampler.sample` takes it; None
+        recommended settings (its ``pretrained_meta``: config.json's ``meta``), else 1, 1.0 and (0, 1). ``latents``:
+        the initial state z_1 (B, C, H, W), already multiplied by the noise scale as :func:`pmf.method.sampler.sample` takes it; None
         draws ``noise_scale * randn`` with ``generator``. ``output_type``: "pil" (PIL images, pixels as ``pmf sample``
         writes them), "np" ((B, H, W, C) float32 in [0, 1]), "pt" ((B, C, H, W) in [0, 1]) or "latent" (the raw
         output x in [-1, 1], unclipped).
@@ -171,7 +169,7 @@ class PMFPipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
         net = self.transformer
-        meta = getattr(net, "pretrained_meta", {})
+        meta = net.pretrained_meta
         steps = num_inference_steps if num_inference_steps is not None else int(meta.get("num_steps", 1))
         omega = guidance_scale if guidance_scale is not None else meta.get("omega", 1.0)
         t_min, t_max = guidance_interval if guidance_interval is not None else (meta.get("t_min", 0.0),

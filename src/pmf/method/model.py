@@ -24,22 +24,31 @@ are built under ``no_grad``: the objective stops gradients through du/dt (pMF Eq
 Blocks take the tangent through ``forward`` (``block(x, cos, sin, dx)``) so that FSDP2's per-block hooks run around
 it.
 
-This module needs only torch (and :mod:`pmf.method.attention`), so it can be lifted out alone.
+PMFDiT is a ``huggingface_hub.PyTorchModelHubMixin`` and declares its own ``save_pretrained`` / ``from_pretrained`` /
+``push_to_hub``: the one on-disk layout of a network, :mod:`pmf.method.pretrained` (config.json with the constructor
+kwargs it records, model.safetensors, README.md).
+
+This module needs only torch and huggingface_hub (and :mod:`pmf.method`, :mod:`pmf.util`), so it can be lifted out
+alone.
 """
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
+import os
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.autograd.forward_ad as fwAD
 import torch.utils.checkpoint
+from huggingface_hub import PyTorchModelHubMixin
 
+from pmf.method import pretrained
 from pmf.method.attention import attention, attention_tangent
 
 T_CLIP = 0.05  # x -> u divides by max(t, 0.05): JiT's clip of the noise-side time [J section 4.3]
@@ -373,7 +382,7 @@ class FinalLayer(nn.Module):
 # The network
 
 
-class PMFDiT(nn.Module):
+class PMFDiT(nn.Module, PyTorchModelHubMixin):
     """pmfDiT. ``net(z, t, h, omega, t_min, t_max, y) -> (u, v)``.
 
     Args use the official hyperparameter names and meanings (``num_interval_tokens`` = k tokens for t_min and k
@@ -384,6 +393,10 @@ class PMFDiT(nn.Module):
       noise_scale, sigma_data: used only by the pre-conditioned forms.
       attn_backend: see :mod:`pmf.method.attention`.
       omega_max: the largest guidance scale seen in training (1 + cfg_max); the sampler warns beyond it.
+
+    ``init_kwargs``: every constructor argument as passed, defaults included (bottleneck_dim=None stays None), which
+    config.json stores: several (depth, mlp_ratio, token counts, ...) cannot be read back from the modules.
+    ``pretrained_meta``: the sampling defaults and provenance the network was loaded with (empty when built here).
     """
 
     def __init__(
@@ -409,7 +422,9 @@ class PMFDiT(nn.Module):
         attn_backend: str = "jvp_sdpa",
         omega_max: float = 8.0,
     ):
+        init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # the arguments only
         super().__init__()
+        self.init_kwargs, self.pretrained_meta = init_kwargs, {}
         if prediction not in PREDICTIONS:
             raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
         if input_size % patch_size:
@@ -570,8 +585,15 @@ class PMFDiT(nn.Module):
 
     def trunk(self, z, t, h, omega, t_min, t_max, y) -> torch.Tensor:
         """Shared trunk output (B, 20 + N, D)."""
-        c_in, _, _ = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
+        c_in, _, _ = self.coefficients(t)
+        return self._trunk(z, c_in, h, omega, t_min, t_max, y)
+
+    def _trunk(self, z, c_in, h, omega, t_min, t_max, y) -> torch.Tensor:
         return self.run_blocks(self.shared_blocks, self.embed(bcast(c_in, z, z.dtype) * z, h, omega, t_min, t_max, y))
+
+    def coefficients(self, t: torch.Tensor):
+        """(c_in, c_skip, c_out) of this network's prediction form at t (:func:`precondition`)."""
+        return precondition(t, self.prediction, self.noise_scale, self.sigma_data)
 
     def head(self, trunk_out: torch.Tensor, which: str = "u") -> torch.Tensor:
         """Run the u- or v-head on the trunk output and return its raw image output (B, C, H, W)."""
@@ -583,8 +605,8 @@ class PMFDiT(nn.Module):
         """(u, du, trunk output): u = u-head velocity of (z, t, h = t - r) and its tangent along (dz, dt, dr)
         [MF Eq. 8: du/dt = v d_z u + d_t u for (dz, dt, dr) = (v, 1, 0)], by the explicit tangent pass. du carries
         no autograd history; u and the trunk output do."""
-        p = (self.prediction, self.noise_scale, self.sigma_data)
-        (c_in, c_skip, c_out), (dc_in, dc_skip, dc_out) = precondition(t, *p), precondition_tangent(t, dt, *p)
+        c_in, c_skip, c_out = self.coefficients(t)
+        dc_in, dc_skip, dc_out = precondition_tangent(t, dt, self.prediction, self.noise_scale, self.sigma_data)
         z_in = bcast(c_in, z, z.dtype) * z
         with torch.no_grad():
             dz_in = bcast(dc_in, z, z.dtype) * z + bcast(c_in, z, z.dtype) * dz
@@ -612,16 +634,63 @@ class PMFDiT(nn.Module):
 
     def to_velocity(self, z: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Raw head output -> velocity (see :func:`velocity_from_output`)."""
-        _, c_skip, c_out = precondition(t, self.prediction, self.noise_scale, self.sigma_data)
+        _, c_skip, c_out = self.coefficients(t)
         return velocity_from_output(z, t, out, c_skip, c_out, self.prediction)
 
     def forward(self, z, t, h, omega, t_min, t_max, y, heads: str = "uv"):
         """z: (B, C, H, W) noisy image z_t; t, h = t - r, omega, t_min, t_max: (B,); y: (B,) int64 (num_classes =
         null). Returns (u, v), velocities of shape (B, C, H, W); v is None without a v-head or if 'v' not in heads."""
-        s = self.trunk(z, t, h, omega, t_min, t_max, y)
-        u = self.to_velocity(z, t, self.head(s, "u")) if "u" in heads else None
-        v = self.to_velocity(z, t, self.head(s, "v")) if ("v" in heads and self.has_v_head) else None
+        c_in, c_skip, c_out = self.coefficients(t)  # once: the trunk's input scale and both heads' output form
+        s = self._trunk(z, c_in, h, omega, t_min, t_max, y)
+
+        def velocity(which):
+            return velocity_from_output(z, t, self.head(s, which), c_skip, c_out, self.prediction)
+
+        u = velocity("u") if "u" in heads else None
+        v = velocity("v") if ("v" in heads and self.has_v_head) else None
         return u, v
+
+    # -- the on-disk layout (pmf.method.pretrained) ----------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, *, meta: dict | None = None) -> Path:
+        """Write ``config.json`` (:attr:`init_kwargs` and the sampling defaults), ``model.safetensors`` and
+        ``README.md`` into ``save_directory``, each atomically; returns the folder. ``meta``: sampling defaults and
+        provenance over those of :func:`sampling_meta` (e.g. ``{"model": "pMF-B/16", "source": "...", "omega": 7.5}``).
+        """
+        return pretrained.write_folder(save_directory, dict(self.init_kwargs), sampling_meta(self, meta),
+                                       self.state_dict())
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *, cache_dir=None,
+                        revision: str | None = None, token: str | None = None, **overrides):
+        """The network in a folder written by :meth:`save_pretrained`, or in a Hub repo ``owner/name`` (downloaded by
+        huggingface_hub; offline, one clear error). Strict load; in eval mode, on CPU; sampling defaults in
+        ``pretrained_meta``. ``overrides`` replace stored kwargs that do not change the weights' shapes (e.g.
+        ``attn_backend="math"``)."""
+        from safetensors.torch import load_file
+
+        folder = pretrained.resolve_folder(pretrained_model_name_or_path, cache_dir, revision, token)
+        config = pretrained.read_config(folder)
+        if unknown := sorted(set(config["model_kwargs"]) - set(pmfdit_kwargs())):
+            raise ValueError(f"{folder / pretrained.CONFIG_NAME}: unknown PMFDiT argument(s) {unknown} in "
+                             "model_kwargs; restore the file or save the network again")
+        net = cls(**{**config["model_kwargs"], **overrides})
+        net.load_state_dict(load_file(folder / pretrained.WEIGHTS_NAME, device="cpu"), strict=True)
+        net.pretrained_meta = dict(config["meta"])  # so a re-save keeps the sampling defaults and provenance
+        return net.eval()
+
+    def push_to_hub(self, repo_id: str, *, meta: dict | None = None, private: bool | None = None,
+                    token: str | None = None, commit_message: str = "Upload pMF model", revision: str | None = None,
+                    create_pr: bool = False):
+        """:meth:`save_pretrained` into a temporary folder, then upload it to the Hub repo ``repo_id`` (created if
+        missing) with huggingface_hub's ``HfApi``. Returns upload_folder's commit info."""
+        import huggingface_hub
+
+        api = huggingface_hub.HfApi(token=token)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, meta=meta)
+            return api.upload_folder(repo_id=getattr(repo, "repo_id", repo_id), folder_path=tmp,
+                                     commit_message=commit_message, revision=revision, create_pr=create_pr)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -688,24 +757,12 @@ def build_model(name: str, **overrides) -> PMFDiT:
     return PMFDiT(**kw)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Constructor arguments, kept on every instance: a saved network (pmf.io.hub's config.json) must be rebuilt from
-# exactly the kwargs it was built with, and several of them (depth, mlp_ratio, token counts, ...) cannot be read
-# back from the modules without guessing.
-
-
-def _keep_init_kwargs(init):
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def init_and_record(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        # Every constructor kwarg, defaults included, as passed (bottleneck_dim=None stays None).
-        self.init_kwargs = dict(list(bound.arguments.items())[1:])
-
-    return init_and_record
-
-
-PMFDiT.__init__ = _keep_init_kwargs(PMFDiT.__init__)
+def sampling_meta(net: PMFDiT, meta: dict | None = None) -> dict:
+    """The ``meta`` a save writes: ``meta`` over what the network was loaded with (``pretrained_meta``) over the
+    registered size's recommended settings (``meta["model"]`` in :data:`MODELS`) over
+    :data:`pmf.method.pretrained.DEFAULT_SAMPLING`; the noise scale defaults to the network's own."""
+    merged = {**net.pretrained_meta, **(meta or {})}
+    out = {"noise_scale": float(net.noise_scale), **pretrained.DEFAULT_SAMPLING}
+    if (spec := MODELS.get(merged.get("model"))) is not None:
+        out.update(noise_scale=spec.noise_scale, omega=spec.omega, t_min=spec.t_min, t_max=spec.t_max)
+    return {**out, **merged}

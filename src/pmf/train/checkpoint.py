@@ -6,7 +6,7 @@ bytes, every number and string; :func:`payload_digest`) under ``"sha256"``; the 
 older states are deleted, and :func:`load_latest` skips, with a message, a file that cannot be read or whose digest
 does not match (bit rot, a partial copy), and returns the newest good one. Rotation deletes only states older than
 the one just written and verified. Restarting is rerunning the command. Exported inference weights, kept apart from
-training state, are :mod:`pmf.io.export`.
+training state, are network folders (:mod:`pmf.method.pretrained`).
 
 Sharded runs (``train.parallel=fsdp`` / ``hsdp``) write ``state-{step:09d}/`` directories instead
 (:mod:`pmf.train.sharded_state`: every rank its own shards, per-file SHA-256 in a manifest); listing, rotation, the
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from pmf.errors import PmfError
-from pmf.io.export import FORMAT_VERSION, UnsupportedFormat, check_format_version
+from pmf.util.format_version import FORMAT_VERSION, UnsupportedFormat, check_format_version
 from pmf.train import sharded_state
 from pmf.util.atomic import atomic_save
 

@@ -26,7 +26,6 @@ from pmf.data.datasets import ImageFolderDataset, ShardedLoader, load_fashion_mn
 from pmf.data.images import to_model_range, to_uint8, save_grid
 from pmf.data.shards import ShardDataset
 from pmf.errors import EXIT_DIVERGED, PmfError, exit_status
-from pmf.io.export import export_model
 from pmf.method.model import PMFDiT
 from pmf.method.objective import objective_at, pmf_loss
 from pmf.method.objective_lean import row_buckets
@@ -248,8 +247,8 @@ def check_resume_config(run_dir: Path, cfg: RunConfig, state_config: str | None 
 
 
 def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: RunConfig, nimg: int) -> None:
-    """Inference exports (safetensors + JSON) of the raw weights ``net_sd`` and every EMA copy (``{name: state
-    dict}``), v-head dropped. Full (unsharded) state dicts."""
+    """Inference exports of the raw weights ``net_sd`` and every EMA copy (``{name: state dict}``), v-head dropped:
+    one network folder each, ``run_dir/export/<name>/`` (:mod:`pmf.method.pretrained`). Full (unsharded) state dicts."""
     meta = {"noise_scale": cfg.objective.noise_scale, "omega": cfg.sample.omega, "t_min": cfg.sample.t_min,
             "t_max": cfg.sample.t_max, "kimg": nimg / 1000, "model": cfg.model.name}
     infer_kwargs = {**kwargs, "v_head": False}
@@ -259,10 +258,10 @@ def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: Ru
         return {k: v for k, v in sd.items() if not k.startswith(("v_heads.", "v_final_layer."))}
 
     infer.load_state_dict(strip_v(net_sd), strict=True)
-    export_model(infer, run_dir / "export", infer_kwargs, meta, name="model")
+    infer.save_pretrained(run_dir / "export" / "model", meta=meta)
     for name, sd in ema_sds.items():
         infer.load_state_dict(strip_v(sd), strict=True)
-        export_model(infer, run_dir / "export", infer_kwargs, meta, name=name)
+        infer.save_pretrained(run_dir / "export" / name, meta=meta)
 
 
 # ----------------------------------------------------------------------------------------------------------------

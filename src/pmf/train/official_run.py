@@ -5,8 +5,9 @@ run back to the official tree. The tree mapping itself is :mod:`pmf.train.offici
 * :func:`import_to_run`: an Orbax TrainState -> ``run_dir`` with ``config.json``, a training state at the official
   step (network with v-head, every EMA copy of the run's ``train.ema`` found in the tree, Muon / Adam moments,
   images seen = step x images per step) and the exports, so ``pmf train --run-dir`` with the same settings continues.
-* :func:`import_to_export`: without a training config, the network and every EMA copy as inference exports
-  (:mod:`pmf.io.export`), for ``pmf sample`` / ``pmf eval``; also takes the inference-only trees of ``just_evaluate``.
+* :func:`import_to_export`: without a training config, the network and every EMA copy as network folders
+  ``out/<name>/`` (:mod:`pmf.method.pretrained`), for ``pmf sample`` / ``pmf eval``; also takes the inference-only
+  trees of ``just_evaluate``.
 * ``--init-from`` (a new run's weights and EMAs): :mod:`pmf.train.init_from`.
 * :func:`export_official`: a run (newest training state) or any exported network -> ``checkpoint_<step>/``.
 """
@@ -73,10 +74,9 @@ def import_to_run(ckpt, cfg, run_dir, images_per_step: int = official_jax.OFFICI
 
 
 def import_to_export(ckpt, out_dir, model: str | None, model_kwargs: dict) -> list[str]:
-    """The network (``model``) and every EMA copy (``ema_hl<kimg>``) of an Orbax checkpoint as inference exports in
-    ``out_dir`` (v-head dropped), loadable by ``pmf sample --checkpoint out_dir --ema ema_hl2000``."""
+    """The network (``model``) and every EMA copy (``ema_hl<kimg>``) of an Orbax checkpoint as network folders
+    ``out_dir/<name>/`` (v-head dropped), loadable by ``pmf sample --checkpoint out_dir --ema ema_hl2000``."""
     from pmf.io.convert import _resolve_kwargs, official_meta
-    from pmf.io.export import export_model
 
     state = read_official(ckpt)
     kwargs = {**_resolve_kwargs(model, model_kwargs), "v_head": False}
@@ -88,7 +88,7 @@ def import_to_export(ckpt, out_dir, model: str | None, model_kwargs: dict) -> li
             net = load_official(ours_to_official(infer, with_rope_freqs=False), **kwargs)
         except ValueError as e:
             raise PmfError(f"{name} of {ckpt} does not fit the model: {e}".replace("\n", " ")) from None
-        export_model(net, out_dir, kwargs, meta, name=name)
+        net.save_pretrained(Path(out_dir) / name, meta=meta)
     return [f"wrote {', '.join(['model', *state.emas])} (v-head dropped) to {out_dir}"]
 
 

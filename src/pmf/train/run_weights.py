@@ -1,8 +1,9 @@
 """Sampling from a run before its first export: the newest training state's EMA copy (or raw weights).
 
-A run writes ``export/`` when it stops, and ``checkpoints/`` every ``train.ckpt_every_kimg`` / ``ckpt_every_minutes``.
-``pmf sample`` / ``pmf eval`` on a run that has a training state but no export yet read the weights from the state
-(:func:`load_from_training_state`); on a run with neither, :func:`no_weights_yet` says when the first will exist.
+A run writes ``export/`` (one network folder per weight copy) when it stops, and ``checkpoints/`` every
+``train.ckpt_every_kimg`` / ``ckpt_every_minutes``. ``pmf sample`` / ``pmf eval`` on a run that has a training state
+but no export yet read the weights from the state (:func:`load_from_training_state`); on a run with neither,
+:func:`no_weights_yet` says when the first will exist.
 """
 
 from __future__ import annotations
