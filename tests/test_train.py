@@ -1,5 +1,6 @@
 """The training loop (pmf.train.loop): restart = rerun the command (bit-identical, also after SIGKILL), golden first-k
-losses, config guards, non-finite steps, gradient accumulation, ImageFolder with a corrupt file.
+losses, config guards, periodic actions at the same images seen after a resume, non-finite steps, gradient
+accumulation, ImageFolder with a corrupt file.
 
 Every run is the ``tiny-test`` preset shrunk to a handful of steps of batch 16 on one CPU thread (a few seconds)."""
 
