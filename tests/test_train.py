@@ -1,5 +1,6 @@
 """The training loop (pmf.train.loop): restart = rerun the command (bit-identical, also after SIGKILL), golden first-k
-losses, config guards, non-finite steps, gradient accumulation, ImageFolder with a corrupt file.
+losses, config guards, periodic actions at the same images seen after a resume, non-finite steps, gradient
+accumulation, ImageFolder with a corrupt file.
 
 Every run is the ``tiny-test`` preset shrunk to a handful of steps of batch 16 on one CPU thread (a few seconds)."""
 
@@ -189,6 +190,66 @@ def test_dry_run_prints_config_and_writes_nothing(tmp_path, capsys):
     assert from_dict(config) == load_config("tiny-test", overrides=["train.threads=1"])
     assert summary["steps_per_epoch"] == 60000 // 32
     assert summary["steps_total"] == 8 and summary["params_M"] > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Periodic actions (pmf.train.schedule)
+
+
+def test_periodic_actions_fire_at_the_same_images_after_a_resume(tmp_path, monkeypatch):
+    """Log records, sample grids and checkpoints on intervals the batch (16) does not divide: a run stopped by its
+    time budget after step 3 and rerun fires each at the same images seen as an uninterrupted run, namely after the
+    first step at or past each point of its schedule (multiples of the interval; the log also at the batch, below
+    its first multiple; the log and the checkpoint also at the end)."""
+    sets = ["train.log_every_kimg=0.024", "train.sample_every_kimg=0.040", "train.ckpt_every_kimg=0.056"]
+    fired = []
+    real_checkpoint, real_step = pmf.train.loop.Run.checkpoint, pmf.train.loop.train_step
+
+    def record_actions():
+        def checkpoint(self):
+            fired.append(("ckpt", self.nimg))
+            real_checkpoint(self)
+
+        monkeypatch.setattr(pmf.train.loop.Run, "checkpoint", checkpoint)
+        monkeypatch.setattr(pmf.train.loop.Run, "grid", lambda self, tag, n: fired.append(("grid", self.nimg, tag)))
+
+    def fires(run_dir, minutes=None):
+        fired.clear()
+        train(small_cfg(*sets), run_dir, minutes=minutes, quiet=True)
+        return [*fired]
+
+    record_actions()
+    whole = fires(tmp_path / "whole")
+    log_whole = [round(r["kimg"] * 1000) for r in read_log(tmp_path / "whole")]
+
+    steps = [0]
+
+    def counting_step(*a, **k):
+        steps[0] += 1
+        return real_step(*a, **k)
+
+    class JumpingClock:  # 61 s per step: the 2.5-minute budget is over after step 3 (48 images)
+        @staticmethod
+        def time():
+            return time.time() + 61.0 * steps[0]
+
+    monkeypatch.setattr(pmf.train.loop, "train_step", counting_step)
+    monkeypatch.setattr(pmf.train.loop, "time", JumpingClock)
+    first = fires(tmp_path / "resumed", minutes=2.5)
+    monkeypatch.undo()
+    record_actions()
+    second = fires(tmp_path / "resumed")
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["stop_reason"] == "done"
+
+    def first_step_past(points):  # images seen after the first step (a multiple of 16) at or past each point
+        return sorted({math.ceil(p / 16) * 16 for p in points})
+
+    assert log_whole == first_step_past([16, 24, 48, 72, 96, 120, 128])
+    assert [f[1] for f in whole if f[0] == "grid" and f[2] != "latest"] == first_step_past([40, 80, 120])
+    assert [f[1] for f in whole if f[0] == "ckpt"] == first_step_past([56, 112, 128])
+    assert first[-2:] == [("ckpt", 48), ("grid", 48, "latest")]  # what the time-budget stop adds
+    assert first[:-2] + second == whole
+    assert [round(r["kimg"] * 1000) for r in read_log(tmp_path / "resumed")] == log_whole
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,5 +1,10 @@
 """The training loop: data -> pmf_loss -> backward -> gradient all-reduce -> finite check -> optimizer -> EMA.
 
+:func:`train` validates, then :func:`setup` returns a :class:`Run` (network, optimizer, EMA copies, strategy, data,
+counters, schedules, reports), :func:`train_loop` steps it, and :func:`wrap_up` saves and reports how it stopped.
+Every "each N kimg" action (log record, sample grid, checkpoint, cross-rank check) is due at fixed points of the
+images seen (:mod:`pmf.train.schedule`), so a resumed run fires them where an uninterrupted one does.
+
 Restart is rerunning the same command: the loop saves (model, optimizer, EMAs, data position, images seen,
 counters) atomically, and every random draw derives from (seed, images seen, sample index in the global batch), so
 a resumed run continues exactly as an uninterrupted one, on 1 or N processes (``torchrun --nproc-per-node N -m pmf
@@ -18,6 +23,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -39,8 +45,9 @@ from pmf.train.config import RunConfig, config_differences, model_kwargs, to_jso
 from pmf.train.dryrun import dry_run_report
 from pmf.train.ema import EMA
 from pmf.train.optim import lr_at, set_lr
-from pmf.train.progress import bar_total
+from pmf.train.progress import Logger, Progress, bar_total, open_bar
 from pmf.train.runlock import lock_run_dir
+from pmf.train.schedule import Every
 from pmf.train.speed import autocast_context, compile_step, cpu_capability, is_out_of_memory, set_tf32
 from pmf.train.step_end import end_of_step
 from pmf.train.validate import check_writable_dir, validate_config
@@ -137,18 +144,6 @@ def train_step(net, opt, images_u8, labels, cfg: RunConfig, nimg: int, device, p
     return StepResult(end.metrics, finite, end.grad_norm, end.flags)
 
 
-def next_log_at(nimg: int, batch: int, every: float) -> float:
-    """The images seen at which the next log record is written after ``nimg``: every ``every`` images, and before
-    the first of them after 1, 2, 4, 8, ... steps (so the first records of a slow run, e.g. one GPU with a large
-    global batch, come within minutes). A function of the images seen only, so a resumed run logs where an
-    uninterrupted one does."""
-    regular = (math.floor(nimg / every) + 1) * every if every > 0 else float("inf")
-    early = batch
-    while early <= nimg:
-        early *= 2
-    return min(regular, early) if early < every else regular
-
-
 GRID_MAX_IMAGES = 64  # training grids stay small: rank 0 samples them between steps, at any model size
 GRID_CHUNK = 16  # images per network call while sampling a grid
 GRID_WIDTH_PX = 640  # about this wide on disk: small images are enlarged, large ones averaged down
@@ -187,35 +182,6 @@ def sample_grid(net, cfg: RunConfig, num_classes: int, path) -> Path:
         x = torch.nn.functional.avg_pool2d(x, down, ceil_mode=True)
     width = len(classes) * (x.shape[-1] + 2) + 2  # save_grid's 2-px borders
     return save_grid(to_uint8(x), path, nrow=len(classes), scale=max(1, GRID_WIDTH_PX // width))
-
-
-class Logger:
-    """JSONL (always) + TensorBoard (when installed); rank 0 only."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled, self.path, self.tb = enabled, run_dir / "log.jsonl", None
-        if enabled:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(run_dir / "tb"))
-            except ImportError:
-                self.tb = None
-
-    def log(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "kimg":
-                    self.tb.add_scalar(k, v, global_step=int(record["kimg"] * 1000))
-            self.tb.flush()
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
 
 
 class ConfigMismatch(PmfError, ValueError):
@@ -265,42 +231,25 @@ def export_all(net_sd: dict, ema_sds: dict, run_dir: Path, kwargs: dict, cfg: Ru
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# The run: what the loop changes and saves, and what it needs to step
 
 
-def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = None, dry_run: bool = False,
-          quiet: bool = False, restart: bool = False, plan_devices: int | None = None,
-          plan_device_memory: float | None = None, init_from: str | None = None) -> dict:
-    """Train (or resume) the run in ``run_dir``. Returns a summary dict; its ``exit_status`` is the command's
-    (pmf.errors). ``minutes`` stops cleanly, with a checkpoint, once that much wall-clock time has passed (the run
-    then resumes when the command is rerun). SIGTERM / SIGINT / SIGUSR1 stop after the current step with a
-    checkpoint and the exports (:mod:`pmf.util.preempt`). Rank 0 holds ``run_dir/.lock`` throughout
-    (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside.
-    ``plan_devices`` / ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`).
-    ``init_from``: a new run's
-    weights and EMA copies come from this Orbax checkpoint or run directory (:mod:`pmf.train.official_run`)."""
-    t_start = time.time()
-    plan.set_allocator_defaults()  # before anything touches CUDA
-    run_dir = Path(run_dir)
-    validate_config(cfg)  # every setting, before any work (also for --dry-run)
-    check_writable_dir(run_dir)
-    device = resolve_device(cfg.train.device)
-    kwargs = model_kwargs(cfg)
-    # accum_steps=auto resolved, and a run that cannot fit refused, before any data or model set-up (pmf.train.plan)
-    world_at_hand = (plan_devices if dry_run and plan_devices else None) or int(os.environ.get("WORLD_SIZE", "1"))
-    cfg, _ = plan.fit_to_devices(cfg, kwargs, world_at_hand, device, plan_device_memory if dry_run else None,
-                                 refuse=not dry_run)
-    if dry_run:
-        return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
+@dataclass(frozen=True)
+class Periodic:
+    """The loop's "each N kimg" actions, each on its own :class:`~pmf.train.schedule.Every` (fired from the images
+    seen alone, so a resumed run fires them where an uninterrupted one does)."""
 
-    dist.init(device.type)
-    lock = lock_run_dir(run_dir)  # before anything in run_dir is read; a second run on it is refused
-    try:
-        with stop_on_signals() as stop:
-            return _train_locked(cfg, run_dir, minutes, quiet, restart, stop, t_start, device, kwargs, init_from)
-    finally:
-        if lock is not None:
-            lock.release()
+    log: Every  # a log record (train.log_every_kimg; also after the 1st, 2nd, 4th, ... step before the first)
+    grid: Every  # the sample grid samples-<kimg>.png (train.sample_every_kimg; 0 = only at the end)
+    ckpt: Every  # the training state (train.ckpt_every_kimg; the wall-clock ckpt_every_minutes is end_flags')
+    check: Every  # the cross-rank parameter check (train.check_every_kimg; never on one process or when off)
+
+
+def periodic(cfg: RunConfig, world: int) -> Periodic:
+    t = cfg.train
+    return Periodic(log=Every(t.log_every_kimg, early_img=t.batch_size), grid=Every(t.sample_every_kimg),
+                    ckpt=Every(t.ckpt_every_kimg),
+                    check=Every(t.check_every_kimg if world > 1 and t.consistency_check else 0))
 
 
 @dataclass
@@ -308,7 +257,8 @@ class Run:
     """What a training run changes and saves: the network, optimizer, EMA copies, data position and counters. Its
     methods save and load the training state, draw the sample grid and write the exports through the ``strategy``
     (full state dicts are gathered on rank 0 where sharded; every rank calls every method); restart = rerun, through
-    :meth:`load_state_dict`."""
+    :meth:`load_state_dict`. :func:`setup` adds what the loop needs besides (the fields after the counters);
+    :func:`build_run` alone (importing a run, tests) leaves them at their defaults."""
 
     cfg: RunConfig
     run_dir: Path
@@ -323,6 +273,13 @@ class Run:
     step: int = 0
     nonfinite_run: int = 0  # non-finite steps in a row
     nonfinite_total: int = 0
+    data: object = None  # the dataset (the log counts its skipped files)
+    grid_classes: int = 1  # classes the sample grid spreads over (1: unconditional)
+    total_nimg: int = 0  # images the run trains to (train.total_kimg)
+    perceptual: Callable | None = None  # the frozen LPIPS / ConvNeXt hook of build_perceptual, or None; not saved
+    loss_fn: Callable | None = None  # pmf_loss, compiled under train.compile
+    every: Periodic | None = None
+    progress: Progress | None = None
 
     def net_state(self) -> dict:
         return self.strategy.model_state(self.net)
@@ -358,6 +315,10 @@ class Run:
         final_net, final_emas = self.net_state(), {name: self.ema_state(name) for name in self.ema.names}
         if dist.is_main():
             export_all(final_net, final_emas, self.run_dir, self.kwargs, self.cfg, self.nimg)
+
+    def skipped_files(self) -> int:
+        """Unreadable ImageFolder files this process met (each warned about once); rank 0's count on N processes."""
+        return self.data.num_skipped if isinstance(self.data, ImageFolderDataset) else 0
 
 
 def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
@@ -396,30 +357,69 @@ def build_run(cfg: RunConfig, run_dir: Path, device: torch.device, data, state: 
     return run
 
 
-def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, t_start, device, kwargs,
-                  init_from=None) -> dict:
-    world = dist.world_size()
-    G, accum = cfg.train.batch_size, cfg.train.accum_steps
-    if G % (world * accum):
-        raise ValueError(f"train.batch_size={G} must be divisible by world_size*accum_steps={world * accum}")
+# ----------------------------------------------------------------------------------------------------------------
+# Set-up, the loop, wrap-up
+
+
+def train(cfg: RunConfig, run_dir: str | os.PathLike, minutes: float | None = None, dry_run: bool = False,
+          quiet: bool = False, restart: bool = False, plan_devices: int | None = None,
+          plan_device_memory: float | None = None, init_from: str | None = None) -> dict:
+    """Train (or resume) the run in ``run_dir``. Returns a summary dict; its ``exit_status`` is the command's
+    (pmf.errors). ``minutes`` stops cleanly, with a checkpoint, once that much wall-clock time has passed (the run
+    then resumes when the command is rerun). SIGTERM / SIGINT / SIGUSR1 stop after the current step with a
+    checkpoint and the exports (:mod:`pmf.util.preempt`). Rank 0 holds ``run_dir/.lock`` throughout
+    (:mod:`pmf.train.runlock`). ``restart``: start again from step 0, moving the old states and log aside.
+    ``plan_devices`` / ``plan_device_memory``: the devices ``dry_run`` plans for (see :func:`dry_run_report`).
+    ``init_from``: a new run's
+    weights and EMA copies come from this Orbax checkpoint or run directory (:mod:`pmf.train.official_run`)."""
+    t_start = time.time()
+    plan.set_allocator_defaults()  # before anything touches CUDA
+    run_dir = Path(run_dir)
+    validate_config(cfg)  # every setting, before any work (also for --dry-run)
+    check_writable_dir(run_dir)
+    device = resolve_device(cfg.train.device)
+    kwargs = model_kwargs(cfg)
+    # accum_steps=auto resolved, and a run that cannot fit refused, before any data or model set-up (pmf.train.plan)
+    world_at_hand = (plan_devices if dry_run and plan_devices else None) or int(os.environ.get("WORLD_SIZE", "1"))
+    cfg, _ = plan.fit_to_devices(cfg, kwargs, world_at_hand, device, plan_device_memory if dry_run else None,
+                                 refuse=not dry_run)
+    if dry_run:
+        return dry_run_report(cfg, kwargs, device, plan_devices, plan_device_memory)
+
+    dist.init(device.type)
+    lock = lock_run_dir(run_dir)  # before anything in run_dir is read; a second run on it is refused
+    try:
+        with stop_on_signals() as stop:
+            run = setup(cfg, run_dir, device, restart, init_from, quiet, t_start, minutes)
+            stop_reason, res = train_loop(run, stop)
+            return wrap_up(run, stop_reason, res)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def configure_torch(cfg: RunConfig, device: torch.device) -> None:
+    """Process-wide settings of the run: CPU threads, flush-to-zero on CPU, TF32 on CUDA."""
     if cfg.train.threads > 0:
         torch.set_num_threads(cfg.train.threads)
     if device.type == "cpu":
         torch.set_flush_denormal(True)  # denormal arithmetic stalls CPU steps for seconds
     set_tf32(device, cfg.train.tf32)
 
-    data, num_classes = load_dataset(cfg)
-    if cfg.data.class_conditional and kwargs["num_classes"] != num_classes:
-        raise ValueError(f"model has num_classes={kwargs['num_classes']} but the data has {num_classes} classes; "
-                         f"set model.overrides={{num_classes: {num_classes}}}")
-    grid_classes = num_classes if cfg.data.class_conditional else 1
-    total_nimg = int(round(cfg.train.total_kimg * 1000))  # round: e.g. 320 epochs = 409973.44 kimg
-    n_data = len(data[1]) if isinstance(data, tuple) else len(data)
-    summary = {"run_dir": str(run_dir), "world_size": world, "device": str(device), "model": cfg.model.name,
-               "parallel": cfg.train.parallel, "strategy": modes.mode_of(cfg.train.parallel, world),
-               "total_kimg": cfg.train.total_kimg,
-               "steps_total": math.ceil(total_nimg / G), "steps_per_epoch": n_data // G}
 
+def setup(cfg: RunConfig, run_dir: Path, device: torch.device, restart: bool, init_from: str | None, quiet: bool,
+          t_start: float, minutes: float | None) -> Run:
+    """The data, the training state to resume from, the built :class:`Run` (resumed, or initialized from
+    ``init_from``), the perceptual hook, the (compiled) loss, config.json, the schedules and the reports (times
+    from ``t_start``, the time budget ``minutes``)."""
+    world, G, accum = dist.world_size(), cfg.train.batch_size, cfg.train.accum_steps
+    if G % (world * accum):
+        raise ValueError(f"train.batch_size={G} must be divisible by world_size*accum_steps={world * accum}")
+    configure_torch(cfg, device)
+    data, num_classes = load_dataset(cfg)
+    if cfg.data.class_conditional and (model_classes := model_kwargs(cfg)["num_classes"]) != num_classes:
+        raise ValueError(f"model has num_classes={model_classes} but the data has {num_classes} classes; "
+                         f"set model.overrides={{num_classes: {num_classes}}}")
     state = open_run_dir(cfg, run_dir, restart)
     if device.type == "cpu" and not quiet:  # a CPU without native bf16 trains far slower in bf16: say which this is
         dist.print0(f"CPU: {cpu_capability()}")
@@ -429,126 +429,165 @@ def _train_locked(cfg: RunConfig, run_dir: Path, minutes, quiet, restart, stop, 
 
         apply_init_from(run, init_from, resumed=state is not None)
     del state
-    net, opt, ema = run.net, run.opt, run.ema
-    perceptual = build_perceptual(cfg.perceptual, cfg.objective.perceptual_weights, device)  # frozen; not saved
-    loss_fn = compile_step(pmf_loss, cfg.train.compile, cfg.train.compile_mode,
-                           recompile_limit=row_buckets(G // (world * accum)))  # at most one graph per row bucket
+    run.data, run.grid_classes = data, num_classes if cfg.data.class_conditional else 1
+    run.total_nimg = int(round(cfg.train.total_kimg * 1000))  # round: e.g. 320 epochs = 409973.44 kimg
+    run.perceptual = build_perceptual(cfg.perceptual, cfg.objective.perceptual_weights, device)  # frozen; not saved
+    run.loss_fn = compile_step(pmf_loss, cfg.train.compile, cfg.train.compile_mode,
+                               recompile_limit=row_buckets(G // (world * accum)))  # at most one graph per row bucket
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.json", to_json(cfg) + "\n")
-    net.train()
-    logger = Logger(run_dir, dist.is_main())
-    summary["params_M"] = round(sum(p.numel() for p in net.parameters()) / 1e6, 3)
+    run.net.train()
+    run.every = periodic(cfg, world)
+    bar = open_bar(run.total_nimg, run.nimg, dist.is_main() and not quiet)
+    run.progress = Progress(t_start, minutes, Logger(run_dir, dist.is_main()), bar, t_loop=time.time(),
+                            nimg_loop=run.nimg, last_ckpt_time=time.time())
+    return run
 
-    def skipped_files() -> int:
-        # Unreadable ImageFolder files this process met (each warned about once); rank 0's count on N processes.
-        return data.num_skipped if isinstance(data, ImageFolderDataset) else 0
 
-    next_log = next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
-    next_grid = run.nimg + cfg.train.sample_every_kimg * 1000 if cfg.train.sample_every_kimg > 0 else float("inf")
-    next_ckpt = run.nimg + cfg.train.ckpt_every_kimg * 1000
-    next_check = run.nimg + cfg.train.check_every_kimg * 1000
-    last_ckpt_time = time.time()
-    pbar = None
-    if dist.is_main() and not quiet:
-        from tqdm import tqdm
-
-        pbar = tqdm(total=total_nimg, initial=run.nimg, unit="img", unit_scale=True, dynamic_ncols=True,
-                    smoothing=0.05)
-    stop_reason = "done"
-    res = None  # stays None when a finished run is rerun (the loop body never runs)
-    t_loop, nimg_loop, window = time.time(), run.nimg, []
-    it = iter(run.loader)
-    while run.nimg < total_nimg:
-        images_u8, labels = next(it)
-        set_lr(opt, lr_at(cfg.optim, run.nimg / 1000))
-
-        def end_flags(nimg_after=run.nimg + G):
-            # Wall clocks differ across ranks: the time budget and the checkpoint are decided together (in the step's
-            # one reduction), or one rank stops or enters checkpoint()'s barrier while the others wait in another
-            # collective. A stop signal on any rank stops every rank after this same step (pmf.util.preempt).
-            now = time.time()
-            return (minutes is not None and now - t_start > minutes * 60,
-                    nimg_after >= next_ckpt or now - last_ckpt_time > cfg.train.ckpt_every_minutes * 60,
-                    stop.requested)
-
-        try:
-            res = train_step(net, opt, images_u8, labels, cfg, run.nimg, device, perceptual, loss_fn, run.strategy,
-                             end_flags)
-        except Exception as e:
-            if is_out_of_memory(e):  # say what did not fit and what to turn, not just the allocator's line
-                raise plan.out_of_memory_error(e, cfg, run.kwargs, world, device) from e
-            raise
-        run.nimg += G
-        run.step += 1
+def train_loop(run: Run, stop) -> tuple[str, StepResult | None]:
+    """Draw a batch, take a step, update the EMA copies, run the actions that are due, stop. Returns why it stopped
+    and the last step's result (None when a finished run is rerun: the body never runs)."""
+    G, every = run.cfg.train.batch_size, run.every
+    res, batches = None, iter(run.loader)
+    while run.nimg < run.total_nimg:
+        images_u8, labels = next(batches)
+        set_lr(run.opt, lr_at(run.cfg.optim, run.nimg / 1000))
+        res = take_step(run, images_u8, labels, end_flags(run, stop))
+        nimg_before, run.nimg, run.step = run.nimg, run.nimg + G, run.step + 1
         if res.finite:
             run.nonfinite_run = 0
-            ema.update(net, G, run.nimg)
-        else:
-            run.nonfinite_run += 1
-            run.nonfinite_total += 1
-            dist.print0(f"non-finite step at {run.nimg / 1000:.2f} kimg (grad norm {res.grad_norm}); skipped "
-                        f"({run.nonfinite_run} in a row)")
-            if run.nonfinite_run >= cfg.train.max_nonfinite:
-                stop_reason = f"{run.nonfinite_run} non-finite steps in a row"
-                break
-        window.append(res.metrics.get("loss", float("nan")))
-        if pbar is not None:
-            pbar.update(G)
-            # --minutes: the bar ends where the time budget stops the run, if that comes before total_kimg.
-            pbar.total = bar_total(total_nimg, run.nimg, nimg_loop, t_loop,
-                                   None if minutes is None else t_start + minutes * 60, time.time())
-            # loss_u (raw MSE of V against v_g) moves visibly; the adaptively weighted loss sits near its number of
-            # terms by construction (each term is l / sg(l + eps)).
-            pbar.set_postfix(loss_u=f"{res.metrics.get('loss_u', float('nan')):.4f}", step=run.step, refresh=False)
-        if run.nimg >= next_log or run.nimg >= total_nimg:
-            elapsed = time.time() - t_loop
-            rec = {"kimg": run.nimg / 1000, "step": run.step, **res.metrics, "loss_avg": sum(window) / len(window),
-                   "grad_norm": res.grad_norm, "lr": opt.param_groups[0]["lr"],
-                   "img_per_s": (run.nimg - nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": run.nonfinite_total,
-                   "skipped_files": skipped_files(), "time_s": time.time() - t_start}
-            if hasattr(loss_fn, "report"):  # train.compile: graphs compiled, recompiles, graph breaks
-                rec.update({f"compile_{k}": v for k, v in loss_fn.report().items()})
-            logger.log(rec)
-            window, next_log = [], next_log_at(run.nimg, G, cfg.train.log_every_kimg * 1000)
-        if world > 1 and cfg.train.consistency_check and run.nimg >= next_check:
-            # Sharded strategies: only replicated tensors are compared; that the sharded gradients were
-            # reduce-scattered is checked in every step's end-of-step reduction (Strategy.missing_gradients).
-            dist.check_consistency(net, f"parameters at {run.nimg / 1000:.1f} kimg")
-            next_check += cfg.train.check_every_kimg * 1000
-        if run.nimg >= next_grid:
-            run.grid(f"{run.nimg // 1000:06d}kimg", grid_classes)
-            next_grid += cfg.train.sample_every_kimg * 1000
+            run.ema.update(run.net, G, run.nimg)
+        elif skip_nonfinite(run, res):
+            return f"{run.nonfinite_run} non-finite steps in a row", res
+        show_progress(run, res)
+        if every.log.due(nimg_before, run.nimg) or run.nimg >= run.total_nimg:
+            log_record(run, res)
+        if every.check.due(nimg_before, run.nimg):
+            check_consistency(run)
+        if every.grid.due(nimg_before, run.nimg):
+            run.grid(f"{run.nimg // 1000:06d}kimg", run.grid_classes)
         time_up, ckpt_due, preempted = res.flags  # agreed on by all ranks in the step's reduction (end_flags)
-        if preempted:  # the checkpoint and exports after the loop save this step
-            stop_reason = f"preempted ({stop.signal_name or 'signal on another rank'})"
-            break
-        if time_up:  # the checkpoint after the loop saves this step
-            stop_reason = "time budget"
-            break
+        if preempted:  # the checkpoint and exports of wrap_up save this step
+            return f"preempted ({stop.signal_name or 'signal on another rank'})", res
+        if time_up:  # the checkpoint of wrap_up saves this step
+            return "time budget", res
         if ckpt_due:
-            run.checkpoint()
-            last_ckpt_time = time.time()
-            next_ckpt = run.nimg + cfg.train.ckpt_every_kimg * 1000
-    if pbar is not None:
-        pbar.close()
+            checkpoint(run)
+    return "done", res
+
+
+def end_flags(run: Run, stop):
+    """The host booleans of the coming step that the ranks decide together, in the step's one reduction
+    (:mod:`pmf.train.step_end`): time budget over, checkpoint due (by images after the step, or by wall clock),
+    stop signal. Wall clocks differ across ranks: decided apart, one rank would stop or enter checkpoint()'s barrier
+    while the others wait in another collective. A stop signal on any rank stops every rank after this same step
+    (:mod:`pmf.util.preempt`)."""
+    nimg_before, nimg_after = run.nimg, run.nimg + run.cfg.train.batch_size
+    ckpt_seconds = run.cfg.train.ckpt_every_minutes * 60
+
+    def flags() -> tuple[bool, bool, bool]:
+        now = time.time()
+        return (run.progress.time_up(now),
+                run.every.ckpt.due(nimg_before, nimg_after) or now - run.progress.last_ckpt_time > ckpt_seconds,
+                stop.requested)
+
+    return flags
+
+
+def take_step(run: Run, images_u8, labels, flags) -> StepResult:
+    """:func:`train_step` on the run's network; an out-of-memory error says what did not fit and what to turn."""
+    try:
+        return train_step(run.net, run.opt, images_u8, labels, run.cfg, run.nimg, run.device, run.perceptual,
+                          run.loss_fn, run.strategy, flags)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise plan.out_of_memory_error(e, run.cfg, run.kwargs, dist.world_size(), run.device) from e
+        raise
+
+
+def skip_nonfinite(run: Run, res: StepResult) -> bool:
+    """Count a skipped non-finite step (its update was not applied); true when ``train.max_nonfinite`` of them in a
+    row stop the run."""
+    run.nonfinite_run += 1
+    run.nonfinite_total += 1
+    dist.print0(f"non-finite step at {run.nimg / 1000:.2f} kimg (grad norm {res.grad_norm}); skipped "
+                f"({run.nonfinite_run} in a row)")
+    return run.nonfinite_run >= run.cfg.train.max_nonfinite
+
+
+def show_progress(run: Run, res: StepResult) -> None:
+    """The step's loss into the next log record's average; the bar moved on (rank 0 without --quiet)."""
+    p = run.progress
+    p.losses.append(res.metrics.get("loss", float("nan")))
+    if p.bar is not None:
+        p.bar.update(run.cfg.train.batch_size)
+        # --minutes: the bar ends where the time budget stops the run, if that comes before total_kimg.
+        p.bar.total = bar_total(run.total_nimg, run.nimg, p.nimg_loop, p.t_loop, p.deadline(), time.time())
+        # loss_u (raw MSE of V against v_g) moves visibly; the adaptively weighted loss sits near its number of
+        # terms by construction (each term is l / sg(l + eps)).
+        p.bar.set_postfix(loss_u=f"{res.metrics.get('loss_u', float('nan')):.4f}", step=run.step, refresh=False)
+
+
+def log_record(run: Run, res: StepResult) -> None:
+    """One JSONL / TensorBoard record: the step's metrics, the loss averaged since the last record, rates, counts."""
+    p = run.progress
+    elapsed = time.time() - p.t_loop
+    rec = {"kimg": run.nimg / 1000, "step": run.step, **res.metrics, "loss_avg": sum(p.losses) / len(p.losses),
+           "grad_norm": res.grad_norm, "lr": run.opt.param_groups[0]["lr"],
+           "img_per_s": (run.nimg - p.nimg_loop) / max(elapsed, 1e-9), "nonfinite_total": run.nonfinite_total,
+           "skipped_files": run.skipped_files(), "time_s": time.time() - p.t_start}
+    if hasattr(run.loss_fn, "report"):  # train.compile: graphs compiled, recompiles, graph breaks
+        rec.update({f"compile_{k}": v for k, v in run.loss_fn.report().items()})
+    p.logger.log(rec)
+    p.losses = []
+
+
+def check_consistency(run: Run) -> None:
+    """Parameters agree across ranks. Sharded strategies: only replicated tensors are compared; that the sharded
+    gradients were reduce-scattered is checked in every step's end-of-step reduction (Strategy.missing_gradients)."""
+    dist.check_consistency(run.net, f"parameters at {run.nimg / 1000:.1f} kimg")
+
+
+def checkpoint(run: Run) -> None:
+    """The training state; train.ckpt_every_minutes counts again from now."""
+    run.checkpoint()
+    run.progress.last_ckpt_time = time.time()
+
+
+def wrap_up(run: Run, stop_reason: str, res: StepResult | None) -> dict:
+    """After the loop, however it stopped: the checkpoint, the latest grid, the exports, the summary."""
+    run.progress.close()
     if stop_reason == "done" and run.nonfinite_run > 0:  # reached the end, but its last steps trained nothing
         stop_reason = f"done, but the last {run.nonfinite_run} steps were non-finite"
     run.checkpoint()
-    run.grid("latest", grid_classes)
+    run.grid("latest", run.grid_classes)
     run.export()
-    logger.close()
-    if hasattr(loss_fn, "report"):
-        summary["compile"] = loss_fn.report()
-    return finish(run, summary, stop_reason, res, skipped_files(), t_start)
+    return finish(run, stop_reason, res)
 
 
-def finish(run: Run, summary: dict, stop_reason: str, res, skipped_files: int, t_start: float) -> dict:
+def summary_of(run: Run) -> dict:
+    """What summary.json says of the run's set-up."""
+    world, G, data = dist.world_size(), run.cfg.train.batch_size, run.data
+    n_data = len(data[1]) if isinstance(data, tuple) else len(data)
+    summary = {"run_dir": str(run.run_dir), "world_size": world, "device": str(run.device), "model": run.cfg.model.name,
+               "parallel": run.cfg.train.parallel, "strategy": modes.mode_of(run.cfg.train.parallel, world),
+               "total_kimg": run.cfg.train.total_kimg, "steps_total": math.ceil(run.total_nimg / G),
+               "steps_per_epoch": n_data // G,
+               "params_M": round(sum(p.numel() for p in run.net.parameters()) / 1e6, 3)}
+    if hasattr(run.loss_fn, "report"):
+        summary["compile"] = run.loss_fn.report()
+    return summary
+
+
+def finish(run: Run, stop_reason: str, res: StepResult | None) -> dict:
     """summary.json and the closing lines: why the run stopped and what to do next."""
+    summary = summary_of(run)
     summary.update({"kimg": run.nimg / 1000, "step": run.step, "stop_reason": stop_reason,
                     "exit_status": exit_status(stop_reason), "nonfinite_total": run.nonfinite_total,
-                    "skipped_files": skipped_files,
-                    "seconds": time.time() - t_start, "last_metrics": res.metrics if res is not None else {}})
+                    "skipped_files": run.skipped_files(),
+                    "seconds": time.time() - run.progress.t_start,
+                    "last_metrics": res.metrics if res is not None else {}})
     if dist.is_main():
         atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.print0(f"stopped ({stop_reason}) at {run.nimg / 1000:.1f} kimg, step {run.step}; "
