@@ -58,7 +58,7 @@ def main() -> int:
              "--quiet"]
     for s in a.set:
         train += ["--set", s]
-    from pmf.train.speed import cpu_capability
+    from pmf.train.precision import cpu_capability
 
     print(f"CPU: {cpu_capability()}", flush=True)
     train_with_start_report(train, Path(a.run_dir))

@@ -53,7 +53,8 @@ from pmf.method.model import build_model
 from pmf.method.objective import ObjectiveConfig, conditional_velocity, noisy_image, pmf_loss
 from pmf.method.rng import PerSampleGenerator
 from pmf.method.sampler import noise_from_seeds, sample
-from pmf.train.speed import InferenceNet, autocast_context, set_tf32
+from pmf.train.speed import InferenceNet
+from pmf.train.precision import autocast_context, set_tf32
 
 
 class Check:

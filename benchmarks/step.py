@@ -37,7 +37,7 @@ with --bf16 also our path and the baseline under bf16 autocast (the baseline's s
 
 Optimizer step: the Muon + Adam step (``build_optimizer``, the official recipe's optimizer) of the same network
 with Newton-Schulz in bf16 and in fp32, round-robin on the same gradients, with the CPU's capability
-(``speed.cpu_capability``: SIMD level, native bf16 or not) and the dtype the default picks on this device. On a CPU
+(``precision.cpu_capability``: SIMD level, native bf16 or not) and the dtype the default picks on this device. On a CPU
 without native bf16 the bf16 step is many times slower (emulated bf16 matmuls); on GPUs and CPUs with AVX512-BF16 /
 AMX it is the faster one.
 
@@ -78,7 +78,8 @@ from pmf.method.objective import ObjectiveConfig, conditional_velocity, noisy_im
 from pmf.method.rng import PerSampleGenerator
 from pmf.method.sampler import sample
 from pmf.train.optim import OptimConfig, build_optimizer
-from pmf.train.speed import InferenceNet, autocast_context, cpu_capability, internal_dtype
+from pmf.train.speed import InferenceNet
+from pmf.train.precision import autocast_context, cpu_capability, internal_dtype
 
 CONFIGS = {  # name: (label, objective impl or None for flow matching, attention backend)
     "a": ("flow matching (sdpa)", None, "sdpa"),

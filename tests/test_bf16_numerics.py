@@ -15,7 +15,7 @@ import torch
 
 from pmf.method.model import build_model
 from pmf.method.objective import Draws, ObjectiveConfig, pmf_loss, sample_draws
-from pmf.train.speed import autocast_context
+from pmf.train.precision import autocast_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -50,7 +50,7 @@ def _worker(rank, port, out_dir):
     from pmf.method.objective import ObjectiveConfig, lean_rows, pmf_loss, sample_draws, u_and_dudt
     from pmf.method.rng import PerSampleGenerator
     from pmf.method.objective_lean import u_and_dudt as u_and_dudt_lean
-    from pmf.train.speed import autocast_context
+    from pmf.train.precision import autocast_context
 
     _join_group(rank, port)
     out = {}

@@ -36,7 +36,7 @@ def _one_step(net, strategy, cfg, x, y, gen) -> dict:
     one bf16 micro-batch (the loss: loss_u, the raw MSE; the adaptively weighted total sits near its number of
     terms by construction)."""
     from pmf.method.objective import pmf_loss
-    from pmf.train.speed import autocast_context
+    from pmf.train.precision import autocast_context
 
     inputs, weights, handles = set(), set(), []
     for blk in fsdp.blocks_of(net):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from pmf.method.model import build_model
-from pmf.train import speed
+from pmf.train import precision
 from pmf.train.ema import EMA, EMASpec, ema_beta
 from pmf.train.optim import (
     MuonWithAdam,
@@ -173,16 +173,16 @@ def test_batched_muon_matches_torch_muon_and_shares_its_state():
 def cpu_features(monkeypatch):
     """Set what torch reports about the CPU (``torch.cpu.get_capabilities``): ``cpu_features(avx512_bf16=False)``.
     The capability cache and the one-time warning are reset around the test."""
-    monkeypatch.setattr(speed, "_warned_slow_bf16", False)
-    monkeypatch.setattr(speed, "bf16_matmul_slowdown", lambda: 66.0)  # the measurement, not what is tested here
-    speed.cpu_native_bf16.cache_clear()
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
+    monkeypatch.setattr(precision, "bf16_matmul_slowdown", lambda: 66.0)  # the measurement, not what is tested here
+    precision.cpu_native_bf16.cache_clear()
 
     def set_features(**features):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, **features})
-        speed.cpu_native_bf16.cache_clear()
+        precision.cpu_native_bf16.cache_clear()
 
     yield set_features
-    speed.cpu_native_bf16.cache_clear()
+    precision.cpu_native_bf16.cache_clear()
 
 
 def _muon_step_dtypes(monkeypatch, **kw) -> tuple[set, list[torch.Tensor]]:
@@ -213,8 +213,8 @@ def test_muon_newton_schulz_runs_in_fp32_on_a_cpu_without_bf16(cpu_features, mon
     cpu_features(avx512_bf16=False, amx_bf16=False)
     dtypes32, upd32 = _muon_step_dtypes(monkeypatch)
     assert dtypes32 == {torch.float32}
-    assert speed.internal_dtype("cuda") == torch.bfloat16 and speed.internal_dtype("cpu") == torch.float32
-    monkeypatch.setattr(speed, "bf16_matmul_slowdown", lambda: 0.3)  # what a native-bf16 CPU measures
+    assert precision.internal_dtype("cuda") == torch.bfloat16 and precision.internal_dtype("cpu") == torch.float32
+    monkeypatch.setattr(precision, "bf16_matmul_slowdown", lambda: 0.3)  # what a native-bf16 CPU measures
     cpu_features(avx512_bf16=True)
     dtypes16, upd16 = _muon_step_dtypes(monkeypatch)
     assert dtypes16 == {torch.bfloat16}

@@ -222,7 +222,7 @@ def _build_worker(rank, port, out_dir):
 
     from pmf.method.objective import ObjectiveConfig, pmf_loss
     from pmf.method.rng import PerSampleGenerator
-    from pmf.train.speed import autocast_context
+    from pmf.train.precision import autocast_context
 
     _join_group(rank, port)
     out = {}

@@ -15,7 +15,8 @@ from pmf.train import plan
 from pmf.train.config import load_config, model_kwargs
 from pmf.train.loop import train
 import pmf.train.loop
-from pmf.train.speed import _EagerFallback, set_tf32
+from pmf.train.speed import _EagerFallback
+from pmf.train.precision import set_tf32
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,22 +7,22 @@ import pytest
 import torch
 
 from pmf.method.model import build_model
-from pmf.train import speed
+from pmf.train import precision, speed
 
 
 @pytest.fixture
 def cpu(monkeypatch):
     """``cpu(features, slowdown)``: torch reports ``features`` (None: no report) and the bf16 micro-benchmark
     measures ``slowdown`` (a callable raising means "must not be measured"). Caches and the warning flag reset."""
-    monkeypatch.setattr(speed, "_warned_slow_bf16", False)
+    monkeypatch.setattr(precision, "_warned_slow_bf16", False)
 
     def set_cpu(features, slowdown):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: features)
-        monkeypatch.setattr(speed, "bf16_matmul_slowdown", slowdown if callable(slowdown) else lambda: slowdown)
-        speed.cpu_native_bf16.cache_clear()
+        monkeypatch.setattr(precision, "bf16_matmul_slowdown", slowdown if callable(slowdown) else lambda: slowdown)
+        precision.cpu_native_bf16.cache_clear()
 
     yield set_cpu
-    speed.cpu_native_bf16.cache_clear()
+    precision.cpu_native_bf16.cache_clear()
 
 
 def _not_measured():
@@ -31,41 +31,41 @@ def _not_measured():
 
 def test_native_bf16_decision(cpu):
     cpu({"avx2": True, "avx512_bf16": False, "amx_bf16": False}, _not_measured)
-    assert not speed.cpu_native_bf16()
+    assert not precision.cpu_native_bf16()
     cpu({"avx512_bf16": True}, 0.3)
-    assert speed.cpu_native_bf16()
+    assert precision.cpu_native_bf16()
     cpu({"amx_bf16": True}, 40.0)  # the features are there but the kernels are capped (e.g. ONEDNN_MAX_CPU_ISA)
-    assert not speed.cpu_native_bf16()
+    assert not precision.cpu_native_bf16()
     cpu(None, 0.5)  # no feature report: the measurement decides
-    assert speed.cpu_native_bf16()
+    assert precision.cpu_native_bf16()
     cpu({"bf16": True}, 0.9)  # Arm v8.6 BF16
-    assert speed.cpu_native_bf16()
+    assert precision.cpu_native_bf16()
 
 
 def test_internal_dtype_and_capability_line(cpu):
     cpu({"avx2": True}, _not_measured)
-    assert speed.internal_dtype("cpu") == torch.float32
-    assert speed.internal_dtype(torch.device("cuda", 0)) == torch.bfloat16  # accelerators keep bf16
-    assert speed.internal_dtype("cpu", torch.float16) == torch.float16  # only the bf16 default is replaced
-    line = speed.cpu_capability()
+    assert precision.internal_dtype("cpu") == torch.float32
+    assert precision.internal_dtype(torch.device("cuda", 0)) == torch.bfloat16  # accelerators keep bf16
+    assert precision.internal_dtype("cpu", torch.float16) == torch.float16  # only the bf16 default is replaced
+    line = precision.cpu_capability()
     assert line.startswith(torch.backends.cpu.get_cpu_capability()) and "no native bf16" in line
     cpu({"avx512_bf16": True}, 0.3)
-    assert speed.internal_dtype("cpu") == torch.bfloat16 and "(avx512_bf16), bf16 native" in speed.cpu_capability()
+    assert precision.internal_dtype("cpu") == torch.bfloat16 and "(avx512_bf16), bf16 native" in precision.cpu_capability()
 
 
 def test_bf16_autocast_warns_once_on_entry_on_a_cpu_without_bf16(cpu):
     cpu({"avx2": True}, 66.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        speed.autocast_context("cpu", "bf16")  # validating (not entering) does not warn
-        with speed.autocast_context("cuda", "bf16") if torch.cuda.is_available() else speed.autocast_context("cpu"):
+        precision.autocast_context("cpu", "bf16")  # validating (not entering) does not warn
+        with precision.autocast_context("cuda", "bf16") if torch.cuda.is_available() else precision.autocast_context("cpu"):
             pass
     with pytest.warns(RuntimeWarning, match=r"precision=bf16.*66\.0x the float32 time"):
-        with speed.autocast_context("cpu", "bf16"):
+        with precision.autocast_context("cpu", "bf16"):
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16  # still obeyed
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        with speed.autocast_context("cpu", "bf16"):
+        with precision.autocast_context("cpu", "bf16"):
             pass
 
 
@@ -86,6 +86,6 @@ def test_bf16_sampling_warns_on_a_cpu_without_bf16_and_not_with_it(cpu):
 
 def test_bf16_matmul_slowdown_is_measured():
     """The real measurement (cached) is a positive ratio; whether it is above or below 1 depends on the CPU."""
-    speed.bf16_matmul_slowdown.cache_clear()
-    r = speed.bf16_matmul_slowdown()
-    assert 0 < r < float("inf") and speed.bf16_matmul_slowdown() == r
+    precision.bf16_matmul_slowdown.cache_clear()
+    r = precision.bf16_matmul_slowdown()
+    assert 0 < r < float("inf") and precision.bf16_matmul_slowdown() == r

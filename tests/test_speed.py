@@ -12,7 +12,8 @@ import torch
 from pmf.method.model import build_model
 from pmf.method.objective import ObjectiveConfig, pmf_loss, sample_draws
 import pmf.train.speed as speed
-from pmf.train.speed import CompiledModule, autocast_context, maybe_compile
+from pmf.train.speed import CompiledModule, maybe_compile
+from pmf.train.precision import autocast_context
 
 
 @pytest.fixture(autouse=True)

@@ -48,7 +48,8 @@ from pmf.train.optim import lr_at, set_lr
 from pmf.train.progress import Logger, Progress, bar_total, open_bar
 from pmf.train.runlock import lock_run_dir
 from pmf.train.schedule import Every
-from pmf.train.speed import autocast_context, compile_step, cpu_capability, is_out_of_memory, set_tf32
+from pmf.train.speed import compile_step
+from pmf.train.precision import autocast_context, cpu_capability, is_out_of_memory, set_tf32
 from pmf.train.step_end import end_of_step
 from pmf.train.validate import check_writable_dir, validate_config
 from pmf.util.atomic import atomic_write_text

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from pmf.parallel import ns_partition
-from pmf.train import speed
+from pmf.train import precision
 
 __all__ = [
     "OptimConfig",
@@ -278,7 +278,7 @@ class BatchedMuon(torch.optim.Muon):
     Muon, so checkpoints are interchangeable. Batched bf16 matmuls may round differently from per-matrix ones
     (equal up to bf16 precision; tested against torch's Muon and against a float64 per-matrix reference).
 
-    ``ns_dtype=None`` (default) picks the dtype per device (:func:`pmf.train.speed.internal_dtype`): bfloat16 on GPUs
+    ``ns_dtype=None`` (default) picks the dtype per device (:func:`pmf.train.precision.internal_dtype`): bfloat16 on GPUs
     and on CPUs with native bf16, float32 on other CPUs, where bf16 matmuls are emulated: the demo model's step took
     690 ms with bf16 Newton-Schulz against 24 ms in float32 on a 2-core EPYC without AVX-512. float32 is the more
     accurate of the two, so the update differs only by bf16 rounding. An explicit ``ns_dtype=torch.bfloat16`` is
@@ -308,9 +308,9 @@ class BatchedMuon(torch.optim.Muon):
     def dtype_for(self, device: torch.device) -> torch.dtype:
         """The Newton-Schulz dtype on ``device``: ``ns_dtype``, or when None bf16 where native, else float32."""
         if self.ns_dtype is None:
-            return speed.internal_dtype(device)
+            return precision.internal_dtype(device)
         if self.ns_dtype == torch.bfloat16:
-            speed.warn_if_slow_bf16(torch.device(device).type, "Muon's Newton-Schulz in bf16 (ns_dtype)")
+            precision.warn_if_slow_bf16(torch.device(device).type, "Muon's Newton-Schulz in bf16 (ns_dtype)")
         return self.ns_dtype
 
     def orthogonalize(self, mats: list[torch.Tensor], group: dict) -> list[torch.Tensor]:

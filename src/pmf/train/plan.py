@@ -104,7 +104,7 @@ def loss_saved_bytes(net, obj_cfg, batch: int, precision: str = "fp32", seed: in
     """Saved-tensor bytes of one ``pmf_loss`` forward of ``net`` (CPU) on a batch of random images; the draws come
     from ``seed`` (the same for every instance, so instances see the same t, r, omega, dropout pattern)."""
     from pmf.method.objective import pmf_loss
-    from pmf.train.speed import autocast_context
+    from pmf.train.precision import autocast_context
 
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, net.in_channels, net.input_size, net.input_size, generator=gen) * 2 - 1
@@ -132,7 +132,7 @@ def step_peak_bytes(net, obj_cfg, batch: int, precision: str = "fp32", seed: int
     from pmf.method.objective import pmf_loss
     from pmf.method.rng import PerSampleGenerator
     from pmf.train.memtrack import meta_autocast, tracking
-    from pmf.train.speed import autocast_context
+    from pmf.train.precision import autocast_context
 
     dev = next(net.parameters()).device
     gen = torch.Generator().manual_seed(seed)
@@ -256,7 +256,7 @@ def activation_bytes_per_sample(kwargs: dict, obj_cfg, precision: str = "fp32", 
 @functools.lru_cache(maxsize=8)
 def _perceptual_model_cached(terms: tuple, precision: str, crop: int) -> dict:
     from pmf.method.perceptual import LPIPS, ConvNeXtV2, PerceptualLoss
-    from pmf.train.speed import autocast_context
+    from pmf.train.precision import autocast_context
 
     small = 32
     hook = PerceptualLoss(_cheap_instance(LPIPS) if "lpips" in terms else None,

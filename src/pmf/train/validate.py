@@ -50,7 +50,7 @@ def _finite(x) -> bool:
 def config_problems(cfg) -> list[str]:
     """Every problem of a resolved RunConfig, as "key=value: what is wrong; the fix"."""
     from pmf.train.ema import EMASpec
-    from pmf.train.speed import PRECISIONS
+    from pmf.train.precision import PRECISIONS
 
     p = []
     t, d, s, e = cfg.train, cfg.data, cfg.sample, cfg.eval
