@@ -35,7 +35,7 @@ from pmf.method.rng import PerSampleGenerator
 from pmf.method.sampler import noise_from_seeds, sample
 from pmf.parallel import dist
 from pmf.train import modes, plan
-from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
+from pmf.train.checkpoint import open_latest, refuse_silent_restart, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, model_kwargs, to_json
 from pmf.train.dryrun import dry_run_report
 from pmf.train.ema import EMA
@@ -372,7 +372,7 @@ def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
             print(f"--restart: training {run_dir} from step 0" + (f"; moved aside: {', '.join(moved)}" if moved else ""),
                   flush=True)
         dist.barrier()
-    state = load_latest(run_dir, set_aside=dist.is_main(), lazy_sharded=True)
+    state = open_latest(run_dir, set_aside=dist.is_main())
     if state is None and not restart:
         refuse_silent_restart(run_dir)
     if not restart:
