@@ -194,9 +194,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
     try:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
-        raise DamagedState(f"{path} has no {MANIFEST} (an unfinished write?)") from None
+        raise DamagedState(f"{path}: no {MANIFEST} (an unfinished write?)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DamagedState(f"{path / MANIFEST} is not valid JSON ({e})") from None
+        raise DamagedState(f"{path}: {MANIFEST} is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != KIND:
         kind = manifest.get("kind") if isinstance(manifest, dict) else None
         raise UnsupportedFormat(f"{path} is not a training state this pmf reads (kind {kind!r}, expected {KIND!r}); train "
@@ -222,7 +222,9 @@ def verify_state_dir(path: str | os.PathLike, collective: bool = True) -> dict:
                 problem = f"{f.name} does not match its recorded SHA-256 (damaged after it was written)"
                 break
     except DamagedState as e:
-        manifest, problem = None, str(e)
+        manifest, problem = None, str(e).removeprefix(f"{path}: ")
+    except OSError as e:  # e.g. a file this rank may not read: reported by every rank together
+        manifest, problem = None, f"{type(e).__name__}: {e}"
     bad = dist.any_rank(bool(problem))[0] if collective else bool(problem)
     if bad:
         raise DamagedState(f"{path}: {problem or 'a file checked by another rank is damaged'}")
