@@ -7,6 +7,7 @@ Runs are the ``tiny-test`` preset shrunk to a few steps of batch 16 on one CPU t
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -194,8 +195,7 @@ def test_training_resumes_from_the_previous_state_when_the_newest_is_bit_flipped
 def test_log_or_export_without_a_state_refuses_step_0_unless_restart(tmp_path, capsys):
     run_dir = tmp_path / "run"
     assert cli_train(run_dir, "train.total_kimg=0.032") == 0
-    for f in (run_dir / "checkpoints").iterdir():
-        f.unlink()
+    shutil.rmtree(run_dir / "checkpoints")
     export_before = (run_dir / "export" / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert cli_train(run_dir, "train.total_kimg=0.032") == EXIT_USAGE
