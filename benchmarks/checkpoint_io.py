@@ -1,16 +1,14 @@
-"""Training-state save and load under FSDP2: full gather to rank 0 + one file, against every rank writing its shards
-(torch.distributed.checkpoint, :mod:`pmf.train.sharded_state`). Same run, same model, same state.
+"""Training-state save and load in one process: the state directory every mode writes (:mod:`pmf.train.checkpoint`,
+torch.distributed.checkpoint) against one ``torch.save`` file of the same state with a SHA-256 of the file, the
+baseline measured in the same run.
 
-    torchrun --standalone --nproc-per-node 2 benchmarks/checkpoint_io.py [--hidden 256] [--depth 8] [--repeat 2]
-             [--out /tmp/ckpt-bench]
+    python benchmarks/checkpoint_io.py --preset fmnist-demo [--repeat 3] [--out /tmp/pmf-ckpt-bench]
+    python benchmarks/checkpoint_io.py --preset pmf-b16-in256 --repeat 2
 
-The model is tiny-test's architecture widened to ``--hidden`` x ``--depth`` with Muon + Adam state (after one step)
-and tiny-test's EMA copies. Prints the state size and, per form, the median seconds of save (gather + write, or DCP
-write + hashes) and load (every rank reads the file memory-mapped, checks its digest and cuts its chunks, or the
-ranks check the shard files' hashes, split between them, and DCP reads each rank's shards; ``sharded_hash_check``
-is the hash part alone), and the ratios full / sharded. On one machine with a shared disk the write bandwidth is the
-same for both forms; what the sharded form removes is the gather to one rank and that rank's whole-state host copy (peak
-host memory on rank 0: the full state, against one shard per rank).
+The preset's network on the CPU with its optimizer state (after one step with random gradients: every moment
+exists) and its EMA copies, plus the loader position and counters. Per form, the median seconds of save (write, fsync,
+hashes; for the directory also the rotation) and load (hash check, read, load into the network, optimizer and EMAs)
+and the bytes on disk; then the ratios directory / file.
 """
 
 from __future__ import annotations
@@ -23,87 +21,75 @@ from pathlib import Path
 
 import torch
 
-from pmf.parallel import dist
-from pmf.train import fsdp, modes, sharded_state
-from pmf.train.checkpoint import load_latest, save_training_state
+from pmf.train import modes
+from pmf.train.checkpoint import load_training_state, open_latest
 from pmf.train.config import load_config, model_kwargs
 from pmf.train.ema import EMA
+from pmf.util.atomic import atomic_save, sha256_file
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--depth", type=int, default=8)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--preset", default="fmnist-demo")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="/tmp/pmf-ckpt-bench")
     args = ap.parse_args()
-    torch.set_num_threads(1)
-    dist.init("cpu")
-    try:
-        run(args)
-    finally:
-        dist.shutdown()
-
-
-def run(args) -> None:
-    cfg = load_config("tiny-test", overrides=[
-        "train.device=cpu", "train.parallel=fsdp", "objective.impl=reference",
-        f"model.overrides={{hidden_size: {args.hidden}, depth: {args.depth}, num_heads: 4, aux_head_depth: 2, "
-        "bottleneck_dim: 16}"])
-    cpu = torch.device("cpu")
-    strategy = modes.make_strategy(cfg, cpu)
-    kw = model_kwargs(cfg)
-    net = strategy.build_net(kw)
+    torch.set_num_threads(args.threads)
+    cfg = load_config(args.preset, overrides=["train.device=cpu"])
+    strategy = modes.make_strategy(cfg, torch.device("cpu"), world=1)
+    net = strategy.build_net(model_kwargs(cfg))
     opt = strategy.build_optimizer(net)
-    for p in net.parameters():  # one step with random gradients: every optimizer state tensor exists
+    for p in net.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
     ema = EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)
     rest = {"loader": {"nimg": 0, "seed": 0, "num_items": 1}, "nimg": 0, "nonfinite_run": 0, "nonfinite_total": 0,
             "config": "{}"}
     out = Path(args.out)
-    if dist.is_main():
-        shutil.rmtree(out, ignore_errors=True)
-    dist.barrier()
-    times = {k: [] for k in ("full_save", "sharded_save", "full_load", "sharded_load", "sharded_hash_check")}
+    shutil.rmtree(out, ignore_errors=True)
+    times = {k: [] for k in ("dir_save", "dir_load", "file_save", "file_load")}
 
     def timed(key, fn):
-        dist.barrier()
         t = time.perf_counter()
         fn()
-        dist.barrier()
         times[key].append(time.perf_counter() - t)
 
-    def full_save(step):
-        state = {"net": fsdp.full_model_state_dict(net), "optimizer": fsdp.gather_full(opt.state_dict()),
-                 "ema": fsdp.gather_full(ema.state_dict()), **rest}
-        if dist.is_main():
-            save_training_state(out / "full", state, step)
+    def file_save(step):
+        path = out / "file" / f"state-{step:09d}.pt"
+        atomic_save({"net": net.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(), **rest}, path)
+        path.with_suffix(".sha256").write_text(sha256_file(path))
+        for old in (out / "file").glob(f"state-{step - 2:09d}.*"):  # keep 2, as the directory form does
+            old.unlink()
 
-    def full_load():
-        state = load_latest(out / "full")
-        strategy.load_training_state(state, net, opt, ema)  # a single-file state: every rank cuts its chunks
-
-    def sharded_load():
-        state = load_latest(out / "sharded", lazy_sharded=True)
-        strategy.load_training_state(state, net, opt, ema)
+    def file_load(step):
+        path = out / "file" / f"state-{step:09d}.pt"
+        if sha256_file(path) != path.with_suffix(".sha256").read_text():
+            raise RuntimeError(f"{path} damaged")
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["optimizer"])
+        ema.load_state_dict(state["ema"])
 
     for i in range(args.repeat):
-        timed("full_save", lambda: full_save(i + 1))
-        timed("sharded_save", lambda: strategy.save_training_state(out / "sharded", i + 1, net, opt, ema, rest))
-        timed("full_load", full_load)
-        timed("sharded_load", sharded_load)
-        timed("sharded_hash_check", lambda: sharded_state.verify_sharded_state(
-            sorted((out / "sharded" / "checkpoints").glob("state-*"))[-1]))
-    size = sum(f.stat().st_size for f in (out / "full" / "checkpoints").glob("*.pt")) / max(
-        1, len(list((out / "full" / "checkpoints").glob("*.pt"))))
+        step = i + 1
+        timed("dir_save", lambda: strategy.save_training_state(out / "dir", step, net, opt, ema, rest))
+        timed("dir_load", lambda: load_training_state(open_latest(out / "dir"), net, opt, ema))
+        timed("file_save", lambda: file_save(step))
+        timed("file_load", lambda: file_load(step))
+    newest = sorted((out / "dir" / "checkpoints").glob("state-*"))[-1]
+    dir_bytes = sum(f.stat().st_size for f in newest.iterdir())
+    file_bytes = (out / "file" / f"state-{args.repeat:09d}.pt").stat().st_size
     med = {k: statistics.median(v) for k, v in times.items()}
-    dist.print0(f"{dist.world_size()} ranks, params {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M, state "
-                f"{size / 2**20:.1f} MiB")
+    n = sum(p.numel() for p in net.parameters())
+    print(f"{args.preset} ({cfg.model.name}): {n / 1e6:.2f} M parameters, EMA {list(cfg.train.ema)}, "
+          f"{args.repeat} repeats, {torch.get_num_threads()} threads")
+    print(f"  bytes  directory {dir_bytes / 2**20:9.1f} MiB   file {file_bytes / 2**20:9.1f} MiB")
     for k, v in med.items():
-        dist.print0(f"  {k:13s} {v:7.3f} s")
-    dist.print0(f"  save full/sharded {med['full_save'] / med['sharded_save']:.2f}x, "
-                f"load full/sharded {med['full_load'] / med['sharded_load']:.2f}x")
+        print(f"  {k:9s} median {v:7.3f} s   all {' '.join(f'{x:.3f}' for x in times[k])}")
+    print(f"  directory / file: save {med['dir_save'] / med['file_save']:.2f}x, load "
+          f"{med['dir_load'] / med['file_load']:.2f}x, bytes {dir_bytes / file_bytes:.3f}x")
+    shutil.rmtree(out, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -446,7 +446,7 @@ def sec_fsdp(ck: Check, dev, smoke):
     import torch.distributed as tdist
 
     from pmf.train import fsdp, modes
-    from pmf.train.checkpoint import load_latest
+    from pmf.train.checkpoint import open_latest
     from pmf.train.config import load_config
     from pmf.train.loop import train_step
     from pmf.train.ema import EMA
@@ -478,7 +478,7 @@ def sec_fsdp(ck: Check, dev, smoke):
         ema = EMA(net, cfg.train.ema)
         with tempfile.TemporaryDirectory() as run_dir:
             strategy.save_training_state(Path(run_dir), 2, net, opt, ema, {"nimg": 16})
-            state = load_latest(Path(run_dir), lazy_sharded=True)
+            state = open_latest(Path(run_dir))
             net2, opt2 = build()
             strategy.load_training_state(state, net2, opt2, EMA(net2, cfg.train.ema))
             same = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in zip(net.parameters(), net2.parameters()))

@@ -1,13 +1,15 @@
 """Persistence (pmf.train.checkpoint): atomic writes survive interruption, resume finds the newest readable state, and
 exports round-trip a network exactly."""
 
+import json
 import os
 
 import pytest
 import torch
 
 from pmf.method.model import MODELS, PMFDiT, build_model
-from pmf.train.checkpoint import load_latest, save_training_state
+from pmf.train.checkpoint import load_latest, open_latest, save_training_state
+from pmf.util.format_version import UnsupportedFormat
 from pmf.util.atomic import atomic_save, atomic_write_text
 
 TINY = "pMF-tiny"
@@ -85,16 +87,40 @@ def test_save_prunes_to_keep_and_load_latest_returns_newest(tmp_path):
     assert load_latest(tmp_path) is None  # nothing yet
     for step in (10, 20, 30, 40):
         save_training_state(tmp_path, {"w": torch.full((2,), float(step))}, step, keep=2)
-    assert _names(tmp_path) == ["state-000000030.pt", "state-000000040.pt"]
+    assert _names(tmp_path) == ["state-000000030", "state-000000040"]
     state = load_latest(tmp_path)
     assert state["step"] == 40 and torch.equal(state["w"], torch.full((2,), 40.0))
 
 
-def test_save_removes_stale_temp_files(tmp_path):
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / ".state-000000005.pt.123.abcd.tmp").write_bytes(b"junk")
+def test_a_nested_state_round_trips_with_its_types(tmp_path):
+    """Tensors anywhere in nested dicts (int keys kept, as an optimizer's state has them), plain values, lists,
+    bfloat16 and 0-d tensors: read back equal, and the trainer's form holds everything but the tensors."""
+    state = {"net": {"w": torch.randn(5, 3), "b": torch.zeros(3, dtype=torch.bfloat16)},
+             "optimizer": {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(4)}, 1: {"n": 2}},
+                           "param_groups": [{"params": [0, 1], "lr": 1e-3}]},
+             "loader": {"nimg": 48, "seed": 0}, "config": "{}", "flag": True, "none": None}
+    save_training_state(tmp_path, state, 3)
+    got = load_latest(tmp_path)
+    assert got.keys() == {*state, "step", "format_version"} and got["step"] == 3
+
+    def same(a, b):
+        if isinstance(a, torch.Tensor):
+            return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        return a == b
+
+    assert same(state, {k: got[k] for k in state})
+    opened = open_latest(tmp_path)
+    assert opened["loader"] == state["loader"] and opened["net"] == {"w": None, "b": None}
+    assert opened["optimizer"]["state"][1] == {"n": 2} and opened.path == tmp_path / "checkpoints" / "state-000000003"
+
+
+def test_save_removes_temporaries_of_crashed_writes(tmp_path):
+    (tmp_path / "checkpoints" / ".state-000000005.tmp").mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".state-000000005.tmp" / "__0_0.distcp").write_bytes(b"junk")
     save_training_state(tmp_path, {}, 7)
-    assert _names(tmp_path) == ["state-000000007.pt"]
+    assert _names(tmp_path) == ["state-000000007"]
 
 
 def test_step_must_agree(tmp_path):
@@ -102,20 +128,49 @@ def test_step_must_agree(tmp_path):
         save_training_state(tmp_path, {"step": 3}, 4)
 
 
-def test_load_latest_falls_back_past_a_corrupt_newest(tmp_path):
+@pytest.mark.parametrize("damage", ["truncated data", "no manifest", "missing file"])
+def test_load_latest_falls_back_past_a_damaged_newest(tmp_path, damage):
+    """Cut short after the fact (disk fault, copy cut short), an unfinished write (no manifest: the manifest is
+    written last), a file lost: the previous state is used."""
     save_training_state(tmp_path, {"x": torch.tensor(1.0)}, 1)
     newest = save_training_state(tmp_path, {"x": torch.tensor(2.0)}, 2)
-    newest.write_bytes(newest.read_bytes()[:50])  # truncated after the fact (disk fault, copy cut short)
-    with pytest.warns(UserWarning, match="state-000000002.pt"):
+    data = newest / "__0_0.distcp"
+    if damage == "truncated data":
+        data.write_bytes(data.read_bytes()[:50])
+    else:
+        (newest / ("pmf-state.json" if damage == "no manifest" else "__0_0.distcp")).unlink()
+    with pytest.warns(UserWarning, match="state-000000002"):
         state = load_latest(tmp_path)
     assert state["step"] == 1 and state["x"].item() == 1.0
 
 
 def test_load_latest_raises_when_nothing_is_readable(tmp_path):
     path = save_training_state(tmp_path, {}, 1)
-    path.write_bytes(b"not a checkpoint")
+    (path / "pmf-state.json").write_text("not a manifest")
     with pytest.warns(UserWarning), pytest.raises(RuntimeError, match="no readable training state"):
         load_latest(tmp_path)
+
+
+@pytest.mark.parametrize("case", ["single file", "other kind", "other version"])
+def test_a_state_of_another_layout_is_refused_in_one_line(tmp_path, case):
+    """Not skipped for an older state (of the same old layout) and not renamed aside as damaged: refused, with the
+    way out."""
+    save_training_state(tmp_path, {"x": torch.tensor(1.0)}, 1)
+    ckpt = tmp_path / "checkpoints"
+    if case == "single file":
+        torch.save({"x": torch.tensor(2.0), "step": 2}, ckpt / "state-000000002.pt")
+        name = "state-000000002.pt"
+    else:
+        path = save_training_state(tmp_path, {"x": torch.tensor(2.0)}, 2)
+        manifest = json.loads((path / "pmf-state.json").read_text())
+        manifest.update({"kind": "pmf-sharded-training-state"} if case == "other kind" else {"format_version": 1})
+        (path / "pmf-state.json").write_text(json.dumps(manifest))
+        name = "state-000000002"
+    for load in (load_latest, open_latest):
+        with pytest.raises(UnsupportedFormat, match=name) as e:
+            load(tmp_path, set_aside=True)
+        assert "\n" not in str(e.value) and "--restart" in str(e.value)
+    assert sorted(os.listdir(ckpt)) == ["state-000000001", name]
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,24 +46,25 @@ def one_line(capsys) -> str:
 
 def test_a_first_run_killed_before_its_first_checkpoint_restarts_by_rerunning_the_same_command(tmp_path, capsys):
     """What a run killed (kill -9) while writing its first checkpoint leaves: config.json, a log of the steps it
-    did, and a 0-byte .state-*.tmp. Rerunning the same command starts cleanly and trains the same losses."""
+    did, and a partly written .state-*.tmp/. Rerunning the same command starts cleanly and trains the same losses."""
     run_dir = tmp_path / "run"
     assert cli_main(train_argv(run_dir)) == 0
     reference = read_log(run_dir)
     assert [s for s, _ in reference] == [1, 2]
-    # the same directory as the kill left it: no state, no export, no summary; a partial log and a 0-byte temp
+    # the same directory as the kill left it: no state, no export, no summary; a partial log and a partial temp
     for p in (run_dir / "checkpoints").iterdir():
-        p.unlink()
+        shutil.rmtree(p)
     shutil.rmtree(run_dir / "export")
     (run_dir / "summary.json").unlink()
     log = run_dir / "log.jsonl"
     log.write_text(log.read_text().splitlines()[0] + "\n")
-    tmp = run_dir / "checkpoints" / ".state-000000002.pt.4242.0a1b2c3d.tmp"
-    tmp.touch()
+    tmp = run_dir / "checkpoints" / ".state-000000002.tmp"
+    tmp.mkdir()
+    (tmp / "__0_0.distcp").write_bytes(b"partial")
     capsys.readouterr()
     assert cli_main(train_argv(run_dir)) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
-    assert "stopped before its first checkpoint" in out and "removed checkpoints/.state-000000002.pt" in out
+    assert "stopped before its first checkpoint" in out and "removed checkpoints/.state-000000002.tmp" in out
     assert not tmp.exists()
     assert read_log(run_dir) == reference  # the same losses, a fresh log
     (old,) = run_dir.glob("log.old-*.jsonl")
@@ -74,11 +75,11 @@ def test_a_first_run_killed_before_its_first_checkpoint_restarts_by_rerunning_th
 def test_damaged_states_without_a_good_one_still_refuse_a_silent_restart(tmp_path, capsys):
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    (run_dir / "checkpoints" / "state-000000002.pt.damaged").write_bytes(b"x")
+    (run_dir / "checkpoints" / "state-000000002.damaged").mkdir()
     (run_dir / "log.jsonl").write_text("{}\n")
     assert cli_main(train_argv(run_dir)) == EXIT_USAGE
     err = one_line(capsys)
-    assert "log.jsonl, state-000000002.pt.damaged of an earlier run" in err and "--restart" in err
+    assert "log.jsonl, state-000000002.damaged of an earlier run" in err and "--restart" in err
     assert (run_dir / "log.jsonl").read_text() == "{}\n"  # nothing moved
 
 

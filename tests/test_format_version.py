@@ -1,6 +1,6 @@
 """One format version (pmf.util.format_version.FORMAT_VERSION) for what pmf writes: network folders, training
-states. New files carry it; a file of any other version, or without one, or a training state without its checksum,
-is refused with one line naming the file (a PmfError: exit status 2 from the CLI), never read in another meaning."""
+states (those: tests/test_checkpoint.py). New files carry it; a file of any other version, or without one, is
+refused with one line naming the file (a PmfError: exit status 2 from the CLI), never read in another meaning."""
 
 import json
 
@@ -10,7 +10,6 @@ import torch
 from pmf.cli import main
 from pmf.errors import PmfError
 from pmf.method.model import MODELS, PMFDiT
-from pmf.train.checkpoint import DAMAGED_SUFFIX, STATE_DIR, load_latest, payload_digest, save_training_state
 from pmf.util.format_version import FORMAT_VERSION, UnsupportedFormat
 
 TINY_KW = {**MODELS["pMF-tiny"].kwargs, "v_head": False}
@@ -60,31 +59,3 @@ def test_network_folders_of_another_version_are_refused(tmp_path, version):
     assert ("no format_version" if version is None else f"format_version {version}") in msg
     assert f"reads only version {FORMAT_VERSION}" in msg
     assert main(["sample", "--checkpoint", str(tmp_path / "net"), "--out", str(tmp_path / "g.png")]) == 2
-
-
-def _write_state(run_dir, step, payload, digest=True):
-    (run_dir / STATE_DIR).mkdir(parents=True, exist_ok=True)
-    state = {**payload, "step": step}
-    if digest:
-        state["sha256"] = payload_digest(state)
-    path = run_dir / STATE_DIR / f"state-{step:09d}.pt"
-    torch.save(state, path)
-    return path
-
-
-@pytest.mark.parametrize("case", ["no version", "version 1", "no checksum"])
-def test_training_states_of_another_format_are_refused(tmp_path, case):
-    """A state of another format is refused as it is: not renamed aside as damaged, and not skipped for an older
-    state of the same run (which would be of the same old format)."""
-    save_training_state(tmp_path, {"x": torch.tensor(1.0)}, 1)
-    assert load_latest(tmp_path)["format_version"] == FORMAT_VERSION
-    payload = {"x": torch.tensor(2.0)}
-    if case == "version 1":
-        payload["format_version"] = 1
-    elif case == "no checksum":
-        payload["format_version"] = FORMAT_VERSION
-    path = _write_state(tmp_path, 2, payload, digest=case != "no checksum")
-    with pytest.raises(UnsupportedFormat, match="state-000000002.pt") as e:
-        load_latest(tmp_path, set_aside=True)
-    assert "\n" not in str(e.value) and "--restart" in str(e.value)
-    assert path.exists() and not path.with_name(path.name + DAMAGED_SUFFIX).exists()

@@ -1,7 +1,7 @@
 """The parallel strategies (pmf.train.modes) with gloo processes on CPU: the same run on 1 process, ddp(2),
 fsdp(2) and hsdp(2x2) ends with the same losses and weights; a run resumed from a sharded checkpoint (on the same or
 another layout) equals an uninterrupted one; meta-device initialisation equals the plain CPU build bit for bit;
-the HSDP mesh and the bf16 all-gather policy; sharded states: round trip, damaged-state fallback."""
+the HSDP mesh and the bf16 all-gather policy; training states: round trip, strict load, damaged-state fallback."""
 
 import json
 import subprocess
@@ -13,8 +13,8 @@ import torch
 
 from pmf.method.model import PMFDiT
 from pmf.parallel import dist
-from pmf.train import fsdp, modes, sharded_state
-from pmf.train.checkpoint import (DAMAGED_SUFFIX, STATE_DIR, load_latest, save_sharded_training_state,
+from pmf.train import fsdp, modes, state_dir
+from pmf.train.checkpoint import (DAMAGED_SUFFIX, STATE_DIR, load_latest, load_training_state, open_latest,
                                   save_training_state)
 from pmf.train.config import load_config, model_kwargs
 from pmf.train.loop import train
@@ -106,12 +106,6 @@ def _tiny_state(seed: int) -> dict:
             "nonfinite_total": 1, "config": "{}"}
 
 
-def _save_sharded(run_dir: Path, step: int, state: dict) -> Path:
-    rest = {k: v for k, v in state.items() if k not in ("net", "optimizer", "ema")}
-    tensors, extra = sharded_state.split_state(state["net"], state["optimizer"], state["ema"], rest)
-    return save_sharded_training_state(run_dir, step, tensors, extra, {"nimg": state["nimg"]})
-
-
 def _assert_same_state(got: dict, want: dict) -> None:
     for key in ("nimg", "loader", "nonfinite_total", "config"):
         assert got[key] == want[key], key
@@ -127,9 +121,10 @@ def _assert_same_state(got: dict, want: dict) -> None:
         assert torch.equal(got["ema"]["shadow"]["ema_hl1"][k], v)
 
 
-def test_a_sharded_state_loads_strictly(tmp_path):
-    """A sharded state loads into a run of the same network, and a state holding a tensor this run does not have
-    is refused, naming it (DCP alone loads only the tensors asked for and would skip it without a word)."""
+def test_a_state_loads_strictly(tmp_path):
+    """A state loads into a run of the same network (into a fresh optimizer, whose state does not exist yet), and a
+    state holding a tensor this run does not have is refused, naming it (DCP alone loads only the tensors asked for
+    and would skip it without a word)."""
     cfg = load_config("tiny-test", overrides=["train.device=cpu"])
     kw = model_kwargs(cfg)
     strategy = modes.make_strategy(cfg, torch.device("cpu"), world=1)
@@ -139,32 +134,41 @@ def test_a_sharded_state_loads_strictly(tmp_path):
         return net, strategy.build_optimizer(net), modes.EMA(net, cfg.train.ema, ramp=cfg.train.ema_ramp)
 
     net, opt, ema = built()
-    tensors, extra = sharded_state.split_state(net.state_dict(), opt.state_dict(), ema.state_dict(), {"nimg": 0})
-    save_sharded_training_state(tmp_path / "same", 1, tensors, extra, {"nimg": 0})
-    modes.load_sharded_into(load_latest(tmp_path / "same", lazy_sharded=True), *built())
-    save_sharded_training_state(tmp_path / "other", 1, {**tensors, "net/extra_scale": torch.ones(3)}, extra,
-                                {"nimg": 0})
-    with pytest.raises(ValueError, match=r"1 are not in this run, e\.g\. \['net/extra_scale'\]"):
-        modes.load_sharded_into(load_latest(tmp_path / "other", lazy_sharded=True), *built())
+    for p in net.parameters():  # one step: every optimizer state tensor exists
+        p.grad = torch.randn_like(p)
+    opt.step()
+    strategy.save_training_state(tmp_path / "same", 1, net, opt, ema, {"nimg": 0})
+    net2, opt2, ema2 = built()
+    load_training_state(open_latest(tmp_path / "same"), net2, opt2, ema2)
+    for k, v in net.state_dict().items():
+        assert torch.equal(net2.state_dict()[k], v), k
+    for p, p2 in zip(net.parameters(), net2.parameters()):
+        assert opt.state[p].keys() == opt2.state[p2].keys()
+        assert all(torch.equal(v, opt2.state[p2][k]) for k, v in opt.state[p].items())
+    state = {"net": {**net.state_dict(), "extra_scale": torch.ones(3)}, "optimizer": opt.state_dict(),
+             "ema": ema.state_dict(), "nimg": 0}
+    save_training_state(tmp_path / "other", state, 1)
+    with pytest.raises(ValueError, match=r"1 of its tensors are not in this run, e\.g\. \['net/extra_scale'\]"):
+        load_training_state(open_latest(tmp_path / "other"), *built())
 
 
-def test_sharded_state_round_trip_rotation_and_damaged_fallback(tmp_path):
-    """A sharded state directory (written here by one process) is self-describing (manifest: kind, step, nimg,
-    format version, per-file SHA-256), reads back in the single-file layout, rotates like state files, and a damaged
-    newest one (a flipped byte in a shard, or no manifest: an unfinished write) is skipped for the previous one
-    and, by the writer, renamed *.damaged."""
+def test_state_round_trip_rotation_and_damaged_fallback(tmp_path):
+    """A state directory (written here by one process) is self-describing (manifest: kind, step, nimg, format
+    version, per-file SHA-256), reads back as it was saved, rotates (keep 2), and a damaged newest one (a flipped
+    byte in a data file, or no manifest: an unfinished write) is skipped for the previous one and, by the writer,
+    renamed *.damaged."""
     for step in (1, 2, 3):
-        _save_sharded(tmp_path, step, _tiny_state(step))
+        save_training_state(tmp_path, _tiny_state(step), step)
     ckpt = tmp_path / STATE_DIR
     assert sorted(p.name for p in ckpt.iterdir()) == ["state-000000002", "state-000000003"]  # keep=2
-    manifest = json.loads((ckpt / "state-000000003" / sharded_state.MANIFEST).read_text())
-    assert manifest["kind"] == sharded_state.KIND and (manifest["step"], manifest["nimg"]) == (3, 48)
+    manifest = json.loads((ckpt / "state-000000003" / state_dir.MANIFEST).read_text())
+    assert manifest["kind"] == state_dir.KIND and (manifest["step"], manifest["nimg"]) == (3, 48)
     assert manifest["format_version"] >= 1 and ".metadata" in manifest["files"] and "extra.pt" in manifest["files"]
     got = load_latest(tmp_path)
     assert got["step"] == 3
     _assert_same_state(got, _tiny_state(3))
-    lazy = load_latest(tmp_path, lazy_sharded=True)  # the trainer's form: no tensors, the path to read them from
-    assert lazy["sharded_path"].endswith("state-000000003") and "net" not in lazy and lazy["nimg"] == 48
+    opened = open_latest(tmp_path)  # the trainer's form: no tensors, the path to read them from
+    assert opened.path.name == "state-000000003" and opened["net"] == {"w": None, "b": None} and opened["nimg"] == 48
 
     shard = next(p for p in (ckpt / "state-000000003").iterdir() if p.suffix == ".distcp")
     data = bytearray(shard.read_bytes())
@@ -175,23 +179,9 @@ def test_sharded_state_round_trip_rotation_and_damaged_fallback(tmp_path):
     assert got["step"] == 2
     _assert_same_state(got, _tiny_state(2))
     assert (ckpt / ("state-000000003" + DAMAGED_SUFFIX)).is_dir()
-    (ckpt / "state-000000002" / sharded_state.MANIFEST).unlink()
+    (ckpt / "state-000000002" / state_dir.MANIFEST).unlink()
     with pytest.raises(Exception, match="no readable training state"):
         load_latest(tmp_path)
-
-
-def test_single_file_states_are_read_memory_mapped(tmp_path):
-    """A replicated run's state file is read with torch.load(mmap=True): its tensors live in the file's pages
-    (shared by the processes of a node through the page cache), not in a private copy."""
-    save_training_state(tmp_path / "run", {"net": {"pos_embed": torch.randn(64, 256)}}, 1)
-    state = load_latest(tmp_path / "run")
-    ptr = state["net"]["pos_embed"].data_ptr()
-    maps = Path("/proc/self/maps")
-    if not maps.exists():
-        pytest.skip("needs /proc/self/maps (Linux) to see which file backs a tensor")
-    backing = [line.split()[-1] for line in maps.read_text().splitlines()
-               if int(line.split()[0].split("-")[0], 16) <= ptr < int(line.split()[0].split("-")[1], 16)]
-    assert backing and backing[0].endswith("state-000000001.pt"), backing
 
 
 def test_dry_run_reports_the_strategy_and_memory_per_mode(tmp_path, monkeypatch):
@@ -317,17 +307,17 @@ def one_process_runs(tmp_path_factory):
 def test_every_strategy_matches_one_process(mode, nproc, extra, impl, one_process_runs, tmp_path):
     """The same 3 steps (2 micro-batches each) under ddp(2), fsdp(2) and hsdp(4 processes as 2 replicas x 2
     shards): losses and grad norms at rtol 1e-5 per step, weights and EMAs per tensor at 1e-4 (assert_runs_match);
-    a sharded run's final state is a sharded directory, read back here in the single-file layout."""
+    every run's final state is one directory (each rank wrote its part), read back here in one process."""
     run_dir = tmp_path / mode
     torchrun(nproc, run_dir, [*SETS, f"objective.impl={impl}", "train.total_kimg=0.048", f"train.parallel={mode}",
                               *extra])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["strategy"], summary["step"]) == (nproc, mode, 3)
-    states = sorted(p.name for p in (run_dir / STATE_DIR).iterdir())
-    assert states == (["state-000000003"] if mode != "ddp" else ["state-000000003.pt"])
+    assert sorted(p.name for p in (run_dir / STATE_DIR).iterdir()) == ["state-000000003"]
+    manifest = json.loads((run_dir / STATE_DIR / "state-000000003" / state_dir.MANIFEST).read_text())
+    assert (manifest["mode"], manifest["world_size"]) == (mode, nproc)
     if mode == "hsdp":
-        manifest = json.loads((run_dir / STATE_DIR / "state-000000003" / sharded_state.MANIFEST).read_text())
-        assert manifest["mesh"] == [2, 2] and manifest["world_size"] == 4
+        assert manifest["mesh"] == [2, 2]
     assert_runs_match(one_process_runs(impl), run_dir, steps=[1, 2, 3])
     assert (run_dir / "export" / "ema_hl1" / "model.safetensors").exists()
 
@@ -335,26 +325,29 @@ def test_every_strategy_matches_one_process(mode, nproc, extra, impl, one_proces
 @pytest.mark.slow
 @pytest.mark.parametrize("impl", SHARDED_OBJECTIVE_IMPLS)
 def test_resume_from_sharded_states_is_exact(impl, one_process_runs, tmp_path):
-    """One run, one step per launch, each resuming the sharded state the previous one wrote: fsdp(2) -> fsdp(2) (the
-    same layout) -> hsdp(2 replicas x 1) (resharded onto a 2-D mesh); then ddp(2) reruns the finished run, which
-    loads the sharded state into full-tensor replicas and writes it back as a single file. The losses of every step,
-    and that file's weights, EMAs, optimizer state and data position, equal 3 uninterrupted steps in one process
-    (3 steps: the tolerance convention of assert_close_per_tensor; Muon lifts summation-order noise step by step)."""
+    """One run, one step per launch, each resuming the state the previous one wrote: fsdp(2) -> fsdp(2) (the same
+    layout) -> hsdp(2 replicas x 1) (resharded onto a 2-D mesh); then ddp(2) reruns the finished run, which loads the
+    sharded state into full-tensor replicas and writes it again, and one process reruns it once more (2 ranks' state
+    into 1). The losses of every step, and the final state's weights, EMAs, optimizer state and data position, equal
+    3 uninterrupted steps in one process (3 steps: the tolerance convention of assert_close_per_tensor; Muon lifts
+    summation-order noise step by step)."""
     run_dir = tmp_path / "run"
     sets = [*SETS, f"objective.impl={impl}"]
     stages = [["train.parallel=fsdp"], ["train.parallel=fsdp"], ["train.parallel=hsdp", "train.hsdp_shard_size=1"]]
     for step, mode in enumerate(stages, start=1):
         out = torchrun(2, run_dir, [*sets, *mode, f"train.total_kimg={0.016 * step:.3f}"])
         assert (step == 1) or "resumed" in out
-        manifest = json.loads((run_dir / STATE_DIR / f"state-{step:09d}" / sharded_state.MANIFEST).read_text())
-        assert (manifest["step"], manifest["nimg"], manifest["parallel"]) == (step, 16 * step, mode[0][15:])
+        manifest = json.loads((run_dir / STATE_DIR / f"state-{step:09d}" / state_dir.MANIFEST).read_text())
+        assert (manifest["step"], manifest["nimg"], manifest["mode"]) == (step, 16 * step, mode[0][15:])
     assert manifest["mesh"] == [2, 1]
     out = torchrun(2, run_dir, [*sets, "train.parallel=ddp", "train.total_kimg=0.048"])
-    assert "resumed" in out and (run_dir / STATE_DIR / "state-000000003.pt").is_file()
+    manifest = json.loads((run_dir / STATE_DIR / "state-000000003" / state_dir.MANIFEST).read_text())
+    assert "resumed" in out and (manifest["mode"], manifest["world_size"]) == ("ddp", 2)
+    assert train(load_config("tiny-test", overrides=[*sets, "train.total_kimg=0.048"]), run_dir, quiet=True)["step"] == 3
     assert [r["step"] for r in read_log(run_dir)] == [1, 2, 3]
 
-    a, b = assert_runs_match(one_process_runs(impl), run_dir, steps=[1, 2, 3])  # b: the ddp run's single file
-    assert "sharded_path" not in b and b["loader"] == a["loader"] and b["nimg"] == a["nimg"] == 48
+    a, b = assert_runs_match(one_process_runs(impl), run_dir, steps=[1, 2, 3])  # b: the final state
+    assert b["loader"] == a["loader"] and b["nimg"] == a["nimg"] == 48
     assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
     sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
     assert set(sa) == set(sb)

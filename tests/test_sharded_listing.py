@@ -1,4 +1,4 @@
-"""A sharded training state written by 2 gloo processes whose storage shows each rank only its own files in a
+"""A training state written by 2 gloo processes (sharded) whose storage shows each rank only its own files in a
 directory listing (a lagging NFS-like listing across nodes): the ranks agree on the union of their listings, so the
 manifest names every rank's shard and the state verifies; a file no rank can read stops every rank with one error
 instead of leaving the others in a collective."""
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from pmf.parallel import dist
-from pmf.train import sharded_state
+from pmf.train import state_dir
 
 from test_dist import _join_group, two_process_results
 
@@ -29,30 +29,30 @@ def _worker(rank, port, out_dir):
 
     try:
         mesh = init_device_mesh("cpu", (2,))
-        tensors = {"net/w": distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)])}
+        state = {"net": {"w": distribute_tensor(torch.arange(8.0).reshape(4, 2), mesh, [Shard(0)])}, "x": 1}
         Path.iterdir = own_files_only
-        final = sharded_state.save_sharded_state(Path(out_dir, "ckpt"), 1, tensors, {"x": 1}, {"nimg": 0})
+        final = state_dir.save_state_dir(Path(out_dir, "ckpt"), 1, state, {"nimg": 0})
         Path.iterdir = real_iterdir
         dist.barrier()
-        out["files"] = sorted(sharded_state.read_manifest(final)["files"])
-        sharded_state.verify_sharded_state(final)
+        out["files"] = sorted(state_dir.read_manifest(final)["files"])
+        state_dir.verify_state_dir(final)
         out["verified"] = True
 
-        real_hash = sharded_state.sha256_file
+        real_hash = state_dir.sha256_file
 
         def unreadable_on_rank1(path):
             if rank == 1:
                 raise FileNotFoundError(f"no such file: {path}")
             return real_hash(path)
 
-        sharded_state.sha256_file = unreadable_on_rank1
+        state_dir.sha256_file = unreadable_on_rank1
         try:
-            sharded_state.save_sharded_state(Path(out_dir, "ckpt"), 2, tensors, {"x": 1}, {"nimg": 0})
+            state_dir.save_state_dir(Path(out_dir, "ckpt"), 2, state, {"nimg": 0})
             out["unreadable"] = "not caught"
-        except sharded_state.DamagedShardedState as e:
+        except state_dir.DamagedState as e:
             out["unreadable"] = str(e)
         finally:
-            sharded_state.sha256_file = real_hash
+            state_dir.sha256_file = real_hash
     finally:
         Path.iterdir = real_iterdir
         dist.shutdown()

@@ -112,7 +112,7 @@ def test_sigkill_then_rerun_matches_uninterrupted(tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     try:
-        while not list((run_dir / "checkpoints").glob("state-*.pt")):
+        while not list((run_dir / "checkpoints").glob("state-*")):
             assert proc.poll() is None, f"trainer exited early: {proc.stderr.read().decode()[-2000:]}"
             assert time.time() < deadline, "no checkpoint within the deadline"
             time.sleep(0.02)

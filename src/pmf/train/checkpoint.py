@@ -1,25 +1,19 @@
-"""Training state for resuming: ``run_dir/checkpoints/state-{step:09d}.pt``.
+"""Training state for resuming: ``run_dir/checkpoints/state-{step:09d}/``, one format for every mode.
 
-Whatever the trainer needs to resume (model, EMA, optimizer, RNG, config, step), written atomically with
-``torch.save`` (:mod:`pmf.util.atomic`). Each state carries a SHA-256 of its payload (every tensor's dtype, shape and
-bytes, every number and string; :func:`payload_digest`) under ``"sha256"``; the file is read back and checked before
-older states are deleted, and :func:`load_latest` skips, with a message, a file that cannot be read or whose digest
-does not match (bit rot, a partial copy), and returns the newest good one. Rotation deletes only states older than
-the one just written and verified. Restarting is rerunning the command. Exported inference weights, kept apart from
+Whatever the trainer needs to resume (network, EMA copies, optimizer, data position, counters, config, step) is one
+directory that every rank writes its part of with ``torch.distributed.checkpoint`` (:mod:`pmf.train.state_dir`:
+atomic, a SHA-256 per file in its manifest, resharded on load; one process needs no process group).
+:func:`save_training_state` writes it and then deletes the states older than the ``keep`` newest;
+:func:`open_latest` (the trainer, every rank) and :func:`load_latest` (one process, full tensors) skip, with a
+message, a state whose files are missing or do not match their hashes (bit rot, a partial copy, an unfinished write)
+and use the newest good one. A state of another layout or format version (e.g. the ``state-*.pt`` files of an older
+pmf) is refused in one line. Restarting is rerunning the command. Exported inference weights, kept apart from
 training state, are network folders (:mod:`pmf.method.pretrained`).
-
-Sharded runs (``train.parallel=fsdp`` / ``hsdp``) write ``state-{step:09d}/`` directories instead
-(:mod:`pmf.train.sharded_state`: every rank its own shards, per-file SHA-256 in a manifest); listing, rotation, the
-fallback past damaged states and :func:`load_latest` treat both forms alike, ordered by step. Single-file states are
-read memory-mapped (``torch.load(mmap=True)``): the N processes of a node share the page cache instead of each
-holding a private copy.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
-import os
+import copy
 import re
 import shutil
 import time
@@ -30,80 +24,43 @@ import torch
 
 from pmf.errors import PmfError
 from pmf.util.format_version import FORMAT_VERSION, UnsupportedFormat, check_format_version
-from pmf.train import sharded_state
-from pmf.util.atomic import atomic_save
+from pmf.parallel import dist
+from pmf.train import state_dir
 
 STATE_DIR = "checkpoints"
-_STATE_RE = re.compile(r"^state-(\d{9,})\.pt$")
-_STATE_DIR_RE = re.compile(r"^state-(\d{9,})$")  # a sharded state (pmf.train.sharded_state)
-DIGEST_KEY = "sha256"  # the payload digest stored in each state (not part of the payload)
-DAMAGED_SUFFIX = ".damaged"  # an unreadable state is renamed aside with this suffix (kept for inspection)
-
-
-class DamagedState(RuntimeError):
-    """A state file that was read but whose digest does not match its payload."""
+_STATE_RE = re.compile(r"^state-(\d{9,})$")
+_FILE_STATE_RE = re.compile(r"^state-\d{9,}\.pt$")  # the single-file layout of pmf before one format: refused
+DAMAGED_SUFFIX = ".damaged"  # a damaged state is renamed aside with this suffix (kept for inspection)
 
 
 class NoReadableState(PmfError, RuntimeError):
-    """State files exist but none can be used."""
+    """States exist but none can be used."""
 
 
-def payload_digest(obj) -> str:
-    """SHA-256 over a nested state: dict keys (sorted), list order, tensors (dtype, shape, raw bytes), numbers,
-    strings, bools, None. Independent of the file format, so it checks what was loaded, not how it was stored."""
-    h = hashlib.sha256()
+class OpenedState(dict):
+    """A training state's non-tensor part (step, nimg, loader, counters, config, optimizer param groups, EMA names;
+    ``None`` where a tensor was) and where its tensors are: :func:`load_training_state` reads them into a built run."""
 
-    def walk(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
-            if t.numel():
-                h.update(t.reshape(-1).view(torch.uint8).numpy().data)
-        elif isinstance(x, dict):
-            h.update(f"D{len(x)}".encode())
-            for k in sorted(x, key=repr):
-                walk(k)
-                walk(x[k])
-        elif isinstance(x, (list, tuple)):
-            h.update(f"L{len(x)}".encode())
-            for v in x:
-                walk(v)
-        elif isinstance(x, float):
-            h.update(b"F" + (repr(x) if math.isfinite(x) else str(x)).encode())
-        elif isinstance(x, (bool, int, str, bytes)) or x is None:
-            h.update(f"{type(x).__name__}:{x!r}".encode())
-        else:
-            raise TypeError(f"cannot digest a {type(x).__name__} in a training state")
-
-    walk(obj)
-    return h.hexdigest()
+    def __init__(self, tree: dict, path: Path, tensor_paths: list[list]):
+        super().__init__(tree)
+        self.path, self.tensor_paths = path, tensor_paths
 
 
-def verify_state(state: dict, path: str | os.PathLike = "state") -> None:
-    """Raise :class:`UnsupportedFormat` for a state of another format version or without a digest (not written by
-    this pmf), :class:`DamagedState` when the stored digest does not match the payload."""
-    check_format_version(state.get("format_version"), path)
-    stored = state.get(DIGEST_KEY)
-    if stored is None:
-        raise UnsupportedFormat(f"{path} carries no checksum: not a training state this pmf wrote; train from step 0 "
-                                "with --restart")
-    actual = payload_digest({k: v for k, v in state.items() if k != DIGEST_KEY})
-    if actual != stored:
-        raise DamagedState(f"checksum mismatch (stored {stored[:12]}..., content {actual[:12]}...): the file was "
-                           "damaged after it was written")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Training state
-
-
-def _state_files(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
-    """(step, path) of every state file in run_dir/checkpoints, oldest step first."""
+def _states(run_dir) -> list[tuple[int, Path]]:
+    """(step, path) of every state directory in run_dir/checkpoints, oldest step first."""
     ckpt_dir = Path(run_dir) / STATE_DIR
     if not ckpt_dir.is_dir():
         return []
-    found = ((_STATE_DIR_RE.match(p.name) if p.is_dir() else _STATE_RE.match(p.name), p) for p in ckpt_dir.iterdir())
-    return sorted((int(m.group(1)), p) for m, p in found if m)
+    found = []
+    for p in ckpt_dir.iterdir():
+        if _FILE_STATE_RE.match(p.name):
+            raise UnsupportedFormat(f"{p} is a training state of an older pmf (one .pt file); this pmf reads only "
+                                    "state-NNNNNNNNN/ directories: train from step 0 with --restart, or use a new "
+                                    "--run-dir")
+        m = _STATE_RE.match(p.name)
+        if m and p.is_dir():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
 
 
 def _remove_state(path: Path) -> None:
@@ -113,110 +70,53 @@ def _remove_state(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _rotate(run_dir: str | os.PathLike, step: int, keep: int) -> None:
-    """Delete the states older than ``step`` beyond the ``keep`` newest (``step``'s included) and the temp files and
+def _rotate(run_dir, step: int, keep: int) -> None:
+    """Delete the states older than ``step`` beyond the ``keep`` newest (``step``'s included) and the temporary
     directories of writes that crashed (we are the only writer)."""
     ckpt_dir = Path(run_dir) / STATE_DIR
-    older = [p for s, p in _state_files(run_dir) if s < step]
+    older = [p for s, p in _states(run_dir) if s < step]
     for old in older[:max(0, len(older) - (keep - 1))]:
         _remove_state(old)
-    for stale in ckpt_dir.glob(".state-*.tmp"):
+    for stale in [*ckpt_dir.glob(".state-*.tmp"), *ckpt_dir.glob(".state-*.old")]:
         _remove_state(stale)
 
 
-def save_training_state(run_dir: str | os.PathLike, state: dict, step: int, keep: int = 2,
-                        verify: bool = True) -> Path:
-    """Write ``{**state, "step": step, "format_version": FORMAT_VERSION, "sha256": digest}`` to
-    run_dir/checkpoints/state-{step:09d}.pt atomically;
-    read it back and check the digest (``verify``; memory-mapped, so no second copy in RAM); then delete the older
-    states beyond the ``keep`` newest (this one included) and any temp files left by writes that crashed. States with
-    a higher step (left by a run that resumed from an older state because they were damaged) are not touched.
-    Returns the path.
+def save_training_state(run_dir, state: dict, step: int, keep: int = 2, info: dict | None = None) -> Path:
+    """Write ``{**state, "step": step, "format_version": FORMAT_VERSION}`` (nested dicts of tensors, plain or
+    sharded, and plain values; a collective: every rank calls it with its own shards) to
+    run_dir/checkpoints/state-{step:09d}/ atomically; then rank 0 deletes the older states beyond the ``keep`` newest
+    (this one included) and the temporaries of writes that crashed. States with a higher step (left by a run that
+    resumed from an older state because they were damaged) are not touched. ``info`` (e.g. the parallel mode) goes
+    into the manifest. Returns the path.
 
-    We keep more than one file so that :func:`load_latest` can fall back if the newest one is damaged anyway (for
-    example by a disk fault after the write). ``state`` must be loadable with ``weights_only=True``: tensors,
-    numbers, strings and containers of these. Store RNG states as torch tensors, not numpy arrays.
-    """
+    We keep more than one state so that a load can fall back if the newest one is damaged after it was written."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     if "step" in state and state["step"] != step:
         raise ValueError(f"state['step'] = {state['step']} disagrees with step = {step}")
-    ckpt_dir = Path(run_dir) / STATE_DIR
-    path = ckpt_dir / f"state-{step:09d}.pt"
-    payload = {k: v for k, v in state.items() if k != DIGEST_KEY}
-    payload["step"] = step
-    payload["format_version"] = FORMAT_VERSION
-    atomic_save({**payload, DIGEST_KEY: payload_digest(payload)}, path)
-    if verify:  # the newest verified state is this one: only then may older ones go
-        try:
-            verify_state(torch.load(path, map_location="cpu", weights_only=True, mmap=True), path)
-        except Exception as e:
-            raise OSError(f"training state {path} did not read back intact ({type(e).__name__}: {e}); the older "
-                          "states were kept") from e
-    _rotate(run_dir, step, keep)
-    return path
-
-
-def save_sharded_training_state(run_dir: str | os.PathLike, step: int, tensors: dict, extra: dict, info: dict,
-                                keep: int = 2) -> Path:
-    """The sharded counterpart of :func:`save_training_state` (a collective: every rank calls it with its shards;
-    :func:`pmf.train.sharded_state.split_state` makes ``tensors`` and ``extra``): ``run_dir/checkpoints/
-    state-{step:09d}/``, atomically, with the format version in the manifest and in ``extra``; then rank 0 deletes
-    the older states beyond ``keep``."""
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    extra = {**extra, "step": step, "format_version": FORMAT_VERSION}
-    info = {**info, "format_version": FORMAT_VERSION}
-    path = sharded_state.save_sharded_state(Path(run_dir) / STATE_DIR, step, tensors, extra, info)
-    from pmf.parallel import dist
-
+    payload = {**state, "step": step, "format_version": FORMAT_VERSION}
+    info = {"nimg": state.get("nimg"), **(info or {}), "format_version": FORMAT_VERSION}
+    path = state_dir.save_state_dir(Path(run_dir) / STATE_DIR, step, payload, info)
     if dist.is_main():
         _rotate(run_dir, step, keep)
     dist.barrier()
     return path
 
 
-def _load_file(path: Path, weights_only: bool) -> dict:
-    """A single-file state, memory-mapped (torch's zip format, which every state this pmf writes has)."""
-    return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
-
-
-def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside: bool = False,
-                lazy_sharded: bool = False) -> dict | None:
-    """The newest readable, verified training state in run_dir/checkpoints (a dict with "step" and "format_version"),
-    or None if there is none. A state of another format version is refused (:class:`UnsupportedFormat`), not
-    skipped: an older one of the same run would be no better.
-
-    A sharded state (a ``state-*/`` directory) is returned in the single-file layout with full tensors, read in
-    this process (:func:`pmf.train.sharded_state.read_full_state`); with ``lazy_sharded`` (the trainer, every rank
-    calling: a collective) its files are checked, split over the ranks, and only its non-tensor part is returned,
-    with ``"sharded_path"``: the strategy then reads each rank's shards into the built model
-    (:mod:`pmf.train.modes`).
-
-    If the newest state cannot be read or fails its checksum (:func:`verify_state`), it warns and tries the previous
-    one; with ``set_aside`` (the single writer, rank 0) it also renames the bad file to ``*.pt.damaged``, so that
-    rotation and later resumes no longer see it. If files exist but none is good, it raises instead of returning
-    None: returning None would let the trainer start again from step 0 and overwrite the run.
-    """
-    files = _state_files(run_dir)
+def _newest_good(run_dir, set_aside: bool, collective: bool) -> Path | None:
+    """The newest state in run_dir/checkpoints whose files match their hashes, or None if there is none. A damaged
+    one is skipped with a warning (and renamed ``*.damaged`` with ``set_aside``: the single writer, rank 0, so that
+    rotation and later resumes no longer see it). Another layout or format version is refused
+    (:class:`UnsupportedFormat`), not skipped: an older state of the same run would be no better. States exist but
+    none is good: :class:`NoReadableState` (returning None would let the trainer start again from step 0 and overwrite
+    the run)."""
+    states = _states(run_dir)
     failures = []
-    for _, path in reversed(files):
+    for _, path in reversed(states):
         try:
-            if path.is_dir():
-                manifest = sharded_state.verify_sharded_state(path, collective=lazy_sharded)
-                check_format_version(manifest.get("format_version"), path)
-                if lazy_sharded:
-                    return {**sharded_state.read_extra(path), "sharded_path": str(path)}
-                return sharded_state.read_full_state(path)
-            state = _load_file(path, weights_only)
-            if not isinstance(state, dict):
-                raise TypeError(f"holds a {type(state).__name__}, not a dict")
-            verify_state(state, path)
-            return state
-        except UnsupportedFormat:
-            raise
-        except Exception as e:  # truncated zip, bad pickle, wrong type, bad digest: cannot resume from this file
-            failures.append(f"{path}: {type(e).__name__}: {e}")
+            manifest = state_dir.verify_state_dir(path, collective=collective)
+        except state_dir.DamagedState as e:
+            failures.append(str(e))
             aside = ""
             if set_aside:
                 try:
@@ -224,13 +124,72 @@ def load_latest(run_dir: str | os.PathLike, weights_only: bool = True, set_aside
                     aside = f"; renamed to {path.name + DAMAGED_SUFFIX}"
                 except OSError:
                     pass
-            warnings.warn(f"cannot use training state {path} ({type(e).__name__}: {e}){aside}; trying an older one",
-                          stacklevel=2)
-    if files:
-        raise NoReadableState(f"no readable training state in {Path(run_dir) / STATE_DIR} ("
-                              + "; ".join(failures) + "); pass --restart to start again from step 0, or restore a "
-                              "state file")
+            warnings.warn(f"cannot use training state {e}{aside}; trying an older one", stacklevel=3)
+            continue
+        check_format_version(manifest.get("format_version"), path)
+        return path
+    if states:
+        raise NoReadableState(f"no readable training state in {Path(run_dir) / STATE_DIR} (" + "; ".join(failures)
+                              + "); pass --restart to start again from step 0, or restore a state directory")
     return None
+
+
+def open_latest(run_dir, set_aside: bool = False) -> OpenedState | None:
+    """The newest good training state's non-tensor part (a dict with "step", "nimg", "loader", "config", ...) and
+    where its tensors are, or None if there is none (a collective: the ranks split the hash check); the trainer reads
+    the tensors into the built run with :func:`load_training_state`. Damaged states: see :func:`_newest_good`."""
+    path = _newest_good(run_dir, set_aside, collective=True)
+    if path is None:
+        return None
+    extra = state_dir.read_extra(path)
+    return OpenedState(extra["tree"], path, extra["tensor_paths"])
+
+
+def load_latest(run_dir, set_aside: bool = False) -> dict | None:
+    """The newest good training state as it was saved, with full CPU tensors, read in this process (no group
+    needed: exports, an init from another run, tests), or None if there is none. Damaged states: see
+    :func:`_newest_good`."""
+    path = _newest_good(run_dir, set_aside, collective=False)
+    return None if path is None else state_dir.read_full_state(path)
+
+
+def load_training_state(state: OpenedState, net: torch.nn.Module, opt: torch.optim.Optimizer, ema) -> None:
+    """Read the tensors of ``state`` (:func:`open_latest`) into the built network, optimizer and EMA, whatever their
+    layout (sharded on any mesh, or full tensors; a collective): the network's and EMA's tensors are filled in place,
+    the optimizer's allocated like their parameters (they may not exist yet), then DCP reads each rank's part. Strict:
+    the state must hold exactly this run's tensors."""
+    live, _ = state_dir.split_tensors({"net": net.state_dict(), "ema": ema.state_dict()})
+    sizes = state_dir.tensor_sizes(state.path)
+    saved_groups = state["optimizer"]["param_groups"]
+    if len(saved_groups) != len(opt.param_groups):
+        raise ValueError(f"optimizer state in {state.path} has {len(saved_groups)} parameter groups, expected "
+                         f"{len(opt.param_groups)}")
+    param_of = {}
+    for g, s in zip(opt.param_groups, saved_groups):
+        param_of.update(zip(s["params"], g["params"]))
+    templates = {}
+    for path in state.tensor_paths:
+        key = "/".join(map(str, path))
+        if key in live:
+            templates[key] = live[key]
+        elif path[:2] == ["optimizer", "state"] and path[2] in param_of:
+            size, dtype = sizes[key]
+            p = param_of[path[2]]
+            if tuple(size) == tuple(p.shape) and len(size):
+                templates[key] = torch.zeros_like(p, dtype=dtype)  # a DTensor shard when p is one
+            else:
+                templates[key] = torch.zeros(size, dtype=dtype)  # e.g. a step count (torch keeps these on the CPU)
+    saved = {"/".join(map(str, p)) for p in state.tensor_paths}
+    missing, unexpected = sorted(set(live) - saved), sorted(saved - set(templates))
+    if missing or unexpected:  # strict, as load_state_dict is: DCP alone would skip tensors nobody asked for
+        raise ValueError(f"{state.path} does not match this run (another model?): {len(missing)} of this run's tensors "
+                         f"are not in it, e.g. {missing[:3]}; {len(unexpected)} of its tensors are not in this run, "
+                         f"e.g. {unexpected[:3]}")
+    state_dir.load_tensors(state.path, templates)
+    full = state_dir.join_tensors({"tree": copy.deepcopy(dict(state)), "tensor_paths": state.tensor_paths}, templates)
+    net.load_state_dict(full["net"], strict=True)  # DCP loaded in place; this makes it explicit for any aliasing
+    opt.load_state_dict(full["optimizer"])
+    ema.load_state_dict(full["ema"])  # checks names and ramp; the values are already in place
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -241,8 +200,6 @@ def clear_unfinished_first_run(run_dir: Path) -> list[str]:
     """A run killed before its first checkpoint left no state, only temporaries (``.state-*.tmp`` of an unfinished
     write) and perhaps a log of steps that will be trained again: the temporaries are removed and the log moved
     aside (``log.old-TIMESTAMP.jsonl``), by the single writer (rank 0). Returns what was removed or moved."""
-    from pmf.parallel import dist
-
     if not dist.is_main():
         return []
     done = []

@@ -55,9 +55,9 @@ What may run inside the JVP (the MeanFlow loss differentiates u(z_t, r, t) along
 * Calls to PMFDiT methods other than ``forward`` go through :data:`FORWARD_METHODS` (registered with
   ``register_fsdp_forward_method``), or the root's parameters stay sharded inside them.
 
-Checkpoints: the training state of a sharded run is written by every rank with ``torch.distributed.checkpoint``
-(:mod:`pmf.train.sharded_state`), no full gather; exports and grids are gathered to full tensors on rank 0
-(:func:`gather_full`, ``get_model_state_dict(..., full_state_dict=True)``). A full-tensor state (a ``ddp`` run's) is
+Checkpoints: the training state is written and read by every rank with ``torch.distributed.checkpoint``
+(:mod:`pmf.train.checkpoint`), no full gather; exports and grids are gathered to full tensors on rank 0
+(:func:`gather_full`, ``get_model_state_dict(..., full_state_dict=True)``). Full tensors present on every rank are
 loaded into shards by cutting each rank's chunk (:func:`shard_like`). Everything here is a collective: call it on
 every rank, in the same order.
 """
@@ -212,18 +212,6 @@ def load_full_model_state_dict(net: nn.Module, state_dict: dict) -> None:
     """Load a full (unsharded) model state dict, present on every rank, into the sharded ``net`` (strict): each rank
     keeps its chunk; no communication."""
     net.load_state_dict(shard_like(dict(state_dict), net.state_dict()), strict=True)
-
-
-def load_full_optimizer_state_dict(opt: torch.optim.Optimizer, state_dict: dict) -> None:
-    """Load an optimizer state dict written from full tensors (a ``ddp`` run's, or :func:`gather_full`'s) into an
-    optimizer over sharded parameters: torch's load keeps plain tensors, so every per-parameter state tensor of a
-    parameter's shape is then cut into that parameter's shard (scalars such as ``step`` stay as they are)."""
-    opt.load_state_dict(state_dict)
-    for p, st in opt.state.items():
-        if isinstance(p, DTensor):
-            for k, v in list(st.items()):
-                if isinstance(v, torch.Tensor) and not isinstance(v, DTensor) and tuple(v.shape) == tuple(p.shape):
-                    st[k] = shard_like(v, p)
 
 
 # ----------------------------------------------------------------------------------------------------------------

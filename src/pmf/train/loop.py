@@ -9,9 +9,8 @@ Restart is rerunning the same command: the loop saves (model, optimizer, EMAs, d
 counters) atomically, and every random draw derives from (seed, images seen, sample index in the global batch), so
 a resumed run continues exactly as an uninterrupted one, on 1 or N processes (``torchrun --nproc-per-node N -m pmf
 train ...``), with replicated (``train.parallel=ddp``) or FSDP2-sharded (``fsdp``, ``hsdp``) weights: what differs
-between them is one strategy object (:mod:`pmf.train.modes`), so the loop has one code path. Replicated runs
-write one state file (rank 0), sharded runs a sharded state directory (every rank); either resumes under any mode
-and world size. Only rank 0 writes the other files. ``--dry-run`` (:mod:`pmf.train.dryrun`) prints the resolved
+between them is one strategy object (:mod:`pmf.train.modes`), so the loop has one code path. Every mode writes
+one state directory (:mod:`pmf.train.checkpoint`, each rank its part), which resumes under any mode and world size. Only rank 0 writes the other files. ``--dry-run`` (:mod:`pmf.train.dryrun`) prints the resolved
 config and the run's size without reading data or allocating the model. docs/scale-out.md.
 Preemption signals, the run-directory lock, checked checkpoints and exit statuses: docs/robustness.md.
 """
@@ -40,7 +39,7 @@ from pmf.method.rng import PerSampleGenerator
 from pmf.method.sampler import noise_from_seeds, sample
 from pmf.parallel import dist
 from pmf.train import modes, plan
-from pmf.train.checkpoint import load_latest, refuse_silent_restart, set_aside_previous_run
+from pmf.train.checkpoint import open_latest, refuse_silent_restart, set_aside_previous_run
 from pmf.train.config import RunConfig, config_differences, model_kwargs, to_json
 from pmf.train.dryrun import dry_run_report
 from pmf.train.ema import EMA
@@ -294,14 +293,14 @@ class Run:
                 "nonfinite_total": self.nonfinite_total, "config": to_json(self.cfg)}
 
     def load_state_dict(self, state: dict) -> None:
-        """The training state :func:`open_run_dir` found (a single-file or a sharded one)."""
+        """The training state :func:`open_run_dir` found; its tensors are read into the built run (resharded)."""
         self.strategy.load_training_state(state, self.net, self.opt, self.ema)
         self.loader.load_state_dict(state["loader"])
         self.nimg, self.step = int(state["nimg"]), int(state["step"])
         self.nonfinite_run, self.nonfinite_total = int(state["nonfinite_run"]), int(state["nonfinite_total"])
 
     def checkpoint(self) -> None:
-        """The training state (every rank takes part: a gather, or each rank writing its shards)."""
+        """The training state (every rank takes part, each writing its part)."""
         self.strategy.save_training_state(self.run_dir, self.step, self.net, self.opt, self.ema, self.counters())
 
     def grid(self, tag: str, num_classes: int) -> None:
@@ -325,15 +324,15 @@ class Run:
 def open_run_dir(cfg: RunConfig, run_dir: Path, restart: bool) -> dict | None:
     """The training state to resume from (None: start at step 0), after ``--restart`` moved an old run aside, a
     silent restart over an existing run was refused, and the config was checked against the run's. Damaged states
-    are skipped (rank 0 renames them *.damaged); every rank reads a single-file state memory-mapped, and only the
-    checked manifest and non-tensor part of a sharded one (its shards are read into the built run)."""
+    are skipped (rank 0 renames them *.damaged); every rank checks its share of the hashes and reads the non-tensor
+    part; the tensors are read into the built run (:meth:`Run.load_state_dict`)."""
     if restart:
         if dist.is_main():
             moved = set_aside_previous_run(run_dir)
             print(f"--restart: training {run_dir} from step 0" + (f"; moved aside: {', '.join(moved)}" if moved else ""),
                   flush=True)
         dist.barrier()
-    state = load_latest(run_dir, set_aside=dist.is_main(), lazy_sharded=True)
+    state = open_latest(run_dir, set_aside=dist.is_main())
     if state is None and not restart:
         refuse_silent_restart(run_dir)
     if not restart:

@@ -13,9 +13,8 @@
 
 A :class:`Strategy` owns what differs between them: building the network (on the meta device, materialised on the
 target device with the seeded initial weights, sharded where sharded), building the optimizer, the gradient sync of
-each micro-batch and the end-of-backward reduction, full state dicts for exports and grids, and saving / loading the
-training state (one file by rank 0 when replicated; a sharded ``torch.distributed.checkpoint`` directory written by
-every rank when sharded, :mod:`pmf.train.sharded_state`). Every method is called on every rank, in the same order
+each micro-batch and the end-of-backward reduction, and full state dicts for exports and grids. The training state
+has one format in every mode (:mod:`pmf.train.checkpoint`: each rank writes and reads its own part). Every method is called on every rank, in the same order
 (most are collectives in N processes).
 
 Initial weights (:func:`build_initialised`): the network is built on the meta device (no memory, no random draws),
@@ -27,6 +26,7 @@ never holds more than its shard; the CPU copy is transient.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
@@ -34,8 +34,7 @@ import torch.nn as nn
 
 from pmf.method.model import PMFDiT
 from pmf.parallel import dist
-from pmf.train import fsdp, sharded_state
-from pmf.train.checkpoint import payload_digest, save_sharded_training_state, save_training_state
+from pmf.train import checkpoint, fsdp
 from pmf.train.config import RunConfig
 from pmf.train.ema import EMA
 from pmf.train.optim import build_optimizer
@@ -176,24 +175,14 @@ class Strategy:
 
     # -- training state ----------------------------------------------------------------------------------------------
     def save_training_state(self, run_dir: Path, step: int, net, opt, ema: EMA, rest: dict) -> None:
-        """The training state of ``step``: one verified file written by rank 0 (pmf.train.checkpoint)."""
+        """The training state of ``step`` (:func:`pmf.train.checkpoint.save_training_state`; every rank its part)."""
         state = {"net": net.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(), **rest}
-        if dist.is_main():
-            save_training_state(run_dir, state, step)
-        dist.barrier()
+        checkpoint.save_training_state(run_dir, state, step, info=self.describe())
 
-    def load_training_state(self, state: dict, net, opt, ema: EMA) -> None:
-        """Load the network, optimizer and EMA of ``state`` (as :func:`pmf.train.checkpoint.load_latest` returned
-        it, ``lazy_sharded``): a single-file state, or a sharded one (read here, resharded by DCP)."""
-        if "sharded_path" in state:
-            load_sharded_into(state, net, opt, ema)
-        else:
-            self._load_full(state, net, opt, ema)
-
-    def _load_full(self, state: dict, net, opt, ema: EMA) -> None:
-        net.load_state_dict(state["net"], strict=True)
-        opt.load_state_dict(state["optimizer"])
-        ema.load_state_dict(state["ema"])
+    def load_training_state(self, state: checkpoint.OpenedState, net, opt, ema: EMA) -> None:
+        """The tensors of ``state`` (:func:`pmf.train.checkpoint.open_latest`) read into the network, optimizer and
+        EMA, resharded to this run's layout."""
+        checkpoint.load_training_state(state, net, opt, ema)
 
 
 class Replicated(Strategy):
@@ -222,7 +211,7 @@ class Sharded(Strategy):
         # be mixed silently. One number per rank (52 bits of a SHA-256 of every tensor's bytes), compared by two
         # all-reduces: the CPU copy itself never meets a collective (NCCL takes only GPU tensors).
         if self.cfg.train.consistency_check and dist.world_size() > 1:
-            h = float(int(payload_digest(ref.state_dict())[:13], 16))
+            h = float(int(_digest(ref.state_dict())[:13], 16))
             if dist.all_reduce_scalar(h, "max") != -dist.all_reduce_scalar(-h, "max"):
                 raise dist.ConsistencyError(
                     f"initial parameters differ across ranks (rank {dist.rank()}): the seeded CPU build gave different "
@@ -264,60 +253,13 @@ class Sharded(Strategy):
         model.load_state_dict(sd, strict=True)
         return model
 
-    def save_training_state(self, run_dir: Path, step: int, net, opt, ema: EMA, rest: dict) -> None:
-        """Every rank writes its shards (torch.distributed.checkpoint), no gather (pmf.train.sharded_state)."""
-        tensors, extra = sharded_state.split_state(net.state_dict(), opt.state_dict(), ema.state_dict(), rest)
-        info = {"nimg": rest.get("nimg"), **self.describe(), "parallel": self.mode}
-        save_sharded_training_state(run_dir, step, tensors, extra, info)
 
-    def _load_full(self, state: dict, net, opt, ema: EMA) -> None:
-        # A full-tensor state (a ddp or 1-process run's): each rank cuts its chunks locally.
-        fsdp.load_full_model_state_dict(net, state["net"])
-        fsdp.load_full_optimizer_state_dict(opt, state["optimizer"])
-        ema.load_state_dict(fsdp.shard_like(state["ema"], ema.state_dict()))
-
-
-def load_sharded_into(state: dict, net: nn.Module, opt: torch.optim.Optimizer, ema: EMA) -> None:
-    """Read the sharded state at ``state["sharded_path"]`` into the built network, optimizer and EMA, whatever their
-    layout (sharded on any mesh, or full tensors): destination tensors are the live ones (network, EMA: loaded in
-    place) or allocated like each parameter (optimizer state, which may not exist yet), then DCP fills them."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    path = state["sharded_path"]
-    meta = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    net_sd = net.state_dict()
-    shadow = ema.state_dict()["shadow"]
-    if list(state["ema_names"]) != ema.names or state["ema_ramp"] != ema.ramp:
-        raise ValueError(f"EMA copies {state['ema_names']} (ramp {state['ema_ramp']}) in {path} differ from this run's "
-                         f"{ema.names} (ramp {ema.ramp})")
-    templates = {f"net/{k}": v for k, v in net_sd.items()}
-    templates.update({f"ema/{n}/{k}": v for n, sd in shadow.items() for k, v in sd.items()})
-    saved_groups = state["optimizer_param_groups"]
-    if len(saved_groups) != len(opt.param_groups):
-        raise ValueError(f"optimizer state in {path} has {len(saved_groups)} parameter groups, expected "
-                         f"{len(opt.param_groups)}")
-    index_to_param = {}
-    for g, s in zip(opt.param_groups, saved_groups):
-        index_to_param.update(zip(s["params"], g["params"]))
-    for idx, keys in state["optimizer_state_keys"].items():
-        p = index_to_param[idx]
-        for key, kind in keys.items():
-            if kind != "tensor":
-                continue
-            m = meta[f"optim/{idx}/{key}"]
-            if not isinstance(m, TensorStorageMetadata):
-                raise ValueError(f"optim/{idx}/{key} in {path} is not a tensor")
-            if tuple(m.size) == tuple(p.shape) and len(m.size):
-                t = torch.zeros_like(p, dtype=m.properties.dtype)  # a DTensor shard when p is one
-            else:
-                t = torch.zeros(m.size, dtype=m.properties.dtype)  # e.g. a step count (torch keeps these on the CPU)
-            templates[f"optim/{idx}/{key}"] = t
-    missing, unexpected = sorted(set(templates) - set(meta)), sorted(set(meta) - set(templates))
-    if missing or unexpected:  # strict, as a single-file state loads: DCP alone would skip tensors nobody asked for
-        raise ValueError(f"{path} does not match this run (another model?): {len(missing)} of its tensors are "
-                         f"missing, e.g. {missing[:3]}; {len(unexpected)} are not in this run, e.g. {unexpected[:3]}")
-    sharded_state.load_sharded_tensors(path, templates)
-    net.load_state_dict(net_sd, strict=True)  # DCP loaded in place; this makes it explicit for any aliasing
-    opt_sd = sharded_state.join_state(templates, state)["optimizer"]
-    opt.load_state_dict(opt_sd)
+def _digest(sd: dict) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for k, t in sorted(sd.items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{k}{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
