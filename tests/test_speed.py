@@ -223,15 +223,22 @@ def test_bf16_autocast_close_to_fp32(impl):
     assert 0 < rel <= GRAD_RTOL, rel
 
 
-def test_speed_imports_nothing_from_the_loop():
-    """speed.py is a leaf helper (torch only), so train.py and benchmarks can import it."""
+def test_speed_and_precision_import_nothing_from_the_loop():
+    """precision.py is a leaf (torch only) and speed.py imports only it, so the loop, the CLI and benchmarks can
+    import either."""
     import ast
     import inspect
 
-    tree = ast.parse(inspect.getsource(speed))
-    mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
-        {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    assert not any(m and m.startswith("pmf") for m in mods)
+    from pmf.train import precision
+
+    def pmf_imports(module) -> set:
+        tree = ast.parse(inspect.getsource(module))
+        mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+            {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        return {m for m in mods if m and m.startswith("pmf")}
+
+    assert pmf_imports(precision) == set()
+    assert pmf_imports(speed) == {"pmf.train.precision"}
 
 
 def _sampling_inputs(net, B=4):

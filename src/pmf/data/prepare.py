@@ -206,9 +206,9 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
                  source_options: SourceOptions | None = None) -> dict:
     """Prepare ``source`` (class folders of images, or a Hugging Face / EDM2 zip / WebDataset source:
     :mod:`pmf.data.sources`, read as ``source_options`` say) as shards in ``out``; returns the manifest (also
-    written to ``out/dataset.json``).  ``workers`` decoding processes (1 = in this process).  Raises before any work if
-    the
-    disk holding ``out`` has less free space than the shards still to write need."""
+    written to ``out/dataset.json``). ``workers`` decoding processes (1 = in this process). Raises before any work if
+    the disk holding ``out`` has less free space than the shards still to write need. Rerunning keeps the finished
+    shards whose checksums verify."""
     resolution, shard_size, workers = int(resolution), int(shard_size), int(workers)
     if resolution <= 0 or shard_size <= 0 or workers <= 0:
         raise ValueError(f"--resolution ({resolution}), --shard-size ({shard_size}) and --workers ({workers}) must "
@@ -220,50 +220,78 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
     options = source_options or SourceOptions()
     kind, index = index_source(source, options)
     samples = [(f, y) for f, y in zip(index.files, index.labels) if y >= 0]
+    not_read = _files_not_read(index)
+    if not samples:
+        raise FileNotFoundError(f"no images with extensions {IMG_EXTENSIONS} under {source}/<class>/")
+    tasks = _plan_shards(samples, shard_size, source=str(source), kind=kind, options=options, out=str(out),
+                         resolution=resolution)
+    _clear_stale(out, len(tasks))
+    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    say(f"prepare-data: {len(samples):,} image files in {len(index.classes)} classes under {source} "
+        f"({len(not_read)} other files skipped) -> {len(tasks)} shards of <= {shard_size} at "
+        f"{resolution} px in {out}")
+    records = _write_shards(tasks, out, workers, resolution, min_free_bytes, quiet, say)
+    manifest = _manifest(records, samples, not_read + index.skipped, index.classes, out, source=str(source),
+                         resolution=resolution, shard_size=shard_size)
+    atomic_write_text(out / MANIFEST, _manifest_text(manifest))
+    skipped, first = manifest["skipped"], manifest["num_images"]
+    say(f"prepare-data: wrote {first:,} images in {len(tasks)} shards ({_fmt_bytes(first * resolution ** 2 * 3)}) "
+        f"and {out / MANIFEST}; {manifest['num_unreadable']} unreadable files skipped" + (
+            "".join(f"\n  skipped {s['path']}: {s['reason']}" for s in skipped[:20])
+            + (f"\n  ... and {len(skipped) - 20} more (see dataset.json)" if len(skipped) > 20 else "")))
+    return json.loads(_manifest_text(manifest))
+
+
+def _files_not_read(index) -> list[dict]:
+    """The source's files that are not training images, each with the reason (they go to the manifest's skipped)."""
     outside = [{"path": f, "reason": "not inside a class folder (training reads root/<class>/...)"}
                for f, y in zip(index.files, index.labels) if y < 0]
     ignored = [{"path": f, "reason": f"not an image file (extension not one of {', '.join(IMG_EXTENSIONS)})"}
                for f in index.ignored]
-    if not samples:
-        raise FileNotFoundError(f"no images with extensions {IMG_EXTENSIONS} under {source}/<class>/")
-    n = len(samples)
-    n_shards = math.ceil(n / shard_size)
+    return outside + ignored
+
+
+def _plan_shards(samples: list, shard_size: int, **common) -> list[dict]:
+    """One task per shard: its files and labels, where they start in the source, and the fingerprint that tells
+    whether a shard already on disk was made from them."""
     tasks = []
-    for k in range(n_shards):
+    for k in range(math.ceil(len(samples) / shard_size)):
         chunk = samples[k * shard_size: (k + 1) * shard_size]
         files, labels = [f for f, _ in chunk], [y for _, y in chunk]
-        tasks.append({"k": k, "source": str(source), "kind": kind, "options": options, "out": str(out),
-                      "resolution": resolution, "files": files,
-                      "labels": labels, "first_source": k * shard_size, "num_sources": len(files),
-                      "fingerprint": _fingerprint(resolution, files, labels)})
+        tasks.append({"k": k, **common, "files": files, "labels": labels, "first_source": k * shard_size,
+                      "num_sources": len(files), "fingerprint": _fingerprint(common["resolution"], files, labels)})
+    return tasks
 
+
+def _clear_stale(out: Path, n_shards: int) -> None:
+    """Remove temp files of a killed run and shards beyond this plan (a previous, larger --shard-size run)."""
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # temp files of a killed run
+    for stale in out.glob(".*.tmp"):
         stale.unlink(missing_ok=True)
-    for old in out.glob("shard-*"):  # shards beyond this plan (a previous, larger --shard-size run) would linger
+    for old in out.glob("shard-*"):
         try:
             if int(old.name[6:11]) >= n_shards:
                 old.unlink()
         except ValueError:
             pass
 
-    say = (lambda *a: None) if quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
-    per_image = resolution * resolution * 3
-    say(f"prepare-data: {n:,} image files in {len(index.classes)} classes under {source} "
-        f"({len(outside) + len(ignored)} other files skipped) -> {n_shards} shards of <= {shard_size} at "
-        f"{resolution} px in {out}")
 
+def _write_shards(tasks: list[dict], out: Path, workers: int, resolution: int, min_free_bytes: int | None,
+                  quiet: bool, say) -> dict[int, dict]:
+    """Every shard's record, keeping finished shards whose checksums verify and writing the others (``workers``
+    decoding processes), after checking the disk has room for them."""
     global _counter
     ctx = _mp_context()
     counter = _counter = ctx.Value("q", 0)  # this process counts too (kept shards, workers == 1)
+    n = sum(t["num_sources"] for t in tasks)
     progress = _Progress(n, quiet)
     records: dict[int, dict] = {}
-    # Keep finished shards whose checksums verify (read back in parallel: hashing is I/O-bound).
-    with cf.ThreadPoolExecutor(max(1, min(workers, 8))) as pool:
+    with cf.ThreadPoolExecutor(max(1, min(workers, 8))) as pool:  # read back in parallel: hashing is I/O-bound
         for task, rec in zip(tasks, pool.map(lambda t: _kept_record(out, t), tasks)):
             if rec is not None:
                 records[task["k"]] = rec
     todo = [t for t in tasks if t["k"] not in records]
+    per_image = resolution * resolution * 3
     need = sum(t["num_sources"] for t in todo) * per_image + sum(t["num_sources"] * 8 + 256 for t in todo)
     free = shutil.disk_usage(out).free
     say(f"prepare-data: disk space needed {_fmt_bytes(n * per_image)} in all ({n:,} x {resolution} x {resolution} "
@@ -272,15 +300,13 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
     if need > (free if min_free_bytes is None else min_free_bytes):
         raise ValueError(f"not enough disk space on {out}: the remaining shards need {_fmt_bytes(need)}, "
                          f"{_fmt_bytes(free)} are free; free some space or choose another --out")
-
     progress.start_decoding(counter.value)
     if todo and workers == 1:
         for t in todo:
             records[t["k"]] = _make_shard(t)
             progress.update(counter.value)
     elif todo:
-        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(counter,)) as pool:
+        with cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
             pending = {pool.submit(_make_shard, t) for t in todo}
             try:
                 while pending:
@@ -294,9 +320,15 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
                     fut.cancel()
                 raise
     progress.update(counter.value, final=True)
+    return records
 
+
+def _manifest(records: dict[int, dict], samples: list, not_read: list[dict], classes: list, out: Path, *,
+              source: str, resolution: int, shard_size: int) -> dict:
+    """dataset.json: the shards in order with their checksums, class counts, every source file used and every file
+    skipped with its reason."""
     shards, skipped, first = [], [], 0
-    for k in range(n_shards):
+    for k in range(len(records)):
         rec = records[k]
         shards.append({"images": rec["images"], "labels": rec["labels"], "count": rec["count"], "first": first,
                        "first_source": rec["first_source"], "num_sources": rec["num_sources"],
@@ -305,24 +337,18 @@ def prepare_data(source, out, resolution: int, workers: int = 1, shard_size: int
         first += rec["count"]
         skipped += rec["skipped"]
     unreadable = len(skipped)
-    skipped = sorted(skipped + outside + ignored + index.skipped, key=lambda s: s["path"])  # + links not followed
-    class_counts = [0] * len(index.classes)
-    for k in range(n_shards):
+    skipped = sorted(skipped + not_read, key=lambda s: s["path"])  # not_read includes links not followed
+    class_counts = [0] * len(classes)
+    for k in range(len(records)):
         for y in np.load(out / records[k]["labels"]).tolist():
             class_counts[y] += 1
-    manifest = {
+    return {
         "format": FORMAT, "version": FORMAT_VERSION, "resolution": resolution,
         "layout": "uint8 (count, R, R, 3) RGB (HWC) per shard .npy; labels int64 (count,) .npy",
-        "crop": CROP_RULE, "source": str(source), "shard_size": shard_size,
-        "num_images": first, "num_classes": len(index.classes), "num_sources": n,
+        "crop": CROP_RULE, "source": source, "shard_size": shard_size,
+        "num_images": first, "num_classes": len(classes), "num_sources": len(samples),
         "num_skipped": len(skipped), "num_unreadable": unreadable,
-        "classes": index.classes, "class_to_idx": {c: i for i, c in enumerate(index.classes)},
+        "classes": classes, "class_to_idx": {c: i for i, c in enumerate(classes)},
         "class_counts": class_counts, "shards": shards,
         "files": [[f, y] for f, y in samples], "skipped": skipped,
     }
-    atomic_write_text(out / MANIFEST, _manifest_text(manifest))
-    say(f"prepare-data: wrote {first:,} images in {n_shards} shards ({_fmt_bytes(first * per_image)}) and "
-        f"{out / MANIFEST}; {unreadable} unreadable files skipped" + (
-            "".join(f"\n  skipped {s['path']}: {s['reason']}" for s in skipped[:20])
-            + (f"\n  ... and {len(skipped) - 20} more (see dataset.json)" if len(skipped) > 20 else "")))
-    return json.loads(_manifest_text(manifest))
