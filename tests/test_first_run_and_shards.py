@@ -90,6 +90,29 @@ def test_a_dry_run_refuses_a_run_directory_that_cannot_be_created(capsys):
     assert not os.path.exists("/proc/rd")
 
 
+def test_the_writable_check_tolerates_another_rank_creating_the_run_directory(tmp_path, monkeypatch):
+    """N ranks check the run directory at once: one creates it while another probes. The probe that finds it made by
+    the other process meanwhile (mkdir: FileExistsError) passes and leaves it alone; its own probe directories go."""
+    from pmf.train.validate import check_writable_dir
+
+    run_dir = tmp_path / "probe" / "run"
+    real_mkdir = Path.mkdir
+
+    def other_rank_first(self, *a, **k):
+        if self == run_dir:  # the other rank wins the race for the leaf
+            os.mkdir(self)
+            raise FileExistsError(17, "File exists", str(self))
+        return real_mkdir(self, *a, **k)
+
+    monkeypatch.setattr(Path, "mkdir", other_rank_first)
+    check_writable_dir(run_dir)
+    assert run_dir.is_dir()  # the other rank's directory stays (and so its parent, now not empty)
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    shutil.rmtree(tmp_path / "probe")
+    check_writable_dir(run_dir)  # alone: the probe creates and removes both levels
+    assert not (tmp_path / "probe").exists()
+
+
 def test_a_dry_run_creates_nothing(tmp_path, capsys):
     run_dir = tmp_path / "a" / "b" / "run"
     assert cli_main(train_argv(run_dir) + ["--dry-run"]) == 0

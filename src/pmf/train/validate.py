@@ -163,10 +163,16 @@ def check_writable_dir(path: str | os.PathLike, flag: str = "--run-dir") -> None
         try:
             for d in reversed([path, *path.parents]):
                 if not d.exists():
-                    d.mkdir()
+                    try:
+                        d.mkdir()
+                    except FileExistsError:  # another process (a rank of the same run) made it meanwhile
+                        continue
                     created.append(d)
         except OSError as e:
             raise ConfigError(f"{flag} {path} cannot be created ({e.strerror or e}); choose another {flag}") from None
         finally:
             for d in reversed(created):
-                d.rmdir()
+                try:
+                    d.rmdir()
+                except OSError:  # not empty or gone: another rank's run has started in it
+                    pass
