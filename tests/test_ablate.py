@@ -240,3 +240,15 @@ def test_evaluation_files_are_found_by_their_settings(tmp_path, settings):
     assert stage(1.0) == {"fd_1step": 1.0}
     settings.eval_num = 20
     assert stage(1.0) is None and stage(2.0) is None
+
+
+def test_many_step_column_reads_the_fd_to_the_test_set_only():
+    """A many-step score file also holds the FD of the samples to each other (``inst_fd_within_*``); the report's
+    many-step column averages the FD to the test set (``inst_fd_{N}step``) of each seed and nothing else."""
+    arm = Arm("i", "3: t", (), (0, 1), instantaneous_steps=32)
+    records = [{"arm": "i", "seed": s, "stages": {"120": {"fd_1step": 80.0, "inst_fd_32step": fd,
+                                                          "inst_fd_within_32step": 7.0}}}
+               for s, fd in ((0, 20.0), (1, 26.0))]
+    (row,) = ablate.arm_rows([arm], records, 120.0)
+    assert row["inst_fd"] == [20.0, 26.0]
+    assert ablate.summarise(row["inst_fd"]) == "23.0 (20.0-26.0)"

@@ -28,6 +28,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -395,6 +396,9 @@ def stage_at(record: dict, kimg: float) -> dict | None:
     return record["stages"].get(f"{kimg:g}")
 
 
+INST_FD = re.compile(r"inst_fd_\d+step")  # the many-step score's FD against the test set
+
+
 def arm_rows(arms: list[Arm], records: list[dict], kimg: float | None = None) -> list[dict]:
     """One row per arm with its seeds' metrics at ``kimg`` (default: each record's last stage) and the training /
     evaluation time of all stages up to it."""
@@ -413,7 +417,7 @@ def arm_rows(arms: list[Arm], records: list[dict], kimg: float | None = None) ->
         for key, _ in METRICS:
             vals = [f[key] * (100 if key.startswith("class_acc") else 1) for f in finals if key in f]
             row[key] = vals
-        inst = [v for f in finals for k, v in f.items() if k.startswith("inst_fd_")]
+        inst = [v for f in finals for k, v in f.items() if INST_FD.fullmatch(k)]  # not inst_fd_within_*
         row["inst_fd"] = inst
         row["curve"] = (sorted((float(k), s["fd_1step"]) for r in recs for k, s in r["stages"].items())
                         if arm.curve else [])
