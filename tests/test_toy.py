@@ -138,6 +138,7 @@ def reduced_results():
     return res
 
 
+@pytest.mark.slow  # ~60 s on 2 idle cores (three toy trainings): make test-slow
 def test_reduced_toy_x_prediction_beats_u_prediction_in_high_dim(reduced_results):
     """(sliced W2, nearest-neighbour distance, off-manifold norm) per run; see the final report for observed values."""
     r = reduced_results
